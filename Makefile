@@ -1,0 +1,49 @@
+# Two commands a newcomer runs: `make profile` and `make test`. Each creates or refreshes the project-local
+# virtual environment (.venv) first, then runs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE_OUT ?= profile_out
+
+.PHONY: setup test test-fast profile bench lint compile-report clean
+
+# On a machine without a CUDA GPU torch must be the CPU build: torch==2.13.0 installs from local disk here,
+# while a bare `torch` would pull a multi-GB CUDA build. With a GPU, the normal (CUDA) build, which brings
+# the triton it pins; on the CPU triton comes from setup.py's range.
+$(STAMP): setup.py Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch; \
+	else \
+		$(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests
+
+# Skips the interpreter-heavy kernel tests: for a quick loop while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not interpreter" tests
+
+profile: $(STAMP)
+	$(PY) -m flamingo_fast profile --preset small --shots 0,1,2,4,8,16,32 --impl reference,fast \
+		--new-tokens 16 --repeats 3 --warmup 1 --json $(PROFILE_OUT)/profile.json \
+		--csv $(PROFILE_OUT)/profile.csv --plot $(PROFILE_OUT)/profile.png
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark-only
+
+compile-report: $(STAMP)
+	$(PY) bench/compile_report.py --out bench/compile_report.md
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache $(PROFILE_OUT)

@@ -1,0 +1,17 @@
+"""flamingo_fast: a kernel-accelerated inference runtime for Flamingo-style vision-language models."""
+
+from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, from_name
+from .reference import Flamingo, build_reference
+from .timing import PhaseTimer
+
+__all__ = [
+    "Flamingo",
+    "FlamingoConfig",
+    "LMConfig",
+    "PerceiverConfig",
+    "PhaseTimer",
+    "VisionConfig",
+    "build_reference",
+    "from_name",
+]
+__version__ = "0.1.0"

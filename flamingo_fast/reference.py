@@ -1,0 +1,520 @@
+"""The eager PyTorch reference of Flamingo: the ground truth every fast path is tested against.
+
+Written to read like the paper and to behave exactly like OpenFlamingo (DESIGN.md, "Exact semantics"):
+
+    images -> CLIP-style ViT (patch tokens, class token dropped) -> Perceiver Resampler (64 latents / image)
+    text   -> LLaMA-style decoder; before every `cross_attn_every_n_layers`-th layer a gated tanh
+              cross-attention block lets each token attend to the latents of its own image.
+
+Parameter names follow OpenFlamingo's state dict (`perceiver.layers.0.0.to_q.weight`,
+`lang_encoder.gated_cross_attn_layers.3.attn_gate`, ...) and the vision tower follows open_clip's, so
+their checkpoints map onto this model. No state is kept on modules between calls: the decode KV cache is an
+explicit `ReferenceKVCache` object.
+
+This model is deliberately slow where OpenFlamingo is slow: cross-attention is dense over all images and
+masked, and its keys/values are recomputed from the latents at every decode step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import masking
+from .config import FlamingoConfig, LMConfig, VisionConfig
+from .sampling import SamplingOptions, select_next_token
+from .timing import PhaseTimer
+from .validation import check_generate_options, check_inputs, stop_token_ids
+
+# ----------------------------------------------------------------------------------------------------------
+# Vision encoder (open_clip's VisionTransformer layout)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class VisionSelfAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        w = config.width
+        self.ln_1 = nn.LayerNorm(w, eps=config.layer_norm_eps)
+        self.attn = VisionSelfAttention(w, config.heads)
+        self.ln_2 = nn.LayerNorm(w, eps=config.layer_norm_eps)
+        act = QuickGELU() if config.act == "quick_gelu" else nn.GELU()
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(w, config.mlp_width))
+        self.mlp.add_module("gelu", act)
+        self.mlp.add_module("c_proj", nn.Linear(config.mlp_width, w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionBlocks(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(VisionBlock(config) for _ in range(config.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP-style ViT. Returns the patch tokens after the final LayerNorm: class token dropped, no projection."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.conv1 = nn.Conv2d(config.in_channels, w, config.patch_size, stride=config.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(w) * w**-0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(config.num_patches + 1, w) * w**-0.5)
+        self.ln_pre = nn.LayerNorm(w, eps=config.layer_norm_eps)
+        self.transformer = VisionBlocks(config)
+        self.ln_post = nn.LayerNorm(w, eps=config.layer_norm_eps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, num_patches, width]."""
+        patches = self.conv1(images).flatten(2).transpose(1, 2)  # [N, P, w]
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        x = torch.cat([cls, patches], dim=1) + self.positional_embedding.to(patches.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x)[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Perceiver resampler (OpenFlamingo's helpers.py layout)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """LN -> Linear(no bias) -> GELU(exact) -> Linear(no bias); indices 0..3 as in OpenFlamingo."""
+    inner = dim * mult
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(media tokens, latents); queries come from the latents only."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head**-0.5
+        inner = heads * dim_head
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media [N, M, D], latents [N, L, D] -> [N, L, D] (the update, before the residual add)."""
+        n, m, _ = media.shape
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.view(n, -1, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
+        scores = (q * self.scale) @ k.transpose(-1, -2)
+        attn = scores.float().softmax(dim=-1).to(v.dtype)
+        out = (attn @ v).transpose(1, 2).reshape(n, -1, self.heads * self.dim_head)
+        return self.to_out(out)
+
+
+class PerceiverResampler(nn.Module):
+    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, num_latents: int, ff_mult: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)])
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, media: torch.Tensor) -> torch.Tensor:
+        """media [B, T_img, F, v, D] -> latents [B, T_img, num_latents, D] (frames are concatenated)."""
+        b, t, f, v, d = media.shape
+        media = media.reshape(b * t, f * v, d)
+        latents = self.latents.to(media.dtype).expand(b * t, -1, -1)
+        for attn, ff in self.layers:
+            latents = attn(media, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm(latents).view(b, t, -1, d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gated cross-attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text queries attend to image latents, masked so a token sees only its own image (or, with
+    `only_attend_immediate_media=False`, every image up to its own). Dense over all images, like OpenFlamingo."""
+
+    def __init__(
+        self, dim: int, dim_visual: int, dim_head: int, heads: int,
+        only_attend_immediate_media: bool, openflamingo_pre_image_bug: bool,
+    ):
+        super().__init__()
+        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head**-0.5
+        self.only_attend_immediate_media = only_attend_immediate_media
+        self.openflamingo_pre_image_bug = openflamingo_pre_image_bug
+        inner = heads * dim_head
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor | None, text_time: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D]; media [B, T_img, n, Dv] latents or None; text_time [B, T] (1-based image, 0 = none)."""
+        b, t, _ = x.shape
+        if media is None or media.shape[1] == 0:
+            return torch.zeros_like(x)  # no image to attend to: the attention branch contributes nothing
+        t_img, n = media.shape[1], media.shape[2]
+        q = self.to_q(self.norm(x)).view(b, t, self.heads, self.dim_head).transpose(1, 2)
+        k, v = self.to_kv(media.reshape(b, t_img * n, -1)).chunk(2, dim=-1)
+        k, v = (z.view(b, t_img * n, self.heads, self.dim_head).transpose(1, 2) for z in (k, v))
+        scores = (q * self.scale) @ k.transpose(-1, -2)  # [B, H, T, T_img * n]
+
+        image_of_key = torch.arange(1, t_img + 1, device=x.device).repeat_interleave(n)  # 1-based
+        tt = text_time[:, None, :, None]
+        allowed = tt == image_of_key if self.only_attend_immediate_media else tt >= image_of_key
+        no_image = (text_time == 0)[:, None, :, None]
+        if self.openflamingo_pre_image_bug and not self.only_attend_immediate_media:
+            # OpenFlamingo fills masked scores with -max: a row with every key masked ends up uniform.
+            allowed = allowed | no_image
+        scores = scores.float().masked_fill(~allowed, float("-inf"))
+        attn = torch.where(allowed, scores.softmax(dim=-1), 0.0)  # rows with no allowed key: exactly 0
+        out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, t, self.heads * self.dim_head)
+        return self.to_out(out)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x = x + tanh(attn_gate) * attn(x); x = x + tanh(ff_gate) * FF(x). The FF runs on every token."""
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        dim = config.lm.hidden_size
+        self.attn = MaskedCrossAttention(
+            dim, config.vision_dim, config.xattn_dim_head, config.xattn_heads,
+            config.only_attend_immediate_media, config.openflamingo_pre_image_bug,
+        )
+        self.attn_gate = nn.Parameter(torch.zeros(1))  # OpenFlamingo initialises both gates to 0
+        self.ff = feed_forward(dim, config.xattn_ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor | None, text_time: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn_gate.tanh() * self.attn(x, media, text_time)
+        return x + self.ff_gate.tanh() * self.ff(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLaMA-style language model (Hugging Face parameter names)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim] (HF's non-interleaved rotate-half layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class ReferenceKVCache:
+    """The reference's decode cache: per decoder layer, keys and values grown by concatenation."""
+
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, num_layers: int) -> ReferenceKVCache:
+        return cls([None] * num_layers, [None] * num_layers)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, allowed: torch.Tensor, cache: ReferenceKVCache | None) -> torch.Tensor:
+        """x [B, T, D]; allowed [B, 1, T, T_total] bool (causal + padding)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, allowed, cache: ReferenceKVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def self_attention_mask(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """key_valid [B, T_total] (0/1) -> allowed [B, 1, T_q, T_total] for the last T_q positions.
+
+    Causal and padding-aware. A padding query (which sees no valid key) may attend to itself, so its row is
+    finite; its output is never used."""
+    total = key_valid.shape[1]
+    q_pos = torch.arange(total - num_queries, total, device=key_valid.device)[:, None]
+    k_pos = torch.arange(total, device=key_valid.device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & key_valid.bool()[:, None, :]
+    allowed = allowed | (k_pos == q_pos)[None]
+    return allowed[:, None]
+
+
+class FlamingoLM(nn.Module):
+    """The decoder with gated cross-attention blocks inserted before every n-th layer."""
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config.lm)
+        self.lm_head = nn.Linear(config.lm.hidden_size, config.lm.vocab_size, bias=False)
+        if config.lm.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gated_cross_attn_layers = nn.ModuleDict(
+            {str(i): GatedCrossAttentionBlock(config) for i in config.xattn_layer_indices}
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        media: torch.Tensor | None,
+        text_time: torch.Tensor,
+        positions: torch.Tensor,
+        key_valid: torch.Tensor,
+        cache: ReferenceKVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids, text_time, positions [B, T]; key_valid [B, T_total] over cache + new tokens -> logits."""
+        lm = self.config.lm
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(positions, lm.head_dim, lm.rope_theta, x.dtype)
+        allowed = self_attention_mask(key_valid, input_ids.shape[1])
+        for idx, layer in enumerate(self.model.layers):
+            if str(idx) in self.gated_cross_attn_layers:
+                x = self.gated_cross_attn_layers[str(idx)](x, media, text_time)
+            x = layer(x, cos, sin, allowed, cache)
+        return self.lm_head(self.model.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flamingo
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Flamingo(nn.Module):
+    """Reference Flamingo: `forward(vision_x, lang_x, attention_mask) -> logits` and `generate(...)`.
+
+    vision_x: [B, T_img, F, C, H, W] float images (or None for text-only prompts); lang_x: [B, T] token ids
+    with `<image>` marking where each image sits; attention_mask: [B, T] 0/1, left padding.
+    """
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        self.config = config
+        p = config.perceiver
+        self.vision_encoder = VisionTransformer(config.vision)
+        self.perceiver = PerceiverResampler(config.vision_dim, p.depth, p.dim_head, p.heads, p.num_latents, p.ff_mult)
+        self.lang_encoder = FlamingoLM(config)
+        self.apply(_init_linear_and_embedding)
+
+    def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
+        """[B, T_img, F, C, H, W] -> latents [B, T_img, num_latents, D_vision]."""
+        b, t, f = vision_x.shape[:3]
+        dtype = self.vision_encoder.conv1.weight.dtype
+        tokens = self.vision_encoder(vision_x.reshape(b * t * f, *vision_x.shape[3:]).to(dtype))
+        return self.perceiver(tokens.view(b, t, f, tokens.shape[1], tokens.shape[2]))
+
+    def forward(
+        self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """-> logits [B, T, vocab]."""
+        attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
+        media = self.encode_vision(vision_x) if vision_x is not None else None
+        text_time = masking.text_time(lang_x, self.config.media_token_id)
+        return self.lang_encoder(
+            lang_x, media, text_time, masking.positions_from_mask(attention_mask), attention_mask
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        vision_x: torch.Tensor | None,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        timer: PhaseTimer | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation -> [B, T + new] ids (prompt, then the new tokens).
+
+        A row stops at its first stop token (default: `<|endofchunk|>` or the LM's eos; `eos_token_id=[]`
+        never stops) and is then filled with `pad_token_id`; generation ends when every row has stopped.
+        Every generated token attends to the last image of its row's prompt. `timer` records phase times.
+        """
+        config = self.config
+        attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
+        check_generate_options(config, lang_x, attention_mask, max_new_tokens)
+        options = SamplingOptions(do_sample, temperature, top_k, top_p)
+        stops = torch.tensor(stop_token_ids(config, eos_token_id), device=lang_x.device, dtype=torch.long)
+        pad = config.pad_token_id if pad_token_id is None else pad_token_id
+        lang_x = lang_x.long()
+
+        if timer is not None:
+            timer.start()
+        media = self.encode_vision(vision_x) if vision_x is not None else None
+        if timer is not None:
+            timer.lap("vision")
+        cache = ReferenceKVCache.empty(config.lm.num_layers)
+        positions = masking.positions_from_mask(attention_mask)
+        logits = self.lang_encoder(
+            lang_x, media, masking.text_time(lang_x, config.media_token_id), positions, attention_mask, cache
+        )[:, -1]
+        decode_time = masking.images_per_row(lang_x, config.media_token_id)[:, None]
+        finished = torch.zeros(lang_x.shape[0], dtype=torch.bool, device=lang_x.device)
+        generated: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            token = select_next_token(logits, options, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            generated.append(token)
+            if timer is not None:
+                timer.lap("prefill" if step == 0 else "decode")
+            finished = finished | torch.isin(token, stops)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = self.lang_encoder(token[:, None], media, decode_time, positions, attention_mask, cache)[:, -1]
+        if not generated:
+            return lang_x
+        return torch.cat([lang_x, torch.stack(generated, dim=1)], dim=1)
+
+
+def _init_linear_and_embedding(module: nn.Module) -> None:
+    """A small, LLaMA-like initialisation, so random models have sane activations at every depth."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, VisionSelfAttention):
+        nn.init.normal_(module.in_proj_weight, std=0.02)
+
+
+def randomize_gates(model: Flamingo, generator: torch.Generator | None = None, low: float = 0.3, high: float = 1.2):
+    """Give every tanh gate a random nonzero value with random sign (OpenFlamingo's zero init hides a broken
+    branch). Random-weight benchmarks and every test use this."""
+    with torch.no_grad():
+        for block in model.lang_encoder.gated_cross_attn_layers.values():
+            for gate in (block.attn_gate, block.ff_gate):
+                magnitude = low + (high - low) * torch.rand(1, generator=generator)
+                sign = 1.0 if torch.rand(1, generator=generator).item() < 0.5 else -1.0
+                gate.copy_(sign * magnitude)
+
+
+def build_reference(config: FlamingoConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> Flamingo:
+    """A random-weight reference model with nonzero gates, seeded, in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Flamingo(config)
+    randomize_gates(model, generator)
+    return model.to(device=device, dtype=dtype).eval()

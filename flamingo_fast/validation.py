@@ -1,0 +1,105 @@
+"""Input checks shared by the reference and the fast runtime. Every error names the argument, the value
+and what was expected; nothing is silently coerced."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import FlamingoConfig
+
+
+def check_inputs(
+    config: FlamingoConfig,
+    vision_x: torch.Tensor | None,
+    lang_x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Validate a forward/generate call; returns the attention mask (all ones when none was given)."""
+    if not isinstance(lang_x, torch.Tensor) or lang_x.dim() != 2:
+        got = tuple(lang_x.shape) if isinstance(lang_x, torch.Tensor) else type(lang_x).__name__
+        raise ValueError(f"lang_x: got shape {got}; expected a rank-2 tensor of token ids [batch, seq]")
+    if lang_x.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"lang_x: got dtype {lang_x.dtype}; expected torch.int64 or torch.int32 token ids")
+    batch, seq = lang_x.shape
+    if seq == 0:
+        raise ValueError("lang_x: got an empty sequence (shape [B, 0]); expected at least one token per row")
+    vocab = config.lm.vocab_size
+    lo, hi = int(lang_x.min()), int(lang_x.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"lang_x: token ids span [{lo}, {hi}]; expected ids in [0, {vocab})")
+
+    if attention_mask is None:
+        attention_mask = torch.ones_like(lang_x, dtype=torch.long)
+    else:
+        if attention_mask.shape != lang_x.shape:
+            raise ValueError(
+                f"attention_mask: got shape {tuple(attention_mask.shape)}; expected lang_x's shape {(batch, seq)}"
+            )
+        if attention_mask.dtype not in (torch.bool, torch.int64, torch.int32):
+            raise ValueError(f"attention_mask: got dtype {attention_mask.dtype}; expected bool or integer 0/1")
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("attention_mask: expected only 0/1 values")
+        if not attention_mask.bool().any(dim=-1).all():
+            raise ValueError("attention_mask: a row has no real token (all zeros); expected at least one")
+        attention_mask = attention_mask.long()
+
+    images_in_row = (lang_x == config.media_token_id).sum(dim=-1)
+    num_images = 0
+    if vision_x is not None:
+        if not isinstance(vision_x, torch.Tensor) or vision_x.dim() != 6:
+            got = tuple(vision_x.shape) if isinstance(vision_x, torch.Tensor) else type(vision_x).__name__
+            raise ValueError(f"vision_x: got shape {got}; expected rank 6 [batch, images, frames, C, H, W]")
+        if not vision_x.is_floating_point():
+            raise ValueError(f"vision_x: got dtype {vision_x.dtype}; expected a floating-point image tensor")
+        v = config.vision
+        expected_chw = (v.in_channels, v.image_size, v.image_size)
+        if vision_x.shape[0] != batch or tuple(vision_x.shape[3:]) != expected_chw:
+            raise ValueError(
+                f"vision_x: got shape {tuple(vision_x.shape)}; expected [{batch}, images, frames, "
+                f"{expected_chw[0]}, {expected_chw[1]}, {expected_chw[2]}] (batch of lang_x, preset's image size)"
+            )
+        if vision_x.shape[2] < 1:
+            raise ValueError(f"vision_x: got {vision_x.shape[2]} frames; expected at least 1")
+        num_images = vision_x.shape[1]
+    too_many = (images_in_row > num_images).nonzero().flatten().tolist()
+    if too_many:
+        row = too_many[0]
+        raise ValueError(
+            f"lang_x: row {row} has {int(images_in_row[row])} <image> tokens but vision_x holds {num_images} "
+            f"images per row; expected at most {num_images} <image> tokens per row"
+        )
+    return attention_mask
+
+
+def check_generate_options(
+    config: FlamingoConfig, lang_x: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 0")
+    total = lang_x.shape[1] + max_new_tokens
+    limit = config.lm.max_position_embeddings
+    if total > limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens}: prompt length {lang_x.shape[1]} + max_new_tokens = {total} "
+            f"exceeds the model's max positions {limit}"
+        )
+    # Generation appends on the right, so padding must be on the left: a 0 after a 1 is right padding.
+    right_padded = (attention_mask[:, 1:] < attention_mask[:, :-1]).any(dim=-1).nonzero().flatten().tolist()
+    if right_padded:
+        raise ValueError(
+            f"attention_mask: row {right_padded[0]} is right-padded; generation expects left padding "
+            f"(zeros only before the first real token)"
+        )
+
+
+def stop_token_ids(config: FlamingoConfig, eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """None -> stop on `<|endofchunk|>` and the LM's eos; an int or a list -> exactly those; [] -> never."""
+    if eos_token_id is None:
+        return [config.eoc_token_id, config.eos_token_id]
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for token in ids:
+        if not isinstance(token, int) or not 0 <= token < config.lm.vocab_size:
+            raise ValueError(f"eos_token_id={eos_token_id!r}: expected token ids in [0, {config.lm.vocab_size})")
+    return ids

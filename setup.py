@@ -1,0 +1,29 @@
+"""flamingo_fast: a kernel-accelerated runtime for Flamingo-style vision-language models.
+
+The Triton kernels live in the top-level ``kernels/`` folder but install as ``flamingo_fast.kernels``:
+PyPI already has an unrelated package named ``kernels``, which we must neither shadow nor be shadowed by.
+"""
+
+from setuptools import setup
+
+setup(
+    name="flamingo_fast",
+    version="0.1.0",
+    description="Custom-kernel accelerated Flamingo / OpenFlamingo inference runtime",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["flamingo_fast", "flamingo_fast.kernels"],
+    package_dir={"flamingo_fast": "flamingo_fast", "flamingo_fast.kernels": "kernels"},
+    # A bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine: the Makefile installs
+    # the right build first, and any 2.x satisfies this. CUDA builds of torch pin their own triton 3.x;
+    # the range admits every 3.x so it never fights that pin.
+    install_requires=["torch>=2.1", "triton>=3.0,<4", "numpy"],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib"],
+        "gpu": ["flash-attn"],
+        "plot": ["matplotlib"],
+        "openflamingo": ["open-flamingo", "open_clip_torch", "transformers", "einops", "einops-exts"],
+    },
+    entry_points={"console_scripts": ["flamingo-fast=flamingo_fast.cli:main"]},
+)

@@ -46,7 +46,7 @@ class VisionSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * width, width)))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
@@ -118,7 +118,9 @@ class VisionTransformer(nn.Module):
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
     """LN -> Linear(no bias) -> GELU(exact) -> Linear(no bias); indices 0..3 as in OpenFlamingo."""
     inner = dim * mult
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
+    )
 
 
 class PerceiverAttention(nn.Module):
@@ -206,10 +208,12 @@ class MaskedCrossAttention(nn.Module):
         tt = text_time[:, None, :, None]
         allowed = tt == image_of_key if self.only_attend_immediate_media else tt >= image_of_key
         no_image = (text_time == 0)[:, None, :, None]
+        scores = scores.float()
         if self.openflamingo_pre_image_bug and not self.only_attend_immediate_media:
             # OpenFlamingo fills masked scores with -max: a row with every key masked ends up uniform.
             allowed = allowed | no_image
-        scores = scores.float().masked_fill(~allowed, float("-inf"))
+            scores = scores.masked_fill(no_image, 0.0)
+        scores = scores.masked_fill(~allowed, float("-inf"))
         attn = torch.where(allowed, scores.softmax(dim=-1), 0.0)  # rows with no allowed key: exactly 0
         out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, t, self.heads * self.dim_head)
         return self.to_out(out)
@@ -443,12 +447,15 @@ class Flamingo(nn.Module):
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         timer: PhaseTimer | None = None,
-    ) -> torch.Tensor:
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Greedy or sampled continuation -> [B, T + new] ids (prompt, then the new tokens).
 
         A row stops at its first stop token (default: `<|endofchunk|>` or the LM's eos; `eos_token_id=[]`
         never stops) and is then filled with `pad_token_id`; generation ends when every row has stopped.
         Every generated token attends to the last image of its row's prompt. `timer` records phase times.
+        With `return_logits=True` returns `(ids, logits)`, logits [B, new, vocab] being the scores each new
+        token was chosen from.
         """
         config = self.config
         attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
@@ -471,7 +478,9 @@ class Flamingo(nn.Module):
         decode_time = masking.images_per_row(lang_x, config.media_token_id)[:, None]
         finished = torch.zeros(lang_x.shape[0], dtype=torch.bool, device=lang_x.device)
         generated: list[torch.Tensor] = []
+        step_logits: list[torch.Tensor] = []
         for step in range(max_new_tokens):
+            step_logits.append(logits)
             token = select_next_token(logits, options, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             generated.append(token)
@@ -484,8 +493,10 @@ class Flamingo(nn.Module):
             positions = positions[:, -1:] + 1
             logits = self.lang_encoder(token[:, None], media, decode_time, positions, attention_mask, cache)[:, -1]
         if not generated:
-            return lang_x
-        return torch.cat([lang_x, torch.stack(generated, dim=1)], dim=1)
+            ids, logits = lang_x, logits.new_zeros(lang_x.shape[0], 0, logits.shape[-1])
+        else:
+            ids, logits = torch.cat([lang_x, torch.stack(generated, dim=1)], dim=1), torch.stack(step_logits, dim=1)
+        return (ids, logits) if return_logits else ids
 
 
 def _init_linear_and_embedding(module: nn.Module) -> None:

@@ -1,0 +1,46 @@
+"""The Triton code in kernels/ installs as `flamingo_fast.kernels`, from a regular install too, and never as a
+top-level `kernels` (PyPI has an unrelated package of that name)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import importlib.util, json, flamingo_fast, flamingo_fast.kernels as k
+print(json.dumps({"pkg": flamingo_fast.__file__, "kernels": k.__file__,
+                  "top_level_kernels": importlib.util.find_spec("kernels") is not None}))
+"""
+
+
+def _probe(env: dict[str, str], cwd: Path) -> dict:
+    import json
+
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_regular_install_provides_flamingo_fast_kernels(tmp_path):
+    target = tmp_path / "site"
+    # No build isolation and no deps: nothing is fetched from the network at test time.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(REPO)],
+        check=True, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert (target / "flamingo_fast" / "kernels" / "__init__.py").is_file()
+    assert not (target / "kernels").exists(), "installed a top-level 'kernels' package that would shadow PyPI's"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    found = _probe(env, cwd=tmp_path)
+    assert found["pkg"].startswith(str(target)) and found["kernels"].startswith(str(target))
+    assert not found["top_level_kernels"], "a top-level 'kernels' module is importable from the install"
+
+
+def test_editable_install_maps_kernels_folder(tmp_path):
+    found = _probe(dict(os.environ), cwd=tmp_path)
+    assert Path(found["kernels"]).parent == REPO / "kernels"
+    assert not found["top_level_kernels"], "a top-level 'kernels' module is importable outside the repo root"

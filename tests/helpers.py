@@ -52,3 +52,23 @@ def assert_within_torch_error(
         f"max error {err:.3g} > bound {bound:.3g} (plain torch at {dtype}: {torch_err:.3g})\n"
         + describe_mismatch(a, r, bad)
     )
+
+
+def random_prompt(config, image_positions, seq_len: int, pad_left: int = 0):
+    """One row: random text ids below the special tokens, `<image>` at `image_positions`, `pad_left` pads."""
+    ids = torch.randint(0, config.eoc_token_id, (seq_len,))
+    ids[list(image_positions)] = config.media_token_id
+    mask = torch.ones(seq_len, dtype=torch.long)
+    if pad_left:
+        ids = torch.cat([torch.full((pad_left,), config.pad_token_id), ids])
+        mask = torch.cat([torch.zeros(pad_left, dtype=torch.long), mask])
+    return ids, mask
+
+
+def random_batch(config, rows, num_images: int, frames: int = 1):
+    """rows: [(image_positions, seq_len)], left-padded to the longest. -> vision_x, lang_x, attention_mask."""
+    longest = max(seq_len for _, seq_len in rows)
+    built = [random_prompt(config, pos, seq_len, pad_left=longest - seq_len) for pos, seq_len in rows]
+    size = config.vision.image_size
+    vision = torch.randn(len(rows), num_images, frames, 3, size, size) if num_images else None
+    return vision, torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built])

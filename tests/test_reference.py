@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, random_prompt
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
@@ -197,16 +197,6 @@ def test_vision_encoder_drops_class_token_and_matches_torch_mha():
 
 
 # ---------------------------------------------------------------------------------------------- full model
-
-
-def random_prompt(config, image_positions, seq_len, pad_left=0):
-    ids = torch.randint(0, config.eoc_token_id, (seq_len,))
-    ids[list(image_positions)] = config.media_token_id
-    mask = torch.ones(seq_len, dtype=torch.long)
-    if pad_left:
-        ids = torch.cat([torch.full((pad_left,), config.pad_token_id), ids])
-        mask = torch.cat([torch.zeros(pad_left, dtype=torch.long), mask])
-    return ids, mask
 
 
 @pytest.fixture(scope="module")

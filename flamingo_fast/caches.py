@@ -1,0 +1,73 @@
+"""Per-request state, as explicit objects allocated once and written in place (never on modules).
+
+StaticKVCache   self-attention keys/values of every decoder layer, [layers, B_max, H_kv, S_max, hd], plus which
+                key columns hold real tokens (left padding stays invalid).
+MediaKVCache    cross-attention keys/values of every image, computed once per prompt for each cross-attention
+                layer, [xattn_layers, B_max, H, max_images * num_latents, dh]. Decoding reads only each row's
+                current image, so a decode step costs the same at 0 and 32 shots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import FlamingoConfig
+
+
+@dataclass
+class StaticKVCache:
+    keys: torch.Tensor  # [layers, B_max, H_kv, S_max, hd]
+    values: torch.Tensor
+    key_valid: torch.Tensor  # [B_max, S_max] bool
+
+    @classmethod
+    def allocate(cls, config: FlamingoConfig, max_batch_size: int, max_seq_len: int, dtype, device) -> StaticKVCache:
+        lm = config.lm
+        shape = (lm.num_layers, max_batch_size, lm.num_kv_heads, max_seq_len, lm.head_dim)
+        return cls(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(max_batch_size, max_seq_len, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.keys.shape[3]
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+@dataclass
+class MediaKVCache:
+    keys: torch.Tensor  # [xattn_layers, B_max, H, max_images * num_latents, dh]
+    values: torch.Tensor
+    num_latents: int
+
+    @classmethod
+    def allocate(
+        cls, config: FlamingoConfig, max_batch_size: int, max_images: int, dtype, device
+    ) -> MediaKVCache:
+        n = config.perceiver.num_latents
+        shape = (len(config.xattn_layer_indices), max_batch_size, config.xattn_heads, max_images * n,
+                 config.xattn_dim_head)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), n)
+
+    @property
+    def max_images(self) -> int:
+        return self.keys.shape[3] // self.num_latents
+
+    def write(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values [B, H, N_img * n, dh] for cross-attention layer number `slot` (rows 0..B-1)."""
+        b, _, span, _ = keys.shape
+        self.keys[slot, :b, :, :span].copy_(keys)
+        self.values[slot, :b, :, :span].copy_(values)
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()

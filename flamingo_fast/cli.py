@@ -1,0 +1,135 @@
+"""`flamingo-fast` (also `python -m flamingo_fast`): command-line entry points.
+
+    flamingo-fast profile --preset small --shots 0,1,2,4,8,16,32 --impl reference,fast \\
+        --new-tokens 16 --repeats 3 --warmup 1 --json out/profile.json --csv out/profile.csv --plot out/profile.png
+
+prints a markdown table (one row per batch x shot count x implementation) and writes the files asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import profiler
+from .config import PRESETS
+
+
+def _int_list_type(name: str, minimum: int):
+    def parse(text: str) -> list[int]:
+        try:
+            return profiler.parse_int_list(text, name, minimum)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _impl_list(text: str) -> list[str]:
+    impls = [item.strip() for item in text.split(",") if item.strip()]
+    for impl in impls:
+        if impl not in profiler.IMPLEMENTATIONS:
+            raise argparse.ArgumentTypeError(
+                f"impl={impl!r}: unknown implementation; expected a comma-separated list of "
+                f"{', '.join(profiler.IMPLEMENTATIONS)} (the first is the baseline)"
+            )
+    if not impls:
+        raise argparse.ArgumentTypeError(f"impl={text!r}: expected at least one implementation")
+    return impls
+
+
+def _non_negative_int(name: str, minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}={text!r}: expected an integer >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name}={value}: expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flamingo-fast", description="Flamingo inference runtime tools")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "profile",
+        help="latency per shot count: vision, prefill, decode per token, memory; baseline vs fast",
+        description=profiler.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shapes (random weights)")
+    p.add_argument("--shots", type=_int_list_type("shots", 0), default=list(profiler.DEFAULT_SHOTS),
+                   help="comma-separated shot counts; k shots = k + 1 images (default: 0,1,2,4,8,16,32)")
+    p.add_argument("--batch", type=_int_list_type("batch", 1), default=[1],
+                   help="rows per call; a comma-separated list sweeps several (default: 1)")
+    p.add_argument("--new-tokens", type=_non_negative_int("new_tokens", 2), default=16,
+                   help="tokens decoded per call, never stopping early (default: 16)")
+    p.add_argument("--dtype", choices=sorted(profiler.DTYPES), default=None,
+                   help="weights and activations (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--impl", type=_impl_list, default=["reference", "fast"],
+                   help="comma-separated implementations, the first is the baseline (default: reference,fast)")
+    p.add_argument("--backend", default="auto", help="the fast runtime's backend: auto, triton or torch")
+    p.add_argument("--repeats", type=_non_negative_int("repeats", 1), default=3, help="timed calls (default 3)")
+    p.add_argument("--warmup", type=_non_negative_int("warmup", 0), default=1,
+                   help="untimed calls first, reported as warm-up seconds (default 1)")
+    p.add_argument("--caption-tokens", type=_non_negative_int("caption_tokens", 0), default=12,
+                   help="text tokens per shot's caption (default 12)")
+    p.add_argument("--question-tokens", type=_non_negative_int("question_tokens", 0), default=6,
+                   help="text tokens after the query image (default 6)")
+    p.add_argument("--seed", type=_non_negative_int("seed", 0), default=0, help="weights and prompts")
+    p.add_argument("--json", metavar="PATH", help="every field + metadata (rewritten after each row)")
+    p.add_argument("--csv", metavar="PATH", help="one line per row")
+    p.add_argument("--plot", metavar="PATH", help="PNG: prefill and decode per token vs shots (needs matplotlib)")
+    p.add_argument("--trace", metavar="DIR", help="torch.profiler chrome traces at the largest shot count")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=_profile)
+    return parser
+
+
+def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        options = profiler.ProfileOptions(
+            preset=args.preset, shots=args.shots, batch=args.batch, new_tokens=args.new_tokens, dtype=args.dtype,
+            device=args.device, impls=args.impl, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+            caption_tokens=args.caption_tokens, question_tokens=args.question_tokens, trace_dir=args.trace,
+            fast_backend=args.backend,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    on_row = (lambda result: profiler.write_json(result, args.json, complete=False)) if args.json else None
+    try:
+        result = profiler.profile(options, progress=not args.no_progress, on_row=on_row)
+    except (ValueError, NotImplementedError) as error:
+        print(f"flamingo-fast profile: error: {error}", file=sys.stderr)
+        return 2
+    print(profiler.format_table(result))
+    if args.json:
+        profiler.write_json(result, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.csv:
+        profiler.write_csv(result, args.csv)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    if args.plot:
+        if profiler.write_plot(result, args.plot):
+            print(f"wrote {args.plot}", file=sys.stderr)
+        else:
+            print(f"--plot {args.plot}: not written: matplotlib is not installed "
+                  "(pip install matplotlib, or the [plot] extra); the table, JSON and CSV are complete",
+                  file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's parser, for its errors
+    return args.run(args, sub)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,634 @@
+"""Latency per shot count: how prefill and decode grow with the number of in-context examples.
+
+For every batch size, shot count and implementation (the first one is the baseline), `profile()` runs
+`warmup` generate calls (reported on their own as `warmup_s`: they hold CUDA-graph capture and compilation)
+and then `repeats` timed calls with a `PhaseTimer`, decoding a fixed number of tokens (`eos_token_id=[]`:
+random models rarely emit an end token). Reported per row:
+
+    vision_ms        encoder + resampler (+ the fast path's cross-attention K/V), median over repeats
+    prefill_ms       the prompt through the LM, first token chosen; ttft_ms = vision_ms + prefill_ms
+    decode_ms_p50/90 per generated token after the first, over every decode lap of every repeat
+    decode_tokens_per_s   batch * decode laps / decode time
+    peak_mem_mib     CUDA: torch.cuda.max_memory_allocated (weights included). CPU: growth of the process's
+                     peak RSS over its RSS before the row (VmHWM reset per row where Linux allows it,
+                     else getrusage's ru_maxrss, which never goes down); `peak_mem_kind` says which.
+    speedup_*        baseline time / this time, from the same run (> 1: faster than the baseline)
+
+Prompt for k shots, per row: `<bos>` then k times `<image>` + caption + `<|endofchunk|>`, then the query
+`<image>` + question; so k shots use k + 1 images and 0 shots is one query image. Text tokens are random ids
+of the base vocabulary (below `<|endofchunk|>`, above bos/eos); images are `torch.randn` at the preset's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .config import PRESETS, FlamingoConfig, from_name
+from .reference import Flamingo, build_reference, randomize_gates
+from .timing import PhaseTimer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMPLEMENTATIONS = ("reference", "fast", "openflamingo")
+DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
+
+
+class GenerateImpl(Protocol):
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens=20, *, eos_token_id=None,
+                 timer: PhaseTimer | None = None) -> torch.Tensor: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_int_list(text: str, name: str, minimum: int = 0) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; anything else is a ValueError naming `name`, the value and what is expected."""
+    values = []
+    for item in str(text).split(","):
+        item = item.strip()
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(
+                f"{name}={text!r}: {item!r} is not an integer; expected comma-separated integers >= {minimum}"
+            ) from None
+        if value < minimum:
+            raise ValueError(f"{name}={text!r}: {value} is below {minimum}; expected integers >= {minimum}")
+        values.append(value)
+    return values
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class ProfileOptions:
+    """Everything `profile()` needs; checked on construction (errors name the option and the value)."""
+
+    preset: str = "small"
+    shots: Sequence[int] = DEFAULT_SHOTS
+    batch: Sequence[int] = (1,)
+    new_tokens: int = 16
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
+    device: str | None = None  # None: cuda if available
+    impls: Sequence[str] = ("reference", "fast")
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    caption_tokens: int = 12
+    question_tokens: int = 6
+    trace_dir: str | None = None
+    fast_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}: unknown; expected one of {sorted(PRESETS)}")
+        self.shots = _int_list(self.shots, "shots", 0)
+        self.batch = _int_list(self.batch, "batch", 1)
+        self.impls = [self.impls] if isinstance(self.impls, str) else list(self.impls)
+        if not self.impls:
+            raise ValueError("impl=[]: expected at least one of " + ", ".join(IMPLEMENTATIONS))
+        for impl in self.impls:
+            if impl not in IMPLEMENTATIONS:
+                raise ValueError(f"impl={impl!r}: unknown implementation; expected one of {list(IMPLEMENTATIONS)}")
+        if len(set(self.impls)) != len(self.impls):
+            raise ValueError(f"impl={','.join(self.impls)!r}: an implementation is listed twice; expected each once")
+        for name, minimum in (("new_tokens", 2), ("repeats", 1), ("warmup", 0), ("caption_tokens", 0),
+                              ("question_tokens", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                why = " (decode timing needs a token after the first)" if name == "new_tokens" else ""
+                raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}{why}")
+        self.device = self.device or default_device()
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device={self.device!r}: not a device; expected 'cpu' or 'cuda[:N]'") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: expected 'cpu' or 'cuda[:N]'")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}: no CUDA device is visible to torch; expected 'cpu'")
+        self.dtype = self.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {list(DTYPES)}")
+        config = from_name(self.preset)
+        longest = prompt_length(max(self.shots), self.caption_tokens, self.question_tokens) + self.new_tokens
+        if longest > config.lm.max_position_embeddings:
+            raise ValueError(
+                f"shots={max(self.shots)}: the prompt ({longest - self.new_tokens} tokens) + new_tokens="
+                f"{self.new_tokens} is {longest} positions; preset {self.preset!r} allows "
+                f"{config.lm.max_position_embeddings}: expected fewer shots, caption or new tokens"
+            )
+
+    @property
+    def config(self) -> FlamingoConfig:
+        return from_name(self.preset)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _int_list(value: Any, name: str, minimum: int) -> list[int]:
+    if isinstance(value, str):
+        return parse_int_list(value, name, minimum)
+    values = [value] if isinstance(value, int) else list(value)
+    if not values:
+        raise ValueError(f"{name}=[]: expected at least one integer >= {minimum}")
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ValueError(f"{name}={values!r}: {v!r} is not an integer >= {minimum}")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts and implementations
+# ----------------------------------------------------------------------------------------------------------
+
+
+def prompt_length(shots: int, caption_tokens: int, question_tokens: int) -> int:
+    """<bos> + shots * (<image> caption <|endofchunk|>) + <image> question."""
+    return 1 + shots * (caption_tokens + 2) + 1 + question_tokens
+
+
+def build_prompt(config: FlamingoConfig, shots: int, batch: int, caption_tokens: int, question_tokens: int,
+                 seed: int, dtype: torch.dtype, device: str | torch.device):
+    """-> vision_x [batch, shots + 1, 1, C, H, W], lang_x [batch, T] (long), attention_mask [batch, T] (ones).
+
+    Drawn on the CPU from a generator seeded by (seed, shots, batch), so every implementation, device and
+    order of rows sees the same prompt."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + shots)
+    low = max(config.bos_token_id, config.eos_token_id) + 1
+    high = config.eoc_token_id  # the base vocabulary: special tokens sit from eoc_token_id up
+    if not low < high:
+        low = 0
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(low, high, (batch, n), generator=generator)
+
+    def token(token_id: int) -> torch.Tensor:
+        return torch.full((batch, 1), token_id, dtype=torch.long)
+
+    pieces = [token(config.bos_token_id)]
+    for _ in range(shots):
+        pieces += [token(config.media_token_id), text(caption_tokens), token(config.eoc_token_id)]
+    pieces += [token(config.media_token_id), text(question_tokens)]
+    lang_x = torch.cat(pieces, dim=1)
+    v = config.vision
+    vision_x = torch.randn(batch, shots + 1, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
+    return vision_x.to(device=device, dtype=dtype), lang_x.to(device), torch.ones_like(lang_x, device=device)
+
+
+def build_model(config: FlamingoConfig, seed: int, dtype: torch.dtype, device: str) -> Flamingo:
+    """The random-weight reference. On CUDA it is constructed on the device (a 9B model initialised on the
+    CPU in float32 takes minutes and 36 GB of host memory); on the CPU it is `build_reference`."""
+    if torch.device(device).type != "cuda":
+        return build_reference(config, seed=seed, dtype=dtype, device=device)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Flamingo(config)
+    randomize_gates(model, torch.Generator().manual_seed(seed))
+    return model.to(dtype=dtype).eval()
+
+
+def check_available(impls: Sequence[str]) -> None:
+    """Fail before the (possibly long) model build when an implementation cannot be loaded."""
+    if "fast" in impls and BUILDERS["fast"] is build_fast and importlib.util.find_spec("flamingo_fast.runtime") is None:
+        raise ValueError("impl='fast': flamingo_fast.runtime (FastFlamingo) is not available in this checkout")
+    if "openflamingo" in impls and importlib.util.find_spec("open_flamingo") is None:
+        raise ValueError("impl='openflamingo': the openflamingo baseline needs the open_flamingo package (issue 5)")
+
+
+def build_fast(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
+               backend: str = "auto") -> GenerateImpl:
+    from .runtime import FastFlamingo  # imported only when the fast path is profiled
+
+    return FastFlamingo.from_reference(model, backend=backend, max_batch_size=max_batch_size,
+                                       max_seq_len=max_seq_len, max_images=max_images)
+
+
+def build_openflamingo(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
+                       backend: str = "auto") -> GenerateImpl:
+    if importlib.util.find_spec("open_flamingo") is None:
+        raise ValueError("impl='openflamingo': the openflamingo baseline needs the open_flamingo package (issue 5)")
+    raise NotImplementedError("impl='openflamingo': the open_flamingo wrapper is not wired in yet (issue 5)")
+
+
+# name -> builder(model, *, max_batch_size, max_seq_len, max_images, backend); tests may swap in a stand-in.
+BUILDERS: dict[str, Callable[..., GenerateImpl]] = {
+    "reference": lambda model, **capacity: model,
+    "fast": build_fast,
+    "openflamingo": build_openflamingo,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one row. CUDA: max_memory_allocated. CPU: peak RSS growth over the RSS at `start()`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_maxrss_growth"
+        self._rss_start_kib = 0
+        self._hwm_reset = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self._rss_start_kib = _proc_status_kib("VmRSS") or 0
+        try:  # Linux >= 4.0: "5" resets the peak RSS (VmHWM) to the current RSS
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+            self._hwm_reset = True
+            self.kind = "cpu_peak_rss_growth"
+        except OSError:
+            self._rss_start_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.kind = "cpu_maxrss_growth"
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self._hwm_reset:
+            peak_kib = _proc_status_kib("VmHWM") or 0
+        else:
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return max(peak_kib - self._rss_start_kib, 0) / 1024
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProfileRow:
+    impl: str
+    batch: int
+    shots: int
+    images: int
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    warmup_s: list[float]
+    vision_ms: float  # encoder + resampler + media K/V (fast), median over repeats
+    encoder_ms: float  # the "vision" lap alone
+    media_kv_ms: float  # the "media_kv" lap (0 for the reference)
+    prefill_ms: float
+    ttft_ms: float
+    decode_ms_p50: float
+    decode_ms_p90: float
+    decode_tokens_per_s: float
+    total_ms: float
+    peak_mem_mib: float
+    peak_mem_kind: str
+    tokens_match_baseline: float | None = None  # fraction of generated ids equal to the baseline's
+    speedup_vision: float | None = None
+    speedup_prefill: float | None = None
+    speedup_ttft: float | None = None
+    speedup_decode_p50: float | None = None
+    speedup_decode_p90: float | None = None
+    speedup_total: float | None = None
+    mem_ratio: float | None = None  # this peak / the baseline's peak
+
+
+RATIOS = {  # ratio field -> the timing it compares (baseline / this)
+    "speedup_vision": "vision_ms",
+    "speedup_prefill": "prefill_ms",
+    "speedup_ttft": "ttft_ms",
+    "speedup_decode_p50": "decode_ms_p50",
+    "speedup_decode_p90": "decode_ms_p90",
+    "speedup_total": "total_ms",
+}
+FIELDS = [f.name for f in dataclasses.fields(ProfileRow)]
+
+
+@dataclass
+class ProfileResult:
+    metadata: dict[str, Any]
+    rows: list[ProfileRow] = field(default_factory=list)
+
+    def to_json(self, complete: bool = True) -> dict[str, Any]:
+        return {"metadata": self.metadata, "complete": complete, "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: redrawn in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, stream=None, width: int = 24, enabled: bool = True):
+        self.total, self.done, self.width, self.enabled = total, 0, width, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.started = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        filled = self.width * self.done // max(self.total, 1)
+        elapsed = time.perf_counter() - self.started
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {elapsed:6.1f}s  {label}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if self.done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(np.median(values)) if len(values) else float("nan")
+
+
+def _timed_generate(impl: GenerateImpl, inputs, new_tokens: int, device: str) -> tuple[torch.Tensor, PhaseTimer]:
+    vision_x, lang_x, attention_mask = inputs
+    timer = PhaseTimer(device=device)
+    out = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=new_tokens, eos_token_id=[], timer=timer)
+    return out, timer
+
+
+def _row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: ProfileOptions,
+         warmup_s: list[float], timers: list[PhaseTimer], peak_mib: float, peak_kind: str) -> ProfileRow:
+    encoder = [t.total("vision") for t in timers]
+    media_kv = [t.total("media_kv") for t in timers]
+    prefill = [t.total("prefill") for t in timers]
+    vision = [e + m for e, m in zip(encoder, media_kv, strict=True)]
+    ttft = [v + p for v, p in zip(vision, prefill, strict=True)]
+    decode = [lap for t in timers for lap in t.laps.get("decode", [])]
+    total = [sum(sum(laps) for laps in t.laps.values()) for t in timers]
+    decode_time = sum(decode)
+    return ProfileRow(
+        impl=impl_name, batch=batch, shots=shots, images=shots + 1, prompt_tokens=prompt_tokens,
+        new_tokens=options.new_tokens, repeats=options.repeats, warmup_s=[round(w, 4) for w in warmup_s],
+        vision_ms=1e3 * _median(vision), encoder_ms=1e3 * _median(encoder), media_kv_ms=1e3 * _median(media_kv),
+        prefill_ms=1e3 * _median(prefill), ttft_ms=1e3 * _median(ttft),
+        decode_ms_p50=1e3 * float(np.percentile(decode, 50)) if decode else float("nan"),
+        decode_ms_p90=1e3 * float(np.percentile(decode, 90)) if decode else float("nan"),
+        decode_tokens_per_s=batch * len(decode) / decode_time if decode_time > 0 else float("nan"),
+        total_ms=1e3 * _median(total), peak_mem_mib=peak_mib, peak_mem_kind=peak_kind,
+    )
+
+
+def _compare(row: ProfileRow, baseline: ProfileRow) -> None:
+    for ratio, timing in RATIOS.items():
+        this, base = getattr(row, timing), getattr(baseline, timing)
+        setattr(row, ratio, base / this if this > 0 and math.isfinite(base) else None)
+    row.mem_ratio = row.peak_mem_mib / baseline.peak_mem_mib if baseline.peak_mem_mib > 0 else None
+
+
+def _trace(impl: GenerateImpl, inputs, options: ProfileOptions, path: Path) -> None:
+    """A chrome trace of one prefill and a few decode steps (after warm-up, so no capture in it)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.device(options.device).type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        _timed_generate(impl, inputs, min(options.new_tokens, 4), options.device)
+    prof.export_chrome_trace(str(path))
+
+
+def profile(options: ProfileOptions, progress: bool = True,
+            on_row: Callable[[ProfileResult], None] | None = None) -> ProfileResult:
+    """Run the sweep; `on_row(result)` is called after every finished row (e.g. to save partial results)."""
+    check_available(options.impls)
+    config = options.config
+    device, dtype = options.device, options.torch_dtype
+    result = ProfileResult(metadata(options))
+    setup_s = result.metadata["setup_s"]
+    started = time.perf_counter()
+    model = build_model(config, options.seed, dtype, device)
+    setup_s["model"] = round(time.perf_counter() - started, 3)
+    max_seq_len = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens)
+    max_seq_len += options.new_tokens
+    calls = len(options.batch) * len(options.shots) * len(options.impls) * (options.warmup + options.repeats)
+    bar = ProgressBar(calls, enabled=progress)
+    memory = PeakMemory(torch.device(device))
+    for batch in options.batch:
+        impls = {}
+        for name in options.impls:
+            started = time.perf_counter()
+            impls[name] = BUILDERS[name](model, max_batch_size=batch, max_seq_len=max_seq_len,
+                                         max_images=max(options.shots) + 1, backend=options.fast_backend)
+            setup_s[f"{name}_b{batch}"] = round(time.perf_counter() - started, 3)
+        for shots in options.shots:
+            inputs = build_prompt(config, shots, batch, options.caption_tokens, options.question_tokens,
+                                  options.seed, dtype, device)
+            prompt_tokens = inputs[1].shape[1]
+            baseline_row, baseline_ids = None, None
+            for name, impl in impls.items():
+                label = f"{name} batch={batch} shots={shots}"
+                warmup_s = []
+                for i in range(options.warmup):
+                    t0 = time.perf_counter()
+                    _timed_generate(impl, inputs, options.new_tokens, device)
+                    warmup_s.append(time.perf_counter() - t0)
+                    bar.step(f"{label} warm-up {i + 1}/{options.warmup}")
+                memory.start()
+                timers, first_ids = [], None
+                for i in range(options.repeats):
+                    ids, timer = _timed_generate(impl, inputs, options.new_tokens, device)
+                    first_ids = ids[:, prompt_tokens:] if first_ids is None else first_ids
+                    timers.append(timer)
+                    bar.step(f"{label} repeat {i + 1}/{options.repeats}")
+                row = _row(name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(),
+                           memory.kind)
+                if baseline_row is None:
+                    baseline_row, baseline_ids = row, first_ids
+                elif first_ids.shape == baseline_ids.shape:
+                    row.tokens_match_baseline = float((first_ids == baseline_ids).float().mean())
+                _compare(row, baseline_row)
+                result.rows.append(row)
+                if options.trace_dir and shots == max(options.shots):
+                    _trace(impl, inputs, options, Path(options.trace_dir) / f"trace_{name}_b{batch}_s{shots}.json")
+                if on_row is not None:
+                    on_row(result)
+        del impls
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metadata and output
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def metadata(options: ProfileOptions) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "preset": options.preset,
+        "device": options.device,
+        "device_name": _device_name(options.device),
+        "dtype": options.dtype,
+        "impls": list(options.impls),
+        "baseline": options.impls[0],
+        "shots": list(options.shots),
+        "batch": list(options.batch),
+        "new_tokens": options.new_tokens,
+        "repeats": options.repeats,
+        "warmup": options.warmup,
+        "seed": options.seed,
+        "caption_tokens": options.caption_tokens,
+        "question_tokens": options.question_tokens,
+        "prompt": "<bos> + shots x (<image> caption <|endofchunk|>) + <image> question; shots + 1 images",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "setup_s": {},
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_table(result: ProfileResult) -> str:
+    """Markdown: one row per (batch, shots, impl); speed-ups are baseline time / this time."""
+    meta = result.metadata
+    lines = [
+        f"preset {meta['preset']}, {meta['device_name']}, {meta['dtype']}, {meta['new_tokens']} new tokens, "
+        f"median of {meta['repeats']} repeats after {meta['warmup']} warm-up; baseline: {meta['baseline']}",
+        "",
+        "| impl | batch | shots | prompt tok | vision ms | prefill ms | TTFT ms | decode ms/tok p50 | p90 | tok/s "
+        "| peak MiB | warm-up s | TTFT x | decode x | same ids |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result.rows:
+        same = "-" if r.tokens_match_baseline is None else f"{100 * r.tokens_match_baseline:.0f}%"
+        lines.append(
+            f"| {r.impl} | {r.batch} | {r.shots} | {r.prompt_tokens} | {_fmt(r.vision_ms)} | {_fmt(r.prefill_ms)} "
+            f"| {_fmt(r.ttft_ms)} | {_fmt(r.decode_ms_p50, 2)} | {_fmt(r.decode_ms_p90, 2)} "
+            f"| {_fmt(r.decode_tokens_per_s)} | {_fmt(r.peak_mem_mib, 0)} | {_fmt(sum(r.warmup_s), 2)} "
+            f"| {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_decode_p50, 2)} | {same} |"
+        )
+    kinds = sorted({r.peak_mem_kind for r in result.rows})
+    lines += ["", f"peak MiB: {', '.join(kinds)}. x: speed-up over {meta['baseline']} (its time / this time)."]
+    return "\n".join(lines)
+
+
+def write_json(result: ProfileResult, path: str | Path, complete: bool = True) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result.to_json(complete), indent=2, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
+def write_csv(result: ProfileResult, path: str | Path) -> None:
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta_fields = ["preset", "device_name", "dtype", "git_commit", "date"]
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(FIELDS + meta_fields)
+        for r in result.rows:
+            values = [getattr(r, name) for name in FIELDS]
+            values = [";".join(f"{v:g}" for v in v) if isinstance(v, list) else ("" if v is None else v)
+                      for v in values]
+            writer.writerow(values + [result.metadata[name] for name in meta_fields])
+
+
+def write_plot(result: ProfileResult, path: str | Path) -> bool:
+    """Latency vs shots (prefill, decode per token), one line per impl (and batch). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    several_batches = len({r.batch for r in result.rows}) > 1
+    series: dict[str, list[ProfileRow]] = {}
+    for r in result.rows:
+        series.setdefault(f"{r.impl} (batch {r.batch})" if several_batches else r.impl, []).append(r)
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r.shots)
+        shots = [r.shots for r in rows]
+        axes[0].plot(shots, [r.prefill_ms for r in rows], marker="o", label=label)
+        axes[1].plot(shots, [r.decode_ms_p50 for r in rows], marker="o", label=label)
+    meta = result.metadata
+    for ax, title in zip(axes, ("prefill (prompt -> first token)", "decode per token (p50)"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("shots")
+        ax.set_ylabel("ms")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(sorted({r.shots for r in result.rows}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{meta['preset']} on {meta['device_name']}, {meta['dtype']}, {meta['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

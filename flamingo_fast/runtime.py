@@ -1,0 +1,382 @@
+"""FastFlamingo: the reference's parameters, executed the fast way.
+
+    fast = FastFlamingo.from_reference(model)          # shares the parameters; backend "auto"
+    out = fast.generate(vision_x, lang_x, attention_mask, max_new_tokens=20)   # same tokens as the reference
+
+One prompt, in order:
+    1. vision: only the images a row uses (its `<image>` count) are encoded, all rows' as one batch;
+       resampled by the kernel-backed perceiver.
+    2. media K/V: every cross-attention layer's keys/values of all images, once (MediaKVCache).
+    3. prefill: the prompt through the LM (segment-indexed cross-attention kernel, SDPA self-attention), its
+       keys/values written into the StaticKVCache; only the last position's logits are computed.
+    4. decode: one static-shape step per token: embed -> per layer (fused gated cross-attention reading
+       only each row's current image, decoder layer) -> norm -> lm_head. On CUDA the step is captured as a
+       CUDA graph per (batch bucket, KV-length bucket) and replayed; on the CPU the same function runs eagerly.
+       Token selection and stop bookkeeping stay on the device; the host looks at `finished` only every
+       `stop_check_interval` steps, and the output is trimmed to what the reference would return.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import masking
+from .caches import MediaKVCache, StaticKVCache
+from .fast_modules import FastGatedCrossAttention, FastPerceiverResampler, kernel_ops
+from .reference import Flamingo, apply_rotary, rotary_cos_sin, self_attention_mask
+from .sampling import SamplingOptions, select_next_token
+from .timing import PhaseTimer
+from .validation import check_generate_options, check_inputs, stop_token_ids
+
+
+@dataclass
+class DecodeInputs:
+    """The decode step's inputs, as device tensors (static buffers when a CUDA graph replays the step)."""
+
+    token: torch.Tensor  # [B] long
+    position: torch.Tensor  # [B] long, rotary position of the token
+    cache_col: torch.Tensor  # [1] long, the KV-cache column it is written to (the same for every row)
+    image_index: torch.Tensor  # [B] int32, 0-based image the token attends to, -1 = none
+    num_images: torch.Tensor  # [B] int32, images in the row's prompt
+
+    @classmethod
+    def dummy(cls, batch: int, device) -> DecodeInputs:
+        z = torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(z, z.clone(), torch.zeros(1, dtype=torch.long, device=device),
+                   torch.full((batch,), -1, dtype=torch.int32, device=device),
+                   torch.zeros(batch, dtype=torch.int32, device=device))
+
+    def copy_from(self, other: DecodeInputs) -> None:
+        b = other.token.shape[0]
+        self.token[:b].copy_(other.token)
+        self.position[:b].copy_(other.position)
+        self.cache_col.copy_(other.cache_col)
+        self.image_index[:b].copy_(other.image_index)
+        self.num_images[:b].copy_(other.num_images)
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode step, one per (batch bucket, KV-length bucket), captured on first use.
+
+    As in vLLM's runner: a warm-up run before each capture (Triton compilation and lazy cuBLAS set-up stay
+    out of the graph), one memory pool shared by all graphs, inputs copied into static buffers before
+    replay; the caches are read and written in place, never copied. KV-length buckets let short prompts
+    read only the cache columns they can use instead of all `max_seq_len`.
+    """
+
+    def __init__(self, step: Callable[[DecodeInputs, int], torch.Tensor], max_batch_size: int, max_seq_len: int,
+                 device: torch.device, kv_bucket: int = 256):
+        self.step, self.max_seq_len, self.kv_bucket, self.device = step, max_seq_len, kv_bucket, device
+        self.batch_buckets = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+        self.inputs: dict[int, DecodeInputs] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.capture_seconds = 0.0
+
+    def run(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
+        batch = inputs.token.shape[0]
+        bucket = next(b for b in self.batch_buckets if b >= batch)
+        kv_len = min(-(-kv_len // self.kv_bucket) * self.kv_bucket, self.max_seq_len)
+        if bucket not in self.inputs:
+            self.inputs[bucket] = DecodeInputs.dummy(bucket, self.device)
+        static = self.inputs[bucket]
+        static.copy_from(inputs)
+        if (bucket, kv_len) not in self.graphs:
+            self._capture(bucket, kv_len)
+        graph, logits = self.graphs[(bucket, kv_len)]
+        graph.replay()
+        return logits[:batch]
+
+    def _capture(self, bucket: int, kv_len: int) -> None:
+        import time
+
+        start = time.perf_counter()
+        static = self.inputs[bucket]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.step(static, kv_len)  # warm-up; rewrites the same cache column with the same values
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.step(static, kv_len)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[(bucket, kv_len)] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - start
+
+
+class FastFlamingo:
+    """Cached, kernel-backed Flamingo inference over a reference model's parameters.
+
+    Holds one set of caches (StaticKVCache, MediaKVCache) sized at construction and reused by every call;
+    calls are independent (each prompt overwrites what it reads). One request at a time per instance.
+    """
+
+    def __init__(self, model: Flamingo, backend: str = "auto", max_batch_size: int = 8,
+                 max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
+                 stop_check_interval: int = 8):
+        config = model.config
+        param = model.lang_encoder.lm_head.weight
+        self.device, self.dtype = param.device, param.dtype
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' with the model on {self.device}: expected a CUDA device (or TRITON_INTERPRET=1 "
+                f"to run the kernels in Triton's interpreter); use backend='torch' on the CPU"
+            )
+        max_seq_len = config.lm.max_position_embeddings if max_seq_len is None else max_seq_len
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
+                            ("max_images", max_images), ("stop_check_interval", stop_check_interval)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+        if max_seq_len > config.lm.max_position_embeddings:
+            raise ValueError(f"max_seq_len={max_seq_len}: expected at most the model's max positions "
+                             f"{config.lm.max_position_embeddings}")
+        self.model, self.config, self.backend = model, config, backend
+        self.stop_check_interval = stop_check_interval
+        self.pre_image_bug = config.openflamingo_pre_image_bug and not config.only_attend_immediate_media
+        self.ops = kernel_ops(backend)
+        self.perceiver = FastPerceiverResampler(model.perceiver, self.ops)
+        self.xattn = {int(i): FastGatedCrossAttention(b, self.ops)
+                      for i, b in model.lang_encoder.gated_cross_attn_layers.items()}
+        self.xattn_slot = {idx: slot for slot, idx in enumerate(config.xattn_layer_indices)}
+        self.kv_cache = StaticKVCache.allocate(config, max_batch_size, max_seq_len, self.dtype, self.device)
+        self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self._decode_step, max_batch_size, max_seq_len, self.device) if use_graphs else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_reference(cls, model: Flamingo, backend: str = "auto", dtype: torch.dtype | None = None,
+                       **options) -> FastFlamingo:
+        """Share `model`'s parameters (no copy). With a different `dtype`, a converted copy is made once and
+        the reference keeps its own dtype. Options: max_batch_size, max_seq_len, max_images, cuda_graphs,
+        stop_check_interval."""
+        if dtype is not None and dtype != model.lang_encoder.lm_head.weight.dtype:
+            import copy
+
+            model = copy.deepcopy(model).to(dtype)
+        return cls(model.eval(), backend=backend, **options)
+
+    # ------------------------------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def forward(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits [B, T, vocab], like the reference's forward."""
+        attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
+        self._check_capacity(vision_x, lang_x, 0)
+        num_images = self._encode_media(vision_x, lang_x, None)
+        return self._prefill(lang_x, attention_mask, num_images, all_logits=True)
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def generate(
+        self,
+        vision_x: torch.Tensor | None,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        timer: PhaseTimer | None = None,
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Same signature, options and outputs as `Flamingo.generate` (see there)."""
+        config = self.config
+        attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
+        check_generate_options(config, lang_x, attention_mask, max_new_tokens)
+        self._check_capacity(vision_x, lang_x, max_new_tokens)
+        options = SamplingOptions(do_sample, temperature, top_k, top_p)
+        stops = torch.tensor(stop_token_ids(config, eos_token_id), device=lang_x.device, dtype=torch.long)
+        pad = config.pad_token_id if pad_token_id is None else pad_token_id
+        lang_x = lang_x.long()
+        batch, prompt_len = lang_x.shape
+        if max_new_tokens == 0:
+            empty = torch.zeros(batch, 0, config.lm.vocab_size, device=lang_x.device)
+            return (lang_x, empty) if return_logits else lang_x
+
+        if timer is not None:
+            timer.start()
+        num_images = self._encode_media(vision_x, lang_x, timer)
+        logits = self._prefill(lang_x, attention_mask, num_images)
+        images_in_row = masking.images_per_row(lang_x, config.media_token_id).to(torch.int32)
+        inputs = DecodeInputs(
+            token=lang_x[:, -1].clone(),
+            position=masking.positions_from_mask(attention_mask)[:, -1].clone(),
+            cache_col=torch.full((1,), prompt_len - 1, dtype=torch.long, device=lang_x.device),
+            image_index=images_in_row - 1,
+            num_images=torch.full_like(images_in_row, num_images) if self.pre_image_bug else images_in_row,
+        )
+        tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=lang_x.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=lang_x.device)
+        steps_done, step_logits = 0, []
+        for step in range(max_new_tokens):
+            if return_logits:
+                step_logits.append(logits.float())
+            token = select_next_token(logits, options, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            tokens[:, step] = token
+            finished = finished | torch.isin(token, stops)
+            steps_done = step + 1
+            if timer is not None:
+                timer.lap("prefill" if step == 0 else "decode")
+            if step == max_new_tokens - 1:
+                break
+            if steps_done % self.stop_check_interval == 0 and bool(finished.all()):
+                break
+            inputs.token = token
+            inputs.position = inputs.position + 1
+            inputs.cache_col = inputs.cache_col + 1
+            logits = self._run_decode_step(inputs, kv_len=prompt_len + step + 1)
+
+        # The reference stops right after the step at which every row has finished: trim to that.
+        tokens = tokens[:, :steps_done]
+        done = torch.isin(tokens, stops).cumsum(dim=1) > 0  # [B, steps]: row finished at or before step
+        all_done = done.all(dim=0).nonzero()
+        length = int(all_done[0]) + 1 if len(all_done) else steps_done
+        ids = torch.cat([lang_x, tokens[:, :length]], dim=1)
+        if return_logits:
+            return ids, torch.stack(step_logits[:length], dim=1)
+        return ids
+
+    @property
+    def capture_seconds(self) -> float:
+        """Wall time spent warming up and capturing CUDA graphs so far (0 without graphs)."""
+        return self.graphs.capture_seconds if self.graphs is not None else 0.0
+
+    # ------------------------------------------------------------------------------------------ phases
+
+    def _check_capacity(self, vision_x, lang_x, max_new_tokens: int) -> None:
+        batch, prompt_len = lang_x.shape
+        if batch > self.kv_cache.max_batch_size:
+            raise ValueError(f"lang_x: batch {batch} exceeds max_batch_size={self.kv_cache.max_batch_size} "
+                             f"of this FastFlamingo; expected at most that many rows")
+        total = prompt_len + max_new_tokens
+        if total > self.kv_cache.max_seq_len:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: prompt length {prompt_len} + max_new_tokens = {total} "
+                             f"exceeds max_seq_len={self.kv_cache.max_seq_len} of this FastFlamingo")
+        images = int(masking.images_per_row(lang_x, self.config.media_token_id).max())
+        if vision_x is not None and images > self.media_cache.max_images:
+            raise ValueError(f"lang_x: a row has {images} <image> tokens; expected at most "
+                             f"max_images={self.media_cache.max_images} of this FastFlamingo")
+
+    def _encode_media(self, vision_x, lang_x, timer: PhaseTimer | None) -> int:
+        """Encode only the images rows use, as one batch; fill the media K/V cache. Returns images per row
+        (the widest row's count); rows with fewer images leave the rest of their slots unused."""
+        counts = masking.images_per_row(lang_x, self.config.media_token_id)
+        if self.pre_image_bug and vision_x is not None:
+            # OpenFlamingo's all-previous mode lets text before the first image attend to every image given.
+            counts = torch.full_like(counts, vision_x.shape[1])
+        num_images = int(counts.max()) if vision_x is not None else 0
+        if num_images == 0:
+            if timer is not None:
+                timer.lap("vision")
+                timer.lap("media_kv")
+            return 0
+        batch, _, frames = vision_x.shape[:3]
+        used = torch.arange(num_images, device=counts.device)[None, :] < counts[:, None]  # [B, N]
+        images = vision_x[:, :num_images][used]  # [n_used, F, C, H, W]: padding images are never encoded
+        patch_tokens = self.model.vision_encoder(images.flatten(0, 1).to(self.dtype))
+        latents_used = self.perceiver(patch_tokens.view(1, images.shape[0], frames, *patch_tokens.shape[1:]))[0]
+        latents = latents_used.new_zeros(batch, num_images, *latents_used.shape[1:])
+        latents[used] = latents_used
+        if timer is not None:
+            timer.lap("vision")
+        for idx, block in self.xattn.items():
+            keys, values = block.media_kv(latents)
+            self.media_cache.write(self.xattn_slot[idx], keys, values)
+        if timer is not None:
+            timer.lap("media_kv")
+        return num_images
+
+    def _prefill(self, lang_x, attention_mask, num_images: int, all_logits: bool = False) -> torch.Tensor:
+        lm, model = self.config.lm, self.model.lang_encoder
+        batch, prompt_len = lang_x.shape
+        kv = self.kv_cache
+        kv.key_valid[:batch].zero_()
+        kv.key_valid[:batch, :prompt_len] = attention_mask.bool()
+        positions = masking.positions_from_mask(attention_mask)
+        image_index = masking.image_index(lang_x, self.config.media_token_id)
+        x = model.model.embed_tokens(lang_x)
+        cos, sin = rotary_cos_sin(positions, lm.head_dim, lm.rope_theta, x.dtype)
+        padded = not bool(attention_mask.all())
+        allowed = self_attention_mask(attention_mask, prompt_len) if padded else None
+        span = num_images * self.media_cache.num_latents
+        for idx, layer in enumerate(model.model.layers):
+            norm = layer.input_layernorm
+            if idx in self.xattn:
+                slot = self.xattn_slot[idx]
+                keys = self.media_cache.keys[slot, :batch, :, :span] if num_images else None
+                values = self.media_cache.values[slot, :batch, :, :span] if num_images else None
+                x, h = self.xattn[idx].prefill(x, keys, values, image_index, norm.weight, norm.eps)
+            else:
+                h = norm(x)
+            attn = layer.self_attn
+            q = attn.q_proj(h).view(batch, prompt_len, attn.num_heads, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(batch, prompt_len, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(batch, prompt_len, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            kv.keys[idx, :batch, :, :prompt_len] = k
+            kv.values[idx, :batch, :, :prompt_len] = v
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=not padded,
+                                                 enable_gqa=attn.num_heads != attn.num_kv_heads)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, prompt_len, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if not all_logits:
+            x = x[:, -1]
+        return model.lm_head(model.model.norm(x))
+
+    def _run_decode_step(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs.run(inputs, kv_len)
+        return self._decode_step(inputs, kv_len)
+
+    def _decode_step(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
+        """One token per row -> logits [B, vocab]. Static shapes, no host sync, no allocation that depends on
+        values: the function a CUDA graph captures. Reads KV-cache columns [0, kv_len)."""
+        lm, model, kv = self.config.lm, self.model.lang_encoder, self.kv_cache
+        batch = inputs.token.shape[0]
+        x = model.model.embed_tokens(inputs.token)[:, None]  # [B, 1, D]
+        cos, sin = rotary_cos_sin(inputs.position[:, None], lm.head_dim, lm.rope_theta, x.dtype)
+        kv.key_valid[:batch].index_fill_(1, inputs.cache_col, True)
+        allowed = kv.key_valid[:batch, None, None, :kv_len]
+        for idx, layer in enumerate(model.model.layers):
+            norm = layer.input_layernorm
+            if idx in self.xattn:
+                slot = self.xattn_slot[idx]
+                x, h = self.xattn[idx].decode(
+                    x, self.media_cache.keys[slot, :batch], self.media_cache.values[slot, :batch],
+                    inputs.image_index, inputs.num_images, norm.weight, norm.eps,
+                )
+            else:
+                h = norm(x)
+            attn = layer.self_attn
+            q = attn.q_proj(h).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(batch, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(batch, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            layer_keys, layer_values = kv.keys[idx, :batch], kv.values[idx, :batch]
+            layer_keys.index_copy_(2, inputs.cache_col, k)
+            layer_values.index_copy_(2, inputs.cache_col, v)
+            out = F.scaled_dot_product_attention(
+                q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=allowed,
+                enable_gqa=attn.num_heads != attn.num_kv_heads,
+            )
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return model.lm_head(model.model.norm(x[:, 0]))

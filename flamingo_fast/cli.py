@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="PNG: prefill and decode per token vs shots (needs matplotlib)")
     p.add_argument("--trace", metavar="DIR", help="torch.profiler chrome traces at the largest shot count")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.set_defaults(run=_profile)
+    p.set_defaults(run=_profile, command_parser=p)
     return parser
 
 
@@ -127,8 +127,7 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's parser, for its errors
-    return args.run(args, sub)
+    return args.run(args, args.command_parser)
 
 
 if __name__ == "__main__":

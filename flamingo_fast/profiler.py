@@ -8,7 +8,7 @@ random models rarely emit an end token). Reported per row:
     vision_ms        encoder + resampler (+ the fast path's cross-attention K/V), median over repeats
     prefill_ms       the prompt through the LM, first token chosen; ttft_ms = vision_ms + prefill_ms
     decode_ms_p50/90 per generated token after the first, over every decode lap of every repeat
-    decode_tokens_per_s   batch * decode laps / decode time
+    decode_tokens_per_s   batch / decode p50 (rows advance together)
     peak_mem_mib     CUDA: torch.cuda.max_memory_allocated (weights included). CPU: growth of the process's
                      peak RSS over its RSS before the row (VmHWM reset per row where Linux allows it,
                      else getrusage's ru_maxrss, which never goes down); `peak_mem_kind` says which.
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, FlamingoConfig, from_name
-from .reference import Flamingo, build_reference, randomize_gates
+from .reference import Flamingo, build_reference
 from .timing import PhaseTimer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,18 +198,6 @@ def build_prompt(config: FlamingoConfig, shots: int, batch: int, caption_tokens:
     return vision_x.to(device=device, dtype=dtype), lang_x.to(device), torch.ones_like(lang_x, device=device)
 
 
-def build_model(config: FlamingoConfig, seed: int, dtype: torch.dtype, device: str) -> Flamingo:
-    """The random-weight reference. On CUDA it is constructed on the device (a 9B model initialised on the
-    CPU in float32 takes minutes and 36 GB of host memory); on the CPU it is `build_reference`."""
-    if torch.device(device).type != "cuda":
-        return build_reference(config, seed=seed, dtype=dtype, device=device)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Flamingo(config)
-    randomize_gates(model, torch.Generator().manual_seed(seed))
-    return model.to(dtype=dtype).eval()
-
-
 def check_available(impls: Sequence[str]) -> None:
     """Fail before the (possibly long) model build when an implementation cannot be loaded."""
     if "fast" in impls and BUILDERS["fast"] is build_fast and importlib.util.find_spec("flamingo_fast.runtime") is None:
@@ -344,7 +332,10 @@ class ProfileResult:
     rows: list[ProfileRow] = field(default_factory=list)
 
     def to_json(self, complete: bool = True) -> dict[str, Any]:
-        return {"metadata": self.metadata, "complete": complete, "rows": [dataclasses.asdict(r) for r in self.rows]}
+        """Plain JSON (a missing measurement is null, never NaN)."""
+        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in dataclasses.asdict(r).items()} for r in self.rows]
+        return {"metadata": self.metadata, "complete": complete, "rows": rows}
 
 
 class ProgressBar:
@@ -390,7 +381,6 @@ def _row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: Pr
     ttft = [v + p for v, p in zip(vision, prefill, strict=True)]
     decode = [lap for t in timers for lap in t.laps.get("decode", [])]
     total = [sum(sum(laps) for laps in t.laps.values()) for t in timers]
-    decode_time = sum(decode)
     return ProfileRow(
         impl=impl_name, batch=batch, shots=shots, images=shots + 1, prompt_tokens=prompt_tokens,
         new_tokens=options.new_tokens, repeats=options.repeats, warmup_s=[round(w, 4) for w in warmup_s],
@@ -398,7 +388,7 @@ def _row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: Pr
         prefill_ms=1e3 * _median(prefill), ttft_ms=1e3 * _median(ttft),
         decode_ms_p50=1e3 * float(np.percentile(decode, 50)) if decode else float("nan"),
         decode_ms_p90=1e3 * float(np.percentile(decode, 90)) if decode else float("nan"),
-        decode_tokens_per_s=batch * len(decode) / decode_time if decode_time > 0 else float("nan"),
+        decode_tokens_per_s=batch / float(np.percentile(decode, 50)) if decode else float("nan"),
         total_ms=1e3 * _median(total), peak_mem_mib=peak_mib, peak_mem_kind=peak_kind,
     )
 
@@ -430,7 +420,7 @@ def profile(options: ProfileOptions, progress: bool = True,
     result = ProfileResult(metadata(options))
     setup_s = result.metadata["setup_s"]
     started = time.perf_counter()
-    model = build_model(config, options.seed, dtype, device)
+    model = build_reference(config, seed=options.seed, dtype=dtype, device=device)  # built on the device
     setup_s["model"] = round(time.perf_counter() - started, 3)
     max_seq_len = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens)
     max_seq_len += options.new_tokens
@@ -476,6 +466,10 @@ def profile(options: ProfileOptions, progress: bool = True,
                     _trace(impl, inputs, options, Path(options.trace_dir) / f"trace_{name}_b{batch}_s{shots}.json")
                 if on_row is not None:
                     on_row(result)
+        for name, impl in impls.items():  # CUDA-graph capture time (inside the warm-up calls), when it is known
+            capture = getattr(impl, "capture_seconds", None)
+            if capture:
+                setup_s[f"{name}_b{batch}_graph_capture"] = round(float(capture), 3)
         del impls
     return result
 
@@ -576,8 +570,14 @@ def write_json(result: ProfileResult, path: str | Path, complete: bool = True) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result.to_json(complete), indent=2, allow_nan=True) + "\n")
+    tmp.write_text(json.dumps(result.to_json(complete), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
+
+
+def load_json(path: str | Path) -> ProfileResult:
+    """A result written by `write_json` (complete or partial) back as a ProfileResult."""
+    data = json.loads(Path(path).read_text())
+    return ProfileResult(data["metadata"], [ProfileRow(**row) for row in data["rows"]])
 
 
 def write_csv(result: ProfileResult, path: str | Path) -> None:

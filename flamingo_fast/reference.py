@@ -524,8 +524,9 @@ def build_reference(config: FlamingoConfig, seed: int = 0, dtype: torch.dtype = 
                     device: str | torch.device = "cpu") -> Flamingo:
     """A random-weight reference model with nonzero gates, seeded, in eval mode."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        model = Flamingo(config)
+        model = Flamingo(config)  # built where it will run: a 9B model initialises in seconds on a GPU
     randomize_gates(model, generator)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(dtype=dtype).eval()

@@ -227,7 +227,7 @@ class FastFlamingo:
         steps_done, step_logits = 0, []
         for step in range(max_new_tokens):
             if return_logits:
-                step_logits.append(logits.float())
+                step_logits.append(logits.to(torch.float32, copy=True))  # a graph's output buffer is reused
             token = select_next_token(logits, options, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             tokens[:, step] = token

@@ -72,3 +72,56 @@ def random_batch(config, rows, num_images: int, frames: int = 1):
     size = config.vision.image_size
     vision = torch.randn(len(rows), num_images, frames, 3, size, size) if num_images else None
     return vision, torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built])
+
+
+class Padded:
+    """A copy of `t` living as a view inside a larger buffer full of `fill` (NaN for floats), `pad` extra
+    elements on both sides of every dim: a kernel that reads out of bounds picks up NaN, one that writes out
+    of bounds overwrites the fill, which `assert_padding_intact` catches.
+
+    `order` stores the dims permuted (e.g. (0, 2, 1, 3) keeps a [B, H, T, d] view as a transposed
+    [B, T, H, d] buffer, the layout the runtime passes). `last_dim_only` pads only the last stored dim, so
+    the leading dims still flatten into rows with one stride."""
+
+    def __init__(self, t: torch.Tensor, pad: int = 2, fill=None, order: tuple[int, ...] | None = None,
+                 last_dim_only: bool = False):
+        order = order or tuple(range(t.dim()))
+        stored = t.permute(order)
+        if fill is None:
+            fill = float("nan") if t.is_floating_point() else 2**30
+        self.fill = fill
+        pads = [0] * (t.dim() - 1) + [pad] if last_dim_only else [pad] * t.dim()
+        self.buffer = torch.full([s + 2 * p for s, p in zip(stored.shape, pads, strict=True)], fill, dtype=t.dtype,
+                                 device=t.device)
+        self.region = tuple(slice(p, p + s) for s, p in zip(stored.shape, pads, strict=True))
+        inverse = [order.index(i) for i in range(len(order))]
+        self.view = self.buffer[self.region].permute(inverse)
+        self.view.copy_(t)
+
+    def assert_padding_intact(self) -> None:
+        outside = torch.ones_like(self.buffer, dtype=torch.bool)
+        outside[self.region] = False
+        rest = self.buffer[outside]
+        intact = torch.isnan(rest) if self.buffer.is_floating_point() else rest == self.fill
+        assert bool(intact.all()), f"{int((~intact).sum())} elements outside the view were written"
+
+
+def nan_out(shape, dtype, order: tuple[int, ...] | None = None, device="cpu", last_dim_only: bool = False) -> Padded:
+    """An `out=` tensor poisoned with NaN (inside a NaN-padded buffer): the op must overwrite all of it."""
+    return Padded(torch.full(shape, float("nan"), dtype=dtype, device=device), order=order,
+                  last_dim_only=last_dim_only)
+
+
+def image_layout(T: int, num_images: int, before_first: int, generator: torch.Generator | None = None):
+    """[T] int32 image index: `before_first` tokens of -1, then `num_images` segments of random lengths
+    (each >= 1) starting at the first image. num_images == 0: all -1."""
+    index = torch.full((T,), -1, dtype=torch.int32)
+    if num_images == 0:
+        return index
+    if before_first + num_images > T:
+        raise ValueError(f"{num_images} images do not fit in T={T} after {before_first} text tokens")
+    starts = torch.randperm(T - before_first - 1, generator=generator)[: num_images - 1] + before_first + 1
+    starts = torch.cat([torch.tensor([before_first]), starts.sort().values])
+    marks = torch.zeros(T, dtype=torch.int32)
+    marks[starts] = 1
+    return marks.cumsum(0).to(torch.int32) - 1

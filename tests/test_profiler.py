@@ -1,0 +1,195 @@
+"""The per-shot profiler and its CLI: a tiny sweep writes complete JSON/CSV; bad arguments are clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from flamingo_fast import cli, profiler
+from flamingo_fast.config import from_name
+
+TINY = ["--preset", "tiny", "--shots", "0,2", "--new-tokens", "3", "--repeats", "2", "--warmup", "1",
+        "--device", "cpu", "--no-progress"]
+
+
+class CountingStandIn:
+    """Stands in for the fast runtime (which has its own tests): the reference model behind the same
+    generate() signature, recording the calls so the test sees warm-up + repeats reach it."""
+
+    def __init__(self, model, max_batch_size, max_seq_len):
+        self.model, self.max_batch_size, self.max_seq_len, self.calls = model, max_batch_size, max_seq_len, 0
+
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens=20, eos_token_id=None, timer=None):
+        assert lang_x.shape[0] <= self.max_batch_size and lang_x.shape[1] + max_new_tokens <= self.max_seq_len
+        self.calls += 1
+        return self.model.generate(vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
+                                   eos_token_id=eos_token_id, timer=timer)
+
+
+def test_prompt_layout():
+    config = from_name("tiny")
+    vision_x, lang_x, mask = profiler.build_prompt(config, shots=3, batch=2, caption_tokens=5, question_tokens=4,
+                                                   seed=7, dtype=torch.float32, device="cpu")
+    assert lang_x.shape == (2, profiler.prompt_length(3, 5, 4)) == (2, 1 + 3 * 7 + 1 + 4)
+    assert vision_x.shape == (2, 4, 1, 3, config.vision.image_size, config.vision.image_size)
+    assert mask.shape == lang_x.shape and bool(mask.all())
+    assert (lang_x[:, 0] == config.bos_token_id).all()
+    assert ((lang_x == config.media_token_id).sum(dim=1) == 4).all()  # k shots -> k + 1 images
+    assert ((lang_x == config.eoc_token_id).sum(dim=1) == 3).all()
+    body = lang_x[:, 1:]
+    text = body[(body != config.media_token_id) & (body != config.eoc_token_id)]
+    assert (text > config.eos_token_id).all() and (text < config.eoc_token_id).all()
+    again = profiler.build_prompt(config, 3, 2, 5, 4, seed=7, dtype=torch.float32, device="cpu")
+    assert torch.equal(again[1], lang_x) and torch.equal(again[0], vision_x)  # every impl sees the same prompt
+    zero_shot = profiler.build_prompt(config, 0, 1, 5, 4, seed=7, dtype=torch.float32, device="cpu")
+    assert zero_shot[0].shape[1] == 1 and int((zero_shot[1] == config.media_token_id).sum()) == 1
+
+
+def test_cli_writes_table_json_csv(tmp_path, capsys, monkeypatch):
+    stand_ins = []
+
+    def build_stand_in(model, *, max_batch_size, max_seq_len, max_images, backend="auto"):
+        assert max_images == 3 and backend == "auto"
+        stand_ins.append(CountingStandIn(model, max_batch_size, max_seq_len))
+        return stand_ins[-1]
+
+    monkeypatch.setitem(profiler.BUILDERS, "fast", build_stand_in)
+    paths = {name: tmp_path / f"out/profile.{name}" for name in ("json", "csv", "png")}
+    argv = ["profile", *TINY, "--batch", "1,2", "--impl", "reference,fast", "--json", str(paths["json"]),
+            "--csv", str(paths["csv"]), "--plot", str(paths["png"])]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+
+    assert [s.max_batch_size for s in stand_ins] == [1, 2]
+    assert all(s.calls == 2 * (1 + 2) for s in stand_ins)  # 2 shot counts x (1 warm-up + 2 repeats)
+    data = json.loads(paths["json"].read_text())
+    assert data["complete"] is True
+    for key in ("preset", "device_name", "torch", "triton", "git_commit", "date", "dtype", "baseline", "setup_s"):
+        assert key in data["metadata"], key
+    assert data["metadata"]["preset"] == "tiny" and data["metadata"]["baseline"] == "reference"
+    rows = data["rows"]
+    assert [(r["batch"], r["shots"], r["impl"]) for r in rows] == [
+        (b, s, i) for b in (1, 2) for s in (0, 2) for i in ("reference", "fast")
+    ]
+    for row in rows:
+        assert set(row) == set(profiler.FIELDS)
+        assert row["prompt_tokens"] == profiler.prompt_length(row["shots"], 12, 6) and row["images"] == row["shots"] + 1
+        assert len(row["warmup_s"]) == 1 and row["repeats"] == 2
+        for name in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_p50", "decode_tokens_per_s", "total_ms"):
+            assert math.isfinite(row[name]) and row[name] > 0, (name, row)
+        assert row["decode_ms_p50"] <= row["decode_ms_p90"]
+        assert row["ttft_ms"] == pytest.approx(row["vision_ms"] + row["prefill_ms"], rel=0.5)
+        assert row["peak_mem_kind"].startswith("cpu_") and row["peak_mem_mib"] >= 0
+        assert row["speedup_decode_p50"] > 0 and row["speedup_ttft"] > 0
+        if row["impl"] == "reference":
+            assert row["speedup_decode_p50"] == 1.0 and row["tokens_match_baseline"] is None
+        else:  # the stand-in is the reference itself: same greedy ids
+            assert row["tokens_match_baseline"] == 1.0
+    with paths["csv"].open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and set(profiler.FIELDS) <= set(csv_rows[0])
+    assert float(csv_rows[1]["decode_ms_p50"]) == pytest.approx(rows[1]["decode_ms_p50"])
+    assert paths["png"].stat().st_size > 0 and paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert table.count("| reference |") == 4 and table.count("| fast |") == 4
+
+
+def test_trace_writes_chrome_trace(tmp_path):
+    options = profiler.ProfileOptions(preset="tiny", shots=[1], new_tokens=2, repeats=1, warmup=0, device="cpu",
+                                      impls=["reference"], trace_dir=str(tmp_path / "traces"))
+    result = profiler.profile(options, progress=False)
+    assert len(result.rows) == 1
+    trace = json.loads((tmp_path / "traces/trace_reference_b1_s1.json").read_text())
+    assert trace["traceEvents"]
+
+
+def test_plot_missing_matplotlib_keeps_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(profiler, "write_plot", lambda result, path: False)
+    argv = ["profile", *TINY, "--shots", "0", "--impl", "reference", "--plot", str(tmp_path / "p.png")]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "| reference | 1 | 0 |" in captured.out
+    assert "matplotlib is not installed" in captured.err and not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--shots", "0,-1"], "shots='0,-1': -1 is below 0"),
+        (["--shots", "1,two"], "'two' is not an integer"),
+        (["--impl", "reference,turbo"], "impl='turbo': unknown implementation"),
+        (["--impl", "reference,reference"], "listed twice"),
+        (["--dtype", "float8"], "invalid choice: 'float8'"),
+        (["--device", "tpu"], "device='tpu'"),
+        (["--new-tokens", "1"], "new_tokens=1: expected an integer >= 2"),
+        (["--batch", "0"], "batch='0': 0 is below 1"),
+        (["--preset", "tiny", "--shots", "32"], "preset 'tiny' allows 256"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["profile", "--device", "cpu", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(ValueError, match="device='cuda': no CUDA device is visible"):
+        profiler.ProfileOptions(preset="tiny", device="cuda")
+
+
+def test_unavailable_impls_fail_before_running(monkeypatch):
+    options = profiler.ProfileOptions(preset="tiny", shots=[0], device="cpu", impls=["reference", "openflamingo"])
+    monkeypatch.setattr(profiler.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="needs the open_flamingo package"):
+        profiler.profile(options, progress=False)
+    options = profiler.ProfileOptions(preset="tiny", shots=[0], device="cpu", impls=["reference", "fast"])
+    with pytest.raises(ValueError, match="flamingo_fast.runtime"):
+        profiler.profile(options, progress=False)
+
+
+def test_options_validate_programmatic_values():
+    with pytest.raises(ValueError, match="shots=\\[1, -2\\]: -2 is not an integer >= 0"):
+        profiler.ProfileOptions(preset="tiny", shots=[1, -2], device="cpu")
+    with pytest.raises(ValueError, match="preset='nope': unknown"):
+        profiler.ProfileOptions(preset="nope", device="cpu")
+    with pytest.raises(ValueError, match="repeats=0: expected an integer >= 1"):
+        profiler.ProfileOptions(preset="tiny", repeats=0, device="cpu")
+
+
+def test_progress_bar_counts_to_total():
+    import io
+
+    stream = io.StringIO()
+    bar = profiler.ProgressBar(3, stream=stream)
+    for i in range(3):
+        bar.step(f"call {i}")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("[" + "#" * 24 + "] 3/3") and "call 2" in lines[-1]
+
+
+def test_bandwidth_floor_bytes_match_the_9b_shapes():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bandwidth.py"
+    spec = importlib.util.spec_from_file_location("bench_bandwidth", path)
+    bandwidth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bandwidth)
+    config = from_name("openflamingo-9b-v1")  # LLaMA-7B: 32 layers, 4096 wide, MLP 11008; xattn every 4th layer
+    counts = bandwidth.parameter_counts(config)
+    d, ff, inner = 4096, 11008, 512
+    assert counts["lm_layers"] == 32 * (4 * d * d + 3 * d * ff + 2 * d)
+    assert counts["lm_head"] == 32003 * d
+    assert counts["xattn_to_kv"] == 8 * 1024 * 2 * inner  # from the 1024-wide latents; not read when decoding
+    assert counts["xattn_read"] == 8 * (2 * d + d * inner + inner * d + 2 * d + 2 * d * 4 * d + 2)
+    parts = bandwidth.decode_bytes_per_step(config, batch=2, context=100, images=5, dtype_bytes=2, counts=counts)
+    assert parts["self_kv"] == 2 * 2 * 32 * 2 * d * 100  # K and V, bf16, 32 layers, 2 rows, 100 positions
+    assert parts["media_kv"] == 2 * 2 * 8 * 2 * 64 * inner  # only the current image's 64 latents per row
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")

@@ -7,6 +7,9 @@ keeps the bound honest: it tightens when the computation is easy and widens only
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 # atol: the slack added to 2x plain torch's error; rtol: for direct comparisons of two implementations
@@ -125,3 +128,12 @@ def image_layout(T: int, num_images: int, before_first: int, generator: torch.Ge
     marks = torch.zeros(T, dtype=torch.int32)
     marks[starts] = 1
     return marks.cumsum(0).to(torch.int32) - 1
+
+
+def interpreter(test):
+    """Mark a test that runs Triton kernels on CPU tensors (`pytest -m interpreter` selects it). It needs
+    TRITON_INTERPRET=1, which conftest.py sets on a machine without CUDA; on a GPU machine it skips (the
+    `cuda` tests run the same checks there on GPU tensors)."""
+    test = pytest.mark.interpreter(test)
+    return pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                              reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")(test)

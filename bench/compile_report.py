@@ -1,0 +1,278 @@
+"""Compile every kernel, in every configuration the runtime launches, ahead of time for sm_80 and sm_90 on
+a machine without a GPU, and report what the cubins use: registers, shared memory, stack / local memory
+(spills), and whether the sm_90 code of the dot-heavy kernels uses the Hopper matrix instructions (HGMMA).
+
+    python bench/compile_report.py --out bench/compile_report.md [--json FILE] [--quick]
+
+Exit status 1 when a configuration fails to compile, spills (stack or local memory > 0), needs more shared
+memory than the architecture has, or a dot-heavy kernel's sm_90 code has no HGMMA. The compile gate test
+(tests/test_compile_gate.py) runs this script in a subprocess: TRITON_INTERPRET must be unset before the
+kernels are imported (under it `@triton.jit` returns an interpreter object that cannot be compiled).
+
+Each configuration mirrors what the launcher passes: the same constexprs (block sizes, modes, dtypes), unit
+strides specialised to the constant 1 and 16-byte-aligned pointers / multiple-of-16 strides marked
+divisible by 16, as Triton's JIT specialises them for the tensors the runtime allocates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
+# Triton 3.9 warns when unset; 1 is its current default (and triton 3.6's behaviour): fused multiply-adds.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from flamingo_fast.kernels import gated_residual as gr  # noqa: E402
+from flamingo_fast.kernels import masked_cross_attention as mca  # noqa: E402
+from flamingo_fast.kernels import masked_cross_attention_decode as mcad  # noqa: E402
+from flamingo_fast.kernels import perceiver_attention as pa  # noqa: E402
+from flamingo_fast.kernels._common import attention_launch_params, dot_dtype, tl_dtype  # noqa: E402
+
+ARCHS = (80, 90)
+SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use (A100, H100/H200)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+@dataclass
+class Config:
+    kernel_name: str
+    label: str
+    fn: object
+    args: dict  # arg name -> ("ptr", dtype) | ("i32", divisible_by_16) | ("fp32",) | ("one",) | constexpr
+    num_warps: int
+    num_stages: int = 3
+    dot_heavy: bool = False
+    results: dict = field(default_factory=dict)
+
+
+def _ptr(dtype):
+    return ("ptr", dtype)
+
+
+_I32 = ("i32", False)
+_I32_16 = ("i32", True)  # a stride that is a multiple of 16 elements for the shapes the runtime uses
+_FP32 = ("fp32",)
+_ONE = ("one",)
+
+
+def _source(cfg: Config) -> ASTSource:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(cfg.fn.arg_names):
+        spec = cfg.args[name]
+        if isinstance(spec, tuple) and spec and spec[0] == "ptr":
+            signature[name] = _PTR[spec[1]] if isinstance(spec[1], torch.dtype) else spec[1]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(spec, tuple) and spec and spec[0] == "i32":
+            signature[name] = "i32"
+            if spec[1]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif spec == _FP32:
+            signature[name] = "fp32"
+        elif spec == _ONE:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name], constexprs[name] = "constexpr", spec
+    missing = set(cfg.args) - set(cfg.fn.arg_names)
+    if missing:
+        raise KeyError(f"{cfg.kernel_name}: unknown args {sorted(missing)}")
+    return ASTSource(fn=cfg.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _strides(prefix: str, dims: str, unit_last: bool = True) -> dict:
+    """stride_{prefix}{dim} for each dim: multiples of 16 except the last, which is 1."""
+    out = {f"stride_{prefix}{d}": _I32_16 for d in dims}
+    if unit_last:
+        out[f"stride_{prefix}{dims[-1]}"] = _ONE
+    return out
+
+
+MODES = {
+    "immediate": dict(ATTEND_PREVIOUS=False, PRE_IMAGE_ATTENDS_ALL=False),
+    "all-previous": dict(ATTEND_PREVIOUS=True, PRE_IMAGE_ATTENDS_ALL=False),
+    "all-previous+pre-image-bug": dict(ATTEND_PREVIOUS=True, PRE_IMAGE_ATTENDS_ALL=True),
+}
+
+
+def _attention_configs(dname: str, dt, head_dim: int, modes: dict) -> list[Config]:
+    block_q, block_n, num_warps, num_stages = attention_launch_params(dt, head_dim)
+    dot_heavy = dt != torch.float32  # fp32 dots are exact FMA ("ieee") by design: no tensor cores
+    suffix = "" if head_dim == 64 else f" d={head_dim}"
+    out = []
+    for mode, flags in modes.items():
+        args = dict(q_ptr=_ptr(dt), k_ptr=_ptr(dt), v_ptr=_ptr(dt), index_ptr=_ptr("*i32"), out_ptr=_ptr(dt),
+                    T=_I32, num_images=_I32, qk_scale_log2=_FP32,
+                    **_strides("q", "bhtd"), **_strides("k", "bhnd"), **_strides("v", "bhnd"),
+                    stride_ib=_I32, stride_it=_ONE, **_strides("o", "bhtd"),
+                    HEAD_DIM=head_dim, NUM_LATENTS=64, BLOCK_T=block_q, BLOCK_N=block_n, **flags,
+                    DOT_DTYPE=dot_dtype(dt, interpreted=False), OUT_DTYPE=tl_dtype(dt))
+        out.append(Config("masked_cross_attention", f"{dname} {mode}{suffix} T{block_q}xN{block_n}",
+                          mca._masked_cross_attention_kernel, args, num_warps, num_stages, dot_heavy))
+    args = dict(q_ptr=_ptr(dt), km_ptr=_ptr(dt), vm_ptr=_ptr(dt), kl_ptr=_ptr(dt), vl_ptr=_ptr(dt),
+                out_ptr=_ptr(dt), L=_I32, M=_I32, qk_scale_log2=_FP32,
+                **_strides("q", "bhld"), **_strides("km", "bhnd"), **_strides("vm", "bhnd"),
+                **_strides("kl", "bhnd"), **_strides("vl", "bhnd"), **_strides("o", "bhld"),
+                HEAD_DIM=head_dim, BLOCK_L=block_q, BLOCK_N=block_n,
+                DOT_DTYPE=dot_dtype(dt, interpreted=False), OUT_DTYPE=tl_dtype(dt))
+    out.append(Config("perceiver_attention", f"{dname}{suffix} L{block_q}xN{block_n}",
+                      pa._perceiver_attention_kernel, args, num_warps, num_stages, dot_heavy))
+    return out
+
+
+def configs(quick: bool = False) -> list[Config]:
+    """What the runtime launches: d 64, 64 latents, the launchers' block sizes, every dtype and mode (and
+    bf16 at d 128, which the launchers accept too)."""
+    dtypes = {"bf16": torch.bfloat16} if quick else DTYPES
+    out = []
+    for dname, dt in dtypes.items():
+        out += _attention_configs(dname, dt, 64, MODES)
+        for mode, flags in MODES.items():
+            args = dict(q_ptr=_ptr(dt), k_ptr=_ptr(dt), v_ptr=_ptr(dt), index_ptr=_ptr("*i32"),
+                        num_images_ptr=_ptr("*i32"), out_ptr=_ptr(dt), capacity_images=_I32, qk_scale_log2=_FP32,
+                        **_strides("q", "bhd"), **_strides("k", "bhnd"), **_strides("v", "bhnd"),
+                        stride_ib=_ONE, stride_nb=_ONE, **_strides("o", "bhd"),
+                        HEAD_DIM=64, NUM_LATENTS=64, BLOCK_N=64, **flags, OUT_DTYPE=tl_dtype(dt))
+            out.append(Config("masked_cross_attention_decode", f"{dname} {mode}",
+                              mcad._masked_cross_attention_decode_kernel, args, mcad.NUM_WARPS))
+        # gated residual: the LM widths of the presets (tiny 64, small 512, 9B 4096) with the norms the
+        # runtime fuses (LayerNorm with bias before the xattn FF, RMSNorm before a LLaMA layer).
+        widths = (4096,) if quick else (64, 512, 4096)
+        for D in widths:
+            block_r, block_d, num_warps = gr.launch_config(D)
+            for norm, has_bias in ((None, False), ("layernorm", True), ("rmsnorm", False)):
+                for per_channel in (False, True) if (D == 4096 and norm is None) else (False,):
+                    args = dict(x_ptr=_ptr(dt), y_ptr=_ptr(dt), gate_ptr=_ptr(torch.float32), weight_ptr=_ptr(dt),
+                                bias_ptr=_ptr(dt), out_ptr=_ptr(dt), normed_ptr=_ptr(dt), R=_I32, D=_I32_16,
+                                eps=_FP32, stride_xr=_I32_16, stride_yr=_I32_16, stride_or=_I32_16,
+                                stride_nr=_I32_16, BLOCK_R=block_r, BLOCK_D=block_d, GATE_PER_CHANNEL=per_channel,
+                                NORM=gr._NORM_CODE[norm], HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(dt))
+                    gate = "gate[D]" if per_channel else "gate[1]"
+                    out.append(Config("gated_residual", f"{dname} D={D} {norm or 'no norm'} {gate}",
+                                      gr._gated_residual_kernel, args, num_warps))
+    if not quick:
+        out += _attention_configs("bf16", torch.bfloat16, 128, {"immediate": MODES["immediate"]})
+    return out
+
+
+def _cuobjdump() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _resource_usage(cubin: bytes, tool: Path) -> tuple[dict, bool]:
+    """({REG, STACK, SHARED, LOCAL} of the kernel, whether its SASS holds HGMMA) from one cuobjdump call."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        dump = subprocess.run([str(tool), "--dump-resource-usage", "--dump-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", dump))
+    return {k: int(v) for k, v in fields.items()}, "HGMMA" in dump
+
+
+def compile_one(cfg: Config, arch: int, tool: Path) -> dict:
+    t0 = time.perf_counter()
+    try:
+        compiled = triton.compile(
+            _source(cfg), target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        )
+        usage, hgmma = _resource_usage(compiled.asm["cubin"], tool)
+        shared = int(compiled.metadata.shared)
+    except Exception as exc:  # a compile failure is a result to report, not a crash
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}",
+                "seconds": time.perf_counter() - t0}
+    problems = []
+    if usage.get("STACK", 0) or usage.get("LOCAL", 0):
+        problems.append(f"spills (stack {usage.get('STACK', 0)} B, local {usage.get('LOCAL', 0)} B)")
+    if shared > SHARED_LIMIT[arch]:
+        problems.append(f"shared memory {shared} B > {SHARED_LIMIT[arch]} B")
+    if arch == 90 and cfg.dot_heavy and not hgmma:
+        problems.append("no HGMMA in the sm_90 code of a dot-heavy kernel")
+    return {"ok": not problems, "error": "; ".join(problems), "regs": usage.get("REG"), "shared": shared,
+            "stack": usage.get("STACK", 0), "local": usage.get("LOCAL", 0), "hgmma": hgmma,
+            "seconds": time.perf_counter() - t0}
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+        return sha.stdout.strip() if sha.returncode == 0 and sha.stdout.strip() else "uncommitted"
+    except OSError:
+        return "uncommitted"
+
+
+def markdown(cfgs: list[Config], seconds: float) -> str:
+    lines = [
+        "# Kernel compile report (ahead of time, no GPU)",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; git commit: {_commit()}",
+        f"- triton {triton.__version__} on the CPU machine (the GPU machine runs triton 3.6, whose JIT "
+        "compiles its own code: this report checks the kernels lower and fit, not the 3.6 code itself)",
+        f"- targets: {', '.join(f'sm_{a}' for a in ARCHS)}; {len(cfgs) * len(ARCHS)} compiles in {seconds:.0f} s",
+        "- regs: registers per thread; shared: bytes of shared memory per block (triton metadata); "
+        "stack/local: bytes per thread (any nonzero = spills, fails the gate); HGMMA: the sm_90 SASS holds "
+        "Hopper warpgroup MMA instructions (checked for the bf16/fp16 dot kernels; fp32 dots use "
+        "input_precision='ieee', FMA, by design)",
+        "",
+        "| kernel | configuration | warps | sm_80 regs | sm_80 shared | sm_90 regs | sm_90 shared | "
+        "stack/local | sm_90 HGMMA | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cfg in cfgs:
+        r80, r90 = cfg.results.get(80, {}), cfg.results.get(90, {})
+        errors = [f"sm_{a}: {cfg.results[a]['error']}" for a in ARCHS if cfg.results.get(a, {}).get("error")]
+        spill = "/".join(str(max(r.get("stack", 0) or 0, r.get("local", 0) or 0)) for r in (r80, r90))
+        hgmma = ("yes" if r90.get("hgmma") else "no") if "hgmma" in r90 else "-"
+        lines.append(
+            f"| {cfg.kernel_name} | {cfg.label} | {cfg.num_warps} | {r80.get('regs', '-')} | "
+            f"{r80.get('shared', '-')} | {r90.get('regs', '-')} | {r90.get('shared', '-')} | {spill} | "
+            f"{hgmma if cfg.dot_heavy else 'n/a'} | {'; '.join(errors) or 'ok'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the markdown report here")
+    parser.add_argument("--json", type=Path, help="write per-configuration results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="bf16 and the 9B width only")
+    args = parser.parse_args(argv)
+    tool = _cuobjdump()
+    cfgs = configs(quick=args.quick)
+    t0 = time.perf_counter()
+    for cfg in cfgs:
+        for arch in ARCHS:
+            cfg.results[arch] = compile_one(cfg, arch, tool)
+            r = cfg.results[arch]
+            status = "ok" if r["ok"] else f"FAIL {r['error']}"
+            print(f"sm_{arch} {cfg.kernel_name:30s} {cfg.label:40s} regs={r.get('regs', '-')!s:>4} "
+                  f"shared={r.get('shared', '-')!s:>6} {r['seconds']:.1f}s {status}", flush=True)
+    report = markdown(cfgs, time.perf_counter() - t0)
+    if args.out:
+        args.out.write_text(report)
+    if args.json:
+        args.json.write_text(json.dumps(
+            [{"kernel": c.kernel_name, "config": c.label, "results": c.results} for c in cfgs], indent=1))
+    failures = [(c.kernel_name, c.label, a) for c in cfgs for a in ARCHS if not c.results[a]["ok"]]
+    print(f"{len(cfgs) * len(ARCHS) - len(failures)} of {len(cfgs) * len(ARCHS)} compiles pass")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

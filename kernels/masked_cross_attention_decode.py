@@ -1,0 +1,235 @@
+"""Masked cross-attention for cached decoding: one new text token per row against the media K/V cached
+for that row, read in place. Safe to capture in a CUDA graph: no host sync, no allocation when `out` is
+given, every per-row quantity (the image index, the image count) is read on the device.
+
+Semantics match `masked_cross_attention` with T = 1 (../shared/DESIGN.md): `image_index[b]` is the 0-based
+image the new token of row b belongs to (the row's last image; -1: the row has none).
+- immediate: the token attends to the NL latents of image `image_index[b]`;
+- all-previous: to images 0..image_index[b];
+- -1 gives exactly 0, unless `pre_image_attends_all` (all-previous mode only): then the output is the mean
+  of v over the latents of the row's `num_images[b]` images (OpenFlamingo's bug, see the prefill kernel).
+Indices are clamped to the cache's capacity (`capacity // NL` images): never an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from flamingo_fast.kernels._common import check_out, check_shape, check_tensor, is_interpreted, tl_dtype, to_output
+
+NUM_WARPS = 4
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _masked_cross_attention_decode_kernel(
+    q_ptr, k_ptr, v_ptr, index_ptr, num_images_ptr, out_ptr,
+    capacity_images, qk_scale_log2,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_nb,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, NUM_LATENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATTEND_PREVIOUS: tl.constexpr, PRE_IMAGE_ATTENDS_ALL: tl.constexpr, OUT_DTYPE: tl.constexpr,
+):
+    """One program: the single new query of (row b, head h) against that row's cached image latents.
+
+    grid = (B, H)
+    q          [B, H, HEAD_DIM]                  any strides
+    k, v       [B, H, capacity, HEAD_DIM]        any strides; image i owns rows [i*NL, (i+1)*NL)
+    index      [B] int32                         the row's current image, -1 = none
+    num_images [B] int32                         images of the row (read only with PRE_IMAGE_ATTENDS_ALL)
+    out        [B, H, HEAD_DIM]                  any strides, OUT_DTYPE
+
+    Tiling: for image j in [lo, hi) (immediate: the one image; all-previous: 0..index), load the
+    [BLOCK_N, HEAD_DIM] K and V tiles, scores s = K_j @ q (a broadcast multiply and row sum: one query
+    is below tl.dot's 16-row minimum, and decode is memory-bound anyway), online softmax in fp32.
+    All arithmetic is fp32 (loads are converted at once), so no dot operand dtype is needed.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n < NUM_LATENTS
+
+    img = tl.load(index_ptr + b * stride_ib)
+    img = tl.minimum(tl.maximum(img, -1), capacity_images - 1)
+    hi = img + 1
+    if ATTEND_PREVIOUS:
+        lo = 0
+        if PRE_IMAGE_ATTENDS_ALL:
+            row_images = tl.load(num_images_ptr + b * stride_nb)
+            row_images = tl.minimum(tl.maximum(row_images, 0), capacity_images)
+            uniform = img < 0
+            hi = tl.where(uniform, row_images, hi)
+    else:
+        lo = tl.maximum(img, 0)
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd).to(tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    m_i = tl.full([], -1.0e30, dtype=tl.float32)  # finite: no NaN when no key is attended
+    l_i = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for j in range(lo, hi):
+        rows = j * NUM_LATENTS + offs_n
+        k = tl.load(
+            k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_valid[:, None], other=0.0
+        ).to(tl.float32)
+        v = tl.load(
+            v_base + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_valid[:, None], other=0.0
+        ).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1) * qk_scale_log2
+        if PRE_IMAGE_ATTENDS_ALL:
+            s = tl.where(uniform, 0.0, s)
+        s = tl.where(n_valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od, to_output(o, OUT_DTYPE))
+
+
+def _check_inputs(q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images,
+                  scale, out):
+    """Shared argument checks (shapes only: nothing here reads device memory). Returns (capacity_images,
+    scale, needs_num_images)."""
+    check_tensor("q", q, ndim=3)
+    B, H, d = q.shape
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("image_index", image_index, ndim=1, dtypes=(torch.int32,), device=q.device)
+    if not isinstance(num_latents, int) or num_latents < 1:
+        raise ValueError(f"num_latents: got {num_latents!r}, expected a positive int")
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != d:
+        raise ValueError(
+            f"k: got shape {tuple(k.shape)}, expected [B={B}, H={H}, capacity, d={d}] (q is {tuple(q.shape)})"
+        )
+    check_shape("v", v, tuple(k.shape), "the shape of k")
+    check_shape("image_index", image_index, (B,), "[B] of q")
+    needs_num_images = attend_previous and pre_image_attends_all
+    if needs_num_images:
+        if num_images is None:
+            raise ValueError("num_images: got None, expected a [B] int32 tensor (pre_image_attends_all=True)")
+    if num_images is not None:
+        check_tensor("num_images", num_images, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape("num_images", num_images, (B,), "[B] of q")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale: got {scale!r}, expected a float or None")
+    if out is not None:
+        check_out(out, (B, H, d), q.dtype, q.device)
+    return k.shape[2] // num_latents, (d**-0.5 if scale is None else float(scale)), needs_num_images
+
+
+def masked_cross_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    image_index: torch.Tensor,
+    *,
+    num_latents: int = 64,
+    attend_previous: bool = False,
+    pre_image_attends_all: bool = False,
+    num_images: torch.Tensor | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode-step masked cross-attention (Triton). See the module docstring.
+
+    q [B, H, d], k, v [B, H, capacity, d] (the cached media K/V, same dtype as q), image_index [B] int32,
+    num_images [B] int32 (only for pre_image_attends_all). Returns [B, H, d] in q.dtype, written into
+    `out` when given. CUDA-graph safe: one launch, no sync, no allocation when `out` is given.
+    """
+    capacity_images, scale, needs_num_images = _check_inputs(
+        q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out
+    )
+    B, H, d = q.shape
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head dim {d}, expected one of {SUPPORTED_HEAD_DIMS}")
+    if q.device.type != "cuda" and not is_interpreted():
+        raise ValueError(
+            f"q: on {q.device}; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1): "
+            "use masked_cross_attention_decode_ref on this device"
+        )
+    if out is None:
+        out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    counts = num_images if needs_num_images else image_index  # a valid pointer; unread unless needed
+    _masked_cross_attention_decode_kernel[(B, H)](
+        q, k, v, image_index, counts, out,
+        capacity_images, scale * math.log2(math.e),
+        *q.stride(), *k.stride(), *v.stride(), image_index.stride(0), counts.stride(0), *out.stride(),
+        HEAD_DIM=d, NUM_LATENTS=num_latents, BLOCK_N=max(16, triton.next_power_of_2(num_latents)),
+        ATTEND_PREVIOUS=attend_previous, PRE_IMAGE_ATTENDS_ALL=needs_num_images, OUT_DTYPE=tl_dtype(q.dtype),
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def masked_cross_attention_decode_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    image_index: torch.Tensor,
+    *,
+    num_latents: int = 64,
+    attend_previous: bool = False,
+    pre_image_attends_all: bool = False,
+    num_images: torch.Tensor | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch twin of `masked_cross_attention_decode`; also free of host syncs (CUDA-graph safe).
+
+    Immediate mode gathers each row's NL latents (clamped indices, `torch.gather`) and runs one SDPA over
+    them: its cost does not depend on the number of images. All-previous mode attends over the whole cache
+    with a mask (no sync allowed to find the used length); slots past a row's images may hold garbage
+    (even NaN), so K/V are zeroed there before use.
+    """
+    capacity_images, scale, needs_num_images = _check_inputs(
+        q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out
+    )
+    B, H, d = q.shape
+    NL = num_latents
+    if out is None:
+        out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if capacity_images == 0:
+        return out.zero_()
+    img = image_index.long().clamp(-1, capacity_images - 1)  # [B]
+    if not attend_previous:
+        rows = img.clamp(min=0)[:, None] * NL + torch.arange(NL, device=q.device)  # [B, NL]
+        rows = rows[:, None, :, None].expand(B, H, NL, d)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], k.gather(2, rows), v.gather(2, rows), scale=scale
+        )[:, :, 0]
+        return out.copy_(torch.where((img >= 0)[:, None, None], o, 0.0))
+
+    n_keys = capacity_images * NL
+    key_image = torch.arange(n_keys, device=q.device) // NL
+    last = img
+    if needs_num_images:
+        row_images = num_images.long().clamp(0, capacity_images)
+        last = torch.where(img < 0, row_images - 1, img)
+    key_ok = key_image[None, :] <= last[:, None]  # [B, n_keys]
+    k_used = torch.where(key_ok[:, None, :, None], k[:, :, :n_keys], 0.0)
+    v_used = torch.where(key_ok[:, None, :, None], v[:, :, :n_keys], 0.0)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k_used, v_used, attn_mask=key_ok[:, None, None, :], scale=scale
+    )[:, :, 0]
+    if needs_num_images:  # uniform over the row's images: the mean of v (0 when it has none)
+        count = key_ok.sum(dim=1).clamp(min=1)[:, None, None]
+        mean_v = (v_used.float().sum(dim=2) / count).to(q.dtype)
+        o = torch.where((img < 0)[:, None, None], mean_v, o)
+        return out.copy_(torch.where((last >= 0)[:, None, None], o, 0.0))
+    return out.copy_(torch.where((img >= 0)[:, None, None], o, 0.0))

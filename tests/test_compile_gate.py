@@ -1,0 +1,46 @@
+"""GPU compile gate, without a GPU: every kernel in every configuration the runtime launches compiles ahead
+of time for sm_80 and sm_90, without register spills, within the shared memory of the architecture, and
+the sm_90 code of the bf16/fp16 attention kernels uses Hopper's matrix instructions (HGMMA).
+
+It runs bench/compile_report.py in a subprocess: under TRITON_INTERPRET=1 (set by conftest.py on a CPU)
+`@triton.jit` returns an interpreter object, so the kernels must be imported fresh with it unset. About
+100 s on 2 cores with a cold Triton cache, ~35 s warm (the cache is ~/.triton/cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@pytest.mark.skipif(not CUOBJDUMP.exists(), reason=f"triton ships no cuobjdump here ({CUOBJDUMP})")
+def test_every_kernel_configuration_compiles_for_sm80_and_sm90_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    results = tmp_path / "compile.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compile_report.py"), "--json", str(results)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert results.exists(), f"compile_report.py crashed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    configs = json.loads(results.read_text())
+    failures = [
+        f"sm_{arch} {c['kernel']} [{c['config']}]: {r['error']}"
+        for c in configs for arch, r in c["results"].items() if not r["ok"]
+    ]
+    assert not failures, "\n".join(failures)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kernels = {c["kernel"] for c in configs}
+    assert kernels == {"masked_cross_attention", "masked_cross_attention_decode", "gated_residual",
+                       "perceiver_attention"}
+    hopper_mma = [c for c in configs if c["kernel"] in ("masked_cross_attention", "perceiver_attention")
+                  and not c["config"].startswith("fp32")]
+    assert hopper_mma and all(c["results"]["90"]["hgmma"] for c in hopper_mma)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -306,6 +307,10 @@ class ProfileRow:
     peak_mem_mib: float
     peak_mem_kind: str
     tokens_match_baseline: float | None = None  # fraction of generated ids equal to the baseline's
+    # ||logits - baseline logits|| / ||baseline logits|| for the first new token (same prompt, untimed call).
+    # With random weights logits are nearly tied, so at bf16 one flipped argmax changes every later id: this
+    # is the number that says whether two implementations compute the same function.
+    first_logits_rel_err: float | None = None
     speedup_vision: float | None = None
     speedup_prefill: float | None = None
     speedup_ttft: float | None = None
@@ -370,6 +375,15 @@ def _timed_generate(impl: GenerateImpl, inputs, new_tokens: int, device: str) ->
     timer = PhaseTimer(device=device)
     out = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=new_tokens, eos_token_id=[], timer=timer)
     return out, timer
+
+
+def _first_logits(impl: GenerateImpl, inputs) -> torch.Tensor | None:
+    """The scores the first new token is chosen from, [B, vocab] float32 (None if the impl cannot say)."""
+    if "return_logits" not in inspect.signature(impl.generate).parameters:
+        return None
+    vision_x, lang_x, attention_mask = inputs
+    _, logits = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=1, eos_token_id=[], return_logits=True)
+    return logits[:, 0].float()
 
 
 def _row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: ProfileOptions,
@@ -438,7 +452,7 @@ def profile(options: ProfileOptions, progress: bool = True,
             inputs = build_prompt(config, shots, batch, options.caption_tokens, options.question_tokens,
                                   options.seed, dtype, device)
             prompt_tokens = inputs[1].shape[1]
-            baseline_row, baseline_ids = None, None
+            baseline_row, baseline_ids, baseline_logits = None, None, None
             for name, impl in impls.items():
                 label = f"{name} batch={batch} shots={shots}"
                 warmup_s = []
@@ -456,10 +470,14 @@ def profile(options: ProfileOptions, progress: bool = True,
                     bar.step(f"{label} repeat {i + 1}/{options.repeats}")
                 row = _row(name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(),
                            memory.kind)
+                logits = _first_logits(impl, inputs)
                 if baseline_row is None:
-                    baseline_row, baseline_ids = row, first_ids
-                elif first_ids.shape == baseline_ids.shape:
-                    row.tokens_match_baseline = float((first_ids == baseline_ids).float().mean())
+                    baseline_row, baseline_ids, baseline_logits = row, first_ids, logits
+                else:
+                    if first_ids.shape == baseline_ids.shape:
+                        row.tokens_match_baseline = float((first_ids == baseline_ids).float().mean())
+                    if logits is not None and baseline_logits is not None:
+                        row.first_logits_rel_err = float((logits - baseline_logits).norm() / baseline_logits.norm())
                 _compare(row, baseline_row)
                 result.rows.append(row)
                 if options.trace_dir and shots == max(options.shots):
@@ -550,16 +568,17 @@ def format_table(result: ProfileResult) -> str:
         f"median of {meta['repeats']} repeats after {meta['warmup']} warm-up; baseline: {meta['baseline']}",
         "",
         "| impl | batch | shots | prompt tok | vision ms | prefill ms | TTFT ms | decode ms/tok p50 | p90 | tok/s "
-        "| peak MiB | warm-up s | TTFT x | decode x | same ids |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peak MiB | warm-up s | TTFT x | decode x | same ids | logits rel err |",
+        "| --- " + "| ---: " * 15 + "|",
     ]
     for r in result.rows:
         same = "-" if r.tokens_match_baseline is None else f"{100 * r.tokens_match_baseline:.0f}%"
+        rel_err = "-" if r.first_logits_rel_err is None else f"{r.first_logits_rel_err:.1e}"
         lines.append(
             f"| {r.impl} | {r.batch} | {r.shots} | {r.prompt_tokens} | {_fmt(r.vision_ms)} | {_fmt(r.prefill_ms)} "
             f"| {_fmt(r.ttft_ms)} | {_fmt(r.decode_ms_p50, 2)} | {_fmt(r.decode_ms_p90, 2)} "
             f"| {_fmt(r.decode_tokens_per_s)} | {_fmt(r.peak_mem_mib, 0)} | {_fmt(sum(r.warmup_s), 2)} "
-            f"| {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_decode_p50, 2)} | {same} |"
+            f"| {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_decode_p50, 2)} | {same} | {rel_err} |"
         )
     kinds = sorted({r.peak_mem_kind for r in result.rows})
     lines += ["", f"peak MiB: {', '.join(kinds)}. x: speed-up over {meta['baseline']} (its time / this time)."]

@@ -23,11 +23,12 @@ class CountingStandIn:
     def __init__(self, model, max_batch_size, max_seq_len):
         self.model, self.max_batch_size, self.max_seq_len, self.calls = model, max_batch_size, max_seq_len, 0
 
-    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens=20, eos_token_id=None, timer=None):
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens=20, eos_token_id=None, timer=None,
+                 return_logits=False):
         assert lang_x.shape[0] <= self.max_batch_size and lang_x.shape[1] + max_new_tokens <= self.max_seq_len
-        self.calls += 1
+        self.calls += 0 if return_logits else 1  # count the timed calls; the logits check is one extra
         return self.model.generate(vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos_token_id, timer=timer)
+                                   eos_token_id=eos_token_id, timer=timer, return_logits=return_logits)
 
 
 def test_prompt_layout():
@@ -87,8 +88,9 @@ def test_cli_writes_table_json_csv(tmp_path, capsys, monkeypatch):
         assert row["speedup_decode_p50"] > 0 and row["speedup_ttft"] > 0
         if row["impl"] == "reference":
             assert row["speedup_decode_p50"] == 1.0 and row["tokens_match_baseline"] is None
-        else:  # the stand-in is the reference itself: same greedy ids
+        else:  # the stand-in is the reference itself: same greedy ids, same logits
             assert row["tokens_match_baseline"] == 1.0
+            assert row["first_logits_rel_err"] is not None and row["first_logits_rel_err"] < 1e-6
     with paths["csv"].open() as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows) and set(profiler.FIELDS) <= set(csv_rows[0])

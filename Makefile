@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE_OUT ?= profile_out
 
-.PHONY: setup test test-fast profile bench lint compile-report clean
+.PHONY: setup setup-openflamingo test test-openflamingo test-fast profile bench lint compile-report clean
 
 # On a machine without a CUDA GPU torch must be the CPU build: torch==2.13.0 installs from local disk here,
 # while a bare `torch` would pull a multi-GB CUDA build. With a GPU, the normal (CUDA) build, which brings
@@ -23,9 +23,30 @@ $(STAMP): setup.py Makefile
 
 setup: $(STAMP)
 
+# The OpenFlamingo comparison environment: a separate venv, because open-flamingo needs torchvision (through
+# open_clip) and the torchvision that matches .venv's CPU torch does not import. See requirements-openflamingo.txt.
+OF_VENV ?= .venv-openflamingo
+OF_PY := $(OF_VENV)/bin/python
+OF_STAMP := $(OF_VENV)/.installed
+
+$(OF_STAMP): requirements-openflamingo.txt setup.py
+	test -x $(OF_PY) || python3 -m venv $(OF_VENV)
+	$(OF_PY) -m pip install -q --upgrade pip "setuptools>=64" wheel
+	$(OF_PY) -m pip install -q -r requirements-openflamingo.txt
+	$(OF_PY) -m pip install -q --no-deps open-flamingo==2.0.1
+	$(OF_PY) -m pip install -q --no-deps -e .
+	touch $(OF_STAMP)
+
+setup-openflamingo: $(OF_STAMP)
+
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
+	$(MAKE) test-openflamingo
+
+# FastFlamingo against the real open_flamingo package (tiny random models built from configs; no downloads).
+test-openflamingo: $(OF_STAMP)
+	$(OF_PY) -m pytest -q tests/test_openflamingo.py
 
 # Skips the interpreter-heavy kernel tests: for a quick loop while editing.
 test-fast: $(STAMP)
@@ -46,4 +67,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache $(PROFILE_OUT)
+	rm -rf $(VENV) $(OF_VENV) build *.egg-info .pytest_cache .ruff_cache $(PROFILE_OUT)

@@ -23,7 +23,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib"],
         "gpu": ["flash-attn"],
         "plot": ["matplotlib"],
-        "openflamingo": ["open-flamingo", "open_clip_torch", "transformers", "einops", "einops-exts"],
+        "openflamingo": ["open-flamingo", "open_clip_torch", "transformers", "einops", "einops-exts", "safetensors"],
     },
     entry_points={"console_scripts": ["flamingo-fast=flamingo_fast.cli:main"]},
 )

@@ -1,6 +1,7 @@
 """flamingo_fast: a kernel-accelerated inference runtime for Flamingo-style vision-language models."""
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, from_name
+from .openflamingo import from_openflamingo, load_openflamingo
 from .reference import Flamingo, build_reference
 from .timing import PhaseTimer
 
@@ -13,5 +14,7 @@ __all__ = [
     "VisionConfig",
     "build_reference",
     "from_name",
+    "from_openflamingo",
+    "load_openflamingo",
 ]
 __version__ = "0.1.0"

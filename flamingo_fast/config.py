@@ -5,6 +5,13 @@ Presets:
     small                 CPU profiling (LLaMA-style LM 512 wide, 8 layers; ViT 256 wide, 4 layers).
     openflamingo-9b-v1    the shapes of OpenFlamingo-9B v1 (LLaMA-7B, CLIP ViT-L/14 at 224 px,
                           cross-attention every 4 layers), for GPU benchmarks with random weights.
+    openflamingo-3b       OpenFlamingo-3B (MPT-1B RedPajama: ALiBi, QK LayerNorm, no biases; ViT-L/14; every layer).
+    openflamingo-4b       OpenFlamingo-4B (RedPajama-INCITE-Base-3B, GPT-NeoX; ViT-L/14; every 2 layers).
+    openflamingo-9b-v2    OpenFlamingo-9B v2 (MPT-7B: ALiBi, no biases; ViT-L/14; every 4 layers).
+
+The OpenFlamingo presets use the tokenizer OpenFlamingo builds: the LM's (GPT-NeoX-20B's for MPT and
+RedPajama, 50277 tokens) plus `<|endofchunk|>`, `<image>` and `<PAD>`, and the embeddings resized to that
+length (50280), as its factory does.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Activation = Literal["gelu", "quick_gelu"]
+LM_FAMILIES = ("llama", "mpt", "gpt_neox")
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,16 @@ class PerceiverConfig:
 
 @dataclass(frozen=True)
 class LMConfig:
-    """Decoder-only language model. `family` names the decoder implementation (only "llama" so far)."""
+    """Decoder-only language model. `family` names the decoder implementation (LM_FAMILIES):
+
+    llama     pre-RMSNorm, rotary (all head dims), SwiGLU MLP, no biases, grouped KV heads allowed.
+    mpt       pre-LayerNorm (biases iff `bias`), fused Wqkv, optional `qk_ln` (LayerNorm of q and k over the
+              full width, MPT-1B) and `clip_qkv`, GELU MLP (intermediate_size = expansion ratio x hidden),
+              ALiBi (`alibi=True`, slopes from `alibi_bias_max`); output head tied to the embedding.
+    gpt_neox  pre-LayerNorm with biases, fused query_key_value laid out per head as [q | k | v], rotary on the
+              first `rotary_pct` of each head's dims, GELU MLP, biases everywhere, `parallel_residual`
+              (x + attn(ln1(x)) + mlp(ln2(x))) or sequential.
+    """
 
     family: str = "llama"
     vocab_size: int = 32003
@@ -61,14 +78,49 @@ class LMConfig:
     num_heads: int = 8
     num_kv_heads: int = 8
     intermediate_size: int = 2048
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # llama's RMSNorm
+    layer_norm_eps: float = 1e-5  # mpt's and gpt_neox's LayerNorms
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
+    bias: bool = False  # mpt: biases in linears and LayerNorms (MPT checkpoints set no_bias=True)
+    qk_ln: bool = False  # mpt: LayerNorm of q and k
+    clip_qkv: float | None = None  # mpt: clamp the fused qkv projection to [-clip_qkv, clip_qkv]
+    alibi: bool = False  # mpt: ALiBi position bias instead of rotary
+    alibi_bias_max: float = 8.0
+    rotary_pct: float = 1.0  # gpt_neox: fraction of each head's dims that is rotated
+    parallel_residual: bool = False  # gpt_neox
+
+    def __post_init__(self) -> None:
+        if self.family not in LM_FAMILIES:
+            raise ValueError(f"lm.family={self.family!r}: unsupported; expected one of {list(LM_FAMILIES)}")
+        if self.family == "mpt" and not self.alibi:
+            raise ValueError("lm.alibi=False with family='mpt': only ALiBi MPT models are supported (no rotary MPT)")
+        if self.family != "mpt" and (self.alibi or self.qk_ln or self.clip_qkv is not None):
+            raise ValueError(f"lm.family={self.family!r}: alibi, qk_ln and clip_qkv are MPT options")
+        if self.family != "llama" and self.num_kv_heads != self.num_heads:
+            raise ValueError(f"lm.num_kv_heads={self.num_kv_heads}: family {self.family!r} has no grouped KV heads; "
+                             f"expected num_heads={self.num_heads}")
+        if not 0 < self.rotary_pct <= 1 or (self.family != "gpt_neox" and self.rotary_pct != 1.0):
+            raise ValueError(f"lm.rotary_pct={self.rotary_pct}: expected (0, 1], and 1.0 unless family='gpt_neox'")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rotary embedding rotates (0 for ALiBi models)."""
+        return 0 if self.alibi else int(self.head_dim * self.rotary_pct)
+
+    @property
+    def norm(self) -> str:
+        """The decoder's normalisation: "rmsnorm" (llama) or "layernorm"."""
+        return "rmsnorm" if self.family == "llama" else "layernorm"
+
+    @property
+    def norm_eps(self) -> float:
+        return self.rms_norm_eps if self.family == "llama" else self.layer_norm_eps
 
 
 @dataclass(frozen=True)
@@ -167,10 +219,54 @@ def _openflamingo_9b_v1() -> FlamingoConfig:
     )
 
 
+# CLIP ViT-L/14 at 224 px with OpenAI's weights (QuickGELU), the vision tower of every OpenFlamingo release.
+_VIT_L_14 = VisionConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16, act="quick_gelu")
+# GPT-NeoX-20B's tokenizer (MPT and RedPajama use it): 50277 tokens, <|endoftext|> (0) is bos and eos; then
+# OpenFlamingo's <|endofchunk|>, <image>, <PAD>.
+_NEOX_TOKENS = dict(bos_token_id=0, eos_token_id=0, eoc_token_id=50277, media_token_id=50278, pad_token_id=50279)
+
+
+def _openflamingo_3b() -> FlamingoConfig:
+    # mosaicml/mpt-1b-redpajama-200b (MosaicGPT): d_model 2048, 24 layers, 16 heads, mlp_ratio 4, ALiBi,
+    # attn_qk_ln, no_bias, max_seq_len 2048.
+    return FlamingoConfig(
+        vision=_VIT_L_14,
+        lm=LMConfig(family="mpt", vocab_size=50280, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
+                    intermediate_size=8192, max_position_embeddings=2048, tie_word_embeddings=True,
+                    alibi=True, qk_ln=True),
+        cross_attn_every_n_layers=1, **_NEOX_TOKENS,
+    )
+
+
+def _openflamingo_4b() -> FlamingoConfig:
+    # togethercomputer/RedPajama-INCITE-Base-3B-v1 (GPTNeoXForCausalLM): hidden 2560, 32 layers, 32 heads,
+    # intermediate 10240, rotary_pct 1.0, use_parallel_residual false, untied embed_out.
+    return FlamingoConfig(
+        vision=_VIT_L_14,
+        lm=LMConfig(family="gpt_neox", vocab_size=50280, hidden_size=2560, num_layers=32, num_heads=32,
+                    num_kv_heads=32, intermediate_size=10240, max_position_embeddings=2048, rotary_pct=1.0,
+                    parallel_residual=False),
+        cross_attn_every_n_layers=2, **_NEOX_TOKENS,
+    )
+
+
+def _openflamingo_9b_v2() -> FlamingoConfig:
+    # mosaicml/mpt-7b: d_model 4096, 32 layers, 32 heads, expansion_ratio 4, ALiBi, no_bias, no qk_ln / clip_qkv.
+    return FlamingoConfig(
+        vision=_VIT_L_14,
+        lm=LMConfig(family="mpt", vocab_size=50280, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                    intermediate_size=16384, max_position_embeddings=2048, tie_word_embeddings=True, alibi=True),
+        cross_attn_every_n_layers=4, **_NEOX_TOKENS,
+    )
+
+
 PRESETS = {
     "tiny": _tiny,
     "small": _small,
     "openflamingo-9b-v1": _openflamingo_9b_v1,
+    "openflamingo-3b": _openflamingo_3b,
+    "openflamingo-4b": _openflamingo_4b,
+    "openflamingo-9b-v2": _openflamingo_9b_v2,
 }
 
 

@@ -25,6 +25,21 @@ BACKENDS = ("triton", "torch")
 
 
 @dataclass(frozen=True)
+class NormSpec:
+    """The normalisation a decoder layer applies to its input, as the fused gated residual needs it:
+    kind "rmsnorm" (LLaMA) or "layernorm" (MPT, bias optional; GPT-NeoX), and the module's own tensors."""
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, module: nn.Module, kind: str) -> NormSpec:
+        return cls(kind, module.weight, getattr(module, "bias", None), module.eps)
+
+
+@dataclass(frozen=True)
 class KernelOps:
     """The fused ops one backend provides; every one has the signature of its kernel launcher."""
 
@@ -53,7 +68,8 @@ class FastGatedCrossAttention(nn.Module):
     """The reference's GatedCrossAttentionBlock, executed with cached media K/V and fused kernels.
 
     Each method returns `(x, normed)`: the block's output and `next_norm(x)` computed in the same fused pass
-    as the last gated residual (the decoder layer that follows needs exactly that normalised input).
+    as the last gated residual (the decoder layer that follows needs exactly that normalised input; its
+    kind, RMSNorm or LayerNorm, comes with it as a NormSpec).
     """
 
     def __init__(self, block: GatedCrossAttentionBlock, ops: KernelOps):
@@ -71,7 +87,7 @@ class FastGatedCrossAttention(nn.Module):
         k, v = kv.view(b, n_img * n, 2, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def _finish(self, x, attn_out, next_norm_weight, next_norm_eps):
+    def _finish(self, x, attn_out, next_norm: NormSpec):
         """x + tanh(attn_gate) * to_out(attn) -> FF -> x + tanh(ff_gate) * FF, and next_norm(x)."""
         block, ff = self.block, self.block.ff
         y = block.attn.to_out(attn_out)
@@ -80,10 +96,11 @@ class FastGatedCrossAttention(nn.Module):
         )
         y = ff[3](F.gelu(ff[1](h)))
         return self.ops.gated_residual(
-            x, y, block.ff_gate, norm="rmsnorm", norm_weight=next_norm_weight, eps=next_norm_eps
+            x, y, block.ff_gate, norm=next_norm.kind, norm_weight=next_norm.weight, norm_bias=next_norm.bias,
+            eps=next_norm.eps,
         )
 
-    def prefill(self, x, keys, values, image_index, next_norm_weight, next_norm_eps):
+    def prefill(self, x, keys, values, image_index, next_norm: NormSpec):
         """x [B, T, D]; keys/values [B, H, N_img * n, dh] or None; image_index [B, T] int32 (-1 = no image)."""
         b, t, _ = x.shape
         q = self.block.attn.to_q(self.block.attn.norm(x)).view(b, t, self.heads, self.dim_head).transpose(1, 2)
@@ -95,9 +112,9 @@ class FastGatedCrossAttention(nn.Module):
                 attend_previous=not self.immediate, pre_image_attends_all=self.pre_image_bug,
             )
             attn = out.transpose(1, 2).reshape(b, t, -1)
-        return self._finish(x, attn, next_norm_weight, next_norm_eps)
+        return self._finish(x, attn, next_norm)
 
-    def decode(self, x, keys, values, image_index, num_images, next_norm_weight, next_norm_eps):
+    def decode(self, x, keys, values, image_index, num_images, next_norm: NormSpec):
         """x [B, 1, D]; keys/values [B, H, capacity, dh] read in place; image_index, num_images [B] int32."""
         b = x.shape[0]
         q = self.block.attn.to_q(self.block.attn.norm(x)).view(b, self.heads, self.dim_head)
@@ -105,7 +122,7 @@ class FastGatedCrossAttention(nn.Module):
             q, keys, values, image_index, attend_previous=not self.immediate,
             pre_image_attends_all=self.pre_image_bug, num_images=num_images,
         )
-        return self._finish(x, out.reshape(b, 1, -1), next_norm_weight, next_norm_eps)
+        return self._finish(x, out.reshape(b, 1, -1), next_norm)
 
 
 class FastPerceiverResampler(nn.Module):

@@ -204,7 +204,8 @@ def check_available(impls: Sequence[str]) -> None:
     if "fast" in impls and BUILDERS["fast"] is build_fast and importlib.util.find_spec("flamingo_fast.runtime") is None:
         raise ValueError("impl='fast': flamingo_fast.runtime (FastFlamingo) is not available in this checkout")
     if "openflamingo" in impls and importlib.util.find_spec("open_flamingo") is None:
-        raise ValueError("impl='openflamingo': the openflamingo baseline needs the open_flamingo package (issue 5)")
+        raise ValueError("impl='openflamingo': the openflamingo baseline needs the open_flamingo package "
+                         "(make setup-openflamingo, then run with .venv-openflamingo/bin/python)")
 
 
 def build_fast(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
@@ -217,9 +218,13 @@ def build_fast(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_im
 
 def build_openflamingo(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
                        backend: str = "auto") -> GenerateImpl:
+    """OpenFlamingo's own generate (open_clip + Hugging Face LM + FlamingoLMMixin) on the reference's tensors."""
     if importlib.util.find_spec("open_flamingo") is None:
-        raise ValueError("impl='openflamingo': the openflamingo baseline needs the open_flamingo package (issue 5)")
-    raise NotImplementedError("impl='openflamingo': the open_flamingo wrapper is not wired in yet (issue 5)")
+        raise ValueError("impl='openflamingo': the openflamingo baseline needs the open_flamingo package "
+                         "(make setup-openflamingo, then run with .venv-openflamingo/bin/python)")
+    from .openflamingo import OpenFlamingoBaseline, to_openflamingo
+
+    return OpenFlamingoBaseline(to_openflamingo(model))
 
 
 # name -> builder(model, *, max_batch_size, max_seq_len, max_images, backend); tests may swap in a stand-in.

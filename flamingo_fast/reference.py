@@ -3,13 +3,15 @@
 Written to read like the paper and to behave exactly like OpenFlamingo (DESIGN.md, "Exact semantics"):
 
     images -> CLIP-style ViT (patch tokens, class token dropped) -> Perceiver Resampler (64 latents / image)
-    text   -> LLaMA-style decoder; before every `cross_attn_every_n_layers`-th layer a gated tanh
-              cross-attention block lets each token attend to the latents of its own image.
+    text   -> decoder-only LM (LLaMA, MPT or GPT-NeoX); before every `cross_attn_every_n_layers`-th layer a
+              gated tanh cross-attention block lets each token attend to the latents of its own image.
 
 Parameter names follow OpenFlamingo's state dict (`perceiver.layers.0.0.to_q.weight`,
-`lang_encoder.gated_cross_attn_layers.3.attn_gate`, ...) and the vision tower follows open_clip's, so
-their checkpoints map onto this model. No state is kept on modules between calls: the decode KV cache is an
-explicit `ReferenceKVCache` object.
+`lang_encoder.gated_cross_attn_layers.3.attn_gate`, ...), the vision tower follows open_clip's, and each LM
+family follows its Hugging Face model (`lang_encoder.model.*` LLaMA, `lang_encoder.transformer.*` MPT,
+`lang_encoder.gpt_neox.*` GPT-NeoX), fused weights in their native layout, so checkpoints map onto this model
+tensor for tensor (flamingo_fast/openflamingo.py holds the explicit name maps). No state is kept on modules
+between calls: the decode KV cache is an explicit `ReferenceKVCache` object.
 
 This model is deliberately slow where OpenFlamingo is slow: cross-attention is dense over all images and
 masked, and its keys/values are recomputed from the latents at every decode step.
@@ -17,6 +19,7 @@ masked, and its keys/values are recomputed from the latents at every decode step
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -256,7 +259,9 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """positions [B, T] -> cos, sin [B, 1, T, head_dim] (HF's non-interleaved rotate-half layout)."""
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim] (HF's non-interleaved rotate-half layout).
+
+    `head_dim` is the number of rotated dims: the whole head for LLaMA, `rotary_dim` for GPT-NeoX."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
@@ -264,8 +269,33 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head (all of them for LLaMA); the rest pass through."""
+    rotary = cos.shape[-1]
+    if rotary != x.shape[-1]:  # GPT-NeoX's partial rotary
+        return torch.cat([apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def alibi_slopes(num_heads: int, bias_max: float, device=None) -> torch.Tensor:
+    """[H] float32 ALiBi slopes as MPT computes them: 2^(-bias_max * i / n) for i = 1..n (n the power of two
+    >= H); for other head counts the odd-indexed slopes, then the even-indexed ones, first H kept."""
+    n = 2 ** math.ceil(math.log2(num_heads))
+    slopes = 2.0 ** (-torch.arange(1, n + 1, device=device, dtype=torch.float32) * (bias_max / n))
+    if n != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
+
+
+def alibi_attention_bias(allowed: torch.Tensor, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """allowed [B, 1, T_q, T_k] bool (the last T_q key positions are the queries) -> additive bias
+    [B, H, T_q, T_k]: slope * (key index - query index), -inf where not allowed. MPT adds
+    slope * (key index - last key index), which differs by a constant per query row: the same softmax."""
+    t_q, t_k = allowed.shape[-2:]
+    q_idx = torch.arange(t_k - t_q, t_k, device=allowed.device)[:, None]
+    distance = (torch.arange(t_k, device=allowed.device)[None, :] - q_idx).float()
+    bias = (slopes[:, None, None] * distance).to(dtype)  # [H, T_q, T_k]
+    return bias.masked_fill(~allowed, float("-inf"))
 
 
 @dataclass
@@ -298,8 +328,9 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x, cos, sin, allowed: torch.Tensor, cache: ReferenceKVCache | None) -> torch.Tensor:
-        """x [B, T, D]; allowed [B, 1, T, T_total] bool (causal + padding)."""
+    def forward(self, x, rope, allowed: torch.Tensor, cache: ReferenceKVCache | None) -> torch.Tensor:
+        """x [B, T, D]; rope = (cos, sin); allowed [B, 1, T, T_total] bool (causal + padding)."""
+        cos, sin = rope
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -332,8 +363,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, allowed, cache: ReferenceKVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
+    def forward(self, x, rope, mask, cache: ReferenceKVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -343,6 +374,146 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MPT (MPT-7B / transformers' MptForCausalLM names; MPT-1B's MosaicGPT names are mapped onto these)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _layer_norm(config: LMConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+
+
+class MptAttention(nn.Module):
+    """Fused Wqkv ([q; k; v] rows), optional clamp and q/k LayerNorms over the full width, ALiBi in `mask`."""
+
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.num_heads, self.head_dim = layer_idx, config.num_heads, config.head_dim
+        self.clip_qkv = config.clip_qkv
+        h = config.hidden_size
+        self.Wqkv = nn.Linear(h, 3 * h, bias=config.bias)
+        if config.qk_ln:
+            self.q_ln, self.k_ln = _layer_norm(config), _layer_norm(config)
+        self.out_proj = nn.Linear(h, h, bias=config.bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q, k, v [B, H, T, hd] (the runtime calls this too)."""
+        b, t, _ = x.shape
+        qkv = self.Wqkv(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        q, k, v = qkv.chunk(3, dim=-1)
+        if hasattr(self, "q_ln"):
+            q, k = self.q_ln(q), self.k_ln(k)
+        return tuple(z.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+
+    def forward(self, x, rope, mask, cache: ReferenceKVCache | None) -> torch.Tensor:
+        """mask [B, H, T, T_total] float: ALiBi bias, -inf where not allowed."""
+        b, t, _ = x.shape
+        q, k, v = self.project(x)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MptMLP(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class MptBlock(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.norm_1 = _layer_norm(config)
+        self.attn = MptAttention(config, layer_idx)
+        self.norm_2 = _layer_norm(config)
+        self.ffn = MptMLP(config)
+
+    def forward(self, x, rope, mask, cache: ReferenceKVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, mask, cache)
+        return x + self.ffn(self.norm_2(x))
+
+
+class MptModel(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(MptBlock(config, i) for i in range(config.num_layers))
+        self.norm_f = _layer_norm(config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPT-NeoX (transformers' GPTNeoXForCausalLM names)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class GPTNeoXAttention(nn.Module):
+    """Fused query_key_value laid out per head as [q | k | v]; rotary on the first `rotary_dim` dims."""
+
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.num_heads, self.head_dim = layer_idx, config.num_heads, config.head_dim
+        h = config.hidden_size
+        self.query_key_value = nn.Linear(h, 3 * h)
+        self.dense = nn.Linear(h, h)
+
+    def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D], rope = (cos, sin) -> q, k, v [B, H, T, hd], q and k rotated (the runtime calls this too)."""
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x).view(b, t, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+
+    def forward(self, x, rope, mask, cache: ReferenceKVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class GPTNeoXMLP(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+class GPTNeoXLayer(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = GPTNeoXAttention(config, layer_idx)
+        self.mlp = GPTNeoXMLP(config)
+
+    def forward(self, x, rope, mask, cache: ReferenceKVCache | None) -> torch.Tensor:
+        attn = self.attention(self.input_layernorm(x), rope, mask, cache)
+        if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPTNeoXModel(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GPTNeoXLayer(config, i) for i in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 def self_attention_mask(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -359,18 +530,61 @@ def self_attention_mask(key_valid: torch.Tensor, num_queries: int) -> torch.Tens
 
 
 class FlamingoLM(nn.Module):
-    """The decoder with gated cross-attention blocks inserted before every n-th layer."""
+    """The decoder with gated cross-attention blocks inserted before every n-th layer.
+
+    The decoder sits under its Hugging Face attribute (`model` LLaMA, `transformer` MPT, `gpt_neox`
+    GPT-NeoX) with its output head (`lm_head`; `embed_out` for GPT-NeoX; MPT's is tied to `transformer.wte`);
+    `embed_tokens`, `layers`, `final_norm` and `output_head` name the same modules for every family."""
 
     def __init__(self, config: FlamingoConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config.lm)
-        self.lm_head = nn.Linear(config.lm.hidden_size, config.lm.vocab_size, bias=False)
-        if config.lm.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        lm = config.lm
+        if lm.family == "llama":
+            self.model = LlamaModel(lm)
+            self.lm_head = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
+        elif lm.family == "mpt":
+            self.transformer = MptModel(lm)
+            self.lm_head = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
+        else:
+            self.gpt_neox = GPTNeoXModel(lm)
+            self.embed_out = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
+        if lm.tie_word_embeddings or lm.family == "mpt":
+            self.output_head.weight = self.embed_tokens.weight
         self.gated_cross_attn_layers = nn.ModuleDict(
             {str(i): GatedCrossAttentionBlock(config) for i in config.xattn_layer_indices}
         )
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        family = self.config.lm.family
+        return self.model.embed_tokens if family == "llama" else self.transformer.wte if family == "mpt" \
+            else self.gpt_neox.embed_in
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        family = self.config.lm.family
+        return self.model.layers if family == "llama" else self.transformer.blocks if family == "mpt" \
+            else self.gpt_neox.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        family = self.config.lm.family
+        return self.model.norm if family == "llama" else self.transformer.norm_f if family == "mpt" \
+            else self.gpt_neox.final_layer_norm
+
+    @property
+    def output_head(self) -> nn.Linear:
+        return self.embed_out if self.config.lm.family == "gpt_neox" else self.lm_head
+
+    def position_inputs(self, positions: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype):
+        """-> (rope, mask) for the decoder layers: rotary (cos, sin) and the boolean mask, or for ALiBi
+        models no rope and an additive float mask."""
+        lm = self.config.lm
+        if lm.alibi:
+            slopes = alibi_slopes(lm.num_heads, lm.alibi_bias_max, allowed.device)
+            return None, alibi_attention_bias(allowed, slopes, dtype)
+        return rotary_cos_sin(positions, lm.rotary_dim, lm.rope_theta, dtype), allowed
 
     def forward(
         self,
@@ -382,15 +596,13 @@ class FlamingoLM(nn.Module):
         cache: ReferenceKVCache | None = None,
     ) -> torch.Tensor:
         """input_ids, text_time, positions [B, T]; key_valid [B, T_total] over cache + new tokens -> logits."""
-        lm = self.config.lm
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(positions, lm.head_dim, lm.rope_theta, x.dtype)
-        allowed = self_attention_mask(key_valid, input_ids.shape[1])
-        for idx, layer in enumerate(self.model.layers):
+        x = self.embed_tokens(input_ids)
+        rope, mask = self.position_inputs(positions, self_attention_mask(key_valid, input_ids.shape[1]), x.dtype)
+        for idx, layer in enumerate(self.layers):
             if str(idx) in self.gated_cross_attn_layers:
                 x = self.gated_cross_attn_layers[str(idx)](x, media, text_time)
-            x = layer(x, cos, sin, allowed, cache)
-        return self.lm_head(self.model.norm(x))
+            x = layer(x, rope, mask, cache)
+        return self.output_head(self.final_norm(x))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -448,18 +660,21 @@ class Flamingo(nn.Module):
         pad_token_id: int | None = None,
         timer: PhaseTimer | None = None,
         return_logits: bool = False,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Greedy or sampled continuation -> [B, T + new] ids (prompt, then the new tokens).
 
         A row stops at its first stop token (default: `<|endofchunk|>` or the LM's eos; `eos_token_id=[]`
         never stops) and is then filled with `pad_token_id`; generation ends when every row has stopped.
         Every generated token attends to the last image of its row's prompt. `timer` records phase times.
+        The first `min_new_tokens` tokens are never stop tokens (their scores are set to -inf before choosing,
+        like Hugging Face's MinNewTokensLengthLogitsProcessor).
         With `return_logits=True` returns `(ids, logits)`, logits [B, new, vocab] being the scores each new
         token was chosen from.
         """
         config = self.config
         attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
-        check_generate_options(config, lang_x, attention_mask, max_new_tokens)
+        check_generate_options(config, lang_x, attention_mask, max_new_tokens, min_new_tokens)
         options = SamplingOptions(do_sample, temperature, top_k, top_p)
         stops = torch.tensor(stop_token_ids(config, eos_token_id), device=lang_x.device, dtype=torch.long)
         pad = config.pad_token_id if pad_token_id is None else pad_token_id
@@ -481,7 +696,8 @@ class Flamingo(nn.Module):
         step_logits: list[torch.Tensor] = []
         for step in range(max_new_tokens):
             step_logits.append(logits)
-            token = select_next_token(logits, options, generator)
+            scores = logits.index_fill(-1, stops, float("-inf")) if step < min_new_tokens else logits
+            token = select_next_token(scores, options, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             generated.append(token)
             if timer is not None:

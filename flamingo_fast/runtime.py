@@ -10,7 +10,12 @@ One prompt, in order:
     3. prefill: the prompt through the LM (segment-indexed cross-attention kernel, SDPA self-attention), its
        keys/values written into the StaticKVCache; only the last position's logits are computed.
     4. decode: one static-shape step per token: embed -> per layer (fused gated cross-attention reading
-       only each row's current image, decoder layer) -> norm -> lm_head. On CUDA the step is captured as a
+       only each row's current image, decoder layer) -> norm -> lm_head.
+
+The decoder layer of each LM family (LLaMA, MPT, GPT-NeoX) runs through one small `DecoderLayerOps`: its
+input norm (fused into the preceding gated block's last residual), its q/k/v projection, and what follows
+the self-attention (output projection, residuals, MLP). Self-attention itself is shared: SDPA over the
+static KV cache, with a boolean mask (rotary models) or an additive ALiBi bias (MPT). On CUDA the step is captured as a
        CUDA graph per (batch bucket, KV-length bucket) and replayed; on the CPU the same function runs eagerly.
        Token selection and stop bookkeeping stay on the device; the host looks at `finished` only every
        `stop_check_interval` steps, and the output is trimmed to what the reference would return.
@@ -27,8 +32,15 @@ import torch.nn.functional as F
 
 from . import masking
 from .caches import MediaKVCache, StaticKVCache
-from .fast_modules import FastGatedCrossAttention, FastPerceiverResampler, kernel_ops
-from .reference import Flamingo, apply_rotary, rotary_cos_sin, self_attention_mask
+from .fast_modules import FastGatedCrossAttention, FastPerceiverResampler, NormSpec, kernel_ops
+from .reference import (
+    Flamingo,
+    alibi_attention_bias,
+    alibi_slopes,
+    apply_rotary,
+    rotary_cos_sin,
+    self_attention_mask,
+)
 from .sampling import SamplingOptions, select_next_token
 from .timing import PhaseTimer
 from .validation import check_generate_options, check_inputs, stop_token_ids
@@ -112,6 +124,65 @@ class DecodeGraphs:
         self.capture_seconds += time.perf_counter() - start
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The per-family piece of a decoder layer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, heads * hd] -> [B, heads, T, hd]."""
+    b, n, _ = t.shape
+    return t.view(b, n, heads, -1).transpose(1, 2)
+
+
+def _llama_qkv(layer, h, rope):
+    attn = layer.self_attn
+    q = _split_heads(attn.q_proj(h), attn.num_heads)
+    k = _split_heads(attn.k_proj(h), attn.num_kv_heads)
+    v = _split_heads(attn.v_proj(h), attn.num_kv_heads)
+    return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+
+
+def _llama_finish(layer, x, attn_out):
+    x = x + layer.self_attn.o_proj(attn_out)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _mpt_finish(layer, x, attn_out):
+    x = x + layer.attn.out_proj(attn_out)
+    return x + layer.ffn(layer.norm_2(x))
+
+
+def _neox_finish(layer, x, attn_out):
+    attn = layer.attention.dense(attn_out)
+    if layer.parallel_residual:
+        return x + attn + layer.mlp(layer.post_attention_layernorm(x))
+    x = x + attn
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+@dataclass(frozen=True)
+class DecoderLayerOps:
+    """One LM family's decoder layer, split around its self-attention:
+
+    input_norm(layer) -> the norm module applied to the layer's input (fused upstream when a gated block precedes)
+    qkv(layer, h, rope) -> q, k, v [B, H, T, hd] from the normalised input, rotary applied (rope None for ALiBi)
+    finish(layer, x, attn_out) -> the layer's output, from its input x and the attention output [B, T, H * hd]
+    """
+
+    input_norm: Callable
+    qkv: Callable
+    finish: Callable
+
+
+FAMILY_LAYER_OPS = {
+    "llama": DecoderLayerOps(lambda layer: layer.input_layernorm, _llama_qkv, _llama_finish),
+    "mpt": DecoderLayerOps(lambda layer: layer.norm_1, lambda layer, h, rope: layer.attn.project(h), _mpt_finish),
+    "gpt_neox": DecoderLayerOps(lambda layer: layer.input_layernorm,
+                                lambda layer, h, rope: layer.attention.project(h, rope), _neox_finish),
+}
+
+
 class FastFlamingo:
     """Cached, kernel-backed Flamingo inference over a reference model's parameters.
 
@@ -123,7 +194,7 @@ class FastFlamingo:
                  max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
                  stop_check_interval: int = 8):
         config = model.config
-        param = model.lang_encoder.lm_head.weight
+        param = model.lang_encoder.output_head.weight
         self.device, self.dtype = param.device, param.dtype
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
@@ -148,6 +219,11 @@ class FastFlamingo:
         self.xattn = {int(i): FastGatedCrossAttention(b, self.ops)
                       for i, b in model.lang_encoder.gated_cross_attn_layers.items()}
         self.xattn_slot = {idx: slot for slot, idx in enumerate(config.xattn_layer_indices)}
+        lm = config.lm
+        self.layer_ops = FAMILY_LAYER_OPS[lm.family]
+        self.input_norms = [NormSpec.of(self.layer_ops.input_norm(layer), lm.norm)
+                            for layer in model.lang_encoder.layers]
+        self.alibi_slopes = alibi_slopes(lm.num_heads, lm.alibi_bias_max, self.device) if lm.alibi else None
         self.kv_cache = StaticKVCache.allocate(config, max_batch_size, max_seq_len, self.dtype, self.device)
         self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
         use_graphs = cuda_graphs and self.device.type == "cuda"
@@ -160,7 +236,7 @@ class FastFlamingo:
         """Share `model`'s parameters (no copy). With a different `dtype`, a converted copy is made once and
         the reference keeps its own dtype. Options: max_batch_size, max_seq_len, max_images, cuda_graphs,
         stop_check_interval."""
-        if dtype is not None and dtype != model.lang_encoder.lm_head.weight.dtype:
+        if dtype is not None and dtype != model.lang_encoder.output_head.weight.dtype:
             import copy
 
             model = copy.deepcopy(model).to(dtype)
@@ -195,11 +271,12 @@ class FastFlamingo:
         pad_token_id: int | None = None,
         timer: PhaseTimer | None = None,
         return_logits: bool = False,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Same signature, options and outputs as `Flamingo.generate` (see there)."""
         config = self.config
         attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
-        check_generate_options(config, lang_x, attention_mask, max_new_tokens)
+        check_generate_options(config, lang_x, attention_mask, max_new_tokens, min_new_tokens)
         self._check_capacity(vision_x, lang_x, max_new_tokens)
         options = SamplingOptions(do_sample, temperature, top_k, top_p)
         stops = torch.tensor(stop_token_ids(config, eos_token_id), device=lang_x.device, dtype=torch.long)
@@ -228,7 +305,8 @@ class FastFlamingo:
         for step in range(max_new_tokens):
             if return_logits:
                 step_logits.append(logits.to(torch.float32, copy=True))  # a graph's output buffer is reused
-            token = select_next_token(logits, options, generator)
+            scores = logits.index_fill(-1, stops, float("-inf")) if step < min_new_tokens else logits
+            token = select_next_token(scores, options, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             tokens[:, step] = token
             finished = finished | torch.isin(token, stops)
@@ -305,41 +383,39 @@ class FastFlamingo:
         return num_images
 
     def _prefill(self, lang_x, attention_mask, num_images: int, all_logits: bool = False) -> torch.Tensor:
-        lm, model = self.config.lm, self.model.lang_encoder
+        lm, model, ops = self.config.lm, self.model.lang_encoder, self.layer_ops
         batch, prompt_len = lang_x.shape
         kv = self.kv_cache
         kv.key_valid[:batch].zero_()
         kv.key_valid[:batch, :prompt_len] = attention_mask.bool()
         positions = masking.positions_from_mask(attention_mask)
         image_index = masking.image_index(lang_x, self.config.media_token_id)
-        x = model.model.embed_tokens(lang_x)
-        cos, sin = rotary_cos_sin(positions, lm.head_dim, lm.rope_theta, x.dtype)
+        x = model.embed_tokens(lang_x)
+        rope = None if lm.alibi else rotary_cos_sin(positions, lm.rotary_dim, lm.rope_theta, x.dtype)
         padded = not bool(attention_mask.all())
-        allowed = self_attention_mask(attention_mask, prompt_len) if padded else None
+        if lm.alibi:  # an additive bias cannot be combined with is_causal: always a full mask
+            mask = alibi_attention_bias(self_attention_mask(attention_mask, prompt_len), self.alibi_slopes, x.dtype)
+        else:
+            mask = self_attention_mask(attention_mask, prompt_len) if padded else None
+        causal = mask is None
+        gqa = lm.num_heads != lm.num_kv_heads
         span = num_images * self.media_cache.num_latents
-        for idx, layer in enumerate(model.model.layers):
-            norm = layer.input_layernorm
+        for idx, layer in enumerate(model.layers):
             if idx in self.xattn:
                 slot = self.xattn_slot[idx]
                 keys = self.media_cache.keys[slot, :batch, :, :span] if num_images else None
                 values = self.media_cache.values[slot, :batch, :, :span] if num_images else None
-                x, h = self.xattn[idx].prefill(x, keys, values, image_index, norm.weight, norm.eps)
+                x, h = self.xattn[idx].prefill(x, keys, values, image_index, self.input_norms[idx])
             else:
-                h = norm(x)
-            attn = layer.self_attn
-            q = attn.q_proj(h).view(batch, prompt_len, attn.num_heads, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, prompt_len, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(batch, prompt_len, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                h = ops.input_norm(layer)(x)
+            q, k, v = ops.qkv(layer, h, rope)
             kv.keys[idx, :batch, :, :prompt_len] = k
             kv.values[idx, :batch, :, :prompt_len] = v
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=not padded,
-                                                 enable_gqa=attn.num_heads != attn.num_kv_heads)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, prompt_len, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            x = ops.finish(layer, x, out.transpose(1, 2).reshape(batch, prompt_len, -1))
         if not all_logits:
             x = x[:, -1]
-        return model.lm_head(model.model.norm(x))
+        return model.output_head(model.final_norm(x))
 
     def _run_decode_step(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
         if self.graphs is not None:
@@ -349,34 +425,33 @@ class FastFlamingo:
     def _decode_step(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
         """One token per row -> logits [B, vocab]. Static shapes, no host sync, no allocation that depends on
         values: the function a CUDA graph captures. Reads KV-cache columns [0, kv_len)."""
-        lm, model, kv = self.config.lm, self.model.lang_encoder, self.kv_cache
+        lm, model, kv, ops = self.config.lm, self.model.lang_encoder, self.kv_cache, self.layer_ops
         batch = inputs.token.shape[0]
-        x = model.model.embed_tokens(inputs.token)[:, None]  # [B, 1, D]
-        cos, sin = rotary_cos_sin(inputs.position[:, None], lm.head_dim, lm.rope_theta, x.dtype)
+        x = model.embed_tokens(inputs.token)[:, None]  # [B, 1, D]
         kv.key_valid[:batch].index_fill_(1, inputs.cache_col, True)
-        allowed = kv.key_valid[:batch, None, None, :kv_len]
-        for idx, layer in enumerate(model.model.layers):
-            norm = layer.input_layernorm
+        mask = kv.key_valid[:batch, None, None, :kv_len]
+        if lm.alibi:  # slope * (key column - query column), the token's own column being cache_col
+            distance = (torch.arange(kv_len, device=x.device) - inputs.cache_col).to(torch.float32)
+            bias = (self.alibi_slopes[:, None] * distance).to(x.dtype)[None, :, None, :]  # [1, H, 1, kv_len]
+            rope, mask = None, bias.masked_fill(~mask, float("-inf"))
+        else:
+            rope = rotary_cos_sin(inputs.position[:, None], lm.rotary_dim, lm.rope_theta, x.dtype)
+        gqa = lm.num_heads != lm.num_kv_heads
+        for idx, layer in enumerate(model.layers):
             if idx in self.xattn:
                 slot = self.xattn_slot[idx]
                 x, h = self.xattn[idx].decode(
                     x, self.media_cache.keys[slot, :batch], self.media_cache.values[slot, :batch],
-                    inputs.image_index, inputs.num_images, norm.weight, norm.eps,
+                    inputs.image_index, inputs.num_images, self.input_norms[idx],
                 )
             else:
-                h = norm(x)
-            attn = layer.self_attn
-            q = attn.q_proj(h).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(batch, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                h = ops.input_norm(layer)(x)
+            q, k, v = ops.qkv(layer, h, rope)
             layer_keys, layer_values = kv.keys[idx, :batch], kv.values[idx, :batch]
             layer_keys.index_copy_(2, inputs.cache_col, k)
             layer_values.index_copy_(2, inputs.cache_col, v)
             out = F.scaled_dot_product_attention(
-                q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=allowed,
-                enable_gqa=attn.num_heads != attn.num_kv_heads,
+                q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=mask, enable_gqa=gqa,
             )
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return model.lm_head(model.model.norm(x[:, 0]))
+            x = ops.finish(layer, x, out.transpose(1, 2).reshape(batch, 1, -1))
+        return model.output_head(model.final_norm(x[:, 0]))

@@ -74,10 +74,13 @@ def check_inputs(
 
 
 def check_generate_options(
-    config: FlamingoConfig, lang_x: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+    config: FlamingoConfig, lang_x: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+    min_new_tokens: int = 0,
 ) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 0")
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens={min_new_tokens!r}: expected an integer >= 0")
     total = lang_x.shape[1] + max_new_tokens
     limit = config.lm.max_position_embeddings
     if total > limit:

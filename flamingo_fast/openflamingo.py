@@ -1,0 +1,661 @@
+"""OpenFlamingo drop-in: convert a live `open_flamingo` model, or load its released files, into a FastFlamingo.
+
+    fast = flamingo_fast.from_openflamingo(model)                 # shares the model's tensors, copies nothing
+    fast = flamingo_fast.load_openflamingo("checkpoint.pt", "mpt-7b/", "open_clip_model.safetensors",
+                                           eoc_token_id=50277, media_token_id=50278)
+    out = fast.generate(vision_x, lang_x, attention_mask=mask, max_new_tokens=20)   # OpenFlamingo's call
+
+Weight names. The reference model (reference.py) uses OpenFlamingo's own names for the vision tower
+(open_clip's `vision_encoder.*`), the resampler (`perceiver.*`) and the gated blocks
+(`lang_encoder.gated_cross_attn_layers.{i}.*`), and each LM family's Hugging Face names under
+`lang_encoder.*`. What differs, and is mapped here explicitly:
+
+- OpenFlamingo wraps every decoder layer in a FlamingoLayer, so a live model's state dict names a layer's
+  weights `...layers.{i}.decoder_layer.*` (and again `lang_encoder.old_decoder_blocks.{i}.*`), and its
+  gated block `...layers.{i}.gated_cross_attn_layer.*` (and `lang_encoder.gated_cross_attn_layers.{i}.*`).
+  Its training script saves only the second spelling of neither: a checkpoint holds
+  `...layers.{i}.gated_cross_attn_layer.*`, the perceiver and the (resized) embeddings.
+- MPT comes in two layouts. `mpt` (MPT-7B, OpenFlamingo-9B v2; transformers' MptForCausalLM has the same
+  names): `transformer.blocks.{i}.norm_1 / attn.Wqkv / attn.out_proj / norm_2 / ffn.up_proj / ffn.down_proj`,
+  `transformer.norm_f`, `transformer.wte` (tied output). `mosaic_gpt` (MPT-1B RedPajama, OpenFlamingo-3B,
+  the hub's remote code): `ln_1`, `ln_2`, `mlp.mlp_up`, `mlp.mlp_down`, `ln_f`, with `attn.q_ln / k_ln`
+  (QK LayerNorm); mapped onto the first. Only ALiBi MPTs are supported.
+- Ignored on purpose (never silently: any other unexpected key is an error): the vision tower's `proj`
+  (it projects only the pooled output, which Flamingo does not use), rotary `inv_freq` buffers and
+  GPT-NeoX's constant `attention.bias` / `attention.masked_bias` buffers that old checkpoints carry, and a
+  full CLIP file's text tower.
+
+Positions. Hugging Face computes positions from the attention mask only when the model's forward takes
+`position_ids`; OpenFlamingo's FlamingoLMMixin.forward does not, so under OpenFlamingo a left-padded row's
+positions count its padding. flamingo_fast uses `cumsum(mask) - 1`. Rotary embeddings and ALiBi depend only
+on differences of positions within a row, so the two agree up to rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
+from .reference import Flamingo
+from .timing import PhaseTimer
+
+# The decoder layers' attribute in each source layout (OpenFlamingo's `decoder_layers_attr_name`).
+LAYERS_ATTR = {"llama": "model.layers", "mpt": "transformer.blocks", "mosaic_gpt": "transformer.blocks",
+               "gpt_neox": "gpt_neox.layers"}
+# Hugging Face `model_type` -> (our family, source layout).
+MODEL_TYPES = {"llama": ("llama", "llama"), "mpt": ("mpt", "mpt"), "mosaic_gpt": ("mpt", "mosaic_gpt"),
+               "gpt_neox": ("gpt_neox", "gpt_neox")}
+# mosaic_gpt name -> our (mpt) name, for the parts whose names differ; everything else is identical.
+MOSAIC_GPT_RENAMES = (
+    (r"^transformer\.blocks\.(\d+)\.ln_1\.", r"transformer.blocks.\1.norm_1."),
+    (r"^transformer\.blocks\.(\d+)\.ln_2\.", r"transformer.blocks.\1.norm_2."),
+    (r"^transformer\.blocks\.(\d+)\.mlp\.mlp_up\.", r"transformer.blocks.\1.ffn.up_proj."),
+    (r"^transformer\.blocks\.(\d+)\.mlp\.mlp_down\.", r"transformer.blocks.\1.ffn.down_proj."),
+    (r"^transformer\.ln_f\.", r"transformer.norm_f."),
+)
+# Keys (after `lang_encoder.` / `vision_encoder.`) that carry nothing the model computes with.
+IGNORED = (
+    r"^vision_encoder\.proj$",
+    r"^lang_encoder\..*\.rotary_emb\.inv_freq$",
+    r"^lang_encoder\.gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias)$",
+)
+
+
+def _supported() -> str:
+    return ", ".join(f"{t!r}" for t in MODEL_TYPES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lm_config_from_hf(hf: Mapping, vocab_size: int) -> tuple[LMConfig, str]:
+    """A Hugging Face LM config (config.json as a dict) -> (LMConfig, source layout). `vocab_size` is the row
+    count of the embedding actually used (OpenFlamingo resizes it to its tokenizer)."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"lang_encoder: model_type={model_type!r} is not supported; expected one of {_supported()}")
+    family, layout = MODEL_TYPES[model_type]
+
+    def unsupported(name, value, expected):
+        raise ValueError(f"lang_encoder config: {name}={value!r} is not supported; expected {expected}")
+
+    if family == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            unsupported("hidden_act", hf["hidden_act"], "'silu'")
+        if hf.get("rope_scaling"):
+            unsupported("rope_scaling", hf["rope_scaling"], "None")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                unsupported(flag, hf[flag], "False")
+        heads = hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+            unsupported("head_dim", hf["head_dim"], f"hidden_size // heads ({hf['hidden_size'] // heads})")
+        return LMConfig(
+            family="llama", vocab_size=vocab_size, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            intermediate_size=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        ), layout
+    if family == "gpt_neox":
+        if hf.get("hidden_act", "gelu") != "gelu":
+            unsupported("hidden_act", hf["hidden_act"], "'gelu'")
+        if hf.get("rope_scaling"):
+            unsupported("rope_scaling", hf["rope_scaling"], "None")
+        if hf.get("attention_bias") is False:
+            unsupported("attention_bias", False, "True")
+        rotary_pct = hf.get("rotary_pct", hf.get("partial_rotary_factor", 1.0))
+        theta = hf.get("rotary_emb_base", hf.get("rope_theta", 10000.0))
+        return LMConfig(
+            family="gpt_neox", vocab_size=vocab_size, hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=float(theta),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048), rotary_pct=float(rotary_pct),
+            parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        ), layout
+    # MPT: llm-foundry / transformers keep the attention options in attn_config; MosaicGPT at the top level.
+    attn = dict(hf.get("attn_config") or {}) if layout == "mpt" else {
+        "alibi": hf.get("alibi", False), "alibi_bias_max": hf.get("alibi_bias_max", 8),
+        "clip_qkv": hf.get("attn_clip_qkv"), "qk_ln": hf.get("attn_qk_ln", False),
+        "softmax_scale": hf.get("softmax_scale"), "prefix_lm": hf.get("prefix_lm", False)}
+    if not attn.get("alibi", False):
+        unsupported("alibi", attn.get("alibi"), "True (only ALiBi MPT models are supported)")
+    for name in ("softmax_scale", "prefix_lm", "rope"):
+        if attn.get(name):
+            unsupported(name, attn[name], "None / False")
+    if hf.get("logit_scale") is not None:
+        unsupported("logit_scale", hf["logit_scale"], "None")
+    d = hf["d_model"]
+    ratio = hf.get("expansion_ratio", hf.get("mlp_ratio", 4))
+    return LMConfig(
+        family="mpt", vocab_size=vocab_size, hidden_size=d, num_layers=hf["n_layers"], num_heads=hf["n_heads"],
+        num_kv_heads=hf["n_heads"], intermediate_size=int(ratio * d),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), max_position_embeddings=hf.get("max_seq_len", 2048),
+        tie_word_embeddings=True, bias=not hf.get("no_bias", True), qk_ln=bool(attn.get("qk_ln", False)),
+        clip_qkv=attn.get("clip_qkv"), alibi=True, alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
+    ), layout
+
+
+def _every_n(indices: Sequence[int], num_layers: int) -> int:
+    """The cross-attention cadence n from the layers that hold a gated block ((i + 1) % n == 0)."""
+    if not indices:
+        raise ValueError("gated_cross_attn_layers: none found; expected at least one gated cross-attention block")
+    n = min(indices) + 1
+    expected = [i for i in range(num_layers) if (i + 1) % n == 0]
+    if sorted(indices) != expected:
+        raise ValueError(f"gated_cross_attn_layers: blocks at layers {sorted(indices)}; expected every n-th layer "
+                         f"((i + 1) % n == 0), e.g. {expected} for n={n}")
+    return n
+
+
+def _perceiver_config(state: Mapping[str, torch.Tensor]) -> PerceiverConfig:
+    depth = len({int(m.group(1)) for k in state if (m := re.match(r"perceiver\.layers\.(\d+)\.", k))})
+    for extra in ("perceiver.frame_embs", "perceiver.media_time_embs"):
+        if extra in state:
+            raise ValueError(f"{extra}: time / frame embeddings are not supported (OpenFlamingo's checkpoints "
+                             f"have none)")
+    needed = [k for k in ("perceiver.latents", "perceiver.layers.0.0.to_q.weight", "perceiver.layers.0.1.1.weight")
+              if k not in state]
+    if needed:
+        raise ValueError(f"missing keys {_listing(needed)}: the perceiver's shape cannot be inferred without them")
+    latents = state["perceiver.latents"]
+    inner = state["perceiver.layers.0.0.to_q.weight"].shape[0]
+    ff_inner = state["perceiver.layers.0.1.1.weight"].shape[0]
+    heads = 8  # OpenFlamingo fixes 8 heads x 64 (only the product is visible in the weights)
+    return PerceiverConfig(depth=depth, heads=heads, dim_head=inner // heads, num_latents=latents.shape[0],
+                           ff_mult=ff_inner // latents.shape[1])
+
+
+def _vision_config_from_weights(state: Mapping[str, torch.Tensor], heads: int | None, act: str,
+                                eps: float = 1e-5) -> VisionConfig:
+    conv = state["vision_encoder.conv1.weight"]  # [width, C, p, p]
+    width, channels, patch = conv.shape[0], conv.shape[1], conv.shape[2]
+    grid = round((state["vision_encoder.positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = len({int(m.group(1)) for k in state
+                  if (m := re.match(r"vision_encoder\.transformer\.resblocks\.(\d+)\.", k))})
+    mlp = state["vision_encoder.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    return VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
+                        heads=heads or width // 64, mlp_ratio=mlp / width, act=act, in_channels=channels,
+                        layer_norm_eps=eps)
+
+
+def config_from_openflamingo(model: nn.Module, pad_token_id: int | None = None) -> tuple[FlamingoConfig, str]:
+    """An open_flamingo `Flamingo` -> (FlamingoConfig, LM layout). Unsupported options are clear errors."""
+    visual = model.vision_encoder
+    for name, ok in (("attn_pool", getattr(visual, "attn_pool", None) is None),
+                     ("final_ln_after_pool", not getattr(visual, "final_ln_after_pool", False)),
+                     ("pool_type", getattr(visual, "pool_type", "tok") in ("tok", "avg")),
+                     ("ln_pre", isinstance(visual.ln_pre, nn.LayerNorm))):
+        if not ok:
+            raise ValueError(f"vision_encoder.{name}={getattr(visual, name, None)!r}: unsupported; expected "
+                             f"open_clip's default ViT (class token, ln_pre, tokens after ln_post)")
+    block = visual.transformer.resblocks[0]
+    act = "quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu"
+    if act == "gelu" and not (isinstance(block.mlp.gelu, nn.GELU) and block.mlp.gelu.approximate == "none"):
+        raise ValueError(f"vision_encoder: activation {block.mlp.gelu!r}; expected QuickGELU or exact GELU")
+    state = model.state_dict()
+    vision = _vision_config_from_weights(state, block.attn.num_heads, act, visual.ln_post.eps)
+
+    lang = model.lang_encoder
+    hf = lang.config.to_dict()
+    vocab = lang.get_input_embeddings().weight.shape[0]
+    lm, layout = lm_config_from_hf(hf, vocab)
+    gated = [i for i, b in enumerate(lang.gated_cross_attn_layers) if b is not None]
+    first = lang.gated_cross_attn_layers[gated[0]] if gated else None
+    if first is not None and first.ff[1].bias is not None:
+        raise ValueError("gated_cross_attn_layers: feed-forward with biases; expected OpenFlamingo's bias-free FF")
+    bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = pad_token_id if pad_token_id is not None else hf.get("pad_token_id")
+    pad = eos if pad is None else pad
+    config = FlamingoConfig(
+        vision=vision, perceiver=_perceiver_config(state), lm=lm,
+        cross_attn_every_n_layers=_every_n(gated, lm.num_layers),
+        xattn_heads=first.attn.heads, xattn_dim_head=first.attn.to_q.out_features // first.attn.heads,
+        xattn_ff_mult=first.ff[1].out_features // lm.hidden_size,
+        only_attend_immediate_media=first.attn.only_attend_immediate_media,
+        openflamingo_pre_image_bug=not first.attn.only_attend_immediate_media,
+        bos_token_id=bos if bos is not None else 0, eos_token_id=eos if eos is not None else 0,
+        eoc_token_id=model.eoc_token_id, media_token_id=model.media_token_id, pad_token_id=pad,
+    )
+    return config, layout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Name maps
+# ----------------------------------------------------------------------------------------------------------
+
+
+def canonical_name(name: str, layout: str) -> str:
+    """One OpenFlamingo name -> flamingo_fast's name for the same tensor (see the module docstring)."""
+    layers = "lang_encoder." + LAYERS_ATTR[layout]
+    if m := re.match(rf"^{re.escape(layers)}\.(\d+)\.decoder_layer\.(.*)$", name):
+        name = f"{layers}.{m.group(1)}.{m.group(2)}"
+    elif m := re.match(r"^lang_encoder\.old_decoder_blocks\.(\d+)\.(.*)$", name):
+        name = f"{layers}.{m.group(1)}.{m.group(2)}"
+    elif m := re.match(rf"^{re.escape(layers)}\.(\d+)\.gated_cross_attn_layer\.(.*)$", name):
+        name = f"lang_encoder.gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"
+    if layout == "mosaic_gpt" and name.startswith("lang_encoder."):
+        inner = name[len("lang_encoder."):]
+        for pattern, replacement in MOSAIC_GPT_RENAMES:
+            inner = re.sub(pattern, replacement, inner)
+        name = "lang_encoder." + inner
+    return name
+
+
+def canonical_state_dict(state: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """OpenFlamingo's names (live model or checkpoint, FlamingoLayer wrappers and aliases included) -> one
+    name per tensor, in flamingo_fast's names. Aliases of one tensor must agree; anything unknown is kept
+    (and later reported as unexpected)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        name = canonical_name(name, layout)
+        if name in out:
+            seen = out[name]
+            if seen is not tensor and (seen.shape != tensor.shape or not torch.equal(seen, tensor)):
+                raise ValueError(f"{name}: two different tensors under the names OpenFlamingo gives it")
+            continue
+        out[name] = tensor
+    return out
+
+
+def _with_weight_shapes(config: FlamingoConfig, canonical: Mapping[str, torch.Tensor]) -> FlamingoConfig:
+    """MPT's MLP width from its weights: transformers' MptForCausalLM builds 4x whatever expansion_ratio says."""
+    up = canonical.get("lang_encoder.transformer.blocks.0.ffn.up_proj.weight")
+    if config.lm.family == "mpt" and up is not None and up.shape[0] != config.lm.intermediate_size:
+        return config.replace(lm=dataclasses.replace(config.lm, intermediate_size=up.shape[0]))
+    return config
+
+
+def to_reference_state_dict(state: Mapping[str, torch.Tensor], config: FlamingoConfig, layout: str,
+                            missing_output_rows: str = "error") -> dict[str, torch.Tensor]:
+    """OpenFlamingo-named tensors -> exactly the reference model's state dict (same tensor objects, no copy
+    unless rows must be filled). Missing or unexpected keys are an error that lists them."""
+    source = canonical_state_dict(state, layout)
+    with torch.device("meta"):
+        expected = Flamingo(config).state_dict()
+    lm = config.lm
+    embed = {"llama": "lang_encoder.model.embed_tokens.weight", "mpt": "lang_encoder.transformer.wte.weight",
+             "gpt_neox": "lang_encoder.gpt_neox.embed_in.weight"}[lm.family]
+    head = "lang_encoder.embed_out.weight" if lm.family == "gpt_neox" else "lang_encoder.lm_head.weight"
+    tied = lm.family == "mpt" or lm.tie_word_embeddings
+    if tied:  # one tensor under both names; MosaicGPT has no lm_head key at all
+        if head in source and embed in source and source[head] is not source[embed] \
+                and not torch.equal(source[head], source[embed]):
+            raise ValueError(f"{head}: differs from {embed}, but the model ties its output head to the embedding")
+        if embed in source:
+            source[head] = source[embed]
+    elif head in source and embed in source and source[head].shape[0] < source[embed].shape[0]:
+        source[head] = _fill_output_rows(source[head], source[embed].shape[0], head, missing_output_rows)
+
+    ignored = [re.compile(p) for p in IGNORED]
+    unexpected = sorted(k for k in source if k not in expected and not any(p.match(k) for p in ignored))
+    missing = sorted(k for k in expected if k not in source)
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not match the {lm.family} Flamingo model: missing keys {_listing(missing)}; "
+            f"unexpected keys {_listing(unexpected)}"
+        )
+    wrong = [f"{k}: {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if source[k].shape != v.shape]
+    if wrong:
+        raise ValueError("state dict shapes do not match the model (got vs expected): " + "; ".join(wrong[:10]))
+    return {k: source[k] for k in expected}
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "[" + ", ".join(keys[:limit]) + "]" + more
+
+
+def _fill_output_rows(weight: torch.Tensor, rows: int, name: str, how: str) -> torch.Tensor:
+    """OpenFlamingo's training script saves input embeddings but not an untied LLaMA output head, whose
+    rows for the added tokens OpenFlamingo then initialises at random when it resizes the model."""
+    if how == "error":
+        raise ValueError(
+            f"{name}: {weight.shape[0]} rows but the embedding has {rows}: the output rows of the tokens "
+            f"OpenFlamingo added are in neither file (OpenFlamingo fills them at random); pass "
+            f"missing_output_rows='mean' to fill them with the mean of the existing rows"
+        )
+    if how != "mean":
+        raise ValueError(f"missing_output_rows={how!r}: expected 'error' or 'mean'")
+    extra = weight.mean(dim=0, keepdim=True).expand(rows - weight.shape[0], -1)
+    return torch.cat([weight, extra])
+
+
+def build_reference_from_state(config: FlamingoConfig, tensors: Mapping[str, torch.Tensor]) -> Flamingo:
+    """A reference Flamingo whose parameters ARE `tensors` (assigned, not copied): built on the meta device."""
+    with torch.device("meta"):
+        model = Flamingo(config)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The drop-in
+# ----------------------------------------------------------------------------------------------------------
+
+
+class OpenFlamingoRuntime:
+    """A FastFlamingo behind OpenFlamingo's `generate` call (and `forward` for logits).
+
+    generate(vision_x, lang_x, attention_mask=None, max_new_tokens=20, num_beams=1, do_sample=False,
+             temperature=1.0, top_k=50, top_p=1.0, eos_token_id=<|endofchunk|>, min_new_tokens=0,
+             pad_token_id=None, ...) -> ids [B, T + new], as OpenFlamingo returns them (Hugging Face's
+    defaults: top_k 50 when sampling; finished rows padded with `pad_token_id`, by default the LM's pad token
+    or else the first stop token). Beam search and the other Hugging Face options are not supported and are
+    an error, never ignored. flamingo_fast's own options pass through: generator, timer, return_logits.
+    """
+
+    HF_DEFAULTS = {"num_return_sequences": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0,
+                   "length_penalty": 1.0, "early_stopping": False, "use_cache": True}
+
+    def __init__(self, fast, reference: Flamingo, hf_pad_token_id: int | None):
+        self.fast, self.reference, self.config = fast, reference, reference.config
+        self.hf_pad_token_id = hf_pad_token_id
+
+    def forward(self, vision_x, lang_x, attention_mask=None) -> torch.Tensor:
+        return self.fast.forward(vision_x, lang_x, attention_mask)
+
+    __call__ = forward
+
+    @property
+    def capture_seconds(self) -> float:
+        return self.fast.capture_seconds
+
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int = 0,
+                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                 timer: PhaseTimer | None = None, return_logits: bool = False, **hf_options):
+        if num_beams != 1:
+            raise ValueError(f"num_beams={num_beams}: beam search is not supported by flamingo_fast yet; "
+                             f"expected num_beams=1 (greedy or sampling)")
+        unsupported = {k: v for k, v in hf_options.items() if self.HF_DEFAULTS.get(k, object()) != v}
+        if unsupported:
+            raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
+                             f"supported: max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, "
+                             f"min_new_tokens, pad_token_id")
+        if eos_token_id is None:
+            eos_token_id = self.config.eoc_token_id  # OpenFlamingo's default stop token
+        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if pad_token_id is None:
+            pad_token_id = self.hf_pad_token_id if self.hf_pad_token_id is not None else (stops or [0])[0]
+        return self.fast.generate(
+            vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k if do_sample else 0, top_p=top_p, generator=generator,
+            eos_token_id=stops, pad_token_id=pad_token_id, min_new_tokens=min_new_tokens, timer=timer,
+            return_logits=return_logits,
+        )
+
+
+@torch.no_grad()
+def from_openflamingo(model: nn.Module, pad_token_id: int | None = None, **runtime_options) -> OpenFlamingoRuntime:
+    """An open_flamingo `Flamingo` (open_clip vision tower, perceiver, FlamingoLMMixin LM) -> the same model
+    run by FastFlamingo. The tensors are shared with `model` (nothing is copied unless `dtype` asks for a
+    conversion). `runtime_options` go to FastFlamingo.from_reference: backend, dtype, max_batch_size,
+    max_seq_len, max_images, cuda_graphs, stop_check_interval."""
+    from .runtime import FastFlamingo
+
+    config, layout = config_from_openflamingo(model, pad_token_id)
+    state = canonical_state_dict(model.state_dict(keep_vars=True), layout)
+    config = _with_weight_shapes(config, state)
+    tensors = to_reference_state_dict(state, config, layout)
+    reference = build_reference_from_state(config, tensors)
+    fast = FastFlamingo.from_reference(reference, **runtime_options)
+    hf_pad = getattr(getattr(model.lang_encoder, "generation_config", None), "pad_token_id", None)
+    return OpenFlamingoRuntime(fast, reference, pad_token_id if pad_token_id is not None else hf_pad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """One weights file (safetensors, or a torch pickle read with weights_only=True) or a Hugging Face
+    directory (all its *.safetensors shards, else all its *.bin shards)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise ValueError(f"{path}: no *.safetensors or pytorch_model*.bin weights in this directory")
+        out: dict[str, torch.Tensor] = {}
+        for file in files:
+            out.update(load_tensors(file))
+        return out
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as error:  # pragma: no cover - the openflamingo extra brings it
+            raise ValueError(f"{path}: reading safetensors needs the `safetensors` package") from error
+        return load_file(str(path))
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, dict) and "model_state_dict" in data:  # OpenFlamingo's training checkpoint
+        data = data["model_state_dict"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(data).__name__}")
+    return data
+
+
+@torch.no_grad()
+def load_openflamingo(
+    checkpoint_path: str | os.PathLike,
+    lm_path: str | os.PathLike,
+    vision_path: str | os.PathLike,
+    *,
+    eoc_token_id: int,
+    media_token_id: int,
+    pad_token_id: int | None = None,
+    vision: VisionConfig | None = None,
+    only_attend_immediate_media: bool = True,
+    missing_output_rows: str = "error",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    **runtime_options,
+) -> OpenFlamingoRuntime:
+    """Build from local files only (no network):
+
+    checkpoint_path  OpenFlamingo's checkpoint.pt: perceiver, gated cross-attention layers, resized embeddings
+                     (a training checkpoint with `model_state_dict` works too)
+    lm_path          the LM's Hugging Face directory: config.json and *.safetensors or pytorch_model*.bin
+    vision_path      open_clip weights: a full CLIP state dict (`visual.*` used, the text tower ignored) or the
+                     visual tower's own keys
+    eoc_token_id, media_token_id   the ids of `<|endofchunk|>` and `<image>` in OpenFlamingo's tokenizer
+                     (`tokenizer.encode("<|endofchunk|>")[-1]`); for GPT-NeoX-20B's tokenizer 50277, 50278.
+    vision           the ViT's config; default: inferred from the weights with 64-wide heads and QuickGELU
+                     (OpenAI's CLIP, which every OpenFlamingo release uses)
+
+    Torch pickles are read with weights_only=True. Missing or unexpected keys are an error that lists them.
+    """
+    lm_dir = Path(lm_path)
+    config_file = lm_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"lm_path={str(lm_path)!r}: no config.json; expected a Hugging Face model directory")
+    hf = json.loads(config_file.read_text())
+
+    visual = load_tensors(vision_path)
+    if any(k.startswith("visual.") for k in visual):
+        visual = {k[len("visual."):]: v for k, v in visual.items() if k.startswith("visual.")}
+    state = {"vision_encoder." + k: v for k, v in visual.items()}
+    state.update({"lang_encoder." + k: v for k, v in load_tensors(lm_dir).items()})
+    state.update(load_tensors(checkpoint_path))  # the checkpoint's resized embeddings replace the LM's
+
+    family, layout = MODEL_TYPES.get(hf.get("model_type"), (None, None))
+    if family is None:
+        raise ValueError(f"lang_encoder: model_type={hf.get('model_type')!r} is not supported; "
+                         f"expected one of {_supported()}")
+    canonical = canonical_state_dict(state, layout)
+    embed = {"llama": "lang_encoder.model.embed_tokens.weight", "mpt": "lang_encoder.transformer.wte.weight",
+             "gpt_neox": "lang_encoder.gpt_neox.embed_in.weight"}[family]
+    if embed not in canonical:
+        raise ValueError(f"missing keys [{embed}]: no input embedding in the checkpoint or the LM")
+    lm, layout = lm_config_from_hf(hf, canonical[embed].shape[0])
+    gated = sorted({int(m.group(1)) for k in canonical
+                    if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
+    gated_q = canonical[f"lang_encoder.gated_cross_attn_layers.{gated[0]}.attn.to_q.weight"] if gated else None
+    if vision is None:
+        eps = 1e-5
+        vision = _vision_config_from_weights(canonical, None, "quick_gelu", eps)
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = pad_token_id if pad_token_id is not None else hf.get("pad_token_id")
+    config = FlamingoConfig(
+        vision=vision, perceiver=_perceiver_config(canonical), lm=lm,
+        cross_attn_every_n_layers=_every_n(gated, lm.num_layers),
+        xattn_heads=8, xattn_dim_head=gated_q.shape[0] // 8 if gated_q is not None else 64,
+        xattn_ff_mult=canonical[f"lang_encoder.gated_cross_attn_layers.{gated[0]}.ff.1.weight"].shape[0]
+        // lm.hidden_size,
+        only_attend_immediate_media=only_attend_immediate_media,
+        openflamingo_pre_image_bug=not only_attend_immediate_media,
+        bos_token_id=hf.get("bos_token_id") or 0, eos_token_id=eos or 0, eoc_token_id=eoc_token_id,
+        media_token_id=media_token_id, pad_token_id=(eos or 0) if pad is None else pad,
+    )
+    config = _with_weight_shapes(config, canonical)
+    tensors = to_reference_state_dict(canonical, config, layout, missing_output_rows)
+    reference = build_reference_from_state(config, tensors).to(device=device, dtype=dtype)
+    from .runtime import FastFlamingo
+
+    return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The other direction: OpenFlamingo running our weights (the profiler's baseline)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _hf_lm(lm: LMConfig, config: FlamingoConfig):
+    import transformers
+
+    tokens = dict(vocab_size=lm.vocab_size, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                  pad_token_id=config.pad_token_id, max_position_embeddings=lm.max_position_embeddings)
+    if lm.family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
+            num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads, rms_norm_eps=lm.rms_norm_eps,
+            rope_theta=lm.rope_theta, tie_word_embeddings=lm.tie_word_embeddings, **tokens))
+    if lm.family == "gpt_neox":
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
+            num_attention_heads=lm.num_heads, layer_norm_eps=lm.layer_norm_eps, rotary_pct=lm.rotary_pct,
+            rotary_emb_base=lm.rope_theta, use_parallel_residual=lm.parallel_residual,
+            tie_word_embeddings=lm.tie_word_embeddings, **tokens))
+    if lm.qk_ln or lm.bias or lm.intermediate_size != 4 * lm.hidden_size:
+        raise ValueError("lm: transformers' MptForCausalLM has no qk_ln, no biases and a 4x MLP; this MPT "
+                         "(MosaicGPT-style) has no OpenFlamingo baseline without its remote code")
+    max_len = tokens.pop("max_position_embeddings")
+    return transformers.MptForCausalLM(transformers.MptConfig(
+        d_model=lm.hidden_size, n_heads=lm.num_heads, n_layers=lm.num_layers, max_seq_len=max_len,
+        layer_norm_epsilon=lm.layer_norm_eps, attn_config={"alibi": True, "alibi_bias_max": lm.alibi_bias_max,
+                                                           "clip_qkv": lm.clip_qkv}, **tokens))
+
+
+@torch.no_grad()
+def to_openflamingo(reference: Flamingo) -> nn.Module:
+    """The same model as `reference` as an open_flamingo `Flamingo` (open_clip ViT, Hugging Face LM extended
+    with FlamingoLMMixin), its parameters the reference's own tensors. Needs open_flamingo, open_clip and
+    transformers (`make setup-openflamingo`); builds nothing from the network."""
+    import types
+
+    from open_clip.transformer import QuickGELU, VisionTransformer
+    from open_flamingo.src.flamingo import Flamingo as OpenFlamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
+    from open_flamingo.src.utils import extend_instance
+
+    config = reference.config
+    p = config.perceiver
+    v, lm = config.vision, config.lm
+    device = reference.lang_encoder.output_head.weight.device
+    layout = lm.family
+    with torch.device(device):
+        vit = VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                                heads=v.heads, mlp_ratio=v.mlp_ratio,
+                                act_layer=QuickGELU if v.act == "quick_gelu" else nn.GELU, output_tokens=True)
+        lang = _hf_lm(lm, config)
+        extend_instance(lang, FlamingoLMMixin)
+        lang.set_decoder_layers_attr_name(LAYERS_ATTR[layout])
+        model = OpenFlamingo(types.SimpleNamespace(visual=vit), lang, config.eoc_token_id, config.media_token_id,
+                             vis_dim=v.width, cross_attn_every_n_layers=config.cross_attn_every_n_layers)
+        # OpenFlamingo's Flamingo fixes the resampler and blocks at their released shapes; our presets may not
+        model.perceiver = PerceiverResampler(dim=v.width, depth=p.depth, dim_head=p.dim_head, heads=p.heads,
+                                             num_latents=p.num_latents, ff_mult=p.ff_mult)
+        lang.gated_cross_attn_layers = nn.ModuleList(
+            GatedCrossAttentionBlock(dim=lm.hidden_size, dim_visual=v.width, dim_head=config.xattn_dim_head,
+                                     heads=config.xattn_heads, ff_mult=config.xattn_ff_mult,
+                                     only_attend_immediate_media=config.only_attend_immediate_media)
+            if i in config.xattn_layer_indices else None for i in range(lm.num_layers))
+        lang.init_flamingo_layers(False)  # OpenFlamingo's way to re-wire changed gated blocks into its layers
+    ours = reference.state_dict(keep_vars=True)
+    ignored = [re.compile(p) for p in IGNORED]
+    theirs = {}
+    for name in model.state_dict():
+        source = canonical_name(name, layout)
+        if source in ours:
+            theirs[name] = ours[source]
+        elif not any(p.match(source) for p in ignored):
+            raise ValueError(f"{name}: no tensor of the reference maps to this OpenFlamingo parameter")
+    model.load_state_dict(theirs, strict=False, assign=True)
+    return model.to(dtype=reference.lang_encoder.output_head.weight.dtype).eval()
+
+
+class OpenFlamingoBaseline:
+    """OpenFlamingo's own `generate` on the same weights, with flamingo_fast's phase timer: "vision" (open_clip
+    + perceiver, timed by a hook on the perceiver), "prefill" (first token) and "decode" (each later token,
+    timed by a stopping criterion that never stops). `eos_token_id=[]` (never stop) becomes
+    `min_new_tokens=max_new_tokens`, which Hugging Face implements by suppressing `<|endofchunk|>`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._timer: PhaseTimer | None = None
+        self._laps = 0
+        model.perceiver.register_forward_hook(lambda *args: self._lap("vision"))
+
+    def _lap(self, phase: str) -> None:
+        if self._timer is not None:
+            self._timer.lap(phase)
+
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
+                 timer: PhaseTimer | None = None) -> torch.Tensor:
+        import transformers
+
+        baseline = self
+
+        class LapPerToken(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                baseline._lap("prefill" if baseline._laps == 0 else "decode")
+                baseline._laps += 1
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        options = {}
+        if eos_token_id is not None and list(eos_token_id if not isinstance(eos_token_id, int) else [0]) == []:
+            options["min_new_tokens"] = max_new_tokens
+        elif eos_token_id is not None:
+            options["eos_token_id"] = eos_token_id
+        self._timer, self._laps = timer, 0
+        if timer is not None:
+            timer.start()
+        try:
+            with torch.no_grad():
+                return self.model.generate(
+                    vision_x, lang_x, attention_mask=attention_mask, max_new_tokens=max_new_tokens, num_beams=1,
+                    stopping_criteria=transformers.StoppingCriteriaList([LapPerToken()]), **options)
+        finally:
+            self._timer = None

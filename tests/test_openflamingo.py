@@ -1,0 +1,254 @@
+"""FastFlamingo against the real open_flamingo package: tiny random models built from configs (an open_clip
+ViT, a Hugging Face LM from its config, OpenFlamingo's FlamingoLMMixin and Flamingo), nonzero gates, per LM
+family and cross-attention cadence. Runs in .venv-openflamingo (`make test-openflamingo`); skipped where
+open_flamingo is not installed. No downloads.
+
+Position convention: under OpenFlamingo a left-padded row's rotary positions count its padding (its
+FlamingoLMMixin.forward hides `position_ids` from Hugging Face's generate); flamingo_fast counts real tokens.
+Rotary embeddings and ALiBi depend only on position differences, so logits agree up to rounding.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from helpers import assert_close, random_prompt
+
+open_flamingo = pytest.importorskip("open_flamingo", reason="needs the open_flamingo package (make test-openflamingo)")
+open_clip = pytest.importorskip("open_clip")
+transformers = pytest.importorskip("transformers")
+
+from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
+from open_flamingo.src.flamingo import Flamingo as OpenFlamingo  # noqa: E402
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
+from open_flamingo.src.utils import extend_instance  # noqa: E402
+
+import flamingo_fast  # noqa: E402
+
+BASE_VOCAB, EOC, MEDIA, PAD = 96, 96, 97, 98
+VOCAB = BASE_VOCAB + 3
+NEW_TOKENS = 20
+LAYERS_ATTR = {"llama": "model.layers", "mpt": "transformer.blocks", "gpt_neox": "gpt_neox.layers",
+               "gpt_neox_sequential": "gpt_neox.layers"}
+# OpenFlamingo and flamingo_fast compute the same functions in different orders (eager vs SDPA attention,
+# HF's rotary tables, open_clip's nn.MultiheadAttention): float32 rounding differences measured here stay
+# below 2e-6 on logits of magnitude ~0.5, so the fp32 table (1e-5 abs + 1e-5 rel) still binds.
+FP32 = torch.float32
+
+
+def hf_lm(family: str, vocab: int = VOCAB):
+    """A tiny Hugging Face causal LM of `family`, from its config (no download)."""
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=PAD if vocab > PAD else None)
+    if family == "llama":
+        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=256, **common)
+        return transformers.LlamaForCausalLM(config)
+    if family == "mpt":
+        # transformers' MPT hard-codes a 4x MLP (MPT-7B's expansion_ratio), whatever the config says
+        config = transformers.MptConfig(d_model=64, n_heads=4, n_layers=4, expansion_ratio=4, max_seq_len=256,
+                                        attn_config={"alibi": True, "alibi_bias_max": 8}, **common)
+        return transformers.MptForCausalLM(config)
+    parallel = family == "gpt_neox"
+    config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                                        num_attention_heads=4, rotary_pct=0.5, use_parallel_residual=parallel,
+                                        max_position_embeddings=256, tie_word_embeddings=False, **common)
+    return transformers.GPTNeoXForCausalLM(config)
+
+
+def open_clip_vit() -> VisionTransformer:
+    return VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=2, mlp_ratio=4.0,
+                             output_dim=16, act_layer=QuickGELU, output_tokens=True)
+
+
+def build_openflamingo(family: str, every: int, seed: int, lm=None) -> OpenFlamingo:
+    """OpenFlamingo's Flamingo put together as its factory does (minus the downloads), gates nonzero."""
+    torch.manual_seed(seed)
+    lm = hf_lm(family) if lm is None else lm
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name(LAYERS_ATTR[family])
+    model = OpenFlamingo(types.SimpleNamespace(visual=open_clip_vit()), lm, EOC, MEDIA, vis_dim=48,
+                         cross_attn_every_n_layers=every)
+    with torch.no_grad():
+        for block in lm.gated_cross_attn_layers:
+            if block is not None:  # OpenFlamingo starts the gates at 0, which hides a broken branch
+                for gate in (block.attn_gate, block.ff_gate):
+                    gate.copy_((torch.rand(1) + 0.3) * (1 if torch.rand(1) < 0.5 else -1))
+                for p in block.parameters():  # the rest: small random values instead of PyTorch's default init
+                    if p.dim() > 1:
+                        p.normal_(0, 0.05)
+        for p in model.perceiver.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def batch(rows, num_images: int):
+    """rows [(image positions, length)], left-padded; text ids below the special tokens."""
+    config = types.SimpleNamespace(eoc_token_id=EOC, media_token_id=MEDIA, pad_token_id=PAD)
+    longest = max(n for _, n in rows)
+    built = [random_prompt(config, pos, n, pad_left=longest - n) for pos, n in rows]
+    vision = torch.randn(len(rows), num_images, 1, 3, 32, 32)
+    return vision, torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built])
+
+
+def shots_prompt(shots: int, caption: int = 5):
+    """`<image> caption <|endofchunk|>` per shot, then `<image> question`: shots + 1 images."""
+    positions = [i * (caption + 2) for i in range(shots + 1)]
+    vision, ids, mask = batch([(positions, (shots + 1) * (caption + 2))], shots + 1)
+    for i in range(shots):
+        ids[0, positions[i] + caption + 1] = EOC
+    return vision, ids, mask
+
+
+def compare(of_model, fast, vision, ids, mask):
+    """Logits of the prompt (at real tokens: a padding position's output is unused and implementations differ
+    there), then 20 generated tokens and the logits they were chosen from."""
+    with torch.no_grad():
+        of_logits = of_model(vision, ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_close(fast(vision, ids, mask)[real], of_logits[real], dtype=FP32)
+    with torch.no_grad():
+        out = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=1,
+                                output_logits=True, return_dict_in_generate=True)
+    got, got_logits = fast.generate(vision, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                    return_logits=True)
+    new = ids.shape[1]
+    assert torch.equal(got, out.sequences), f"tokens differ:\n{got[:, new:]}\n{out.sequences[:, new:]}"
+    assert_close(got_logits, torch.stack(out.logits, dim=1), dtype=FP32)
+
+
+FAMILIES = ["llama", "mpt", "gpt_neox", "gpt_neox_sequential"]
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_outputs_as_openflamingo(family, every):
+    of_model = build_openflamingo(family, every, seed=FAMILIES.index(family) + 10 * every)
+    fast = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96)
+    assert fast.config.lm.family == family.replace("_sequential", "")
+    assert fast.config.cross_attn_every_n_layers == every
+    for shots in (0, 1, 4):
+        compare(of_model, fast, *shots_prompt(shots))
+    # a left-padded batch of two prompts with different image counts (row 1's last two images are padding)
+    compare(of_model, fast, *batch([([0, 6, 12], 18), ([1], 7)], num_images=3))
+
+
+def test_tensors_are_shared_not_copied():
+    of_model = build_openflamingo("mpt", 1, seed=3)
+    fast = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=64)
+    ours = dict(fast.reference.named_parameters())
+    theirs = of_model.state_dict(keep_vars=True)
+    assert ours["lang_encoder.transformer.blocks.0.attn.Wqkv.weight"] is theirs[
+        "lang_encoder.transformer.blocks.0.decoder_layer.attn.Wqkv.weight"]
+    assert ours["perceiver.latents"] is theirs["perceiver.latents"]
+    assert ours["vision_encoder.conv1.weight"] is theirs["vision_encoder.conv1.weight"]
+    assert fast.reference.lang_encoder.output_head.weight is fast.reference.lang_encoder.embed_tokens.weight
+
+
+def test_generate_options():
+    of_model = build_openflamingo("llama", 2, seed=4)
+    fast = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96)
+    vision, ids, mask = shots_prompt(1)
+    with pytest.raises(ValueError, match=r"num_beams=3: beam search is not supported"):
+        fast.generate(vision, ids, mask, max_new_tokens=4, num_beams=3)
+    with pytest.raises(ValueError, match=r"generate options \['no_repeat_ngram_size'\]: not supported"):
+        fast.generate(vision, ids, mask, max_new_tokens=4, no_repeat_ngram_size=2)
+    # min_new_tokens: stop the first free-running token; the same call to OpenFlamingo gives the same tokens
+    free = fast.generate(vision, ids, mask, max_new_tokens=10, eos_token_id=[])
+    stop = int(free[0, ids.shape[1]])
+    for minimum in (0, 4):
+        got = fast.generate(vision, ids, mask, max_new_tokens=10, eos_token_id=stop, min_new_tokens=minimum)
+        with torch.no_grad():
+            expected = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=stop,
+                                         min_new_tokens=minimum)
+        assert torch.equal(got, expected)
+        assert (got.shape[1] == ids.shape[1] + 1) == (minimum == 0)
+        assert stop not in got[0, ids.shape[1]:ids.shape[1] + minimum].tolist()
+
+
+def _trainable_state_dict(model):
+    """What OpenFlamingo's training script saves (train_utils.filter_state_dict_to_trainable, which imports
+    wandb and so is mirrored here): trainable parameters and every embedding, without the duplicate
+    old_decoder_blocks / gated_cross_attn_layers names and without the vision encoder."""
+    model.requires_grad_(False)
+    model.perceiver.requires_grad_(True)
+    model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    model.lang_encoder.get_input_embeddings().requires_grad_(True)
+    state = model.state_dict()
+    for name, p in model.named_parameters():
+        if "embed" not in name and not p.requires_grad:
+            state.pop(name, None)
+    return {k: v for k, v in state.items() if "lang_encoder.old_decoder_blocks" not in k
+            and "lang_encoder.gated_cross_attn_layers" not in k and "vision_encoder" not in k}
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])
+def test_checkpoint_round_trip(family, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(20)
+    lm = hf_lm(family, vocab=BASE_VOCAB)
+    lm.save_pretrained(tmp_path / "lm")  # the LM's Hugging Face directory, before OpenFlamingo resizes it
+    base_head = lm.get_output_embeddings().weight.detach().clone()
+    lm.resize_token_embeddings(VOCAB)
+    lm.config.pad_token_id = lm.generation_config.pad_token_id = PAD
+    if family == "llama":  # untied head: rows for the new tokens exist nowhere; make OpenFlamingo's the mean
+        with torch.no_grad():
+            lm.lm_head.weight[BASE_VOCAB:] = base_head.mean(dim=0)
+    of_model = build_openflamingo(family, 2, seed=21, lm=lm)
+    torch.save(_trainable_state_dict(of_model), tmp_path / "checkpoint.pt")
+    visual = {"visual." + k: v.contiguous() for k, v in of_model.vision_encoder.state_dict().items()}
+    visual["token_embedding.weight"] = torch.zeros(4, 4)  # a full CLIP file: the text tower is ignored
+    save_file(visual, str(tmp_path / "open_clip.safetensors"))
+
+    files = (tmp_path / "checkpoint.pt", tmp_path / "lm", tmp_path / "open_clip.safetensors")
+    vision = flamingo_fast.VisionConfig(image_size=32, patch_size=8, width=48, layers=2, heads=2, act="quick_gelu")
+    options = dict(eoc_token_id=EOC, media_token_id=MEDIA, vision=vision, backend="torch", max_batch_size=2,
+                   max_seq_len=96)
+    if family == "llama":
+        with pytest.raises(ValueError, match=r"lang_encoder.lm_head.weight: 96 rows but the embedding has 99"):
+            flamingo_fast.load_openflamingo(*files, **options)
+        options["missing_output_rows"] = "mean"
+    fast = flamingo_fast.load_openflamingo(*files, **options)
+    compare(of_model, fast, *batch([([0, 6, 12], 18), ([1], 7)], num_images=3))
+
+    broken = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    broken["perceiver.extra.weight"] = torch.zeros(1)
+    del broken["perceiver.norm.weight"]
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match=r"missing keys \[perceiver.norm.weight\]; unexpected keys \[perceiver.extra"):
+        flamingo_fast.load_openflamingo(tmp_path / "broken.pt", *files[1:], **options)
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB))
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("transformer.h")
+    of_model = OpenFlamingo(types.SimpleNamespace(visual=open_clip_vit()), lm, EOC, MEDIA, vis_dim=48)
+    with pytest.raises(ValueError, match=r"model_type='gpt2' is not supported; expected one of 'llama', 'mpt'"):
+        flamingo_fast.from_openflamingo(of_model)
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])
+def test_profiler_baseline_runs_openflamingo_on_our_weights(family):
+    """to_openflamingo: the reverse map; OpenFlamingoBaseline: OpenFlamingo's generate with phase laps."""
+    from flamingo_fast.config import LMConfig, from_name
+    from flamingo_fast.openflamingo import OpenFlamingoBaseline, to_openflamingo
+    from flamingo_fast.reference import build_reference
+
+    tiny = from_name("tiny")
+    extra = {"llama": {}, "mpt": dict(alibi=True, tie_word_embeddings=True, intermediate_size=256),
+             "gpt_neox": dict(rotary_pct=0.5, parallel_residual=True)}[family]
+    lm = LMConfig(**{**tiny.lm.__dict__, "family": family, "num_kv_heads": 4, **extra})
+    reference = build_reference(tiny.replace(lm=lm, cross_attn_every_n_layers=2), seed=30)
+    of_model = to_openflamingo(reference)
+    assert of_model.perceiver.latents is reference.perceiver.latents
+    vision, ids, mask = batch([([0, 6, 12], 18), ([1], 7)], num_images=3)
+    expected = reference.generate(vision, ids, mask, max_new_tokens=8, eos_token_id=[])
+    timer = flamingo_fast.PhaseTimer()
+    got = OpenFlamingoBaseline(of_model).generate(vision, ids, mask, max_new_tokens=8, eos_token_id=[], timer=timer)
+    assert torch.equal(got, expected)
+    assert [len(timer.laps[p]) for p in ("vision", "prefill", "decode")] == [1, 1, 7]

@@ -10,6 +10,8 @@
 #   tests      pytest -m cuda tests                                  (junit XML in OUTDIR/cuda_tests.xml)
 #   kernels    python bench/gpu_kernels.py --out OUTDIR/kernels     (when the file exists; --dry-run on the CPU)
 #   bandwidth  device-to-device copy bandwidth (bench/bandwidth.py measure)
+#   numerics   bf16 fast vs bf16 reference, both against a float32 reference (bench/numerics.py; CUDA only)
+#   breakdown  device time per kernel over eager decode steps (bench/decode_breakdown.py; CUDA only)
 #   profile_bN flamingo-fast profile at OpenFlamingo-9B shape, random bf16 weights, shots 0,4,8,16,32,
 #              reference vs fast, batch N (1 and 8); JSON rewritten after every row, so a timeout keeps rows
 #   floor      decode ms per token vs the memory-bandwidth floor (bench/bandwidth.py floor)
@@ -128,6 +130,13 @@ fi
 
 run_step bandwidth 30 "$PY" bench/bandwidth.py measure --out "$OUT/bandwidth.json" --gib "$BW_GIB"
 
+# bf16 error of the fast path against a float32 reference, next to plain torch's bf16 error (DESIGN.md's rule),
+# and the device-time breakdown of eager decode steps.
+if [ "$DEVICE" = cuda ]; then
+    run_step numerics 90 "$PY" bench/numerics.py --preset "$PRESET" --shots 4 --batch 2 --json "$OUT/numerics.json"
+    run_step breakdown 60 "$PY" bench/decode_breakdown.py --preset "$PRESET" --shots 8 --md "$OUT/decode_breakdown.md"
+fi
+
 PROFILES=()
 for B in $BATCHES; do
     TRACE=()
@@ -174,6 +183,18 @@ if not json.load(open(sys.argv[1]))["complete"]:
             echo "## Decode vs the memory-bandwidth floor"
             echo
             cat "$OUT/floor.md"
+        fi
+        if [ -f "$OUT/logs/numerics.log" ]; then
+            echo
+            echo "## Numerics (bf16 vs a float32 reference)"
+            echo
+            cat "$OUT/logs/numerics.log"
+        fi
+        if [ -f "$OUT/decode_breakdown.md" ]; then
+            echo
+            echo "## Decode device-time breakdown"
+            echo
+            cat "$OUT/decode_breakdown.md"
         fi
         if [ -f "$OUT/kernels/kernels_gpu.md" ]; then
             echo

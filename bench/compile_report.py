@@ -150,18 +150,22 @@ def configs(quick: bool = False) -> list[Config]:
             out.append(Config("masked_cross_attention_decode", f"{dname} {mode}",
                               mcad._masked_cross_attention_decode_kernel, args, mcad.NUM_WARPS))
         # gated residual: the LM widths of the presets (tiny 64, small 512, 9B 4096) with the norms the
-        # runtime fuses (LayerNorm with bias before the xattn FF, RMSNorm before a LLaMA layer).
+        # runtime fuses (LayerNorm with bias before the xattn FF, RMSNorm before a LLaMA layer), gated (the
+        # cross-attention blocks) and ungated (the decoder layers' residual adds, gate=None).
         widths = (4096,) if quick else (64, 512, 4096)
         for D in widths:
             block_r, block_d, num_warps = gr.launch_config(D)
             for norm, has_bias in ((None, False), ("layernorm", True), ("rmsnorm", False)):
-                for per_channel in (False, True) if (D == 4096 and norm is None) else (False,):
+                gate_modes = ((True, False), (True, True), (False, False)) if D == 4096 and norm is None else (
+                    (True, False), (False, False))
+                for has_gate, per_channel in gate_modes:
                     args = dict(x_ptr=_ptr(dt), y_ptr=_ptr(dt), gate_ptr=_ptr(torch.float32), weight_ptr=_ptr(dt),
                                 bias_ptr=_ptr(dt), out_ptr=_ptr(dt), normed_ptr=_ptr(dt), R=_I32, D=_I32_16,
                                 eps=_FP32, stride_xr=_I32_16, stride_yr=_I32_16, stride_or=_I32_16,
-                                stride_nr=_I32_16, BLOCK_R=block_r, BLOCK_D=block_d, GATE_PER_CHANNEL=per_channel,
-                                NORM=gr._NORM_CODE[norm], HAS_BIAS=has_bias, OUT_DTYPE=tl_dtype(dt))
-                    gate = "gate[D]" if per_channel else "gate[1]"
+                                stride_nr=_I32_16, BLOCK_R=block_r, BLOCK_D=block_d, HAS_GATE=has_gate,
+                                GATE_PER_CHANNEL=per_channel, NORM=gr._NORM_CODE[norm], HAS_BIAS=has_bias,
+                                OUT_DTYPE=tl_dtype(dt))
+                    gate = "no gate" if not has_gate else "gate[D]" if per_channel else "gate[1]"
                     out.append(Config("gated_residual", f"{dname} D={D} {norm or 'no norm'} {gate}",
                                       gr._gated_residual_kernel, args, num_warps))
     if not quick:

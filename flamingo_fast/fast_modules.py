@@ -100,10 +100,11 @@ class FastGatedCrossAttention(nn.Module):
             eps=next_norm.eps,
         )
 
-    def prefill(self, x, keys, values, image_index, next_norm: NormSpec):
-        """x [B, T, D]; keys/values [B, H, N_img * n, dh] or None; image_index [B, T] int32 (-1 = no image)."""
+    def prefill(self, x, x_normed, keys, values, image_index, next_norm: NormSpec):
+        """x [B, T, D] and x_normed = attn.norm(x) (fused upstream); keys/values [B, H, N_img * n, dh] or None;
+        image_index [B, T] int32 (-1 = no image)."""
         b, t, _ = x.shape
-        q = self.block.attn.to_q(self.block.attn.norm(x)).view(b, t, self.heads, self.dim_head).transpose(1, 2)
+        q = self.block.attn.to_q(x_normed).view(b, t, self.heads, self.dim_head).transpose(1, 2)
         if keys is None:  # no images at all: the attention branch is exactly zero
             attn = q.new_zeros(b, t, self.heads * self.dim_head)
         else:
@@ -114,10 +115,11 @@ class FastGatedCrossAttention(nn.Module):
             attn = out.transpose(1, 2).reshape(b, t, -1)
         return self._finish(x, attn, next_norm)
 
-    def decode(self, x, keys, values, image_index, num_images, next_norm: NormSpec):
-        """x [B, 1, D]; keys/values [B, H, capacity, dh] read in place; image_index, num_images [B] int32."""
+    def decode(self, x, x_normed, keys, values, image_index, num_images, next_norm: NormSpec):
+        """x [B, 1, D] and x_normed = attn.norm(x); keys/values [B, H, capacity, dh] read in place;
+        image_index, num_images [B] int32."""
         b = x.shape[0]
-        q = self.block.attn.to_q(self.block.attn.norm(x)).view(b, self.heads, self.dim_head)
+        q = self.block.attn.to_q(x_normed).view(b, self.heads, self.dim_head)
         out = self.ops.masked_cross_attention_decode(
             q, keys, values, image_index, attend_previous=not self.immediate,
             pre_image_attends_all=self.pre_image_bug, num_images=num_images,

@@ -143,42 +143,52 @@ def _llama_qkv(layer, h, rope):
     return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
 
-def _llama_finish(layer, x, attn_out):
-    x = x + layer.self_attn.o_proj(attn_out)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+# `finish(layer, x, attn_out, add_norm, post_norm, next_norm) -> (x, next_norm(x))`: everything after the
+# self-attention. Every residual add goes through `add_norm(x, y, spec) -> (x + y, spec's norm of it)`, one
+# fused kernel, so the norm that follows an add (the layer's own post-attention norm, then whatever reads the
+# layer's output: the next gated block, the next layer or the final norm) costs no extra pass.
 
 
-def _mpt_finish(layer, x, attn_out):
-    x = x + layer.attn.out_proj(attn_out)
-    return x + layer.ffn(layer.norm_2(x))
+def _llama_finish(layer, x, attn_out, add_norm, post_norm, next_norm):
+    x, h = add_norm(x, layer.self_attn.o_proj(attn_out), post_norm)
+    return add_norm(x, layer.mlp(h), next_norm)
 
 
-def _neox_finish(layer, x, attn_out):
+def _mpt_finish(layer, x, attn_out, add_norm, post_norm, next_norm):
+    x, h = add_norm(x, layer.attn.out_proj(attn_out), post_norm)
+    return add_norm(x, layer.ffn(h), next_norm)
+
+
+def _neox_finish(layer, x, attn_out, add_norm, post_norm, next_norm):
     attn = layer.attention.dense(attn_out)
-    if layer.parallel_residual:
-        return x + attn + layer.mlp(layer.post_attention_layernorm(x))
-    x = x + attn
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    if layer.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)): ln2 reads the layer's input
+        return add_norm(x, attn + layer.mlp(layer.post_attention_layernorm(x)), next_norm)
+    x, h = add_norm(x, attn, post_norm)
+    return add_norm(x, layer.mlp(h), next_norm)
 
 
 @dataclass(frozen=True)
 class DecoderLayerOps:
     """One LM family's decoder layer, split around its self-attention:
 
-    input_norm(layer) -> the norm module applied to the layer's input (fused upstream when a gated block precedes)
+    input_norm(layer) -> the norm module applied to the layer's input (fused into whatever add precedes it)
+    post_norm(layer) -> the norm between the attention residual and the MLP (fused into that residual add)
     qkv(layer, h, rope) -> q, k, v [B, H, T, hd] from the normalised input, rotary applied (rope None for ALiBi)
-    finish(layer, x, attn_out) -> the layer's output, from its input x and the attention output [B, T, H * hd]
+    finish(layer, x, attn_out, add_norm, post_norm, next_norm) -> (the layer's output, next_norm of it)
     """
 
     input_norm: Callable
+    post_norm: Callable
     qkv: Callable
     finish: Callable
 
 
 FAMILY_LAYER_OPS = {
-    "llama": DecoderLayerOps(lambda layer: layer.input_layernorm, _llama_qkv, _llama_finish),
-    "mpt": DecoderLayerOps(lambda layer: layer.norm_1, lambda layer, h, rope: layer.attn.project(h), _mpt_finish),
-    "gpt_neox": DecoderLayerOps(lambda layer: layer.input_layernorm,
+    "llama": DecoderLayerOps(lambda layer: layer.input_layernorm, lambda layer: layer.post_attention_layernorm,
+                             _llama_qkv, _llama_finish),
+    "mpt": DecoderLayerOps(lambda layer: layer.norm_1, lambda layer: layer.norm_2,
+                           lambda layer, h, rope: layer.attn.project(h), _mpt_finish),
+    "gpt_neox": DecoderLayerOps(lambda layer: layer.input_layernorm, lambda layer: layer.post_attention_layernorm,
                                 lambda layer, h, rope: layer.attention.project(h, rope), _neox_finish),
 }
 
@@ -221,8 +231,17 @@ class FastFlamingo:
         self.xattn_slot = {idx: slot for slot, idx in enumerate(config.xattn_layer_indices)}
         lm = config.lm
         self.layer_ops = FAMILY_LAYER_OPS[lm.family]
-        self.input_norms = [NormSpec.of(self.layer_ops.input_norm(layer), lm.norm)
-                            for layer in model.lang_encoder.layers]
+        layers = model.lang_encoder.layers
+        self.input_norms = [NormSpec.of(self.layer_ops.input_norm(layer), lm.norm) for layer in layers]
+        self.post_norms = [NormSpec.of(self.layer_ops.post_norm(layer), lm.norm) for layer in layers]
+        # What reads each layer's output: the next gated block's LayerNorm, the next layer's input norm, or
+        # the final norm. The embeddings are read by the same rule, through the module itself (no add precedes).
+        reader = [self.xattn[i].block.attn.norm if i in self.xattn else self.layer_ops.input_norm(layers[i])
+                  for i in range(len(layers))]
+        self.first_norm = reader[0]
+        self.next_norms = [NormSpec.of(module, "layernorm" if i + 1 in self.xattn else lm.norm)
+                           for i, module in enumerate(reader[1:])]
+        self.next_norms.append(NormSpec.of(model.lang_encoder.final_norm, lm.norm))
         self.alibi_slopes = alibi_slopes(lm.num_heads, lm.alibi_bias_max, self.device) if lm.alibi else None
         self.kv_cache = StaticKVCache.allocate(config, max_batch_size, max_seq_len, self.dtype, self.device)
         self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
@@ -383,7 +402,7 @@ class FastFlamingo:
         return num_images
 
     def _prefill(self, lang_x, attention_mask, num_images: int, all_logits: bool = False) -> torch.Tensor:
-        lm, model, ops = self.config.lm, self.model.lang_encoder, self.layer_ops
+        lm, model = self.config.lm, self.model.lang_encoder
         batch, prompt_len = lang_x.shape
         kv = self.kv_cache
         kv.key_valid[:batch].zero_()
@@ -400,22 +419,20 @@ class FastFlamingo:
         causal = mask is None
         gqa = lm.num_heads != lm.num_kv_heads
         span = num_images * self.media_cache.num_latents
-        for idx, layer in enumerate(model.layers):
-            if idx in self.xattn:
-                slot = self.xattn_slot[idx]
-                keys = self.media_cache.keys[slot, :batch, :, :span] if num_images else None
-                values = self.media_cache.values[slot, :batch, :, :span] if num_images else None
-                x, h = self.xattn[idx].prefill(x, keys, values, image_index, self.input_norms[idx])
-            else:
-                h = ops.input_norm(layer)(x)
-            q, k, v = ops.qkv(layer, h, rope)
+
+        def cross(idx, x, h):
+            slot = self.xattn_slot[idx]
+            keys = self.media_cache.keys[slot, :batch, :, :span] if num_images else None
+            values = self.media_cache.values[slot, :batch, :, :span] if num_images else None
+            return self.xattn[idx].prefill(x, h, keys, values, image_index, self.input_norms[idx])
+
+        def attend(idx, q, k, v):
             kv.keys[idx, :batch, :, :prompt_len] = k
             kv.values[idx, :batch, :, :prompt_len] = v
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-            x = ops.finish(layer, x, out.transpose(1, 2).reshape(batch, prompt_len, -1))
-        if not all_logits:
-            x = x[:, -1]
-        return model.output_head(model.final_norm(x))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+        h = self._layers(x, rope, cross, attend)
+        return model.output_head(h if all_logits else h[:, -1])
 
     def _run_decode_step(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
         if self.graphs is not None:
@@ -425,7 +442,7 @@ class FastFlamingo:
     def _decode_step(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
         """One token per row -> logits [B, vocab]. Static shapes, no host sync, no allocation that depends on
         values: the function a CUDA graph captures. Reads KV-cache columns [0, kv_len)."""
-        lm, model, kv, ops = self.config.lm, self.model.lang_encoder, self.kv_cache, self.layer_ops
+        lm, model, kv = self.config.lm, self.model.lang_encoder, self.kv_cache
         batch = inputs.token.shape[0]
         x = model.embed_tokens(inputs.token)[:, None]  # [B, 1, D]
         kv.key_valid[:batch].index_fill_(1, inputs.cache_col, True)
@@ -437,21 +454,41 @@ class FastFlamingo:
         else:
             rope = rotary_cos_sin(inputs.position[:, None], lm.rotary_dim, lm.rope_theta, x.dtype)
         gqa = lm.num_heads != lm.num_kv_heads
-        for idx, layer in enumerate(model.layers):
-            if idx in self.xattn:
-                slot = self.xattn_slot[idx]
-                x, h = self.xattn[idx].decode(
-                    x, self.media_cache.keys[slot, :batch], self.media_cache.values[slot, :batch],
-                    inputs.image_index, inputs.num_images, self.input_norms[idx],
-                )
-            else:
-                h = ops.input_norm(layer)(x)
-            q, k, v = ops.qkv(layer, h, rope)
+
+        def cross(idx, x, h):
+            slot = self.xattn_slot[idx]
+            return self.xattn[idx].decode(
+                x, h, self.media_cache.keys[slot, :batch], self.media_cache.values[slot, :batch],
+                inputs.image_index, inputs.num_images, self.input_norms[idx],
+            )
+
+        def attend(idx, q, k, v):
             layer_keys, layer_values = kv.keys[idx, :batch], kv.values[idx, :batch]
             layer_keys.index_copy_(2, inputs.cache_col, k)
             layer_values.index_copy_(2, inputs.cache_col, v)
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=mask, enable_gqa=gqa,
             )
-            x = ops.finish(layer, x, out.transpose(1, 2).reshape(batch, 1, -1))
-        return model.output_head(model.final_norm(x[:, 0]))
+
+        return model.output_head(self._layers(x, rope, cross, attend)[:, 0])
+
+    def _layers(self, x, rope, cross, attend) -> torch.Tensor:
+        """The decoder stack, shared by prefill and decode: x [B, T, D] embeddings -> final_norm(output).
+
+        cross(idx, x, normed) runs the gated block before layer idx; attend(idx, q, k, v) -> [B, H, T, hd]
+        writes the layer's keys/values into the cache and attends. Each residual add is fused with the norm
+        that reads its result, so `h` is always the normalised input of what comes next."""
+        ops, h = self.layer_ops, self.first_norm(x)
+        batch, length = x.shape[:2]
+        for idx, layer in enumerate(self.model.lang_encoder.layers):
+            if idx in self.xattn:
+                x, h = cross(idx, x, h)
+            out = attend(idx, *ops.qkv(layer, h, rope))
+            x, h = ops.finish(layer, x, out.transpose(1, 2).reshape(batch, length, -1), self._add_norm,
+                              self.post_norms[idx], self.next_norms[idx])
+        return h
+
+    def _add_norm(self, x: torch.Tensor, y: torch.Tensor, norm: NormSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + y, norm(x + y)) in one fused pass."""
+        return self.ops.gated_residual(x, y, None, norm=norm.kind, norm_weight=norm.weight, norm_bias=norm.bias,
+                                       eps=norm.eps)

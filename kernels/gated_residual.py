@@ -1,12 +1,13 @@
 """Fused tanh-gated residual, optionally followed in the same pass by the normalisation the next sub-layer
 needs:
 
-    out    = x + tanh(gate) * y                       (fp32 math, stored in x.dtype)
+    out    = x + tanh(gate) * y                       (fp32 math, stored in x.dtype); gate=None: x + y
     normed = LayerNorm(out) * weight + bias           norm="layernorm" (biased variance, like torch)
            = weight * (out * rsqrt(mean(out^2) + eps)).to(dtype)   norm="rmsnorm" (HF LLaMA's order)
 
 `gate` is the raw gate parameter: a scalar (OpenFlamingo's attn_gate / ff_gate, shape [1]) or one value
-per channel ([D]); its tanh is taken in the kernel, so the caller never launches a separate tanh. The norm
+per channel ([D]); its tanh is taken in the kernel, so the caller never launches a separate tanh. With
+`gate=None` it is the plain residual add + norm of a decoder layer (x + y, rounded once). The norm
 reads `out` as stored (rounded to x.dtype), exactly what an unfused LayerNorm/RMSNorm module would read.
 `out` may be `x` itself (an in-place residual update): each element is read before it is written, by the
 same program.
@@ -53,13 +54,14 @@ def _gated_residual_kernel(
     R, D, eps,
     stride_xr, stride_yr, stride_or, stride_nr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    GATE_PER_CHANNEL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
 ):
     """One program: BLOCK_R whole rows of width D (BLOCK_D = next power of two >= D, masked).
 
     grid = (cdiv(R, BLOCK_R),)        R = number of rows (all leading dims flattened)
     x, y      [R, D]  row stride stride_xr / stride_yr, unit column stride
-    gate      [1] or [D] (GATE_PER_CHANNEL), any float dtype
+    gate      [1] or [D] (GATE_PER_CHANNEL), any float dtype; unread without HAS_GATE (then o = x + y)
     weight    [D], bias [D] (HAS_BIAS)              read only when NORM != 0
     out       [R, D]  row stride stride_or          OUT_DTYPE
     normed    [R, D]  row stride stride_nr          written only when NORM != 0 (1 layernorm, 2 rmsnorm)
@@ -76,11 +78,12 @@ def _gated_residual_kernel(
 
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + rows[:, None] * stride_yr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if GATE_PER_CHANNEL:
-        g = tanh(tl.load(gate_ptr + cols, mask=col_ok, other=0.0).to(tl.float32))[None, :]
+    if not HAS_GATE:
+        o = round_to(x + y, OUT_DTYPE)
+    elif GATE_PER_CHANNEL:
+        o = round_to(x + tanh(tl.load(gate_ptr + cols, mask=col_ok, other=0.0).to(tl.float32))[None, :] * y, OUT_DTYPE)
     else:
-        g = tanh(tl.load(gate_ptr).to(tl.float32))
-    o = round_to(x + g * y, OUT_DTYPE)
+        o = round_to(x + tanh(tl.load(gate_ptr).to(tl.float32)) * y, OUT_DTYPE)
     tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :], o.to(OUT_DTYPE), mask=mask)
 
     if NORM != 0:
@@ -121,8 +124,9 @@ def _check_inputs(x, y, gate, norm, norm_weight, norm_bias, eps, out, norm_out):
     D = x.shape[-1]
     check_tensor("y", y, dtypes=(x.dtype,), device=x.device)
     check_shape("y", y, tuple(x.shape), "the shape of x")
-    check_tensor("gate", gate, device=x.device)
-    if gate.dim() > 1 or gate.numel() not in (1, D):
+    if gate is not None:
+        check_tensor("gate", gate, device=x.device)
+    if gate is not None and (gate.dim() > 1 or gate.numel() not in (1, D)):
         raise ValueError(f"gate: got shape {tuple(gate.shape)}, expected [1] (a scalar gate) or [D={D}]")
     if norm not in NORMS:
         raise ValueError(f"norm: got {norm!r}, expected one of {NORMS}")
@@ -152,7 +156,7 @@ def _check_inputs(x, y, gate, norm, norm_weight, norm_bias, eps, out, norm_out):
 def gated_residual(
     x: torch.Tensor,
     y: torch.Tensor,
-    gate: torch.Tensor,
+    gate: torch.Tensor | None,
     *,
     norm: str | None = None,
     norm_weight: torch.Tensor | None = None,
@@ -163,7 +167,8 @@ def gated_residual(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out = x + tanh(gate) * y (Triton), and with `norm`, also norm(out) from the same pass.
 
-    x, y [..., D] (same shape and dtype: fp32, fp16 or bf16), gate [1] or [D]; norm_weight / norm_bias [D]
+    x, y [..., D] (same shape and dtype: fp32, fp16 or bf16), gate [1] or [D] or None (out = x + y);
+    norm_weight / norm_bias [D]
     in x.dtype. Returns `out`, or `(out, normed)` when `norm` is given; `out` / `norm_out` are written
     when given (their leading dims must flatten to rows with a contiguous last dim; `out` may be `x`).
     """
@@ -188,7 +193,7 @@ def gated_residual(
     R = x_rows.shape[0]
     if R > 0:
         block_r, block_d, num_warps = launch_config(D)
-        gate_flat = gate.reshape(-1)
+        gate_flat = gate.reshape(-1) if gate is not None else x_rows  # a valid pointer, unread without a gate
         weight = norm_weight if norm is not None else gate_flat  # a valid pointer, unread without a norm
         bias = norm_bias if norm_bias is not None else weight
         _gated_residual_kernel[(triton.cdiv(R, block_r),)](
@@ -196,7 +201,8 @@ def gated_residual(
             R, D, float(eps),
             x_rows.stride(0), y_rows.stride(0), out_rows.stride(0), normed_rows.stride(0),
             BLOCK_R=block_r, BLOCK_D=block_d,
-            GATE_PER_CHANNEL=gate.numel() == D and D > 1, NORM=_NORM_CODE[norm],
+            HAS_GATE=gate is not None, GATE_PER_CHANNEL=gate is not None and gate.numel() == D and D > 1,
+            NORM=_NORM_CODE[norm],
             HAS_BIAS=norm_bias is not None, OUT_DTYPE=tl_dtype(x.dtype),
             num_warps=num_warps,
         )
@@ -206,7 +212,7 @@ def gated_residual(
 def gated_residual_ref(
     x: torch.Tensor,
     y: torch.Tensor,
-    gate: torch.Tensor,
+    gate: torch.Tensor | None,
     *,
     norm: str | None = None,
     norm_weight: torch.Tensor | None = None,
@@ -218,7 +224,10 @@ def gated_residual_ref(
     """Torch twin of `gated_residual`: the same math as unfused torch ops (fp32 residual, then the norm
     of the stored result)."""
     D = _check_inputs(x, y, gate, norm, norm_weight, norm_bias, eps, out, norm_out)
-    result = torch.addcmul(x.float(), torch.tanh(gate.float()).reshape(-1), y.float()).to(x.dtype)
+    if gate is None:
+        result = x + y  # one rounding of the exact sum, as the kernel's fp32 add then store
+    else:
+        result = torch.addcmul(x.float(), torch.tanh(gate.float()).reshape(-1), y.float()).to(x.dtype)
     if out is not None:
         result = out.copy_(result)
     if norm is None:

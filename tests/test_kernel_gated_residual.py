@@ -89,6 +89,43 @@ def test_kernel_and_twin_match_formula(shape, per_channel, norm, dtype):
 
 
 @interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("norm", NORMS, ids=lambda n: n or "no-norm")
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_without_gate_is_residual_add_then_norm(shape, norm, dtype):
+    """gate=None: a decoder layer's `x = x + y; h = norm(x)`, against the float64 formula and unfused torch."""
+    x, y, _, weight, bias = make_inputs(SHAPES[shape], dtype, norm, False)
+    eps = EPS[norm]
+    xp, yp = Padded(x, last_dim_only=True), Padded(y)
+    out = nan_out(x.shape, dtype, last_dim_only=True)
+    normed_out = nan_out(x.shape, dtype, last_dim_only=True) if norm else None
+    result = gated_residual(xp.view, yp.view, None, norm=norm, norm_weight=weight, norm_bias=bias, eps=eps,
+                            out=out.view, norm_out=normed_out and normed_out.view)
+    twin = gated_residual_ref(x, y, None, norm=norm, norm_weight=weight, norm_bias=bias, eps=eps)
+    for p in (xp, yp, out, normed_out):
+        if p is not None:
+            p.assert_padding_intact()
+    # tanh(gate) = 1 exactly in float64 is the same formula; plain torch is the modules' own `x + y`.
+    ref64 = gated_formula64(x, y, torch.tensor([float("inf")]), norm, weight, bias, eps)
+    plain_sum = x + y
+    if norm is None:
+        plain = (plain_sum, None)
+    elif norm == "layernorm":
+        plain = (plain_sum, F.layer_norm(plain_sum, (x.shape[-1],), weight, bias, eps))
+    else:
+        s32 = plain_sum.float()
+        plain = (plain_sum, weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype))
+    if norm is None:
+        result, twin = (result, None), (twin, None)
+    assert torch.equal(result[0], plain_sum) and torch.equal(twin[0], plain_sum)  # one rounding of the sum
+    for got, tw, r64, pl in zip(result, twin, ref64, plain, strict=True):
+        if r64 is None:
+            continue
+        assert_within_torch_error(got, r64, pl, dtype)
+        assert_within_torch_error(tw, r64, pl, dtype)
+
+
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_wide_row_one_per_program(dtype):
     """LLaMA-7B width: one row per program, 8 warps; RMSNorm as the next decoder layer needs it."""

@@ -40,9 +40,6 @@ class StaticKVCache:
     def max_seq_len(self) -> int:
         return self.keys.shape[3]
 
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
-
 
 @dataclass
 class MediaKVCache:
@@ -68,6 +65,3 @@ class MediaKVCache:
         b, _, span, _ = keys.shape
         self.keys[slot, :b, :, :span].copy_(keys)
         self.values[slot, :b, :, :span].copy_(values)
-
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()

@@ -8,17 +8,19 @@ One prompt, in order:
        resampled by the kernel-backed perceiver.
     2. media K/V: every cross-attention layer's keys/values of all images, once (MediaKVCache).
     3. prefill: the prompt through the LM (segment-indexed cross-attention kernel, SDPA self-attention), its
-       keys/values written into the StaticKVCache; only the last position's logits are computed.
+       keys/values written into the StaticKVCache; logits only for the last position.
     4. decode: one static-shape step per token: embed -> per layer (fused gated cross-attention reading
-       only each row's current image, decoder layer) -> norm -> lm_head.
+       only each row's current image, then the decoder layer) -> final norm -> output head. On CUDA the step
+       is captured as a CUDA graph per (batch bucket, KV-length bucket) and replayed; on the CPU the same
+       function runs eagerly. Token selection and stop bookkeeping stay on the device; the host looks at
+       `finished` only every `stop_check_interval` steps, and the output is trimmed to what the reference
+       would return.
 
-The decoder layer of each LM family (LLaMA, MPT, GPT-NeoX) runs through one small `DecoderLayerOps`: its
-input norm (fused into the preceding gated block's last residual), its q/k/v projection, and what follows
-the self-attention (output projection, residuals, MLP). Self-attention itself is shared: SDPA over the
-static KV cache, with a boolean mask (rotary models) or an additive ALiBi bias (MPT). On CUDA the step is captured as a
-       CUDA graph per (batch bucket, KV-length bucket) and replayed; on the CPU the same function runs eagerly.
-       Token selection and stop bookkeeping stay on the device; the host looks at `finished` only every
-       `stop_check_interval` steps, and the output is trimmed to what the reference would return.
+Prefill and decode share one layer loop (`_layers`). Each LM family (LLaMA, MPT, GPT-NeoX) supplies a small
+`DecoderLayerOps`: its norms, its q/k/v projection, and what follows the self-attention. Every residual add
+is fused with the norm that reads its result (the post-attention norm, the next gated block's LayerNorm, the
+next layer's input norm or the final norm), so no norm costs a pass of its own. Self-attention is shared: SDPA
+over the static KV cache, with a boolean mask (rotary models) or an additive ALiBi bias (MPT).
 """
 
 from __future__ import annotations

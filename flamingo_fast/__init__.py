@@ -3,9 +3,11 @@
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, from_name
 from .openflamingo import from_openflamingo, load_openflamingo
 from .reference import Flamingo, build_reference
+from .runtime import FastFlamingo
 from .timing import PhaseTimer
 
 __all__ = [
+    "FastFlamingo",
     "Flamingo",
     "FlamingoConfig",
     "LMConfig",

@@ -270,8 +270,9 @@ class FastFlamingo:
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits [B, T, vocab], like the reference's forward."""
         attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
-        self._check_capacity(vision_x, lang_x, 0)
-        num_images = self._encode_media(vision_x, lang_x, None)
+        counts = self._images_to_encode(vision_x, lang_x)
+        self._check_capacity(lang_x, counts, 0)
+        num_images = self._encode_media(vision_x, counts, None)
         return self._prefill(lang_x, attention_mask, num_images, all_logits=True)
 
     __call__ = forward
@@ -298,7 +299,8 @@ class FastFlamingo:
         config = self.config
         attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
         check_generate_options(config, lang_x, attention_mask, max_new_tokens, min_new_tokens)
-        self._check_capacity(vision_x, lang_x, max_new_tokens)
+        counts = self._images_to_encode(vision_x, lang_x)
+        self._check_capacity(lang_x, counts, max_new_tokens)
         options = SamplingOptions(do_sample, temperature, top_k, top_p)
         stops = torch.tensor(stop_token_ids(config, eos_token_id), device=lang_x.device, dtype=torch.long)
         pad = config.pad_token_id if pad_token_id is None else pad_token_id
@@ -310,7 +312,7 @@ class FastFlamingo:
 
         if timer is not None:
             timer.start()
-        num_images = self._encode_media(vision_x, lang_x, timer)
+        num_images = self._encode_media(vision_x, counts, timer)
         logits = self._prefill(lang_x, attention_mask, num_images)
         images_in_row = masking.images_per_row(lang_x, config.media_token_id).to(torch.int32)
         inputs = DecodeInputs(
@@ -360,7 +362,17 @@ class FastFlamingo:
 
     # ------------------------------------------------------------------------------------------ phases
 
-    def _check_capacity(self, vision_x, lang_x, max_new_tokens: int) -> None:
+    def _images_to_encode(self, vision_x, lang_x) -> torch.Tensor:
+        """[B] long: how many leading images of each row are encoded; the rest are padding, never read.
+
+        A row's `<image>` count, except in OpenFlamingo's all-previous mode with the pre-image bug, where text
+        before the first image attends to every image given."""
+        counts = masking.images_per_row(lang_x, self.config.media_token_id)
+        if vision_x is None:
+            return torch.zeros_like(counts)
+        return torch.full_like(counts, vision_x.shape[1]) if self.pre_image_bug else counts
+
+    def _check_capacity(self, lang_x, counts: torch.Tensor, max_new_tokens: int) -> None:
         batch, prompt_len = lang_x.shape
         if batch > self.kv_cache.max_batch_size:
             raise ValueError(f"lang_x: batch {batch} exceeds max_batch_size={self.kv_cache.max_batch_size} "
@@ -369,19 +381,18 @@ class FastFlamingo:
         if total > self.kv_cache.max_seq_len:
             raise ValueError(f"max_new_tokens={max_new_tokens}: prompt length {prompt_len} + max_new_tokens = {total} "
                              f"exceeds max_seq_len={self.kv_cache.max_seq_len} of this FastFlamingo")
-        images = int(masking.images_per_row(lang_x, self.config.media_token_id).max())
-        if vision_x is not None and images > self.media_cache.max_images:
-            raise ValueError(f"lang_x: a row has {images} <image> tokens; expected at most "
+        images = int(counts.max())
+        if images > self.media_cache.max_images:
+            what = "images to encode (the pre-image bug mode reads all of vision_x)" if self.pre_image_bug \
+                else "<image> tokens"
+            raise ValueError(f"lang_x: a row has {images} {what}; expected at most "
                              f"max_images={self.media_cache.max_images} of this FastFlamingo")
 
-    def _encode_media(self, vision_x, lang_x, timer: PhaseTimer | None) -> int:
-        """Encode only the images rows use, as one batch; fill the media K/V cache. Returns images per row
-        (the widest row's count); rows with fewer images leave the rest of their slots unused."""
-        counts = masking.images_per_row(lang_x, self.config.media_token_id)
-        if self.pre_image_bug and vision_x is not None:
-            # OpenFlamingo's all-previous mode lets text before the first image attend to every image given.
-            counts = torch.full_like(counts, vision_x.shape[1])
-        num_images = int(counts.max()) if vision_x is not None else 0
+    def _encode_media(self, vision_x, counts: torch.Tensor, timer: PhaseTimer | None) -> int:
+        """Encode the first counts[b] images of each row b (`_images_to_encode`), as one batch; fill the media
+        K/V cache. Returns images per row (the widest row's count); rows with fewer images leave the rest of
+        their slots unused."""
+        num_images = int(counts.max())
         if num_images == 0:
             if timer is not None:
                 timer.lap("vision")

@@ -147,6 +147,11 @@ def test_capacity_and_option_errors():
     vision, lang_x, mask = random_batch(model.config, [([0, 2, 4], 10)], num_images=3)
     with pytest.raises(ValueError, match=r"lang_x: a row has 3 <image> tokens; expected at most max_images=2"):
         fast.generate(vision, lang_x, mask, max_new_tokens=2)
+    buggy = FastFlamingo.from_reference(build(immediate=False, seed=2, openflamingo_pre_image_bug=True),
+                                        backend="torch", max_batch_size=2, max_seq_len=24, max_images=2)
+    one_token = random_batch(model.config, [([4], 10)], num_images=3)  # one <image>, three images given
+    with pytest.raises(ValueError, match=r"lang_x: a row has 3 images to encode \(the pre-image bug mode"):
+        buggy.generate(*one_token, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"backend='cuda': expected one of \('triton', 'torch'\)"):
         FastFlamingo.from_reference(model, backend="cuda")
     with pytest.raises(ValueError, match=r"max_batch_size=0: expected an integer >= 1"):

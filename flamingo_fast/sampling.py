@@ -42,9 +42,9 @@ def select_next_token(
         scores = scores.masked_fill(scores < kth_best, float("-inf"))
     if options.top_p < 1.0:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_scores.softmax(dim=-1)
         # Drop a token when the tokens before it already hold top_p of the mass; the best always stays.
-        drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= options.top_p
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= options.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     probs = scores.softmax(dim=-1)

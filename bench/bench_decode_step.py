@@ -87,7 +87,8 @@ def reference_step(model, shots: int):
 @torch.no_grad()
 def fast_step(model, shots: int):
     """-> a callable running one fast decode step after a `shots`-shot prompt (same cache column each call)."""
-    from flamingo_fast.runtime import DecodeInputs, FastFlamingo
+    from flamingo_fast.graphs import DecodeInputs
+    from flamingo_fast.runtime import FastFlamingo
 
     config = model.config
     vision_x, lang_x, mask = build_prompt(config, shots, BATCH, 12, 6, seed=0, dtype=DTYPE, device=DEVICE)
@@ -97,14 +98,15 @@ def fast_step(model, shots: int):
     out = fast.generate(vision_x, lang_x, mask, max_new_tokens=1, eos_token_id=[])  # fills both caches
     images = masking.images_per_row(lang_x, config.media_token_id).to(torch.int32)
     inputs = DecodeInputs(
-        token=out[:, -1].clone(), position=torch.full((BATCH,), prompt_len, dtype=torch.long, device=DEVICE),
-        cache_col=torch.full((1,), prompt_len, dtype=torch.long, device=DEVICE),
-        image_index=images - 1, num_images=images,
+        token=out[:, -1].clone(), rope_position=torch.full((BATCH,), prompt_len, dtype=torch.long, device=DEVICE),
+        kv_column=torch.full((1,), prompt_len, dtype=torch.long, device=DEVICE),
+        prompt_columns=torch.full((1,), prompt_len, dtype=torch.long, device=DEVICE),
+        image_index=images - 1, row_images=images,
     )
 
     @torch.no_grad()
     def step():
-        logits = fast._run_decode_step(inputs, kv_len=prompt_len + 1)
+        logits = fast._run_decode_step(inputs, kv_len=prompt_len + 1, per_row=1)
         _sync()
         return logits
 

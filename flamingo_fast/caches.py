@@ -5,6 +5,8 @@ StaticKVCache   self-attention keys/values of every decoder layer, [layers, B_ma
 MediaKVCache    cross-attention keys/values of every image, computed once per prompt for each cross-attention
                 layer, [xattn_layers, B_max, H, max_images * num_latents, dh]. Decoding reads only each row's
                 current image, so a decode step costs the same at 0 and 32 shots.
+TailKVCache     self-attention keys/values of the tokens each beam generated, [layers, H_max, H_kv, T_max, hd]:
+                the beams of a row share its prompt's KV in the StaticKVCache and keep only their tails here.
 """
 
 from __future__ import annotations
@@ -65,3 +67,33 @@ class MediaKVCache:
         b, _, span, _ = keys.shape
         self.keys[slot, :b, :, :span].copy_(keys)
         self.values[slot, :b, :, :span].copy_(values)
+
+
+@dataclass
+class TailKVCache:
+    """The private tails of hypotheses that share their row's prompt (beams): each hypothesis's generated
+    tokens' keys/values, [layers, H_max, H_kv, T_max, hd]. Reordering beams gathers tails only, never the
+    prompt's KV (which stays in the StaticKVCache, one copy per row)."""
+
+    keys: torch.Tensor  # [layers, H_max, H_kv, T_max, hd]
+    values: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: FlamingoConfig, max_hypotheses: int, max_tail_len: int, dtype, device) -> TailKVCache:
+        lm = config.lm
+        shape = (lm.num_layers, max_hypotheses, lm.num_kv_heads, max_tail_len, lm.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_hypotheses(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_tail_len(self) -> int:
+        return self.keys.shape[3]
+
+    def reorder(self, index: torch.Tensor, length: int) -> None:
+        """Hypothesis h continues old hypothesis index[h]: gather the first `length` columns in place."""
+        h = index.shape[0]
+        self.keys[:, :h, :, :length] = self.keys[:, index, :, :length]
+        self.values[:, :h, :, :length] = self.values[:, index, :, :length]

@@ -115,14 +115,15 @@ class FastGatedCrossAttention(nn.Module):
             attn = out.transpose(1, 2).reshape(b, t, -1)
         return self._finish(x, attn, next_norm)
 
-    def decode(self, x, x_normed, keys, values, image_index, num_images, next_norm: NormSpec):
-        """x [B, 1, D] and x_normed = attn.norm(x); keys/values [B, H, capacity, dh] read in place;
-        image_index, num_images [B] int32."""
+    def decode(self, x, x_normed, keys, values, image_index, num_images, next_norm: NormSpec,
+               queries_per_row: int = 1):
+        """x [B * R, 1, D] and x_normed = attn.norm(x) (R = queries_per_row, the hypotheses of a row);
+        keys/values [B, H, capacity, dh] read in place; image_index, num_images [B * R] int32."""
         b = x.shape[0]
         q = self.block.attn.to_q(x_normed).view(b, self.heads, self.dim_head)
         out = self.ops.masked_cross_attention_decode(
             q, keys, values, image_index, attend_previous=not self.immediate,
-            pre_image_attends_all=self.pre_image_bug, num_images=num_images,
+            pre_image_attends_all=self.pre_image_bug, num_images=num_images, queries_per_row=queries_per_row,
         )
         return self._finish(x, out.reshape(b, 1, -1), next_norm)
 

@@ -29,9 +29,9 @@ from torch import nn
 
 from . import masking
 from .config import FlamingoConfig, LMConfig, VisionConfig
-from .sampling import SamplingOptions, select_next_token
+from .search import generate_ids, generation_options
 from .timing import PhaseTimer
-from .validation import check_generate_options, check_inputs, stop_token_ids
+from .validation import check_generate_options, check_inputs
 
 # ----------------------------------------------------------------------------------------------------------
 # Vision encoder (open_clip's VisionTransformer layout)
@@ -645,6 +645,24 @@ class Flamingo(nn.Module):
         )
 
     @torch.no_grad()
+    def prefill(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor,
+                timer: PhaseTimer | None = None) -> tuple[ReferenceDecoder, torch.Tensor]:
+        """Encode the images, run the prompt once -> (decoder over the cached prompt, float32 logits [B, vocab]
+        of each row's last token). Inputs already checked."""
+        config = self.config
+        media = self.encode_vision(vision_x) if vision_x is not None and vision_x.shape[1] else None
+        if timer is not None:
+            timer.lap("vision")
+        cache = ReferenceKVCache.empty(config.lm.num_layers)
+        positions = masking.positions_from_mask(attention_mask)
+        logits = self.lang_encoder(
+            lang_x, media, masking.text_time(lang_x, config.media_token_id), positions, attention_mask, cache
+        )[:, -1]
+        decode_time = masking.images_per_row(lang_x, config.media_token_id)
+        return ReferenceDecoder(self.lang_encoder, cache, media, decode_time, positions[:, -1], attention_mask), \
+            logits.float()
+
+    @torch.no_grad()
     def generate(
         self,
         vision_x: torch.Tensor | None,
@@ -661,58 +679,67 @@ class Flamingo(nn.Module):
         timer: PhaseTimer | None = None,
         return_logits: bool = False,
         min_new_tokens: int = 0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Greedy or sampled continuation -> [B, T + new] ids (prompt, then the new tokens).
+        """Greedy, sampled or beam-searched continuation -> ids [B * num_return_sequences, T + new].
 
-        A row stops at its first stop token (default: `<|endofchunk|>` or the LM's eos; `eos_token_id=[]`
-        never stops) and is then filled with `pad_token_id`; generation ends when every row has stopped.
+        Greedy and sampling (num_beams=1): a row stops at its first stop token (default: `<|endofchunk|>` or the
+        LM's eos; `eos_token_id=[]` never stops) and is then filled with `pad_token_id`; generation ends when
+        every row has stopped. The first `min_new_tokens` tokens are never stop tokens. With
+        `return_logits=True` returns `(ids, logits)`, logits [B, new, vocab] float32: the scores each new token
+        was chosen from. Sampling options are ignored when `do_sample=False`.
+        Beam search (num_beams > 1): Hugging Face's, with `length_penalty`, `early_stopping` and
+        `num_return_sequences` (flamingo_fast/search.py says exactly which release it follows); each row's
+        best sequences come best first, padded with `pad_token_id`.
         Every generated token attends to the last image of its row's prompt. `timer` records phase times.
-        The first `min_new_tokens` tokens are never stop tokens (their scores are set to -inf before choosing,
-        like Hugging Face's MinNewTokensLengthLogitsProcessor).
-        With `return_logits=True` returns `(ids, logits)`, logits [B, new, vocab] being the scores each new
-        token was chosen from.
         """
         config = self.config
         attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
         check_generate_options(config, lang_x, attention_mask, max_new_tokens, min_new_tokens)
-        options = SamplingOptions(do_sample, temperature, top_k, top_p)
-        stops = torch.tensor(stop_token_ids(config, eos_token_id), device=lang_x.device, dtype=torch.long)
-        pad = config.pad_token_id if pad_token_id is None else pad_token_id
+        options = generation_options(
+            config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+            early_stopping=early_stopping, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
         lang_x = lang_x.long()
+        return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, timer), lang_x, options,
+                            config.lm.vocab_size, generator=generator, timer=timer, return_logits=return_logits)
 
-        if timer is not None:
-            timer.start()
-        media = self.encode_vision(vision_x) if vision_x is not None else None
-        if timer is not None:
-            timer.lap("vision")
-        cache = ReferenceKVCache.empty(config.lm.num_layers)
-        positions = masking.positions_from_mask(attention_mask)
-        logits = self.lang_encoder(
-            lang_x, media, masking.text_time(lang_x, config.media_token_id), positions, attention_mask, cache
-        )[:, -1]
-        decode_time = masking.images_per_row(lang_x, config.media_token_id)[:, None]
-        finished = torch.zeros(lang_x.shape[0], dtype=torch.bool, device=lang_x.device)
-        generated: list[torch.Tensor] = []
-        step_logits: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            step_logits.append(logits)
-            scores = logits.index_fill(-1, stops, float("-inf")) if step < min_new_tokens else logits
-            token = select_next_token(scores, options, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            generated.append(token)
-            if timer is not None:
-                timer.lap("prefill" if step == 0 else "decode")
-            finished = finished | torch.isin(token, stops)
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            logits = self.lang_encoder(token[:, None], media, decode_time, positions, attention_mask, cache)[:, -1]
-        if not generated:
-            ids, logits = lang_x, logits.new_zeros(lang_x.shape[0], 0, logits.shape[-1])
-        else:
-            ids, logits = torch.cat([lang_x, torch.stack(generated, dim=1)], dim=1), torch.stack(step_logits, dim=1)
-        return (ids, logits) if return_logits else ids
+
+class ReferenceDecoder:
+    """The search interface (flamingo_fast/search.py) over the reference's grown-by-concatenation cache, done
+    plainly: forking repeats every row's cache and media, reordering gathers whole caches."""
+
+    def __init__(self, lm: FlamingoLM, cache: ReferenceKVCache, media: torch.Tensor | None, image: torch.Tensor,
+                 position: torch.Tensor, key_valid: torch.Tensor):
+        self.lm, self.cache, self.media = lm, cache, media
+        self.image, self.position, self.key_valid = image, position, key_valid  # [H], [H], [H, T so far]
+
+    def _select(self, index: torch.Tensor) -> None:
+        self.cache.keys = [k.index_select(0, index) for k in self.cache.keys]
+        self.cache.values = [v.index_select(0, index) for v in self.cache.values]
+        self.media = self.media.index_select(0, index) if self.media is not None else None
+        self.image, self.position = self.image[index], self.position[index]
+        self.key_valid = self.key_valid[index]
+
+    def fork(self, per_row: int) -> None:
+        rows = torch.arange(self.position.shape[0], device=self.position.device)
+        self._select(rows.repeat_interleave(per_row))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self._select(index)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every generated token belongs to the last image of its row's prompt (`image`, 1-based)."""
+        self.key_valid = torch.cat([self.key_valid, torch.ones_like(self.key_valid[:, :1])], dim=1)
+        self.position = self.position + 1
+        logits = self.lm(tokens[:, None], self.media, self.image[:, None], self.position[:, None], self.key_valid,
+                         self.cache)
+        return logits[:, -1].float()
 
 
 def _init_linear_and_embedding(module: nn.Module) -> None:

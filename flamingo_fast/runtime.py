@@ -26,6 +26,7 @@ over the static KV cache, with a boolean mask (rotary models) or an additive ALi
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,8 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from . import masking
-from .caches import MediaKVCache, StaticKVCache
+from .attention import shared_prefix_attention
+from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .fast_modules import FastGatedCrossAttention, FastPerceiverResampler, NormSpec, kernel_ops
+from .graphs import DecodeGraphs, DecodeInputs
 from .reference import (
     Flamingo,
     alibi_attention_bias,
@@ -43,88 +46,9 @@ from .reference import (
     rotary_cos_sin,
     self_attention_mask,
 )
-from .sampling import SamplingOptions, select_next_token
+from .search import GenerationOptions, generate_ids, generation_options
 from .timing import PhaseTimer
-from .validation import check_generate_options, check_inputs, stop_token_ids
-
-
-@dataclass
-class DecodeInputs:
-    """The decode step's inputs, as device tensors (static buffers when a CUDA graph replays the step)."""
-
-    token: torch.Tensor  # [B] long
-    position: torch.Tensor  # [B] long, rotary position of the token
-    cache_col: torch.Tensor  # [1] long, the KV-cache column it is written to (the same for every row)
-    image_index: torch.Tensor  # [B] int32, 0-based image the token attends to, -1 = none
-    num_images: torch.Tensor  # [B] int32, images in the row's prompt
-
-    @classmethod
-    def dummy(cls, batch: int, device) -> DecodeInputs:
-        z = torch.zeros(batch, dtype=torch.long, device=device)
-        return cls(z, z.clone(), torch.zeros(1, dtype=torch.long, device=device),
-                   torch.full((batch,), -1, dtype=torch.int32, device=device),
-                   torch.zeros(batch, dtype=torch.int32, device=device))
-
-    def copy_from(self, other: DecodeInputs) -> None:
-        b = other.token.shape[0]
-        self.token[:b].copy_(other.token)
-        self.position[:b].copy_(other.position)
-        self.cache_col.copy_(other.cache_col)
-        self.image_index[:b].copy_(other.image_index)
-        self.num_images[:b].copy_(other.num_images)
-
-
-class DecodeGraphs:
-    """CUDA graphs of the decode step, one per (batch bucket, KV-length bucket), captured on first use.
-
-    As in vLLM's runner: a warm-up run before each capture (Triton compilation and lazy cuBLAS set-up stay
-    out of the graph), one memory pool shared by all graphs, inputs copied into static buffers before
-    replay; the caches are read and written in place, never copied. KV-length buckets let short prompts
-    read only the cache columns they can use instead of all `max_seq_len`.
-    """
-
-    def __init__(self, step: Callable[[DecodeInputs, int], torch.Tensor], max_batch_size: int, max_seq_len: int,
-                 device: torch.device, kv_bucket: int = 256):
-        self.step, self.max_seq_len, self.kv_bucket, self.device = step, max_seq_len, kv_bucket, device
-        self.batch_buckets = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
-        self.inputs: dict[int, DecodeInputs] = {}
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
-        self.capture_seconds = 0.0
-
-    def run(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
-        batch = inputs.token.shape[0]
-        bucket = next(b for b in self.batch_buckets if b >= batch)
-        kv_len = min(-(-kv_len // self.kv_bucket) * self.kv_bucket, self.max_seq_len)
-        if bucket not in self.inputs:
-            self.inputs[bucket] = DecodeInputs.dummy(bucket, self.device)
-        static = self.inputs[bucket]
-        static.copy_from(inputs)
-        if (bucket, kv_len) not in self.graphs:
-            self._capture(bucket, kv_len)
-        graph, logits = self.graphs[(bucket, kv_len)]
-        graph.replay()
-        return logits[:batch]
-
-    def _capture(self, bucket: int, kv_len: int) -> None:
-        import time
-
-        start = time.perf_counter()
-        static = self.inputs[bucket]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.step(static, kv_len)  # warm-up; rewrites the same cache column with the same values
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.step(static, kv_len)
-        if self.pool is None:
-            self.pool = graph.pool()
-        self.graphs[(bucket, kv_len)] = (graph, logits)
-        torch.cuda.synchronize(self.device)
-        self.capture_seconds += time.perf_counter() - start
-
+from .validation import check_generate_options, check_inputs
 
 # ----------------------------------------------------------------------------------------------------------
 # The per-family piece of a decoder layer
@@ -198,13 +122,14 @@ FAMILY_LAYER_OPS = {
 class FastFlamingo:
     """Cached, kernel-backed Flamingo inference over a reference model's parameters.
 
-    Holds one set of caches (StaticKVCache, MediaKVCache) sized at construction and reused by every call;
-    calls are independent (each prompt overwrites what it reads). One request at a time per instance.
+    Holds one set of caches (StaticKVCache, MediaKVCache; TailKVCache from the first beam search on) sized at
+    construction and reused by every call; calls are independent (each prompt overwrites what it reads). One
+    call runs at a time per instance: concurrent calls from several threads wait for each other on a lock.
     """
 
     def __init__(self, model: Flamingo, backend: str = "auto", max_batch_size: int = 8,
                  max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
-                 stop_check_interval: int = 8):
+                 stop_check_interval: int = 8, max_hypotheses: int | None = None, max_tail_len: int = 64):
         config = model.config
         param = model.lang_encoder.output_head.weight
         self.device, self.dtype = param.device, param.dtype
@@ -216,9 +141,11 @@ class FastFlamingo:
                 f"to run the kernels in Triton's interpreter); use backend='torch' on the CPU"
             )
         max_seq_len = config.lm.max_position_embeddings if max_seq_len is None else max_seq_len
+        max_hypotheses = 4 * max_batch_size if max_hypotheses is None else max_hypotheses
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
-                            ("max_images", max_images), ("stop_check_interval", stop_check_interval)):
-            if not isinstance(value, int) or value < 1:
+                            ("max_images", max_images), ("stop_check_interval", stop_check_interval),
+                            ("max_hypotheses", max_hypotheses), ("max_tail_len", max_tail_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1")
         if max_seq_len > config.lm.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len}: expected at most the model's max positions "
@@ -247,6 +174,9 @@ class FastFlamingo:
         self.alibi_slopes = alibi_slopes(lm.num_heads, lm.alibi_bias_max, self.device) if lm.alibi else None
         self.kv_cache = StaticKVCache.allocate(config, max_batch_size, max_seq_len, self.dtype, self.device)
         self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
+        self.max_hypotheses, self.max_tail_len = max_hypotheses, max_tail_len
+        self.tail_cache: TailKVCache | None = None  # allocated by the first beam search, then kept (graphs read it)
+        self.lock = threading.Lock()
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self._decode_step, max_batch_size, max_seq_len, self.device) if use_graphs else None
 
@@ -256,7 +186,8 @@ class FastFlamingo:
                        **options) -> FastFlamingo:
         """Share `model`'s parameters (no copy). With a different `dtype`, a converted copy is made once and
         the reference keeps its own dtype. Options: max_batch_size, max_seq_len, max_images, cuda_graphs,
-        stop_check_interval."""
+        stop_check_interval, max_hypotheses (beams x rows, default 4 x max_batch_size), max_tail_len (the most
+        new tokens a beam search may ask for, default 64)."""
         if dtype is not None and dtype != model.lang_encoder.output_head.weight.dtype:
             import copy
 
@@ -269,11 +200,12 @@ class FastFlamingo:
     def forward(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits [B, T, vocab], like the reference's forward."""
-        attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
-        counts = self._images_to_encode(vision_x, lang_x)
-        self._check_capacity(lang_x, counts, 0)
-        num_images = self._encode_media(vision_x, counts, None)
-        return self._prefill(lang_x, attention_mask, num_images, all_logits=True)
+        with self.lock:
+            attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
+            counts = self._images_to_encode(vision_x, lang_x)
+            self._check_capacity(lang_x, counts, 0)
+            num_images = self._encode_media(vision_x, counts, None)
+            return self._prefill(lang_x, attention_mask, num_images, all_logits=True)
 
     __call__ = forward
 
@@ -294,66 +226,41 @@ class FastFlamingo:
         timer: PhaseTimer | None = None,
         return_logits: bool = False,
         min_new_tokens: int = 0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Same signature, options and outputs as `Flamingo.generate` (see there)."""
+        """Same signature, options and outputs as `Flamingo.generate` (see there). With beams, each row's
+        prompt is encoded and prefilled once; its beams share that KV and keep private tails."""
         config = self.config
-        attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
-        check_generate_options(config, lang_x, attention_mask, max_new_tokens, min_new_tokens)
-        counts = self._images_to_encode(vision_x, lang_x)
-        self._check_capacity(lang_x, counts, max_new_tokens)
-        options = SamplingOptions(do_sample, temperature, top_k, top_p)
-        stops = torch.tensor(stop_token_ids(config, eos_token_id), device=lang_x.device, dtype=torch.long)
-        pad = config.pad_token_id if pad_token_id is None else pad_token_id
-        lang_x = lang_x.long()
-        batch, prompt_len = lang_x.shape
-        if max_new_tokens == 0:
-            empty = torch.zeros(batch, 0, config.lm.vocab_size, device=lang_x.device)
-            return (lang_x, empty) if return_logits else lang_x
+        with self.lock:
+            attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
+            check_generate_options(config, lang_x, attention_mask, max_new_tokens, min_new_tokens)
+            options = generation_options(
+                config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                length_penalty=length_penalty, early_stopping=early_stopping,
+                num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            )
+            counts = self._images_to_encode(vision_x, lang_x)
+            self._check_capacity(lang_x, counts, max_new_tokens, options)
+            lang_x = lang_x.long()
+            return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, counts, timer), lang_x,
+                                options, config.lm.vocab_size, generator=generator, timer=timer,
+                                return_logits=return_logits, stop_check_interval=self.stop_check_interval)
 
-        if timer is not None:
-            timer.start()
+    @torch.no_grad()
+    def prefill(self, vision_x, lang_x, attention_mask, counts: torch.Tensor,
+                timer: PhaseTimer | None = None) -> tuple[FastDecoder, torch.Tensor]:
+        """Encode the images each row uses, prefill the prompts -> (decoder over the cached prompts, float32
+        logits [B, vocab] of each row's last token). Inputs already checked; call under the lock."""
         num_images = self._encode_media(vision_x, counts, timer)
         logits = self._prefill(lang_x, attention_mask, num_images)
-        images_in_row = masking.images_per_row(lang_x, config.media_token_id).to(torch.int32)
-        inputs = DecodeInputs(
-            token=lang_x[:, -1].clone(),
-            position=masking.positions_from_mask(attention_mask)[:, -1].clone(),
-            cache_col=torch.full((1,), prompt_len - 1, dtype=torch.long, device=lang_x.device),
-            image_index=images_in_row - 1,
-            num_images=torch.full_like(images_in_row, num_images) if self.pre_image_bug else images_in_row,
-        )
-        tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=lang_x.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=lang_x.device)
-        steps_done, step_logits = 0, []
-        for step in range(max_new_tokens):
-            if return_logits:
-                step_logits.append(logits.to(torch.float32, copy=True))  # a graph's output buffer is reused
-            scores = logits.index_fill(-1, stops, float("-inf")) if step < min_new_tokens else logits
-            token = select_next_token(scores, options, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            tokens[:, step] = token
-            finished = finished | torch.isin(token, stops)
-            steps_done = step + 1
-            if timer is not None:
-                timer.lap("prefill" if step == 0 else "decode")
-            if step == max_new_tokens - 1:
-                break
-            if steps_done % self.stop_check_interval == 0 and bool(finished.all()):
-                break
-            inputs.token = token
-            inputs.position = inputs.position + 1
-            inputs.cache_col = inputs.cache_col + 1
-            logits = self._run_decode_step(inputs, kv_len=prompt_len + step + 1)
-
-        # The reference stops right after the step at which every row has finished: trim to that.
-        tokens = tokens[:, :steps_done]
-        done = torch.isin(tokens, stops).cumsum(dim=1) > 0  # [B, steps]: row finished at or before step
-        all_done = done.all(dim=0).nonzero()
-        length = int(all_done[0]) + 1 if len(all_done) else steps_done
-        ids = torch.cat([lang_x, tokens[:, :length]], dim=1)
-        if return_logits:
-            return ids, torch.stack(step_logits[:length], dim=1)
-        return ids
+        images_in_row = masking.images_per_row(lang_x, self.config.media_token_id).to(torch.int32)
+        row_images = torch.full_like(images_in_row, num_images) if self.pre_image_bug else images_in_row
+        last_position = masking.positions_from_mask(attention_mask)[:, -1]
+        return FastDecoder(self, lang_x.shape[1], last_position, images_in_row - 1, row_images), logits.float()
 
     @property
     def capture_seconds(self) -> float:
@@ -372,11 +279,21 @@ class FastFlamingo:
             return torch.zeros_like(counts)
         return torch.full_like(counts, vision_x.shape[1]) if self.pre_image_bug else counts
 
-    def _check_capacity(self, lang_x, counts: torch.Tensor, max_new_tokens: int) -> None:
+    def _check_capacity(self, lang_x, counts: torch.Tensor, max_new_tokens: int,
+                        options: GenerationOptions | None = None) -> None:
         batch, prompt_len = lang_x.shape
         if batch > self.kv_cache.max_batch_size:
             raise ValueError(f"lang_x: batch {batch} exceeds max_batch_size={self.kv_cache.max_batch_size} "
                              f"of this FastFlamingo; expected at most that many rows")
+        beams = options.num_beams if options is not None else 1
+        if beams > 1:  # the prompt stays in the static cache; each beam's new tokens go to its tail
+            if batch * beams > self.max_hypotheses:
+                raise ValueError(f"num_beams={beams}: {batch} rows x {beams} beams exceeds max_hypotheses="
+                                 f"{self.max_hypotheses} of this FastFlamingo")
+            if max_new_tokens > self.max_tail_len:
+                raise ValueError(f"max_new_tokens={max_new_tokens}: beam search keeps at most max_tail_len="
+                                 f"{self.max_tail_len} new tokens per beam in this FastFlamingo")
+            max_new_tokens = 0
         total = prompt_len + max_new_tokens
         if total > self.kv_cache.max_seq_len:
             raise ValueError(f"max_new_tokens={max_new_tokens}: prompt length {prompt_len} + max_new_tokens = {total} "
@@ -447,40 +364,76 @@ class FastFlamingo:
         h = self._layers(x, rope, cross, attend)
         return model.output_head(h if all_logits else h[:, -1])
 
-    def _run_decode_step(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
+    def _run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int) -> torch.Tensor:
         if self.graphs is not None:
-            return self.graphs.run(inputs, kv_len)
-        return self._decode_step(inputs, kv_len)
+            return self.graphs.run(inputs, kv_len, per_row)
+        return self._decode_step(inputs, kv_len, per_row)
 
-    def _decode_step(self, inputs: DecodeInputs, kv_len: int) -> torch.Tensor:
-        """One token per row -> logits [B, vocab]. Static shapes, no host sync, no allocation that depends on
-        values: the function a CUDA graph captures. Reads KV-cache columns [0, kv_len)."""
+    def _ensure_tail_cache(self) -> TailKVCache:
+        """Allocated once, on the first beam search, and never replaced (captured graphs read it)."""
+        if self.tail_cache is None:
+            self.tail_cache = TailKVCache.allocate(self.config, self.max_hypotheses, self.max_tail_len, self.dtype,
+                                                   self.device)
+        return self.tail_cache
+
+    def _decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int) -> torch.Tensor:
+        """One token per hypothesis -> logits [H, vocab]. Static shapes, no host sync, no allocation that
+        depends on values: the function a CUDA graph captures.
+
+        per_row == 1: each row owns its segment; the token is written to static-cache column `kv_column` and
+        attends to columns [0, kv_len). per_row > 1: hypothesis h = b * per_row + r attends to row b's prompt
+        (static-cache columns [0, kv_len)) and to its own tail (tail columns [0, kv_column], the token written
+        at kv_column), merged by log-sum-exp (attention.py)."""
         lm, model, kv = self.config.lm, self.model.lang_encoder, self.kv_cache
-        batch = inputs.token.shape[0]
-        x = model.embed_tokens(inputs.token)[:, None]  # [B, 1, D]
-        kv.key_valid[:batch].index_fill_(1, inputs.cache_col, True)
-        mask = kv.key_valid[:batch, None, None, :kv_len]
-        if lm.alibi:  # slope * (key column - query column), the token's own column being cache_col
-            distance = (torch.arange(kv_len, device=x.device) - inputs.cache_col).to(torch.float32)
-            bias = (self.alibi_slopes[:, None] * distance).to(x.dtype)[None, :, None, :]  # [1, H, 1, kv_len]
-            rope, mask = None, bias.masked_fill(~mask, float("-inf"))
+        hypotheses = inputs.token.shape[0]
+        rows = hypotheses // per_row
+        x = model.embed_tokens(inputs.token)[:, None]  # [H, 1, D]
+        rope = None if lm.alibi else rotary_cos_sin(inputs.rope_position[:, None], lm.rotary_dim, lm.rope_theta,
+                                                     x.dtype)
+        columns = torch.arange(kv_len, device=x.device)
+        if per_row == 1:
+            kv.key_valid[:rows].index_fill_(1, inputs.kv_column, True)
+            mask = kv.key_valid[:rows, None, None, :kv_len]
+            if lm.alibi:  # slope * (key column - query column), the token's own column being kv_column
+                bias = self.alibi_slopes[:, None] * (columns - inputs.kv_column).to(torch.float32)
+                mask = bias.to(x.dtype)[None, :, None, :].masked_fill(~mask, float("-inf"))  # [1, H, 1, kv_len]
         else:
-            rope = rotary_cos_sin(inputs.position[:, None], lm.rotary_dim, lm.rope_theta, x.dtype)
-        gqa = lm.num_heads != lm.num_kv_heads
+            tail = self.tail_cache
+            groups = lm.num_heads // lm.num_kv_heads
+            tail_columns = torch.arange(tail.max_tail_len, device=x.device)
+            prompt_bias = torch.zeros(rows, 1, 1, kv_len, device=x.device).masked_fill(
+                ~kv.key_valid[:rows, None, None, :kv_len], float("-inf"))
+            tail_bias = torch.zeros(tail.max_tail_len, device=x.device).masked_fill(
+                tail_columns > inputs.kv_column, float("-inf"))
+            if lm.alibi:  # distances from the query's column: prompt_columns + kv_column in the whole sequence
+                slopes = self.alibi_slopes.view(lm.num_kv_heads, 1, groups, 1)
+                query = inputs.prompt_columns + inputs.kv_column
+                prompt_bias = prompt_bias + (slopes * (columns - query)).expand(
+                    -1, per_row, -1, -1).reshape(lm.num_kv_heads, per_row * groups, kv_len)
+                tail_bias = tail_bias + slopes[:, 0] * (tail_columns - inputs.kv_column)  # [Hkv, G, T]
 
         def cross(idx, x, h):
             slot = self.xattn_slot[idx]
             return self.xattn[idx].decode(
-                x, h, self.media_cache.keys[slot, :batch], self.media_cache.values[slot, :batch],
-                inputs.image_index, inputs.num_images, self.input_norms[idx],
+                x, h, self.media_cache.keys[slot, :rows], self.media_cache.values[slot, :rows],
+                inputs.image_index, inputs.row_images, self.input_norms[idx], queries_per_row=per_row,
             )
 
         def attend(idx, q, k, v):
-            layer_keys, layer_values = kv.keys[idx, :batch], kv.values[idx, :batch]
-            layer_keys.index_copy_(2, inputs.cache_col, k)
-            layer_values.index_copy_(2, inputs.cache_col, v)
-            return F.scaled_dot_product_attention(
-                q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=mask, enable_gqa=gqa,
+            if per_row == 1:
+                layer_keys, layer_values = kv.keys[idx, :rows], kv.values[idx, :rows]
+                layer_keys.index_copy_(2, inputs.kv_column, k)
+                layer_values.index_copy_(2, inputs.kv_column, v)
+                return F.scaled_dot_product_attention(
+                    q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=mask,
+                    enable_gqa=lm.num_heads != lm.num_kv_heads,
+                )
+            tail_keys, tail_values = tail.keys[idx, :hypotheses], tail.values[idx, :hypotheses]
+            tail_keys.index_copy_(2, inputs.kv_column, k)
+            tail_values.index_copy_(2, inputs.kv_column, v)
+            return shared_prefix_attention(
+                q, kv.keys[idx, :rows, :, :kv_len], kv.values[idx, :rows, :, :kv_len], prompt_bias, tail_keys,
+                tail_values, tail_bias, per_row, lm.head_dim**-0.5,
             )
 
         return model.output_head(self._layers(x, rope, cross, attend)[:, 0])
@@ -505,3 +458,47 @@ class FastFlamingo:
         """(x + y, norm(x + y)) in one fused pass."""
         return self.ops.gated_residual(x, y, None, norm=norm.kind, norm_weight=norm.weight, norm_bias=norm.bias,
                                        eps=norm.eps)
+
+
+class FastDecoder:
+    """The search interface (flamingo_fast/search.py) over FastFlamingo's caches, for one call.
+
+    One hypothesis per row: the row owns its static-cache row and its new tokens follow the prompt there.
+    Several per row (beams): they share the row's prompt KV and media K/V in place; each one's new tokens go to
+    its own TailKVCache row, and `reorder` gathers tails only. Each `step` is one decode step (a CUDA-graph
+    replay on a GPU) with no host sync."""
+
+    def __init__(self, runtime: FastFlamingo, prompt_len: int, last_position: torch.Tensor,
+                 image_index: torch.Tensor, row_images: torch.Tensor):
+        self.runtime, self.prompt_len = runtime, prompt_len
+        self.last_position, self.image_index, self.row_images = last_position, image_index, row_images
+        self.per_row, self.tail_len, self.inputs = 1, 0, None
+
+    def fork(self, per_row: int) -> None:
+        rows = self.last_position.shape[0]
+        self.per_row, self.tail_len = per_row, 0
+        if per_row > 1:
+            self.runtime._ensure_tail_cache()
+        device = self.last_position.device
+        self.inputs = DecodeInputs(
+            token=torch.zeros(rows * per_row, dtype=torch.long, device=device),
+            rope_position=self.last_position.repeat_interleave(per_row),
+            kv_column=torch.full((1,), self.prompt_len - 1 if per_row == 1 else -1, dtype=torch.long, device=device),
+            prompt_columns=torch.full((1,), self.prompt_len, dtype=torch.long, device=device),
+            image_index=self.image_index.repeat_interleave(per_row),
+            row_images=self.row_images.repeat_interleave(per_row),
+        )
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs = self.inputs
+        inputs.token = tokens
+        inputs.rope_position = inputs.rope_position + 1
+        inputs.kv_column = inputs.kv_column + 1
+        self.tail_len += 1
+        kv_len = self.prompt_len + self.tail_len if self.per_row == 1 else self.prompt_len
+        return self.runtime._run_decode_step(inputs, kv_len, self.per_row).float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.per_row == 1:
+            raise ValueError("reorder: a decoder with one hypothesis per row cannot reorder; fork(per_row > 1) first")
+        self.runtime.tail_cache.reorder(index, self.tail_len)

@@ -21,12 +21,15 @@ class SamplingOptions:
     top_p: float = 1.0  # 1.0 = no nucleus filtering
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature}: expected a number > 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k}: expected an integer >= 0 (0 disables top-k)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: expected a number in (0, 1]")
+        if not self.do_sample:  # greedy: the sampling options have no effect (as in Hugging Face's generate)
+            return
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature > 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature={self.temperature!r}: expected a finite number > 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables top-k)")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
 
 
 def select_next_token(
@@ -35,7 +38,10 @@ def select_next_token(
     """[B, V] logits -> [B] long token ids."""
     if not options.do_sample:
         return logits.argmax(dim=-1)
-    scores = logits.float() / options.temperature
+    # The max is subtracted first, so a tiny temperature cannot overflow to inf - inf = NaN: the scores stay
+    # finite (0 at the best token, -inf or huge negatives elsewhere) and sampling tends to greedy.
+    scores = logits.float()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / options.temperature
     if options.top_k > 0:
         k = min(options.top_k, scores.shape[-1])
         kth_best = torch.topk(scores, k, dim=-1).values[:, -1:]

@@ -3,8 +3,6 @@ and what was expected; nothing is silently coerced."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from .config import FlamingoConfig
@@ -77,10 +75,9 @@ def check_generate_options(
     config: FlamingoConfig, lang_x: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
     min_new_tokens: int = 0,
 ) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 0")
-    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
-        raise ValueError(f"min_new_tokens={min_new_tokens!r}: expected an integer >= 0")
+    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected an integer >= 0")
     total = lang_x.shape[1] + max_new_tokens
     limit = config.lm.max_position_embeddings
     if total > limit:
@@ -95,14 +92,3 @@ def check_generate_options(
             f"attention_mask: row {right_padded[0]} is right-padded; generation expects left padding "
             f"(zeros only before the first real token)"
         )
-
-
-def stop_token_ids(config: FlamingoConfig, eos_token_id: int | Sequence[int] | None) -> list[int]:
-    """None -> stop on `<|endofchunk|>` and the LM's eos; an int or a list -> exactly those; [] -> never."""
-    if eos_token_id is None:
-        return [config.eoc_token_id, config.eos_token_id]
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    for token in ids:
-        if not isinstance(token, int) or not 0 <= token < config.lm.vocab_size:
-            raise ValueError(f"eos_token_id={eos_token_id!r}: expected token ids in [0, {config.lm.vocab_size})")
-    return ids

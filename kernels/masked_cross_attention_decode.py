@@ -9,6 +9,9 @@ image the new token of row b belongs to (the row's last image; -1: the row has n
 - -1 gives exactly 0, unless `pre_image_attends_all` (all-previous mode only): then the output is the mean
   of v over the latents of the row's `num_images[b]` images (OpenFlamingo's bug, see the prefill kernel).
 Indices are clamped to the cache's capacity (`capacity // NL` images): never an out-of-bounds read.
+
+Several queries may share one row's cache (`queries_per_row` R, the beams of a row): query b reads cache row
+b // R, so the beams of a row read its media K/V in place, never copied per beam.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 @triton.jit
 def _masked_cross_attention_decode_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, num_images_ptr, out_ptr,
-    capacity_images, qk_scale_log2,
+    capacity_images, qk_scale_log2, queries_per_row,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -39,12 +42,13 @@ def _masked_cross_attention_decode_kernel(
 ):
     """One program: the single new query of (row b, head h) against that row's cached image latents.
 
-    grid = (B, H)
-    q          [B, H, HEAD_DIM]                  any strides
-    k, v       [B, H, capacity, HEAD_DIM]        any strides; image i owns rows [i*NL, (i+1)*NL)
-    index      [B] int32                         the row's current image, -1 = none
-    num_images [B] int32                         images of the row (read only with PRE_IMAGE_ATTENDS_ALL)
-    out        [B, H, HEAD_DIM]                  any strides, OUT_DTYPE
+    grid = (B * R, H), R = queries_per_row
+    q          [B * R, H, HEAD_DIM]              any strides
+    k, v       [B, H, capacity, HEAD_DIM]        any strides; image i owns rows [i*NL, (i+1)*NL); query b
+                                                 reads row b // R
+    index      [B * R] int32                     the query's current image, -1 = none
+    num_images [B * R] int32                     images of its row (read only with PRE_IMAGE_ATTENDS_ALL)
+    out        [B * R, H, HEAD_DIM]              any strides, OUT_DTYPE
 
     Tiling: for image j in [lo, hi) (immediate: the one image; all-previous: 0..index), load the
     [BLOCK_N, HEAD_DIM] K and V tiles, scores s = K_j @ q (a broadcast multiply and row sum: one query
@@ -71,8 +75,9 @@ def _masked_cross_attention_decode_kernel(
         lo = tl.maximum(img, 0)
 
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd).to(tl.float32)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    row = b // queries_per_row
+    k_base = k_ptr + row * stride_kb + h * stride_kh
+    v_base = v_ptr + row * stride_vb + h * stride_vh
     m_i = tl.full([], -1.0e30, dtype=tl.float32)  # finite: no NaN when no key is attended
     l_i = tl.full([], 0.0, dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -99,19 +104,25 @@ def _masked_cross_attention_decode_kernel(
 
 
 def _check_inputs(q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images,
-                  scale, out):
+                  scale, out, queries_per_row):
     """Shared argument checks (shapes only: nothing here reads device memory). Returns (capacity_images,
     scale, needs_num_images)."""
     check_tensor("q", q, ndim=3)
     B, H, d = q.shape
+    if not isinstance(queries_per_row, int) or isinstance(queries_per_row, bool) or queries_per_row < 1:
+        raise ValueError(f"queries_per_row: got {queries_per_row!r}, expected an integer >= 1")
+    if B % queries_per_row:
+        raise ValueError(f"q: {B} queries is not a multiple of queries_per_row={queries_per_row}")
+    rows = B // queries_per_row
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("image_index", image_index, ndim=1, dtypes=(torch.int32,), device=q.device)
     if not isinstance(num_latents, int) or num_latents < 1:
         raise ValueError(f"num_latents: got {num_latents!r}, expected a positive int")
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != d:
+    if k.shape[0] != rows or k.shape[1] != H or k.shape[3] != d:
         raise ValueError(
-            f"k: got shape {tuple(k.shape)}, expected [B={B}, H={H}, capacity, d={d}] (q is {tuple(q.shape)})"
+            f"k: got shape {tuple(k.shape)}, expected [B={rows}, H={H}, capacity, d={d}] (q is {tuple(q.shape)}, "
+            f"queries_per_row={queries_per_row})"
         )
     check_shape("v", v, tuple(k.shape), "the shape of k")
     check_shape("image_index", image_index, (B,), "[B] of q")
@@ -141,15 +152,17 @@ def masked_cross_attention_decode(
     num_images: torch.Tensor | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    queries_per_row: int = 1,
 ) -> torch.Tensor:
     """Decode-step masked cross-attention (Triton). See the module docstring.
 
-    q [B, H, d], k, v [B, H, capacity, d] (the cached media K/V, same dtype as q), image_index [B] int32,
-    num_images [B] int32 (only for pre_image_attends_all). Returns [B, H, d] in q.dtype, written into
-    `out` when given. CUDA-graph safe: one launch, no sync, no allocation when `out` is given.
+    q [B * R, H, d], k, v [B, H, capacity, d] (the cached media K/V, same dtype as q; R = queries_per_row),
+    image_index [B * R] int32, num_images [B * R] int32 (only for pre_image_attends_all). Returns [B * R, H, d]
+    in q.dtype, written into `out` when given. CUDA-graph safe: one launch, no sync, no allocation when `out` is given.
     """
     capacity_images, scale, needs_num_images = _check_inputs(
-        q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out
+        q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out,
+        queries_per_row,
     )
     B, H, d = q.shape
     if d not in SUPPORTED_HEAD_DIMS:
@@ -166,7 +179,7 @@ def masked_cross_attention_decode(
     counts = num_images if needs_num_images else image_index  # a valid pointer; unread unless needed
     _masked_cross_attention_decode_kernel[(B, H)](
         q, k, v, image_index, counts, out,
-        capacity_images, scale * math.log2(math.e),
+        capacity_images, scale * math.log2(math.e), queries_per_row,
         *q.stride(), *k.stride(), *v.stride(), image_index.stride(0), counts.stride(0), *out.stride(),
         HEAD_DIM=d, NUM_LATENTS=num_latents, BLOCK_N=max(16, triton.next_power_of_2(num_latents)),
         ATTEND_PREVIOUS=attend_previous, PRE_IMAGE_ATTENDS_ALL=needs_num_images, OUT_DTYPE=tl_dtype(q.dtype),
@@ -187,6 +200,7 @@ def masked_cross_attention_decode_ref(
     num_images: torch.Tensor | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    queries_per_row: int = 1,
 ) -> torch.Tensor:
     """Torch twin of `masked_cross_attention_decode`; also free of host syncs (CUDA-graph safe).
 
@@ -196,7 +210,8 @@ def masked_cross_attention_decode_ref(
     (even NaN), so K/V are zeroed there before use.
     """
     capacity_images, scale, needs_num_images = _check_inputs(
-        q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out
+        q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out,
+        queries_per_row,
     )
     B, H, d = q.shape
     NL = num_latents
@@ -207,13 +222,16 @@ def masked_cross_attention_decode_ref(
     if capacity_images == 0:
         return out.zero_()
     img = image_index.long().clamp(-1, capacity_images - 1)  # [B]
+    kv_row = torch.arange(B, device=q.device) // queries_per_row  # the cache row each query reads
     if not attend_previous:
         rows = img.clamp(min=0)[:, None] * NL + torch.arange(NL, device=q.device)  # [B, NL]
-        rows = rows[:, None, :, None].expand(B, H, NL, d)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, None], k.gather(2, rows), v.gather(2, rows), scale=scale
-        )[:, :, 0]
+        heads = torch.arange(H, device=q.device)[None, :, None]
+        k_img = k[kv_row[:, None, None], heads, rows[:, None, :]]  # [B, H, NL, d]: only each query's image
+        v_img = v[kv_row[:, None, None], heads, rows[:, None, :]]
+        o = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_img, v_img, scale=scale)[:, :, 0]
         return out.copy_(torch.where((img >= 0)[:, None, None], o, 0.0))
+    if queries_per_row > 1:
+        k, v = k.index_select(0, kv_row), v.index_select(0, kv_row)
 
     n_keys = capacity_images * NL
     key_image = torch.arange(n_keys, device=q.device) // NL

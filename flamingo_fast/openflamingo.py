@@ -45,6 +45,7 @@ from torch import nn
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
 from .reference import Flamingo
+from .search import stop_token_ids
 from .timing import PhaseTimer
 
 # The decoder layers' attribute in each source layout (OpenFlamingo's `decoder_layers_attr_name`).
@@ -356,14 +357,15 @@ class OpenFlamingoRuntime:
 
     generate(vision_x, lang_x, attention_mask=None, max_new_tokens=20, num_beams=1, do_sample=False,
              temperature=1.0, top_k=50, top_p=1.0, eos_token_id=<|endofchunk|>, min_new_tokens=0,
-             pad_token_id=None, ...) -> ids [B, T + new], as OpenFlamingo returns them (Hugging Face's
-    defaults: top_k 50 when sampling; finished rows padded with `pad_token_id`, by default the LM's pad token
-    or else the first stop token). Beam search and the other Hugging Face options are not supported and are
-    an error, never ignored. flamingo_fast's own options pass through: generator, timer, return_logits.
+             pad_token_id=None, length_penalty=1.0, early_stopping=False, num_return_sequences=1, ...)
+    -> ids [B * num_return_sequences, T + new], as OpenFlamingo returns them (Hugging Face's defaults: top_k 50
+    when sampling; finished rows padded with `pad_token_id`, by default the LM's pad token or else the first
+    stop token). Beam search follows Hugging Face's (flamingo_fast/search.py), each row's prompt encoded and
+    prefilled once. Options of Hugging Face's generate that are not implemented are an error that names them,
+    never ignored. flamingo_fast's own options pass through: generator, timer, return_logits.
     """
 
-    HF_DEFAULTS = {"num_return_sequences": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0,
-                   "length_penalty": 1.0, "early_stopping": False, "use_cache": True}
+    HF_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
 
     def __init__(self, fast, reference: Flamingo, hf_pad_token_id: int | None):
         self.fast, self.reference, self.config = fast, reference, reference.config
@@ -381,27 +383,49 @@ class OpenFlamingoRuntime:
     def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int = 0,
-                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                 timer: PhaseTimer | None = None, return_logits: bool = False, **hf_options):
-        if num_beams != 1:
-            raise ValueError(f"num_beams={num_beams}: beam search is not supported by flamingo_fast yet; "
-                             f"expected num_beams=1 (greedy or sampling)")
+                 pad_token_id: int | None = None, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                 num_return_sequences: int = 1, generator: torch.Generator | None = None,
+                 timer: PhaseTimer | None = None, return_logits: bool = False, use_cache: bool = True,
+                 **hf_options):
+        # use_cache changes how Hugging Face computes, never what: flamingo_fast always caches
         unsupported = {k: v for k, v in hf_options.items() if self.HF_DEFAULTS.get(k, object()) != v}
         if unsupported:
             raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
-                             f"supported: max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, "
-                             f"min_new_tokens, pad_token_id")
+                             f"supported: max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, "
+                             f"eos_token_id, min_new_tokens, pad_token_id, length_penalty, early_stopping, "
+                             f"num_return_sequences")
         if eos_token_id is None:
             eos_token_id = self.config.eoc_token_id  # OpenFlamingo's default stop token
-        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        stops = stop_token_ids(eos_token_id, (), self.config.lm.vocab_size)
         if pad_token_id is None:
-            pad_token_id = self.hf_pad_token_id if self.hf_pad_token_id is not None else (stops or [0])[0]
+            pad_token_id = self.hf_pad_token_id if self.hf_pad_token_id is not None else (stops or (0,))[0]
+        if num_beams > 1 and not pad_token_id and stops:
+            pad_token_id = stops[0]  # Hugging Face's beam search fills with `pad_token_id or eos_token_id[0]`
         return self.fast.generate(
             vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k if do_sample else 0, top_p=top_p, generator=generator,
-            eos_token_id=stops, pad_token_id=pad_token_id, min_new_tokens=min_new_tokens, timer=timer,
-            return_logits=return_logits,
+            eos_token_id=list(stops), pad_token_id=pad_token_id, min_new_tokens=min_new_tokens, timer=timer,
+            return_logits=return_logits, num_beams=num_beams, length_penalty=length_penalty,
+            early_stopping=early_stopping, num_return_sequences=num_return_sequences,
         )
+
+
+def _output_head_by_role(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live model's state dict with its LM's output head under the name flamingo_fast's maps expect.
+
+    The head is found by its role (`get_output_embeddings()`), not by one spelling: GPT-NeoX names it
+    `embed_out` in transformers 4 and `lm_head` in transformers 5."""
+    state = model.state_dict(keep_vars=True)
+    lang = model.lang_encoder
+    head = lang.get_output_embeddings()
+    attr = next((name for name, module in lang.named_children() if module is head), None)
+    if attr is None:
+        raise ValueError("lang_encoder.get_output_embeddings(): not a direct child of the LM; expected the output "
+                         "head as an attribute of the causal LM (lm_head or embed_out)")
+    expected = "embed_out" if getattr(lang.config, "model_type", None) == "gpt_neox" else "lm_head"
+    if attr != expected and f"lang_encoder.{attr}.weight" in state:
+        state[f"lang_encoder.{expected}.weight"] = state.pop(f"lang_encoder.{attr}.weight")
+    return state
 
 
 @torch.no_grad()
@@ -413,7 +437,7 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None, **runti
     from .runtime import FastFlamingo
 
     config, layout = config_from_openflamingo(model, pad_token_id)
-    state = canonical_state_dict(model.state_dict(keep_vars=True), layout)
+    state = canonical_state_dict(_output_head_by_role(model), layout)
     config = _with_weight_shapes(config, state)
     tensors = to_reference_state_dict(state, config, layout)
     reference = build_reference_from_state(config, tensors)

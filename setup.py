@@ -18,12 +18,16 @@ setup(
     # A bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine: the Makefile installs
     # the right build first, and any 2.x satisfies this. CUDA builds of torch pin their own triton 3.x;
     # the range admits every 3.x so it never fights that pin.
-    install_requires=["torch>=2.1", "triton>=3.0,<4", "numpy"],
+    # safetensors (no torch dependency) reads the LM's and open_clip's weight files (load_openflamingo).
+    install_requires=["torch>=2.1", "triton>=3.0,<4", "numpy", "safetensors"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib"],
         "gpu": ["flash-attn"],
         "plot": ["matplotlib"],
-        "openflamingo": ["open-flamingo", "open_clip_torch", "transformers", "einops", "einops-exts", "safetensors"],
+        # Only what does not touch torch: open-flamingo's own pins (torch 2.0.1, an unpinned transformers that
+        # resolves to 5.x) would replace this environment's torch with an untested one. The OpenFlamingo
+        # comparison environment is `make setup-openflamingo` (requirements-openflamingo.txt, tested versions).
+        "openflamingo": ["safetensors"],
     },
     entry_points={"console_scripts": ["flamingo-fast=flamingo_fast.cli:main"]},
 )

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--impl", type=_impl_list, default=["reference", "fast"],
                    help="comma-separated implementations, the first is the baseline (default: reference,fast)")
-    p.add_argument("--backend", default="auto", help="the fast runtime's backend: auto, triton or torch")
+    p.add_argument("--backend", default="auto", choices=profiler.FAST_BACKENDS,
+                   help="the fast runtime's backend: auto, triton or torch")
     p.add_argument("--repeats", type=_non_negative_int("repeats", 1), default=3, help="timed calls (default 3)")
     p.add_argument("--warmup", type=_non_negative_int("warmup", 0), default=1,
                    help="untimed calls first, reported as warm-up seconds (default 1)")
@@ -99,6 +100,9 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             caption_tokens=args.caption_tokens, question_tokens=args.question_tokens, trace_dir=args.trace,
             fast_backend=args.backend,
         )
+        for option in ("json", "csv", "plot"):  # checked now, not after a sweep that may take an hour
+            if getattr(args, option) is not None:
+                profiler.check_output_path(option, getattr(args, option))
     except ValueError as error:
         parser.error(str(error))
     on_row = (lambda result: profiler.write_json(result, args.json, complete=False)) if args.json else None

@@ -163,6 +163,15 @@ class FlamingoConfig:
             token = getattr(self, name)
             if not 0 <= token < self.lm.vocab_size:
                 raise ValueError(f"{name}={token}: expected a token id in [0, {self.lm.vocab_size})")
+        # <image> and <|endofchunk|> must be tokens of their own: an <|endofchunk|> equal to <image> would be
+        # taken for an image, a pad equal to <image> would add images. bos == eos and pad == eos are common.
+        distinct = {"media_token_id": ("bos_token_id", "eos_token_id", "eoc_token_id", "pad_token_id"),
+                    "eoc_token_id": ("bos_token_id", "eos_token_id", "pad_token_id")}
+        for name, others in distinct.items():
+            for other in others:
+                if getattr(self, name) == getattr(self, other):
+                    raise ValueError(f"{name}={getattr(self, name)}: equal to {other}; expected <image> and "
+                                     f"<|endofchunk|> to have ids of their own, distinct from bos, eos and pad")
 
     @property
     def vision_dim(self) -> int:

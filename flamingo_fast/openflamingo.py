@@ -79,9 +79,18 @@ def _supported() -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def lm_config_from_hf(hf: Mapping, vocab_size: int) -> tuple[LMConfig, str]:
+def lm_config_from_hf(hf: Mapping, vocab_size: int, source: str = "lang_encoder config") -> tuple[LMConfig, str]:
     """A Hugging Face LM config (config.json as a dict) -> (LMConfig, source layout). `vocab_size` is the row
-    count of the embedding actually used (OpenFlamingo resizes it to its tokenizer)."""
+    count of the embedding actually used (OpenFlamingo resizes it to its tokenizer). A size that the config
+    lacks is an error naming `source` and the key."""
+    try:
+        return _lm_config_from_hf(hf, vocab_size)
+    except KeyError as error:
+        raise ValueError(f"{source}: no {error.args[0]!r}; expected a Hugging Face config.json with the model's "
+                         f"sizes") from None
+
+
+def _lm_config_from_hf(hf: Mapping, vocab_size: int) -> tuple[LMConfig, str]:
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"lang_encoder: model_type={model_type!r} is not supported; expected one of {_supported()}")
@@ -150,6 +159,14 @@ def lm_config_from_hf(hf: Mapping, vocab_size: int) -> tuple[LMConfig, str]:
     ), layout
 
 
+def _common_dtype(files: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.dtype | None:
+    """None when every file's floating-point tensors share one dtype (it is kept); float32 when they differ
+    (MPT-7B ships bf16 weights beside float32 checkpoints and CLIP): the dtype OpenFlamingo computes in when it
+    loads the same files (Hugging Face's from_pretrained loads float32 unless told otherwise)."""
+    dtypes = {t.dtype for tensors in files.values() for t in tensors.values() if t.is_floating_point()}
+    return torch.float32 if len(dtypes) > 1 else None
+
+
 def _every_n(indices: Sequence[int], num_layers: int) -> int:
     """The cross-attention cadence n from the layers that hold a gated block ((i + 1) % n == 0)."""
     if not indices:
@@ -171,7 +188,9 @@ def _perceiver_config(state: Mapping[str, torch.Tensor]) -> PerceiverConfig:
     needed = [k for k in ("perceiver.latents", "perceiver.layers.0.0.to_q.weight", "perceiver.layers.0.1.1.weight")
               if k not in state]
     if needed:
-        raise ValueError(f"missing keys {_listing(needed)}: the perceiver's shape cannot be inferred without them")
+        unexpected = sorted(k for k in state if not k.startswith(("vision_encoder.", "lang_encoder.", "perceiver.")))
+        raise ValueError(f"missing keys {_listing(needed)}: the perceiver's shape cannot be inferred without them; "
+                         f"unexpected keys {_listing(unexpected)}")
     latents = state["perceiver.latents"]
     inner = state["perceiver.layers.0.0.to_q.weight"].shape[0]
     ff_inner = state["perceiver.layers.0.1.1.weight"].shape[0]
@@ -188,9 +207,60 @@ def _vision_config_from_weights(state: Mapping[str, torch.Tensor], heads: int | 
     layers = len({int(m.group(1)) for k in state
                   if (m := re.match(r"vision_encoder\.transformer\.resblocks\.(\d+)\.", k))})
     mlp = state["vision_encoder.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    if heads is None:
+        heads = _guess_vit_heads(width, layers, patch, grid * patch)
     return VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
-                        heads=heads or width // 64, mlp_ratio=mlp / width, act=act, in_channels=channels,
+                        heads=heads, mlp_ratio=mlp / width, act=act, in_channels=channels,
                         layer_norm_eps=eps)
+
+
+# open_clip's ViTs whose heads are not 64 wide (its `head_width`): ViT-H (80), ViT-g (88), ViT-bigG (104), ViT-e
+# (112), all with 16 heads. Every other open_clip ViT has 64-wide heads.
+OPEN_CLIP_HEADS_NOT_64_WIDE = {1280: 16, 1408: 16, 1664: 16, 1792: 16}
+
+
+def _guess_vit_heads(width: int, layers: int, patch: int, image_size: int) -> int:
+    """The weights do not show the head count: take open_clip's convention (64-wide heads, except its released
+    ViTs listed above); a width that fits neither is an error asking for the config."""
+    if width in OPEN_CLIP_HEADS_NOT_64_WIDE:
+        return OPEN_CLIP_HEADS_NOT_64_WIDE[width]
+    if width >= 64 and width % 64 == 0:
+        return width // 64
+    raise ValueError(
+        f"vision: the ViT is {width} wide, which is not a multiple of open_clip's 64-wide heads, and the weights do "
+        f"not show the head count; expected the ViT's config: pass vision=VisionConfig(image_size={image_size}, "
+        f"patch_size={patch}, width={width}, layers={layers}, heads=..., act=...) or put open_clip's config "
+        f"(open_clip_config.json, with vision_cfg) beside the weights"
+    )
+
+
+def _open_clip_vision_heads(vision_path: Path) -> int | None:
+    """The head count from an open_clip config beside the vision weights (open_clip_config.json as the hub ships
+    it, `{"model_cfg": {"vision_cfg": ...}}`, or a model config `{"vision_cfg": ...}`), None when there is none."""
+    folder = vision_path if vision_path.is_dir() else vision_path.parent
+    config_file = folder / "open_clip_config.json"
+    if not config_file.is_file():
+        return None
+    config = _read_json(config_file, "vision_path")
+    vision_cfg = (config.get("model_cfg") or config).get("vision_cfg")
+    if not isinstance(vision_cfg, dict) or "width" not in vision_cfg:
+        raise ValueError(f"vision_path: {str(config_file)!r} has no vision_cfg with a width; expected open_clip's "
+                         f"model config")
+    width, head_width = vision_cfg["width"], vision_cfg.get("head_width", 64)
+    if not isinstance(width, int) or not isinstance(head_width, int) or head_width < 1 or width % head_width:
+        raise ValueError(f"vision_path: {str(config_file)!r}: vision_cfg width={width!r}, head_width={head_width!r}; "
+                         f"expected integers, the width a multiple of head_width")
+    return width // head_width
+
+
+def _read_json(path: Path, argument: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{argument}: {str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{argument}: {str(path)!r} holds a JSON {type(data).__name__}; expected an object")
+    return data
 
 
 def config_from_openflamingo(model: nn.Module, pad_token_id: int | None = None) -> tuple[FlamingoConfig, str]:
@@ -352,6 +422,13 @@ def build_reference_from_state(config: FlamingoConfig, tensors: Mapping[str, tor
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class FlamingoOutput:
+    """What the drop-in's forward returns: OpenFlamingo's callers read `.logits`."""
+
+    logits: torch.Tensor
+
+
 class OpenFlamingoRuntime:
     """A FastFlamingo behind OpenFlamingo's `generate` call (and `forward` for logits).
 
@@ -371,8 +448,10 @@ class OpenFlamingoRuntime:
         self.fast, self.reference, self.config = fast, reference, reference.config
         self.hf_pad_token_id = hf_pad_token_id
 
-    def forward(self, vision_x, lang_x, attention_mask=None) -> torch.Tensor:
-        return self.fast.forward(vision_x, lang_x, attention_mask)
+    def forward(self, vision_x, lang_x, attention_mask=None) -> FlamingoOutput:
+        """-> an object with `.logits` [B, T, vocab], as OpenFlamingo's forward returns (Hugging Face's
+        CausalLMOutputWithPast); FastFlamingo.forward returns the bare tensor."""
+        return FlamingoOutput(logits=self.fast.forward(vision_x, lang_x, attention_mask))
 
     __call__ = forward
 
@@ -451,31 +530,49 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None, **runti
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike, argument: str = "path") -> dict[str, torch.Tensor]:
     """One weights file (safetensors, or a torch pickle read with weights_only=True) or a Hugging Face
-    directory (all its *.safetensors shards, else all its *.bin shards)."""
+    directory (all its *.safetensors shards, else all its *.bin shards). `argument` is the caller's name for
+    `path`: every error names it, the file and the cause (not a weights file, empty, truncated, a value that is
+    not a tensor). An OpenFlamingo training checkpoint's `model_state_dict` is unwrapped, and the `module.`
+    prefix of its multi-GPU (DDP / FSDP) training stripped, as OpenFlamingo's evaluation does."""
     path = Path(path)
+    where = f"{argument}={str(path)!r}"
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
         if not files:
-            raise ValueError(f"{path}: no *.safetensors or pytorch_model*.bin weights in this directory")
+            raise ValueError(f"{where}: no *.safetensors or pytorch_model*.bin weights in this directory")
         out: dict[str, torch.Tensor] = {}
         for file in files:
-            out.update(load_tensors(file))
+            out.update(load_tensors(file, argument))
         return out
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{where}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{where}: the file is empty; expected a weights file (safetensors or a torch checkpoint)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         try:
-            from safetensors.torch import load_file
-        except ImportError as error:  # pragma: no cover - the openflamingo extra brings it
-            raise ValueError(f"{path}: reading safetensors needs the `safetensors` package") from error
-        return load_file(str(path))
-    data = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise ValueError(f"{where}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types here: UnpicklingError, RuntimeError, KeyError, EOFError
+        cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        raise ValueError(f"{where}: not a readable torch checkpoint (not a weights file, truncated or corrupt?): "
+                         f"{cause}") from error
     if isinstance(data, dict) and "model_state_dict" in data:  # OpenFlamingo's training checkpoint
         data = data["model_state_dict"]
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(data).__name__}")
+        raise ValueError(f"{where}: holds a {type(data).__name__}; expected a state dict (names -> tensors)")
+    data = {k.removeprefix("module.") if isinstance(k, str) else k: v for k, v in data.items()}
+    for name, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: {name!r} holds a {type(value).__name__}; expected a tensor (a state dict "
+                             f"of weights)")
     return data
 
 
@@ -498,29 +595,41 @@ def load_openflamingo(
     """Build from local files only (no network):
 
     checkpoint_path  OpenFlamingo's checkpoint.pt: perceiver, gated cross-attention layers, resized embeddings
-                     (a training checkpoint with `model_state_dict` works too)
+                     (a training checkpoint with `model_state_dict` works too, and the `module.` prefix of
+                     multi-GPU training is stripped, as OpenFlamingo's evaluation does)
     lm_path          the LM's Hugging Face directory: config.json and *.safetensors or pytorch_model*.bin
     vision_path      open_clip weights: a full CLIP state dict (`visual.*` used, the text tower ignored) or the
                      visual tower's own keys
     eoc_token_id, media_token_id   the ids of `<|endofchunk|>` and `<image>` in OpenFlamingo's tokenizer
                      (`tokenizer.encode("<|endofchunk|>")[-1]`); for GPT-NeoX-20B's tokenizer 50277, 50278.
-    vision           the ViT's config; default: inferred from the weights with 64-wide heads and QuickGELU
-                     (OpenAI's CLIP, which every OpenFlamingo release uses)
+    vision           the ViT's config; default: inferred from the weights, QuickGELU (OpenAI's CLIP, which every
+                     OpenFlamingo release uses), the head count from open_clip's config when an
+                     open_clip_config.json lies beside the weights, else open_clip's convention (64-wide heads;
+                     16 heads for ViT-H, -g, -bigG and -e); a width that fits neither is an error
+    dtype            None: the files' own dtype when they agree, float32 when they differ (as OpenFlamingo loads
+                     them: e.g. MPT-7B's bf16 weights with a float32 checkpoint and CLIP); else every tensor is
+                     converted to `dtype`
 
-    Torch pickles are read with weights_only=True. Missing or unexpected keys are an error that lists them.
+    Torch pickles are read with weights_only=True. Missing or unexpected keys are an error that lists them; a
+    file that cannot be read is an error naming its argument, the file and the cause.
     """
     lm_dir = Path(lm_path)
     config_file = lm_dir / "config.json"
     if not config_file.is_file():
         raise ValueError(f"lm_path={str(lm_path)!r}: no config.json; expected a Hugging Face model directory")
-    hf = json.loads(config_file.read_text())
+    hf = _read_json(config_file, f"lm_path={str(lm_path)!r}")
 
-    visual = load_tensors(vision_path)
+    visual = load_tensors(vision_path, "vision_path")
     if any(k.startswith("visual.") for k in visual):
         visual = {k[len("visual."):]: v for k, v in visual.items() if k.startswith("visual.")}
+    lm_tensors = load_tensors(lm_dir, "lm_path")
+    checkpoint = load_tensors(checkpoint_path, "checkpoint_path")
+    files = {"checkpoint_path": checkpoint, "lm_path": lm_tensors, "vision_path": visual}
+    if dtype is None:
+        dtype = _common_dtype(files)
     state = {"vision_encoder." + k: v for k, v in visual.items()}
-    state.update({"lang_encoder." + k: v for k, v in load_tensors(lm_dir).items()})
-    state.update(load_tensors(checkpoint_path))  # the checkpoint's resized embeddings replace the LM's
+    state.update({"lang_encoder." + k: v for k, v in lm_tensors.items()})
+    state.update(checkpoint)  # the checkpoint's resized embeddings replace the LM's
 
     family, layout = MODEL_TYPES.get(hf.get("model_type"), (None, None))
     if family is None:
@@ -531,13 +640,13 @@ def load_openflamingo(
              "gpt_neox": "lang_encoder.gpt_neox.embed_in.weight"}[family]
     if embed not in canonical:
         raise ValueError(f"missing keys [{embed}]: no input embedding in the checkpoint or the LM")
-    lm, layout = lm_config_from_hf(hf, canonical[embed].shape[0])
+    lm, layout = lm_config_from_hf(hf, canonical[embed].shape[0], f"lm_path={str(lm_path)!r}: {str(config_file)!r}")
     gated = sorted({int(m.group(1)) for k in canonical
                     if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
     gated_q = canonical[f"lang_encoder.gated_cross_attn_layers.{gated[0]}.attn.to_q.weight"] if gated else None
     if vision is None:
-        eps = 1e-5
-        vision = _vision_config_from_weights(canonical, None, "quick_gelu", eps)
+        heads = _open_clip_vision_heads(Path(vision_path))
+        vision = _vision_config_from_weights(canonical, heads, "quick_gelu", 1e-5)
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     pad = pad_token_id if pad_token_id is not None else hf.get("pad_token_id")

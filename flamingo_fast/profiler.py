@@ -47,6 +47,7 @@ from .timing import PhaseTimer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLEMENTATIONS = ("reference", "fast", "openflamingo")
+FAST_BACKENDS = ("auto", "triton", "torch")  # FastFlamingo's (fast_modules.BACKENDS, imported only when profiled)
 DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 
 
@@ -77,6 +78,25 @@ def parse_int_list(text: str, name: str, minimum: int = 0) -> list[int]:
     return values
 
 
+def check_output_path(option: str, path: str | os.PathLike, folder: bool = False) -> None:
+    """Before the sweep: `path` (a file, or with `folder` a folder) can be created where it is asked for: it is
+    not a folder (not a file), and its nearest existing parent is a writable folder. A ValueError names the
+    option, the path and the cause."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{option}={str(path)!r}: exists and is not a folder; expected a folder for the traces")
+    if not folder and path.is_dir():
+        raise ValueError(f"{option}={str(path)!r}: is a folder; expected a file path")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option}={str(path)!r}: {str(parent)!r} is not a folder; expected a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}={str(path)!r}: the folder {str(parent)!r} is not writable; expected a "
+                         f"writable location")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -98,7 +118,7 @@ class ProfileOptions:
     caption_tokens: int = 12
     question_tokens: int = 6
     trace_dir: str | None = None
-    fast_backend: str = "auto"
+    fast_backend: str = "auto"  # auto, triton or torch
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -119,6 +139,11 @@ class ProfileOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 why = " (decode timing needs a token after the first)" if name == "new_tokens" else ""
                 raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}{why}")
+        if self.fast_backend not in FAST_BACKENDS:
+            raise ValueError(f"backend={self.fast_backend!r}: unknown fast runtime backend; expected one of "
+                             f"{list(FAST_BACKENDS)}")
+        if self.trace_dir is not None:
+            check_output_path("trace", self.trace_dir, folder=True)
         self.device = self.device or default_device()
         try:
             device = torch.device(self.device)

@@ -627,8 +627,12 @@ class Flamingo(nn.Module):
         self.apply(_init_linear_and_embedding)
 
     def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
-        """[B, T_img, F, C, H, W] -> latents [B, T_img, num_latents, D_vision]."""
+        """[B, T_img, F, C, H, W] -> latents [B, T_img, num_latents, D_vision]. No images (T_img = 0): no
+        latents, which the cross-attention treats as no media."""
         b, t, f = vision_x.shape[:3]
+        if t == 0:
+            dtype = self.perceiver.latents.dtype
+            return vision_x.new_zeros(b, 0, self.config.perceiver.num_latents, self.config.vision_dim, dtype=dtype)
         dtype = self.vision_encoder.conv1.weight.dtype
         tokens = self.vision_encoder(vision_x.reshape(b * t * f, *vision_x.shape[3:]).to(dtype))
         return self.perceiver(tokens.view(b, t, f, tokens.shape[1], tokens.shape[2]))

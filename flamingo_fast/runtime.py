@@ -32,12 +32,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import masking
 from .attention import shared_prefix_attention
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .fast_modules import FastGatedCrossAttention, FastPerceiverResampler, NormSpec, kernel_ops
 from .graphs import DecodeGraphs, DecodeInputs
+from .kernels import masked_cross_attention as _xattn_kernel
+from .kernels import perceiver_attention as _perceiver_kernel
 from .reference import (
     Flamingo,
     alibi_attention_bias,
@@ -49,6 +52,78 @@ from .reference import (
 from .search import GenerationOptions, generate_ids, generation_options
 from .timing import PhaseTimer
 from .validation import check_generate_options, check_inputs
+
+# The dtypes the kernels (and their torch twins, which share their checks) compute in.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_dtype(dtype: torch.dtype, name: str = "dtype") -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}={dtype}: unsupported by FastFlamingo; expected one of "
+                         f"{_dtype_names(SUPPORTED_DTYPES)}")
+
+
+def check_eval_mode(model: Flamingo) -> None:
+    """FastFlamingo runs inference only; it checks the mode instead of calling `.eval()` on the caller's model."""
+    training = [name or "model" for name, module in model.named_modules() if module.training]
+    if training:
+        more = " ..." if len(training) > 3 else ""
+        raise ValueError(f"model: in training mode ({', '.join(training[:3])}{more}); expected a model in eval "
+                         f"mode: call model.eval() first")
+
+
+def check_model(model: Flamingo) -> None:
+    """Refuse what FastFlamingo cannot run, before anything is built: a model in training mode, floating-point
+    tensors in more than one dtype, or in a dtype the kernels do not support."""
+    check_eval_mode(model)
+    dtypes: dict[torch.dtype, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point():
+            dtypes.setdefault(tensor.dtype, name)
+    if len(dtypes) > 1:
+        found = "; ".join(f"{str(d).replace('torch.', '')} (e.g. {name})" for d, name in dtypes.items())
+        raise ValueError(f"model: tensors in several dtypes: {found}; expected one dtype: pass "
+                         f"dtype= to from_reference to convert")
+    for dtype in dtypes:
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"model: tensors in {dtype}, unsupported by FastFlamingo; expected one of "
+                             f"{_dtype_names(SUPPORTED_DTYPES)}: pass dtype= to from_reference to convert")
+
+
+def check_backend(config, backend: str) -> None:
+    """The Triton kernels' shape limits, checked when the runtime is built rather than at the first call."""
+    if backend != "triton":
+        return
+    for name, value, supported in (
+        ("xattn_dim_head", config.xattn_dim_head, _xattn_kernel.SUPPORTED_HEAD_DIMS),
+        ("perceiver.dim_head", config.perceiver.dim_head, _perceiver_kernel.SUPPORTED_HEAD_DIMS),
+    ):
+        if value not in supported:
+            raise ValueError(f"config.{name}={value}: the Triton kernels support head dims {supported}; "
+                             f"expected one of them, or backend='torch'")
+
+
+def _converted(model: Flamingo, dtype: torch.dtype) -> Flamingo:
+    """A copy of `model` in `dtype`, converted tensor by tensor into a skeleton built on the meta device: the
+    peak is the converted copy (+1x), never a full copy before converting. Tied tensors stay tied."""
+    with torch.device("meta"):
+        copy = Flamingo(model.config)
+    converted: dict[int, torch.Tensor] = {}
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in converted:
+            new = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach().clone()
+            if isinstance(tensor, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            converted[id(tensor)] = new
+        state[name] = converted[id(tensor)]
+    copy.load_state_dict(state, strict=True, assign=True)
+    return copy.eval()
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The per-family piece of a decoder layer
@@ -131,10 +206,12 @@ class FastFlamingo:
                  max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
                  stop_check_interval: int = 8, max_hypotheses: int | None = None, max_tail_len: int = 64):
         config = model.config
+        check_model(model)
         param = model.lang_encoder.output_head.weight
         self.device, self.dtype = param.device, param.dtype
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
+        check_backend(config, backend)
         if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"backend='triton' with the model on {self.device}: expected a CUDA device (or TRITON_INTERPRET=1 "
@@ -184,15 +261,17 @@ class FastFlamingo:
     @torch.no_grad()
     def from_reference(cls, model: Flamingo, backend: str = "auto", dtype: torch.dtype | None = None,
                        **options) -> FastFlamingo:
-        """Share `model`'s parameters (no copy). With a different `dtype`, a converted copy is made once and
-        the reference keeps its own dtype. Options: max_batch_size, max_seq_len, max_images, cuda_graphs,
-        stop_check_interval, max_hypotheses (beams x rows, default 4 x max_batch_size), max_tail_len (the most
-        new tokens a beam search may ask for, default 64)."""
-        if dtype is not None and dtype != model.lang_encoder.output_head.weight.dtype:
-            import copy
-
-            model = copy.deepcopy(model).to(dtype)
-        return cls(model.eval(), backend=backend, **options)
+        """Share `model`'s parameters (no copy). With a different `dtype` (float32, float16 or bfloat16), a
+        converted copy is made once, tensor by tensor, and the reference keeps its own dtype. `model` must be in
+        eval mode (it is checked, never changed). Options: max_batch_size, max_seq_len, max_images,
+        cuda_graphs, stop_check_interval, max_hypotheses (beams x rows, default 4 x max_batch_size),
+        max_tail_len (the most new tokens a beam search may ask for, default 64)."""
+        check_eval_mode(model)
+        if dtype is not None:
+            check_dtype(dtype)
+        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in model.state_dict().values()):
+            model = _converted(model, dtype)
+        return cls(model, backend=backend, **options)
 
     # ------------------------------------------------------------------------------------------ public API
 
@@ -203,7 +282,7 @@ class FastFlamingo:
         with self.lock:
             attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
             counts = self._images_to_encode(vision_x, lang_x)
-            self._check_capacity(lang_x, counts, 0)
+            self._check_capacity(lang_x, counts, None)
             num_images = self._encode_media(vision_x, counts, None)
             return self._prefill(lang_x, attention_mask, num_images, all_logits=True)
 
@@ -279,12 +358,16 @@ class FastFlamingo:
             return torch.zeros_like(counts)
         return torch.full_like(counts, vision_x.shape[1]) if self.pre_image_bug else counts
 
-    def _check_capacity(self, lang_x, counts: torch.Tensor, max_new_tokens: int,
+    def _check_capacity(self, lang_x, counts: torch.Tensor, max_new_tokens: int | None,
                         options: GenerationOptions | None = None) -> None:
+        """max_new_tokens None: a forward call, which generates nothing."""
         batch, prompt_len = lang_x.shape
         if batch > self.kv_cache.max_batch_size:
             raise ValueError(f"lang_x: batch {batch} exceeds max_batch_size={self.kv_cache.max_batch_size} "
                              f"of this FastFlamingo; expected at most that many rows")
+        if max_new_tokens is None and prompt_len > self.kv_cache.max_seq_len:
+            raise ValueError(f"lang_x: {prompt_len} tokens per row exceed max_seq_len={self.kv_cache.max_seq_len} "
+                             f"of this FastFlamingo; expected at most that many")
         beams = options.num_beams if options is not None else 1
         if beams > 1:  # the prompt stays in the static cache; each beam's new tokens go to its tail
             if batch * beams > self.max_hypotheses:
@@ -294,7 +377,7 @@ class FastFlamingo:
                 raise ValueError(f"max_new_tokens={max_new_tokens}: beam search keeps at most max_tail_len="
                                  f"{self.max_tail_len} new tokens per beam in this FastFlamingo")
             max_new_tokens = 0
-        total = prompt_len + max_new_tokens
+        total = prompt_len + (max_new_tokens or 0)
         if total > self.kv_cache.max_seq_len:
             raise ValueError(f"max_new_tokens={max_new_tokens}: prompt length {prompt_len} + max_new_tokens = {total} "
                              f"exceeds max_seq_len={self.kv_cache.max_seq_len} of this FastFlamingo")

@@ -21,8 +21,13 @@ def check_inputs(
     if lang_x.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"lang_x: got dtype {lang_x.dtype}; expected torch.int64 or torch.int32 token ids")
     batch, seq = lang_x.shape
+    if batch == 0:
+        raise ValueError(f"lang_x: got 0 rows (shape {tuple(lang_x.shape)}); expected at least one row")
     if seq == 0:
         raise ValueError("lang_x: got an empty sequence (shape [B, 0]); expected at least one token per row")
+    if seq > config.lm.max_position_embeddings:
+        raise ValueError(f"lang_x: {seq} tokens per row; expected at most the model's max positions "
+                         f"{config.lm.max_position_embeddings}")
     vocab = config.lm.vocab_size
     lo, hi = int(lang_x.min()), int(lang_x.max())
     if lo < 0 or hi >= vocab:

@@ -109,7 +109,7 @@ def compare(of_model, fast, vision, ids, mask):
     with torch.no_grad():
         of_logits = of_model(vision, ids, attention_mask=mask).logits
     real = mask.bool()
-    assert_close(fast(vision, ids, mask)[real], of_logits[real], dtype=FP32)
+    assert_close(fast(vision, ids, mask).logits[real], of_logits[real], dtype=FP32)
     with torch.no_grad():
         out = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=1,
                                 output_logits=True, return_dict_in_generate=True)

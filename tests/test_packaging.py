@@ -44,3 +44,24 @@ def test_editable_install_maps_kernels_folder(tmp_path):
     found = _probe(dict(os.environ), cwd=tmp_path)
     assert Path(found["kernels"]).parent == REPO / "kernels"
     assert not found["top_level_kernels"], "a top-level 'kernels' module is importable outside the repo root"
+
+
+def _setup_arguments() -> dict:
+    """setup()'s keyword arguments, read from setup.py without running it."""
+    import ast
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    call = next(node for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    wanted = ("install_requires", "extras_require")
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg in wanted}
+
+
+def test_openflamingo_extra_leaves_torch_alone_and_safetensors_is_installed():
+    """`pip install -e '.[openflamingo]'` must not resolve open-flamingo's pins (torch 2.0.1) or transformers 5 into
+    the environment: the comparison environment is `make setup-openflamingo`. safetensors (no torch dependency)
+    is a plain requirement, so load_openflamingo reads .safetensors files in every install."""
+    args = _setup_arguments()
+    assert "safetensors" in args["install_requires"]
+    assert args["extras_require"]["openflamingo"] == ["safetensors"]
+    import safetensors.torch  # noqa: F401  (installed in this environment by the requirement above)

@@ -91,6 +91,17 @@ def test_cli_writes_table_json_csv(tmp_path, capsys, monkeypatch):
         else:  # the stand-in is the reference itself: same greedy ids, same logits
             assert row["tokens_match_baseline"] == 1.0
             assert row["first_logits_rel_err"] is not None and row["first_logits_rel_err"] < 1e-6
+    # every ratio is the baseline's time over this row's, from the same (batch, shots)
+    timings = {"speedup_vision": "vision_ms", "speedup_prefill": "prefill_ms", "speedup_ttft": "ttft_ms",
+               "speedup_decode_p50": "decode_ms_p50", "speedup_decode_p90": "decode_ms_p90",
+               "speedup_total": "total_ms"}
+    baselines = {(r["batch"], r["shots"]): r for r in rows if r["impl"] == "reference"}
+    for row in rows:
+        base = baselines[(row["batch"], row["shots"])]
+        for ratio, timing in timings.items():
+            assert row[ratio] == pytest.approx(base[timing] / row[timing], rel=1e-9), (ratio, row, base)
+        if base["peak_mem_mib"] > 0:
+            assert row["mem_ratio"] == pytest.approx(row["peak_mem_mib"] / base["peak_mem_mib"], rel=1e-9)
     with paths["csv"].open() as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows) and set(profiler.FIELDS) <= set(csv_rows[0])
@@ -137,6 +148,38 @@ def test_bad_arguments_are_clear_errors(args, message, capsys):
         cli.main(["profile", "--device", "cpu", *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, where, message",
+    [
+        ("--json", "/dev/null/p.json",
+         "json='/dev/null/p.json': '/dev/null' is not a folder; expected a path under a folder"),
+        ("--csv", "{tmp}", "csv='{tmp}': is a folder; expected a file path"),
+        ("--plot", "{tmp}/file.txt/p.png",
+         "plot='{tmp}/file.txt/p.png': '{tmp}/file.txt' is not a folder; expected a path under a folder"),
+        ("--trace", "{tmp}/file.txt", "trace='{tmp}/file.txt': exists and is not a folder; expected a folder for "
+         "the traces"),
+        ("--backend", "foo", "argument --backend: invalid choice: 'foo' (choose from 'auto', 'triton', 'torch')"),
+    ],
+)
+def test_bad_output_paths_and_backend_fail_before_the_sweep(option, where, message, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file.txt").write_text("not a folder")
+    monkeypatch.setattr(profiler, "profile", lambda *args, **kwargs: pytest.fail("the sweep ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["profile", *TINY, option, where.format(tmp=tmp_path)])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "flamingo-fast profile: error: " + message.format(tmp=tmp_path)  # one line
+
+
+def test_writable_output_paths_in_new_folders_are_accepted(tmp_path):
+    for option in ("json", "csv", "plot"):
+        profiler.check_output_path(option, tmp_path / "new" / "deeper" / f"p.{option}")
+    profiler.check_output_path("trace", tmp_path / "traces", folder=True)
+    with pytest.raises(ValueError, match=r"backend='foo': unknown fast runtime backend; expected one of "
+                                         r"\['auto', 'triton', 'torch'\]"):
+        profiler.ProfileOptions(preset="tiny", device="cpu", fast_backend="foo")
 
 
 def test_cuda_without_gpu_is_a_clear_error():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from helpers import assert_close, random_batch
+from helpers import assert_close, assert_within_torch_error, random_batch
 
 from flamingo_fast.config import from_name
 from flamingo_fast.reference import build_reference
@@ -128,9 +130,20 @@ def test_padding_images_are_not_encoded(monkeypatch):
 
 def test_dtype_conversion_leaves_the_reference_alone():
     model = build(seed=1)
-    fast = FastFlamingo.from_reference(model, backend="torch", dtype=torch.float64, max_batch_size=1, max_seq_len=32)
-    assert model.lang_encoder.lm_head.weight.dtype == torch.float32
-    assert fast.model.lang_encoder.lm_head.weight.dtype == torch.float64
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = FastFlamingo.from_reference(model, backend="torch", dtype=torch.bfloat16, max_batch_size=2, max_seq_len=32)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == torch.float32 for k, v in before.items())
+    converted = fast.model.state_dict()
+    assert all(converted[k].dtype == torch.bfloat16 and torch.equal(converted[k], v.to(torch.bfloat16))
+               for k, v in before.items())
+    # the converted instance runs: its logits are as close to a float64 reference as the bf16 reference's own
+    vision, lang_x, mask = random_batch(model.config, [([0, 4], 12), ([2], 9)], num_images=2)
+    reference64 = copy.deepcopy(model).double()(vision.double(), lang_x, mask)
+    reference16 = copy.deepcopy(model).to(torch.bfloat16)(vision, lang_x, mask)
+    real = mask.bool()
+    assert_within_torch_error(fast(vision, lang_x, mask)[real], reference64[real], reference16[real], torch.bfloat16)
+    assert fast.generate(vision, lang_x, mask, max_new_tokens=3, eos_token_id=[]).shape == (2, 15)
     shared = FastFlamingo.from_reference(model, backend="torch", max_batch_size=1, max_seq_len=32)
     assert shared.model.lang_encoder.lm_head.weight is model.lang_encoder.lm_head.weight
 

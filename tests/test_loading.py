@@ -1,0 +1,178 @@
+"""load_openflamingo from files, in the main environment (no open_flamingo needed): a tiny reference written out
+as OpenFlamingo's three files (checkpoint.pt, the LM's Hugging Face folder, open_clip's weights) loads back to
+the same model; mixed dtypes, multi-GPU checkpoints and ViT head counts are handled; a file that cannot be used
+is an error naming the argument, the file and the cause."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+from helpers import assert_close, random_batch
+from safetensors.torch import save_file
+
+import flamingo_fast
+from flamingo_fast.config import from_name
+from flamingo_fast.openflamingo import load_tensors
+from flamingo_fast.reference import build_reference
+
+TINY = from_name("tiny")
+# What OpenFlamingo fixes and the loader therefore assumes: QuickGELU (OpenAI's CLIP), 8 heads in the resampler
+# and in the gated blocks (only heads x dim_head is visible in the weights).
+TINY = TINY.replace(vision=dataclasses.replace(TINY.vision, act="quick_gelu"),
+                    perceiver=dataclasses.replace(TINY.perceiver, heads=8, dim_head=16), xattn_heads=8,
+                    xattn_dim_head=16)
+LM_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 160, "rms_norm_eps": 1e-6, "max_position_embeddings": 256,
+             "vocab_size": TINY.lm.vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 98}
+OPEN_CLIP_CONFIG = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 48,
+                                                                  "head_width": 24, "patch_size": 8}}}
+OPTIONS = dict(eoc_token_id=TINY.eoc_token_id, media_token_id=TINY.media_token_id, backend="torch",
+               max_batch_size=2, max_seq_len=64)
+
+
+def write_files(model, folder, lm_dtype=torch.float32, checkpoint_wrap=lambda state: state, clip_config=True):
+    """The reference's tensors as OpenFlamingo's files: the perceiver and the gated blocks (under the name its
+    training script saves them) in checkpoint.pt; the LM's own weights and config.json in lm/; the ViT, as a
+    full CLIP file's `visual.*`, in clip/open_clip_model.safetensors (with open_clip's config beside it)."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    checkpoint, lm, visual = {}, {}, {}
+    for name, tensor in state.items():
+        if name.startswith("vision_encoder."):
+            visual["visual." + name[len("vision_encoder."):]] = tensor
+        elif m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.*)", name):
+            checkpoint[f"lang_encoder.model.layers.{m.group(1)}.gated_cross_attn_layer.{m.group(2)}"] = tensor
+        elif name.startswith("lang_encoder."):
+            lm[name[len("lang_encoder."):]] = tensor.to(lm_dtype)
+        else:
+            checkpoint[name] = tensor
+    (folder / "lm").mkdir()
+    (folder / "lm" / "config.json").write_text(json.dumps(LM_CONFIG))
+    save_file(lm, str(folder / "lm" / "model.safetensors"))
+    (folder / "clip").mkdir()
+    save_file(visual, str(folder / "clip" / "open_clip_model.safetensors"))
+    if clip_config:
+        (folder / "clip" / "open_clip_config.json").write_text(json.dumps(OPEN_CLIP_CONFIG))
+    torch.save(checkpoint_wrap(checkpoint), folder / "checkpoint.pt")
+    return folder / "checkpoint.pt", folder / "lm", folder / "clip" / "open_clip_model.safetensors"
+
+
+@pytest.fixture
+def tiny_model():
+    return build_reference(TINY, seed=40)
+
+
+def logits_agree(fast, model):
+    vision, lang_x, mask = random_batch(TINY, [([0, 5], 11), ([2], 8)], num_images=2)
+    out = fast(vision, lang_x, mask)
+    assert_close(out.logits, model(vision, lang_x, mask), dtype=torch.float32)  # the drop-in returns `.logits`
+
+
+def test_files_load_back_to_the_same_model(tiny_model, tmp_path):
+    fast = flamingo_fast.load_openflamingo(*write_files(tiny_model, tmp_path), **OPTIONS)
+    assert fast.config.vision.heads == 2  # from open_clip_config.json (48 wide, head_width 24)
+    logits_agree(fast, tiny_model)
+
+
+def test_multi_gpu_training_checkpoint_loads(tiny_model, tmp_path):
+    """OpenFlamingo's DDP/FSDP training saves {"model_state_dict": {"module.<name>": ...}, "optimizer_state_dict":
+    ..., "epoch": ...}; its evaluation strips `module.`."""
+    def training_checkpoint(state):
+        return {"epoch": 3, "model_state_dict": {"module." + k: v for k, v in state.items()}}
+
+    fast = flamingo_fast.load_openflamingo(*write_files(tiny_model, tmp_path, checkpoint_wrap=training_checkpoint),
+                                           **OPTIONS)
+    logits_agree(fast, tiny_model)
+
+
+def test_missing_perceiver_keys_error_lists_the_unexpected_keys(tiny_model, tmp_path):
+    def compiled(state):  # torch.compile's wrapper prefix: not stripped, so nothing is where it is expected
+        return {"_orig_mod." + k: v for k, v in state.items()}
+
+    files = write_files(tiny_model, tmp_path, checkpoint_wrap=compiled)
+    with pytest.raises(ValueError, match=r"missing keys \[perceiver.latents, .*\]: the perceiver's shape cannot be "
+                                         r"inferred without them; unexpected keys \[_orig_mod.lang_encoder.model"
+                                         r".layers.0.gated_cross_attn_layer.attn.norm.bias, .*\] and \d+ more$"):
+        flamingo_fast.load_openflamingo(*files, **OPTIONS)
+
+
+def test_bf16_lm_with_float32_checkpoint_and_clip_loads_as_float32(tiny_model, tmp_path):
+    """MPT-7B ships bf16 weights; OpenFlamingo's checkpoint and CLIP are float32. With dtype=None everything
+    becomes float32 (as OpenFlamingo loads them), so the model runs instead of failing at the first call."""
+    files = write_files(tiny_model, tmp_path, lm_dtype=torch.bfloat16)
+    fast = flamingo_fast.load_openflamingo(*files, **OPTIONS)
+    assert {t.dtype for t in fast.reference.state_dict().values()} == {torch.float32}
+    rounded = build_reference(TINY, seed=40)  # the same model with its LM weights rounded through bf16
+    with torch.no_grad():
+        for name, tensor in rounded.lang_encoder.named_parameters():
+            if not name.startswith("gated_cross_attn_layers."):
+                tensor.copy_(tensor.to(torch.bfloat16).float())
+    logits_agree(fast, rounded)
+    vision, lang_x, mask = random_batch(TINY, [([0], 6)], num_images=1)
+    assert fast.generate(vision, lang_x, mask, max_new_tokens=3, eos_token_id=[]).shape == (1, 9)
+    bf16 = flamingo_fast.load_openflamingo(*files, **OPTIONS, dtype=torch.bfloat16)  # an explicit dtype wins
+    assert {t.dtype for t in bf16.reference.state_dict().values()} == {torch.bfloat16}
+
+
+def test_vit_head_count_is_never_a_silent_guess(tiny_model, tmp_path):
+    files = write_files(tiny_model, tmp_path, clip_config=False)  # 48 wide: no 64-wide heads fit
+    expected = (r"vision: the ViT is 48 wide, which is not a multiple of open_clip's 64-wide heads.*pass "
+                r"vision=VisionConfig\(image_size=32, patch_size=8, width=48, layers=2, heads=..., act=...\)")
+    with pytest.raises(ValueError, match=expected):
+        flamingo_fast.load_openflamingo(*files, **OPTIONS)
+    fast = flamingo_fast.load_openflamingo(*files, **OPTIONS, vision=flamingo_fast.VisionConfig(
+        image_size=32, patch_size=8, width=48, layers=2, heads=2, act="quick_gelu"))
+    logits_agree(fast, tiny_model)
+
+
+@pytest.mark.parametrize("width, heads", [(768, 12), (1024, 16), (1280, 16), (1664, 16), (256, 4)])
+def test_vit_head_count_follows_open_clip(width, heads):
+    """ViT-B (12 x 64), ViT-L (16 x 64), ViT-H (16 x 80), ViT-bigG (16 x 104), a 256-wide ViT (4 x 64)."""
+    from flamingo_fast.openflamingo import _guess_vit_heads
+
+    assert _guess_vit_heads(width, layers=2, patch=14, image_size=224) == heads
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_FILES = [
+    ("checkpoint_path", lambda c, lm, v: c.write_text("perceiver weights are elsewhere\n"),
+     r"checkpoint_path='.*checkpoint.pt': not a readable torch checkpoint \(not a weights file, truncated or "
+     r"corrupt\?\): "),
+    ("checkpoint_path", lambda c, lm, v: c.write_bytes(b""), r"checkpoint_path='.*checkpoint.pt': the file is empty"),
+    ("checkpoint_path", lambda c, lm, v: _truncate(c), r"checkpoint_path='.*checkpoint.pt': not a readable torch"),
+    ("vision_path", lambda c, lm, v: _truncate(v),
+     r"vision_path='.*open_clip_model.safetensors': not a readable safetensors file"),
+    ("lm_path", lambda c, lm, v: _truncate(lm / "model.safetensors"),
+     r"lm_path='.*model.safetensors': not a readable safetensors file"),
+    ("checkpoint_path", lambda c, lm, v: torch.save({"perceiver.latents": 3, "epoch": 1}, c),
+     r"checkpoint_path='.*checkpoint.pt': 'perceiver.latents' holds a int; expected a tensor"),
+    ("checkpoint_path", lambda c, lm, v: torch.save([torch.zeros(1)], c),
+     r"checkpoint_path='.*checkpoint.pt': holds a list; expected a state dict"),
+    ("lm_path", lambda c, lm, v: (lm / "config.json").write_text(json.dumps({"model_type": "llama"})),
+     r"lm_path='.*lm': '.*config.json': no 'num_attention_heads'; expected a Hugging Face config.json with the "
+     r"model's sizes"),
+    ("lm_path", lambda c, lm, v: (lm / "config.json").write_text('{"model_type": "llama",'),
+     r"lm_path='.*lm': '.*lm/config.json' is not valid JSON: "),
+    ("vision_path", lambda c, lm, v: (v.parent / "open_clip_config.json").write_text("{"),
+     r"vision_path: '.*clip/open_clip_config.json' is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("argument, spoil, match", BAD_FILES)
+def test_unusable_files_name_the_argument_and_the_cause(tiny_model, tmp_path, argument, spoil, match):
+    files = write_files(tiny_model, tmp_path)
+    spoil(*files)
+    with pytest.raises(ValueError, match=match):
+        flamingo_fast.load_openflamingo(*files, **OPTIONS)
+
+
+def test_load_tensors_reads_safetensors_in_the_main_environment(tmp_path):
+    save_file({"a": torch.arange(3.0)}, str(tmp_path / "w.safetensors"))
+    assert torch.equal(load_tensors(tmp_path / "w.safetensors")["a"], torch.arange(3.0))

@@ -147,6 +147,10 @@ for B in $BATCHES; do
         --plot "$OUT/profile_b$B.png" "${TRACE[@]}"
     PROFILES+=("$OUT/profile_b$B.json")
 done
+# OpenFlamingo's evaluation call: beam 3, short answers, batch 8, at the largest shot count (issue 9).
+run_step profile_beam3 90 "$PY" -m flamingo_fast profile --preset "$PRESET" --shots "${SHOTS##*,}" --batch 8 \
+    --num-beams 3 --impl "$IMPL" --device "$DEVICE" --dtype "$DTYPE" --new-tokens 10 --repeats "$REPEATS" \
+    --warmup "$WARMUP" --json "$OUT/profile_beam3.json" --csv "$OUT/profile_beam3.csv"
 
 # From here on the reserve is used: the budget check is lifted for the last two steps.
 RESERVE=-30

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per call; a comma-separated list sweeps several (default: 1)")
     p.add_argument("--new-tokens", type=_non_negative_int("new_tokens", 2), default=16,
                    help="tokens decoded per call, never stopping early (default: 16)")
+    p.add_argument("--num-beams", type=_non_negative_int("num_beams", 1), default=1,
+                   help="beam search with N beams (default 1: greedy); decode rows time one step of batch x N")
     p.add_argument("--dtype", choices=sorted(profiler.DTYPES), default=None,
                    help="weights and activations (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
@@ -98,7 +100,7 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             preset=args.preset, shots=args.shots, batch=args.batch, new_tokens=args.new_tokens, dtype=args.dtype,
             device=args.device, impls=args.impl, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
             caption_tokens=args.caption_tokens, question_tokens=args.question_tokens, trace_dir=args.trace,
-            fast_backend=args.backend,
+            fast_backend=args.backend, num_beams=args.num_beams,
         )
         for option in ("json", "csv", "plot"):  # checked now, not after a sweep that may take an hour
             if getattr(args, option) is not None:

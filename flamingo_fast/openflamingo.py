@@ -766,7 +766,7 @@ class OpenFlamingoBaseline:
             self._timer.lap(phase)
 
     def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
-                 timer: PhaseTimer | None = None) -> torch.Tensor:
+                 timer: PhaseTimer | None = None, num_beams: int = 1) -> torch.Tensor:
         import transformers
 
         baseline = self
@@ -788,7 +788,8 @@ class OpenFlamingoBaseline:
         try:
             with torch.no_grad():
                 return self.model.generate(
-                    vision_x, lang_x, attention_mask=attention_mask, max_new_tokens=max_new_tokens, num_beams=1,
+                    vision_x, lang_x, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                    num_beams=num_beams,
                     stopping_criteria=transformers.StoppingCriteriaList([LapPerToken()]), **options)
         finally:
             self._timer = None

@@ -9,6 +9,8 @@ random models rarely emit an end token). Reported per row:
     prefill_ms       the prompt through the LM, first token chosen; ttft_ms = vision_ms + prefill_ms
     decode_ms_p50/90 per generated token after the first, over every decode lap of every repeat
     decode_tokens_per_s   batch / decode p50 (rows advance together)
+    total_ms         the whole generate call (every lap), median over repeats
+    With `num_beams` N > 1 every call is a beam search: a decode lap is one step of all B x N hypotheses.
     peak_mem_mib     CUDA: torch.cuda.max_memory_allocated (weights included). CPU: growth of the process's
                      peak RSS over its RSS before the row (VmHWM reset per row where Linux allows it,
                      else getrusage's ru_maxrss, which never goes down); `peak_mem_kind` says which.
@@ -53,7 +55,7 @@ DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 
 class GenerateImpl(Protocol):
     def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens=20, *, eos_token_id=None,
-                 timer: PhaseTimer | None = None) -> torch.Tensor: ...
+                 timer: PhaseTimer | None = None, num_beams: int = 1) -> torch.Tensor: ...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ class ProfileOptions:
     shots: Sequence[int] = DEFAULT_SHOTS
     batch: Sequence[int] = (1,)
     new_tokens: int = 16
+    num_beams: int = 1  # > 1: beam search (Hugging Face's semantics), timed per step of all hypotheses
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
     device: str | None = None  # None: cuda if available
     impls: Sequence[str] = ("reference", "fast")
@@ -134,11 +137,14 @@ class ProfileOptions:
         if len(set(self.impls)) != len(self.impls):
             raise ValueError(f"impl={','.join(self.impls)!r}: an implementation is listed twice; expected each once")
         for name, minimum in (("new_tokens", 2), ("repeats", 1), ("warmup", 0), ("caption_tokens", 0),
-                              ("question_tokens", 0), ("seed", 0)):
+                              ("question_tokens", 0), ("seed", 0), ("num_beams", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 why = " (decode timing needs a token after the first)" if name == "new_tokens" else ""
                 raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}{why}")
+        if self.num_beams > 1 and self.new_tokens > 64:
+            raise ValueError(f"new_tokens={self.new_tokens} with num_beams={self.num_beams}: expected at most 64 "
+                             f"(FastFlamingo's default max_tail_len)")
         if self.fast_backend not in FAST_BACKENDS:
             raise ValueError(f"backend={self.fast_backend!r}: unknown fast runtime backend; expected one of "
                              f"{list(FAST_BACKENDS)}")
@@ -400,16 +406,20 @@ def _median(values: Sequence[float]) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
 
-def _timed_generate(impl: GenerateImpl, inputs, new_tokens: int, device: str) -> tuple[torch.Tensor, PhaseTimer]:
+def _timed_generate(impl: GenerateImpl, inputs, new_tokens: int, device: str,
+                    num_beams: int = 1) -> tuple[torch.Tensor, PhaseTimer]:
     vision_x, lang_x, attention_mask = inputs
     timer = PhaseTimer(device=device)
-    out = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=new_tokens, eos_token_id=[], timer=timer)
+    beams = {"num_beams": num_beams} if num_beams > 1 else {}
+    out = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=new_tokens, eos_token_id=[], timer=timer,
+                        **beams)
     return out, timer
 
 
-def _first_logits(impl: GenerateImpl, inputs) -> torch.Tensor | None:
-    """The scores the first new token is chosen from, [B, vocab] float32 (None if the impl cannot say)."""
-    if "return_logits" not in inspect.signature(impl.generate).parameters:
+def _first_logits(impl: GenerateImpl, inputs, num_beams: int = 1) -> torch.Tensor | None:
+    """The scores the first new token is chosen from, [B, vocab] float32 (None if the impl cannot say, and
+    with beams, whose first step scores the same prompt logits)."""
+    if num_beams > 1 or "return_logits" not in inspect.signature(impl.generate).parameters:
         return None
     vision_x, lang_x, attention_mask = inputs
     _, logits = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=1, eos_token_id=[], return_logits=True)
@@ -451,7 +461,7 @@ def _trace(impl: GenerateImpl, inputs, options: ProfileOptions, path: Path) -> N
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.profiler.profile(activities=activities) as prof:
-        _timed_generate(impl, inputs, min(options.new_tokens, 4), options.device)
+        _timed_generate(impl, inputs, min(options.new_tokens, 4), options.device, options.num_beams)
     prof.export_chrome_trace(str(path))
 
 
@@ -488,19 +498,19 @@ def profile(options: ProfileOptions, progress: bool = True,
                 warmup_s = []
                 for i in range(options.warmup):
                     t0 = time.perf_counter()
-                    _timed_generate(impl, inputs, options.new_tokens, device)
+                    _timed_generate(impl, inputs, options.new_tokens, device, options.num_beams)
                     warmup_s.append(time.perf_counter() - t0)
                     bar.step(f"{label} warm-up {i + 1}/{options.warmup}")
                 memory.start()
                 timers, first_ids = [], None
                 for i in range(options.repeats):
-                    ids, timer = _timed_generate(impl, inputs, options.new_tokens, device)
+                    ids, timer = _timed_generate(impl, inputs, options.new_tokens, device, options.num_beams)
                     first_ids = ids[:, prompt_tokens:] if first_ids is None else first_ids
                     timers.append(timer)
                     bar.step(f"{label} repeat {i + 1}/{options.repeats}")
                 row = _row(name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(),
                            memory.kind)
-                logits = _first_logits(impl, inputs)
+                logits = _first_logits(impl, inputs, options.num_beams)
                 if baseline_row is None:
                     baseline_row, baseline_ids, baseline_logits = row, first_ids, logits
                 else:
@@ -569,6 +579,7 @@ def metadata(options: ProfileOptions) -> dict[str, Any]:
         "shots": list(options.shots),
         "batch": list(options.batch),
         "new_tokens": options.new_tokens,
+        "num_beams": options.num_beams,
         "repeats": options.repeats,
         "warmup": options.warmup,
         "seed": options.seed,
@@ -595,11 +606,12 @@ def format_table(result: ProfileResult) -> str:
     meta = result.metadata
     lines = [
         f"preset {meta['preset']}, {meta['device_name']}, {meta['dtype']}, {meta['new_tokens']} new tokens, "
+        f"{meta.get('num_beams', 1)} beam(s) (decode ms: one step of batch x beams), "
         f"median of {meta['repeats']} repeats after {meta['warmup']} warm-up; baseline: {meta['baseline']}",
         "",
         "| impl | batch | shots | prompt tok | vision ms | prefill ms | TTFT ms | decode ms/tok p50 | p90 | tok/s "
-        "| peak MiB | warm-up s | TTFT x | decode x | same ids | logits rel err |",
-        "| --- " + "| ---: " * 15 + "|",
+        "| generate ms | peak MiB | warm-up s | TTFT x | decode x | generate x | same ids | logits rel err |",
+        "| --- " + "| ---: " * 17 + "|",
     ]
     for r in result.rows:
         same = "-" if r.tokens_match_baseline is None else f"{100 * r.tokens_match_baseline:.0f}%"
@@ -607,8 +619,9 @@ def format_table(result: ProfileResult) -> str:
         lines.append(
             f"| {r.impl} | {r.batch} | {r.shots} | {r.prompt_tokens} | {_fmt(r.vision_ms)} | {_fmt(r.prefill_ms)} "
             f"| {_fmt(r.ttft_ms)} | {_fmt(r.decode_ms_p50, 2)} | {_fmt(r.decode_ms_p90, 2)} "
-            f"| {_fmt(r.decode_tokens_per_s)} | {_fmt(r.peak_mem_mib, 0)} | {_fmt(sum(r.warmup_s), 2)} "
-            f"| {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_decode_p50, 2)} | {same} | {rel_err} |"
+            f"| {_fmt(r.decode_tokens_per_s)} | {_fmt(r.total_ms)} | {_fmt(r.peak_mem_mib, 0)} "
+            f"| {_fmt(sum(r.warmup_s), 2)} | {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_decode_p50, 2)} "
+            f"| {_fmt(r.speedup_total, 2)} | {same} | {rel_err} |"
         )
     kinds = sorted({r.peak_mem_kind for r in result.rows})
     lines += ["", f"peak MiB: {', '.join(kinds)}. x: speed-up over {meta['baseline']} (its time / this time)."]

@@ -1,0 +1,77 @@
+"""Generate calls as users make them, on the reference and the fast runtime: concurrent threads on one instance,
+extreme temperatures, a custom pad token with rows that stop early, the dtype of returned logits."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from helpers import random_batch
+
+from flamingo_fast.config import from_name
+from flamingo_fast.reference import build_reference
+from flamingo_fast.runtime import FastFlamingo
+
+TINY = from_name("tiny")
+
+
+def test_two_threads_on_one_instance_get_their_own_tokens():
+    model = build_reference(TINY, seed=1)
+    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64)
+    requests = [random_batch(model.config, [([0, 4], 10 + i), ([1], 7)], num_images=2) for i in range(4)]
+    expected = [model.generate(*r, max_new_tokens=12, eos_token_id=[]) for r in requests]
+    got: dict[tuple[int, int], torch.Tensor] = {}
+
+    def worker(thread: int) -> None:
+        for rep in range(3):
+            for i in (thread, thread + 2):
+                got[(i, rep + 3 * thread)] = fast.generate(*requests[i], max_new_tokens=12, eos_token_id=[])
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 12
+    wrong = [key for key, ids in got.items() if not torch.equal(ids, expected[key[0]])]
+    assert not wrong, f"{len(wrong)} of 12 concurrent calls returned another request's tokens: {wrong}"
+
+
+def test_a_tiny_temperature_tends_to_greedy_instead_of_nan():
+    model = build_reference(TINY, seed=2)
+    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64)
+    vision, lang_x, mask = random_batch(model.config, [([0], 9), ([2], 9)], num_images=1)
+    greedy = model.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[])
+    assert (greedy[:, 9:] != 0).any(), "greedy must not produce token 0 everywhere, or the test proves nothing"
+    for impl in (model, fast):
+        cold = impl.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[], do_sample=True,
+                             temperature=1e-38, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(cold, greedy)
+
+
+def test_custom_pad_token_after_an_early_stop():
+    model = build_reference(TINY, seed=3)
+    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64,
+                                       stop_check_interval=4)
+    vision, lang_x, mask = random_batch(model.config, [([0], 9), ([2], 9)], num_images=1)
+    free = model.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[])
+    stop = int(free[0, 9 + 1])  # row 0 stops at its second token at the latest
+    end = free[0, 9:].tolist().index(stop)
+    assert stop not in free[1, 9:].tolist() or free[1, 9:].tolist().index(stop) > end, "row 1 must run longer"
+    pad = 7 if stop != 7 else 8
+    expected = model.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=stop, pad_token_id=pad)
+    got = fast.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=stop, pad_token_id=pad)
+    assert torch.equal(got, expected)
+    assert got[0, 9 + end] == stop and (got[0, 9 + end + 1:] == pad).all(), got[0, 9:]
+    assert got.shape[1] > 9 + end + 1, "row 1 must still be generating after row 0 stopped"
+
+
+def test_returned_logits_are_float32_for_both_at_bf16():
+    model = build_reference(TINY, seed=4, dtype=torch.bfloat16)
+    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=1, max_seq_len=64)
+    vision, lang_x, mask = random_batch(model.config, [([0], 9)], num_images=1)
+    for new in (0, 3):
+        for impl in (model, fast):
+            _, logits = impl.generate(vision.bfloat16(), lang_x, mask, max_new_tokens=new, eos_token_id=[],
+                                      return_logits=True)
+            assert logits.dtype == torch.float32 and logits.shape == (1, new, model.config.lm.vocab_size)

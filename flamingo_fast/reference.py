@@ -696,8 +696,9 @@ class Flamingo(nn.Module):
         `return_logits=True` returns `(ids, logits)`, logits [B, new, vocab] float32: the scores each new token
         was chosen from. Sampling options are ignored when `do_sample=False`.
         Beam search (num_beams > 1): Hugging Face's, with `length_penalty`, `early_stopping` and
-        `num_return_sequences` (flamingo_fast/search.py says exactly which release it follows); each row's
-        best sequences come best first, padded with `pad_token_id`.
+        `num_return_sequences` (flamingo_fast/search.py says exactly which release it follows), searched plainly
+        one hypothesis at a time (`beam_search_ref`: the ground truth the fast path's vectorised search is
+        tested against); each row's best sequences come best first, padded with `pad_token_id`.
         Every generated token attends to the last image of its row's prompt. `timer` records phase times.
         """
         config = self.config
@@ -711,7 +712,8 @@ class Flamingo(nn.Module):
         )
         lang_x = lang_x.long()
         return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, timer), lang_x, options,
-                            config.lm.vocab_size, generator=generator, timer=timer, return_logits=return_logits)
+                            config.lm.vocab_size, generator=generator, timer=timer, return_logits=return_logits,
+                            plain=True)
 
 
 class ReferenceDecoder:

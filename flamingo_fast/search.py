@@ -389,8 +389,9 @@ def generation_options(config, *, max_new_tokens=20, min_new_tokens=0, do_sample
 
 
 def generate_ids(prefill, lang_x: torch.Tensor, options: GenerationOptions, vocab_size: int, *, generator=None,
-                 timer=None, return_logits: bool = False, stop_check_interval: int = 1):
-    """prefill() -> (decoder, first_logits [B, vocab]); then the search the options ask for.
+                 timer=None, return_logits: bool = False, stop_check_interval: int = 1, plain: bool = False):
+    """prefill() -> (decoder, first_logits [B, vocab]); then the search the options ask for (`plain`: beams
+    by `beam_search_ref`, the reference's own ground truth; else the vectorised `beam_search`).
 
     -> ids [B * num_sequences, T + L]: each prompt row (repeated once per returned sequence with beams) followed
     by its new tokens; with `return_logits`, also the float32 logits [B, L, vocab] each token was chosen from
@@ -410,5 +411,8 @@ def generate_ids(prefill, lang_x: torch.Tensor, options: GenerationOptions, voca
                                        return_logits)
         ids = torch.cat([prompt, tokens], dim=1)
         return (ids, logits) if return_logits else ids
-    result = beam_search(decoder, first_logits, options, stop_check_interval, timer)
+    if plain:
+        result = beam_search_ref(decoder, first_logits, options)
+    else:
+        result = beam_search(decoder, first_logits, options, stop_check_interval, timer)
     return torch.cat([prompt, result.tokens], dim=1)

@@ -131,6 +131,10 @@ class FlamingoConfig:
     `only_attend_immediate_media=True`: a token attends to the latents of its own image only; False: to every
     image up to its own. `openflamingo_pre_image_bug=True` reproduces OpenFlamingo's all-previous mode, where
     text before the first image attends uniformly to all images (our default gives it exactly 0).
+    `openflamingo_generated_image_bug=True` reproduces what OpenFlamingo's cached generate does once the model
+    generates `<image>` (greedy and sampling, immediate mode only): from the next step on, every row that just
+    generated `<image>` attends to the FIRST image of its prompt and every other row to none, until the next
+    generated `<image>`. Our default: every generated token attends to the last image of its row's prompt.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -142,6 +146,7 @@ class FlamingoConfig:
     xattn_ff_mult: int = 4
     only_attend_immediate_media: bool = True
     openflamingo_pre_image_bug: bool = False
+    openflamingo_generated_image_bug: bool = False
     # Special tokens, laid out as OpenFlamingo's tokenizer adds them after the base vocabulary.
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -159,6 +164,9 @@ class FlamingoConfig:
                 f"lm.hidden_size={self.lm.hidden_size}, num_heads={self.lm.num_heads}, "
                 f"num_kv_heads={self.lm.num_kv_heads}: expected hidden divisible by heads, heads by kv heads"
             )
+        if self.openflamingo_generated_image_bug and not self.only_attend_immediate_media:
+            raise ValueError("openflamingo_generated_image_bug=True: supported with only_attend_immediate_media=True "
+                             "(every released OpenFlamingo model); expected False in the all-previous mode")
         for name in ("bos_token_id", "eos_token_id", "eoc_token_id", "media_token_id", "pad_token_id"):
             token = getattr(self, name)
             if not 0 <= token < self.lm.vocab_size:

@@ -32,3 +32,13 @@ def images_per_row(lang_x: torch.Tensor, media_token_id: int) -> torch.Tensor:
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] long: per-row positions for left-padded batches (0 at the first real token; pads get 0)."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def image_after_generated_tokens(tokens: torch.Tensor, image: torch.Tensor, media_token_id: int) -> torch.Tensor:
+    """OpenFlamingo's cached generate when the model generates `<image>` (only with
+    `openflamingo_generated_image_bug`): a step whose input tokens hold an `<image>` re-conditions every row on
+    that one step, so a row whose token is `<image>` now sees image 1 and every other row none, and that holds
+    until the next such step. tokens [H]; image [H], 1-based (0 = none) -> the image of this step and the next.
+    No host sync."""
+    is_image = tokens == media_token_id
+    return torch.where(is_image.any(), is_image.to(image.dtype), image)

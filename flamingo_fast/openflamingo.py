@@ -442,11 +442,26 @@ class OpenFlamingoRuntime:
     never ignored. flamingo_fast's own options pass through: generator, timer, return_logits.
     """
 
+    # The options of Hugging Face's generate the drop-in implements, with Hugging Face's defaults.
+    SUPPORTED = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
+                 "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
+                 "num_return_sequences": 1}
+    # generation_config entries that change nothing here: OpenFlamingo always passes its own eos, the pad token
+    # is read separately, max_length is overridden by max_new_tokens, and the cache never changes results.
+    IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
+               "decoder_start_token_id", "max_length", "use_cache"}
+    # Hugging Face options that are not implemented: accepted only at their default.
     HF_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
 
-    def __init__(self, fast, reference: Flamingo, hf_pad_token_id: int | None):
+    def __init__(self, fast, reference: Flamingo, hf_pad_token_id: int | None,
+                 generation_config: Mapping | None = None):
+        """generation_config: the LM's own generate defaults (Hugging Face's `generation_config.to_diff_dict()`,
+        or generation_config.json): its supported entries become this drop-in's defaults, as Hugging Face
+        merges them; an unsupported entry that is not at its default makes every generate call an error that
+        names it, unless the call passes that option's default explicitly."""
         self.fast, self.reference, self.config = fast, reference, reference.config
         self.hf_pad_token_id = hf_pad_token_id
+        self.generation_config = {k: v for k, v in (generation_config or {}).items() if k not in self.IGNORED}
 
     def forward(self, vision_x, lang_x, attention_mask=None) -> FlamingoOutput:
         """-> an object with `.logits` [B, T, vocab], as OpenFlamingo's forward returns (Hugging Face's
@@ -459,34 +474,42 @@ class OpenFlamingoRuntime:
     def capture_seconds(self) -> float:
         return self.fast.capture_seconds
 
-    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, num_beams: int = 1,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
-                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int = 0,
-                 pad_token_id: int | None = None, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                 num_return_sequences: int = 1, generator: torch.Generator | None = None,
-                 timer: PhaseTimer | None = None, return_logits: bool = False, use_cache: bool = True,
-                 **hf_options):
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int | None = None,
+                 num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
+                 pad_token_id: int | None = None, length_penalty: float | None = None,
+                 early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
+                 generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
+                 return_logits: bool = False, use_cache: bool = True, **hf_options):
+        """Each option left at None takes the LM's generation_config value, else Hugging Face's default."""
         # use_cache changes how Hugging Face computes, never what: flamingo_fast always caches
+        given = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
+                     length_penalty=length_penalty, early_stopping=early_stopping,
+                     num_return_sequences=num_return_sequences)
+        options = {k: v if v is not None else self.generation_config.get(k, self.SUPPORTED[k])
+                   for k, v in given.items()}
         unsupported = {k: v for k, v in hf_options.items() if self.HF_DEFAULTS.get(k, object()) != v}
         if unsupported:
             raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
-                             f"supported: max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, "
-                             f"eos_token_id, min_new_tokens, pad_token_id, length_penalty, early_stopping, "
-                             f"num_return_sequences")
+                             f"supported: {', '.join(self.SUPPORTED)}, eos_token_id, pad_token_id")
+        from_config = sorted(k for k in self.generation_config if k not in self.SUPPORTED and k not in hf_options)
+        if from_config:
+            shown = ", ".join(f"{k}={self.generation_config[k]!r}" for k in from_config)
+            raise ValueError(f"lang_encoder.generation_config: {shown} not supported by flamingo_fast; expected "
+                             f"the defaults (pass them explicitly to override, e.g. repetition_penalty=1.0)")
         if eos_token_id is None:
             eos_token_id = self.config.eoc_token_id  # OpenFlamingo's default stop token
         stops = stop_token_ids(eos_token_id, (), self.config.lm.vocab_size)
         if pad_token_id is None:
             pad_token_id = self.hf_pad_token_id if self.hf_pad_token_id is not None else (stops or (0,))[0]
-        if num_beams > 1 and not pad_token_id and stops:
+        if options["num_beams"] > 1 and not pad_token_id and stops:
             pad_token_id = stops[0]  # Hugging Face's beam search fills with `pad_token_id or eos_token_id[0]`
-        return self.fast.generate(
-            vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k if do_sample else 0, top_p=top_p, generator=generator,
-            eos_token_id=list(stops), pad_token_id=pad_token_id, min_new_tokens=min_new_tokens, timer=timer,
-            return_logits=return_logits, num_beams=num_beams, length_penalty=length_penalty,
-            early_stopping=early_stopping, num_return_sequences=num_return_sequences,
-        )
+        if not options["do_sample"]:
+            options["top_k"] = 0  # Hugging Face's top_k 50 applies only when sampling
+        return self.fast.generate(vision_x, lang_x, attention_mask, generator=generator, eos_token_id=list(stops),
+                                  pad_token_id=pad_token_id, timer=timer, return_logits=return_logits, **options)
 
 
 def _output_head_by_role(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -508,21 +531,27 @@ def _output_head_by_role(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def from_openflamingo(model: nn.Module, pad_token_id: int | None = None, **runtime_options) -> OpenFlamingoRuntime:
+def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
+                      openflamingo_generated_image_bug: bool = False, **runtime_options) -> OpenFlamingoRuntime:
     """An open_flamingo `Flamingo` (open_clip vision tower, perceiver, FlamingoLMMixin LM) -> the same model
     run by FastFlamingo. The tensors are shared with `model` (nothing is copied unless `dtype` asks for a
-    conversion). `runtime_options` go to FastFlamingo.from_reference: backend, dtype, max_batch_size,
-    max_seq_len, max_images, cuda_graphs, stop_check_interval."""
+    conversion). The LM's `generation_config` gives the drop-in's generate defaults, as in Hugging Face.
+    `openflamingo_generated_image_bug=True`: what OpenFlamingo does once the model generates `<image>`, for bit
+    parity (FlamingoConfig says what). `runtime_options` go to FastFlamingo.from_reference: backend, dtype,
+    max_batch_size, max_seq_len, max_images, cuda_graphs, stop_check_interval, max_hypotheses, max_tail_len."""
     from .runtime import FastFlamingo
 
     config, layout = config_from_openflamingo(model, pad_token_id)
+    config = config.replace(openflamingo_generated_image_bug=openflamingo_generated_image_bug)
     state = canonical_state_dict(_output_head_by_role(model), layout)
     config = _with_weight_shapes(config, state)
     tensors = to_reference_state_dict(state, config, layout)
     reference = build_reference_from_state(config, tensors)
     fast = FastFlamingo.from_reference(reference, **runtime_options)
-    hf_pad = getattr(getattr(model.lang_encoder, "generation_config", None), "pad_token_id", None)
-    return OpenFlamingoRuntime(fast, reference, pad_token_id if pad_token_id is not None else hf_pad)
+    generation = getattr(model.lang_encoder, "generation_config", None)
+    hf_pad = getattr(generation, "pad_token_id", None)
+    defaults = generation.to_diff_dict() if hasattr(generation, "to_diff_dict") else {}
+    return OpenFlamingoRuntime(fast, reference, pad_token_id if pad_token_id is not None else hf_pad, defaults)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -590,6 +619,7 @@ def load_openflamingo(
     missing_output_rows: str = "error",
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    openflamingo_generated_image_bug: bool = False,
     **runtime_options,
 ) -> OpenFlamingoRuntime:
     """Build from local files only (no network):
@@ -606,6 +636,9 @@ def load_openflamingo(
                      OpenFlamingo release uses), the head count from open_clip's config when an
                      open_clip_config.json lies beside the weights, else open_clip's convention (64-wide heads;
                      16 heads for ViT-H, -g, -bigG and -e); a width that fits neither is an error
+    openflamingo_generated_image_bug   what OpenFlamingo does once the model generates `<image>`, for bit parity
+                     (FlamingoConfig); the LM directory's generation_config.json, when there, gives generate's
+                     defaults as in Hugging Face
     dtype            None: the files' own dtype when they agree, float32 when they differ (as OpenFlamingo loads
                      them: e.g. MPT-7B's bf16 weights with a float32 checkpoint and CLIP); else every tensor is
                      converted to `dtype`
@@ -658,6 +691,7 @@ def load_openflamingo(
         // lm.hidden_size,
         only_attend_immediate_media=only_attend_immediate_media,
         openflamingo_pre_image_bug=not only_attend_immediate_media,
+        openflamingo_generated_image_bug=openflamingo_generated_image_bug,
         bos_token_id=hf.get("bos_token_id") or 0, eos_token_id=eos or 0, eoc_token_id=eoc_token_id,
         media_token_id=media_token_id, pad_token_id=(eos or 0) if pad is None else pad,
     )
@@ -666,7 +700,9 @@ def load_openflamingo(
     reference = build_reference_from_state(config, tensors).to(device=device, dtype=dtype)
     from .runtime import FastFlamingo
 
-    return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad)
+    generation_file = lm_dir / "generation_config.json"
+    defaults = _read_json(generation_file, f"lm_path={str(lm_path)!r}") if generation_file.is_file() else {}
+    return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad, defaults)
 
 
 # ----------------------------------------------------------------------------------------------------------

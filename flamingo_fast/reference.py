@@ -663,8 +663,10 @@ class Flamingo(nn.Module):
             lang_x, media, masking.text_time(lang_x, config.media_token_id), positions, attention_mask, cache
         )[:, -1]
         decode_time = masking.images_per_row(lang_x, config.media_token_id)
-        return ReferenceDecoder(self.lang_encoder, cache, media, decode_time, positions[:, -1], attention_mask), \
-            logits.float()
+        image_token = config.media_token_id if config.openflamingo_generated_image_bug else None
+        decoder = ReferenceDecoder(self.lang_encoder, cache, media, decode_time, positions[:, -1], attention_mask,
+                                   image_token)
+        return decoder, logits.float()
 
     @torch.no_grad()
     def generate(
@@ -721,9 +723,10 @@ class ReferenceDecoder:
     plainly: forking repeats every row's cache and media, reordering gathers whole caches."""
 
     def __init__(self, lm: FlamingoLM, cache: ReferenceKVCache, media: torch.Tensor | None, image: torch.Tensor,
-                 position: torch.Tensor, key_valid: torch.Tensor):
+                 position: torch.Tensor, key_valid: torch.Tensor, generated_image_token: int | None = None):
         self.lm, self.cache, self.media = lm, cache, media
         self.image, self.position, self.key_valid = image, position, key_valid  # [H], [H], [H, T so far]
+        self.generated_image_token = generated_image_token  # set: OpenFlamingo's generated-<image> behaviour
 
     def _select(self, index: torch.Tensor) -> None:
         self.cache.keys = [k.index_select(0, index) for k in self.cache.keys]
@@ -740,7 +743,10 @@ class ReferenceDecoder:
         self._select(index)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Every generated token belongs to the last image of its row's prompt (`image`, 1-based)."""
+        """Every generated token belongs to the last image of its row's prompt (`image`, 1-based), unless
+        OpenFlamingo's generated-<image> behaviour is asked for (config.openflamingo_generated_image_bug)."""
+        if self.generated_image_token is not None:
+            self.image = masking.image_after_generated_tokens(tokens, self.image, self.generated_image_token)
         self.key_valid = torch.cat([self.key_valid, torch.ones_like(self.key_valid[:, :1])], dim=1)
         self.position = self.position + 1
         logits = self.lm(tokens[:, None], self.media, self.image[:, None], self.position[:, None], self.key_valid,

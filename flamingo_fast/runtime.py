@@ -575,6 +575,9 @@ class FastDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs = self.inputs
         inputs.token = tokens
+        if self.runtime.config.openflamingo_generated_image_bug:  # 1-based in masking's helper, 0-based here
+            inputs.image_index = masking.image_after_generated_tokens(
+                tokens, inputs.image_index + 1, self.runtime.config.media_token_id) - 1
         inputs.rope_position = inputs.rope_position + 1
         inputs.kv_column = inputs.kv_column + 1
         self.tail_len += 1

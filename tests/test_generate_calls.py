@@ -39,9 +39,12 @@ def test_two_threads_on_one_instance_get_their_own_tokens():
 
 def test_a_tiny_temperature_tends_to_greedy_instead_of_nan():
     model = build_reference(TINY, seed=2)
+    with torch.no_grad():  # logits of a trained model's size (tens), which overflow when divided by 1e-38
+        model.lang_encoder.output_head.weight.mul_(50.0)
     fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64)
     vision, lang_x, mask = random_batch(model.config, [([0], 9), ([2], 9)], num_images=1)
-    greedy = model.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[])
+    greedy, logits = model.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[], return_logits=True)
+    assert logits.abs().max() > 3.5, "logits / 1e-38 must overflow float32 for this test to mean anything"
     assert (greedy[:, 9:] != 0).any(), "greedy must not produce token 0 everywhere, or the test proves nothing"
     for impl in (model, fast):
         cold = impl.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[], do_sample=True,
@@ -75,3 +78,36 @@ def test_returned_logits_are_float32_for_both_at_bf16():
             _, logits = impl.generate(vision.bfloat16(), lang_x, mask, max_new_tokens=new, eos_token_id=[],
                                       return_logits=True)
             assert logits.dtype == torch.float32 and logits.shape == (1, new, model.config.lm.vocab_size)
+
+
+def test_generated_image_flag_fast_matches_reference():
+    import pytest
+
+    config = TINY.replace(openflamingo_generated_image_bug=True)
+    model = build_reference(config, seed=5)
+    vision, lang_x, mask = random_batch(config, [([0, 4, 8], 12), ([1], 6)], num_images=3)
+    free = model.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[])[:, 12:]
+    with torch.no_grad():  # the model generates <image> where row 0's third token would be
+        head = model.lang_encoder.output_head.weight
+        head[config.media_token_id] = 1.5 * head[int(free[0, 2])]
+    expected = model.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[])
+    assert config.media_token_id in expected[:, 12:-1]
+    for backend in ("torch", "triton"):
+        if backend == "triton":
+            import os
+
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                continue
+        fast = FastFlamingo.from_reference(model, backend=backend, max_batch_size=2, max_seq_len=32)
+        assert torch.equal(fast.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[]), expected)
+    default = build_reference(TINY, seed=5)
+    default.load_state_dict(model.state_dict())
+    _, flag_logits = model.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[], return_logits=True)
+    _, own_logits = default.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[], return_logits=True)
+    first = int((expected[:, 12:] == config.media_token_id).any(dim=0).nonzero()[0])  # the step that generated it
+    assert torch.equal(flag_logits[:, : first + 1], own_logits[:, : first + 1]), "same until <image> is an input"
+    assert (flag_logits[:, first + 1:] - own_logits[:, first + 1:]).abs().max() > 1e-3, "the flag must matter"
+
+    with pytest.raises(ValueError, match=r"openflamingo_generated_image_bug=True: supported with "
+                                         r"only_attend_immediate_media=True"):
+        TINY.replace(openflamingo_generated_image_bug=True, only_attend_immediate_media=False)

@@ -338,3 +338,52 @@ def test_output_head_is_found_by_role_as_transformers_5_names_it():
     assert v5.reference.lang_encoder.output_head.weight is head.weight
     for fast in (v4, v5):
         assert torch.equal(fast.generate(vision, ids, mask, max_new_tokens=8, eos_token_id=[]), expected)
+
+
+def test_lm_generation_config_gives_the_defaults_and_unsupported_entries_are_named():
+    """Hugging Face merges the LM's generation_config into every generate call; so does the drop-in (read when
+    it is built). An entry flamingo_fast does not implement is an error naming it, never silently ignored."""
+    of_model = build_openflamingo("llama", 1, seed=70)
+    vision, ids, mask = shots_prompt(1)
+    fast = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
+    free = fast.generate(vision, ids, mask, max_new_tokens=8, eos_token_id=[])
+    stop = int(free[0, ids.shape[1]])  # the first free-running token: without min_new_tokens it stops at once
+    of_model.lang_encoder.generation_config.min_new_tokens = 3
+    fast = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
+    with torch.no_grad():
+        expected = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=stop)
+    got = fast.generate(vision, ids, mask, max_new_tokens=8, eos_token_id=stop)
+    assert torch.equal(got, expected) and got.shape[1] > ids.shape[1] + 3
+
+    of_model.lang_encoder.generation_config.repetition_penalty = 2.0
+    fast = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
+    with pytest.raises(ValueError, match=r"generation_config: repetition_penalty=2.0 not supported"):
+        fast.generate(vision, ids, mask, max_new_tokens=8)
+    with torch.no_grad():
+        expected = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=stop,
+                                     repetition_penalty=1.0)
+    assert torch.equal(fast.generate(vision, ids, mask, max_new_tokens=8, eos_token_id=stop,
+                                     repetition_penalty=1.0), expected)
+
+
+def test_generated_image_parity_flag():
+    """When the model itself generates `<image>`, OpenFlamingo's cached generate switches the row to its first
+    image (and every other row to none); flamingo_fast keeps the last prompt image unless asked for parity."""
+    of_model = build_openflamingo("llama", 1, seed=80)
+    vision, ids, mask = batch([([0, 6, 12], 18), ([1, 5], 9)], num_images=3)
+    plain = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96)
+    free = plain.generate(vision, ids, mask, max_new_tokens=12, eos_token_id=[])[:, 18:]
+    with torch.no_grad():  # make `<image>` win wherever row 0's third token would: the model generates it
+        head = of_model.lang_encoder.get_output_embeddings().weight
+        head[MEDIA] = 1.5 * head[int(free[0, 2])]
+    with torch.no_grad():
+        expected = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12)
+    assert MEDIA in expected[:, 18:-1], "the model must generate <image> before its last step for this test"
+    parity = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96,
+                                             openflamingo_generated_image_bug=True)
+    assert torch.equal(parity.generate(vision, ids, mask, max_new_tokens=12, eos_token_id=[]), expected)
+    ours = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96)
+    assert not torch.equal(ours.generate(vision, ids, mask, max_new_tokens=12, eos_token_id=[]), expected), \
+        "without the flag the tokens after a generated <image> should differ (else this test shows nothing)"
+    with pytest.raises(ValueError, match=r"num_beams=2 with openflamingo_generated_image_bug=True"):
+        parity.generate(vision, ids, mask, max_new_tokens=4, num_beams=2)

@@ -106,7 +106,7 @@ def fast_step(model, shots: int):
 
     @torch.no_grad()
     def step():
-        logits = fast._run_decode_step(inputs, kv_len=prompt_len + 1, per_row=1)
+        logits = fast._run_decode_step(inputs, kv_len=prompt_len + 1, per_row=1, tails=False)
         _sync()
         return logits
 

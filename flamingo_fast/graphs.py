@@ -42,8 +42,8 @@ class DecodeInputs:
 
 
 class DecodeGraphs:
-    """CUDA graphs of the decode step, one per (row bucket, hypotheses per row, KV-length bucket), captured on
-    first use.
+    """CUDA graphs of the decode step, one per (row bucket, hypotheses per row, tails or not, KV-length bucket),
+    captured on first use.
 
     As in vLLM's runner: a warm-up run before each capture (Triton compilation and lazy cuBLAS set-up stay
     out of the graph), one memory pool shared by all graphs, inputs copied into static buffers before
@@ -51,16 +51,16 @@ class DecodeGraphs:
     read only the cache columns they can use instead of all `max_seq_len`.
     """
 
-    def __init__(self, step: Callable[[DecodeInputs, int, int], torch.Tensor], max_batch_size: int,
+    def __init__(self, step: Callable[[DecodeInputs, int, int, bool], torch.Tensor], max_batch_size: int,
                  max_seq_len: int, device: torch.device, kv_bucket: int = 256):
         self.step, self.max_seq_len, self.kv_bucket, self.device = step, max_seq_len, kv_bucket, device
         self.row_buckets = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         self.inputs: dict[tuple[int, int], DecodeInputs] = {}
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.capture_seconds = 0.0
 
-    def run(self, inputs: DecodeInputs, kv_len: int, per_row: int) -> torch.Tensor:
+    def run(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool) -> torch.Tensor:
         hypotheses = inputs.token.shape[0]
         rows = next(b for b in self.row_buckets if b >= hypotheses // per_row)
         kv_len = min(-(-kv_len // self.kv_bucket) * self.kv_bucket, self.max_seq_len)
@@ -68,24 +68,24 @@ class DecodeGraphs:
             self.inputs[(rows, per_row)] = DecodeInputs.dummy(rows * per_row, self.device)
         static = self.inputs[(rows, per_row)]
         static.copy_from(inputs)
-        key = (rows, per_row, kv_len)
+        key = (rows, per_row, tails, kv_len)
         if key not in self.graphs:
             self._capture(key, static)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:hypotheses]
 
-    def _capture(self, key: tuple[int, int, int], static: DecodeInputs) -> None:
+    def _capture(self, key: tuple[int, int, bool, int], static: DecodeInputs) -> None:
         start = time.perf_counter()
-        _, per_row, kv_len = key
+        _, per_row, tails, kv_len = key
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self.step(static, kv_len, per_row)  # warm-up; rewrites the same cache column with the same values
+            self.step(static, kv_len, per_row, tails)  # warm-up; rewrites the same cache column with the same values
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.step(static, kv_len, per_row)
+            logits = self.step(static, kv_len, per_row, tails)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = (graph, logits)

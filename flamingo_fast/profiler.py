@@ -33,7 +33,6 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ import torch
 
 from .config import PRESETS, FlamingoConfig, from_name
 from .reference import Flamingo, build_reference
-from .timing import PhaseTimer
+from .timing import PhaseTimer, ProgressBar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLEMENTATIONS = ("reference", "fast", "openflamingo")
@@ -377,29 +376,6 @@ class ProfileResult:
         rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
                  for k, v in dataclasses.asdict(r).items()} for r in self.rows]
         return {"metadata": self.metadata, "complete": complete, "rows": rows}
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr: redrawn in place on a terminal, one line per step otherwise."""
-
-    def __init__(self, total: int, stream=None, width: int = 24, enabled: bool = True):
-        self.total, self.done, self.width, self.enabled = total, 0, width, enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.started = time.perf_counter()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        filled = self.width * self.done // max(self.total, 1)
-        elapsed = time.perf_counter() - self.started
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {elapsed:6.1f}s  {label}"
-        if self.tty:
-            self.stream.write("\r\033[K" + line + ("\n" if self.done >= self.total else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 def _median(values: Sequence[float]) -> float:

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import masking
 from .config import FlamingoConfig, LMConfig, VisionConfig
+from .scoring import check_candidates, score_candidates
 from .search import generate_ids, generation_options
 from .timing import PhaseTimer
 from .validation import check_generate_options, check_inputs
@@ -718,6 +719,18 @@ class Flamingo(nn.Module):
                             plain=True)
 
 
+    @torch.no_grad()
+    def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False) -> torch.Tensor:
+        """Log-likelihood of every candidate continuation after every row -> [B, C] float32: the sum over the
+        candidate's tokens (the mean with `normalize_length`) of log p(token | prompt + its earlier tokens).
+        Candidate tokens attend to the last image of their row, like generated tokens (scoring.py)."""
+        attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
+        tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
+        decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask)
+        return score_candidates(decoder, first_logits, tokens, len(tokens), normalize_length, progress=False)
+
+
 class ReferenceDecoder:
     """The search interface (flamingo_fast/search.py) over the reference's grown-by-concatenation cache, done
     plainly: forking repeats every row's cache and media, reordering gathers whole caches."""
@@ -727,6 +740,7 @@ class ReferenceDecoder:
         self.lm, self.cache, self.media = lm, cache, media
         self.image, self.position, self.key_valid = image, position, key_valid  # [H], [H], [H, T so far]
         self.generated_image_token = generated_image_token  # set: OpenFlamingo's generated-<image> behaviour
+        self.prompt = (list(cache.keys), list(cache.values), media, image, position, key_valid)  # fork restarts here
 
     def _select(self, index: torch.Tensor) -> None:
         self.cache.keys = [k.index_select(0, index) for k in self.cache.keys]
@@ -735,7 +749,10 @@ class ReferenceDecoder:
         self.image, self.position = self.image[index], self.position[index]
         self.key_valid = self.key_valid[index]
 
-    def fork(self, per_row: int) -> None:
+    def fork(self, per_row: int, shared: bool | None = None) -> None:
+        """Each prompt row becomes `per_row` hypotheses with empty tails (`shared` changes nothing here)."""
+        keys, values, self.media, self.image, self.position, self.key_valid = self.prompt
+        self.cache.keys, self.cache.values = list(keys), list(values)
         rows = torch.arange(self.position.shape[0], device=self.position.device)
         self._select(rows.repeat_interleave(per_row))
 

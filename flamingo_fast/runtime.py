@@ -49,6 +49,7 @@ from .reference import (
     rotary_cos_sin,
     self_attention_mask,
 )
+from .scoring import check_candidates, score_candidates
 from .search import GenerationOptions, generate_ids, generation_options
 from .timing import PhaseTimer
 from .validation import check_generate_options, check_inputs
@@ -330,6 +331,30 @@ class FastFlamingo:
                                 return_logits=return_logits, stop_check_interval=self.stop_check_interval)
 
     @torch.no_grad()
+    def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False,
+              progress: bool | None = None) -> torch.Tensor:
+        """Log-likelihood of every candidate continuation after every row -> [B, C] float32 (scoring.py).
+
+        Each row's prompt is prefilled once; the candidates run as a trie, all rows at once, their hypotheses
+        sharing the row's prompt KV and media K/V. A pass holds at most max_hypotheses // B hypotheses per row
+        (the tail cache is the memory budget: max_hypotheses x max_tail_len); candidates may be at most
+        max_tail_len + 1 tokens long."""
+        with self.lock:
+            attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
+            tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
+            longest = max(len(t) for t in tokens)
+            if longest - 1 > self.max_tail_len:
+                raise ValueError(f"candidates: the longest has {longest} tokens; this FastFlamingo scores at most "
+                                 f"max_tail_len + 1 = {self.max_tail_len + 1}")
+            counts = self._images_to_encode(vision_x, lang_x)
+            self._check_capacity(lang_x, counts, None)
+            per_row = self.max_hypotheses // lang_x.shape[0]
+            decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask, counts)
+            decoder.graphs = False  # the hypothesis count changes level by level: eager beats a capture per shape
+            return score_candidates(decoder, first_logits, tokens, per_row, normalize_length, progress)
+
+    @torch.no_grad()
     def prefill(self, vision_x, lang_x, attention_mask, counts: torch.Tensor,
                 timer: PhaseTimer | None = None) -> tuple[FastDecoder, torch.Tensor]:
         """Encode the images each row uses, prefill the prompts -> (decoder over the cached prompts, float32
@@ -447,10 +472,11 @@ class FastFlamingo:
         h = self._layers(x, rope, cross, attend)
         return model.output_head(h if all_logits else h[:, -1])
 
-    def _run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int) -> torch.Tensor:
-        if self.graphs is not None:
-            return self.graphs.run(inputs, kv_len, per_row)
-        return self._decode_step(inputs, kv_len, per_row)
+    def _run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool,
+                         graphs: bool = True) -> torch.Tensor:
+        if self.graphs is not None and graphs:
+            return self.graphs.run(inputs, kv_len, per_row, tails)
+        return self._decode_step(inputs, kv_len, per_row, tails)
 
     def _ensure_tail_cache(self) -> TailKVCache:
         """Allocated once, on the first beam search, and never replaced (captured graphs read it)."""
@@ -459,12 +485,13 @@ class FastFlamingo:
                                                    self.device)
         return self.tail_cache
 
-    def _decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int) -> torch.Tensor:
+    def _decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool) -> torch.Tensor:
         """One token per hypothesis -> logits [H, vocab]. Static shapes, no host sync, no allocation that
         depends on values: the function a CUDA graph captures.
 
-        per_row == 1: each row owns its segment; the token is written to static-cache column `kv_column` and
-        attends to columns [0, kv_len). per_row > 1: hypothesis h = b * per_row + r attends to row b's prompt
+        tails False (one hypothesis per row): each row owns its segment; the token is written to static-cache
+        column `kv_column` and attends to columns [0, kv_len). tails True: hypothesis h = b * per_row + r of
+        per_row attends to row b's prompt
         (static-cache columns [0, kv_len)) and to its own tail (tail columns [0, kv_column], the token written
         at kv_column), merged by log-sum-exp (attention.py)."""
         lm, model, kv = self.config.lm, self.model.lang_encoder, self.kv_cache
@@ -474,7 +501,7 @@ class FastFlamingo:
         rope = None if lm.alibi else rotary_cos_sin(inputs.rope_position[:, None], lm.rotary_dim, lm.rope_theta,
                                                      x.dtype)
         columns = torch.arange(kv_len, device=x.device)
-        if per_row == 1:
+        if not tails:
             kv.key_valid[:rows].index_fill_(1, inputs.kv_column, True)
             mask = kv.key_valid[:rows, None, None, :kv_len]
             if lm.alibi:  # slope * (key column - query column), the token's own column being kv_column
@@ -503,7 +530,7 @@ class FastFlamingo:
             )
 
         def attend(idx, q, k, v):
-            if per_row == 1:
+            if not tails:
                 layer_keys, layer_values = kv.keys[idx, :rows], kv.values[idx, :rows]
                 layer_keys.index_copy_(2, inputs.kv_column, k)
                 layer_values.index_copy_(2, inputs.kv_column, v)
@@ -546,31 +573,46 @@ class FastFlamingo:
 class FastDecoder:
     """The search interface (flamingo_fast/search.py) over FastFlamingo's caches, for one call.
 
-    One hypothesis per row: the row owns its static-cache row and its new tokens follow the prompt there.
-    Several per row (beams): they share the row's prompt KV and media K/V in place; each one's new tokens go to
-    its own TailKVCache row, and `reorder` gathers tails only. Each `step` is one decode step (a CUDA-graph
-    replay on a GPU) with no host sync."""
+    Owned segments (`fork(1)`): the row's new tokens follow its prompt in its static-cache row. Shared prompt
+    (`fork(n)` with n > 1, or `shared=True`): the row's hypotheses read its prompt KV and media K/V in place;
+    each one's new tokens go to its own TailKVCache row, and `reorder` gathers tails only (the count per row may
+    change, as scoring's trie levels do). Each `step` is one decode step (a CUDA-graph replay on a GPU unless
+    `graphs` is off) with no host sync."""
 
     def __init__(self, runtime: FastFlamingo, prompt_len: int, last_position: torch.Tensor,
                  image_index: torch.Tensor, row_images: torch.Tensor):
         self.runtime, self.prompt_len = runtime, prompt_len
         self.last_position, self.image_index, self.row_images = last_position, image_index, row_images
-        self.per_row, self.tail_len, self.inputs = 1, 0, None
+        self.per_row, self.shared, self.tail_len, self.inputs = 1, False, 0, None
+        self.graphs = True
 
-    def fork(self, per_row: int) -> None:
-        rows = self.last_position.shape[0]
+    @property
+    def rows(self) -> int:
+        return self.last_position.shape[0]
+
+    def fork(self, per_row: int, shared: bool | None = None) -> None:
+        """Every row becomes `per_row` hypotheses with empty tails, from its prompt (again, if forked before)."""
         self.per_row, self.tail_len = per_row, 0
-        if per_row > 1:
+        self.shared = per_row > 1 if shared is None else shared
+        if self.shared:
             self.runtime._ensure_tail_cache()
+            self._check_hypotheses(self.rows * per_row)
+        elif per_row != 1:
+            raise ValueError(f"fork: per_row={per_row} needs shared=True (rows own their segment only alone)")
         device = self.last_position.device
         self.inputs = DecodeInputs(
-            token=torch.zeros(rows * per_row, dtype=torch.long, device=device),
+            token=torch.zeros(self.rows * per_row, dtype=torch.long, device=device),
             rope_position=self.last_position.repeat_interleave(per_row),
-            kv_column=torch.full((1,), self.prompt_len - 1 if per_row == 1 else -1, dtype=torch.long, device=device),
+            kv_column=torch.full((1,), -1 if self.shared else self.prompt_len - 1, dtype=torch.long, device=device),
             prompt_columns=torch.full((1,), self.prompt_len, dtype=torch.long, device=device),
             image_index=self.image_index.repeat_interleave(per_row),
             row_images=self.row_images.repeat_interleave(per_row),
         )
+
+    def _check_hypotheses(self, hypotheses: int) -> None:
+        if hypotheses > self.runtime.max_hypotheses:
+            raise ValueError(f"{hypotheses} hypotheses exceed max_hypotheses={self.runtime.max_hypotheses} of this "
+                             f"FastFlamingo")
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs = self.inputs
@@ -581,10 +623,20 @@ class FastDecoder:
         inputs.rope_position = inputs.rope_position + 1
         inputs.kv_column = inputs.kv_column + 1
         self.tail_len += 1
-        kv_len = self.prompt_len + self.tail_len if self.per_row == 1 else self.prompt_len
-        return self.runtime._run_decode_step(inputs, kv_len, self.per_row).float()
+        if self.shared and self.tail_len > self.runtime.max_tail_len:
+            raise ValueError(f"step: tail of {self.tail_len} tokens exceeds max_tail_len="
+                             f"{self.runtime.max_tail_len} of this FastFlamingo")
+        kv_len = self.prompt_len if self.shared else self.prompt_len + self.tail_len
+        return self.runtime._run_decode_step(inputs, kv_len, self.per_row, self.shared, self.graphs).float()
 
     def reorder(self, index: torch.Tensor) -> None:
-        if self.per_row == 1:
-            raise ValueError("reorder: a decoder with one hypothesis per row cannot reorder; fork(per_row > 1) first")
+        """Hypothesis h continues old hypothesis index[h], which must belong to the same row; len(index) may
+        be any multiple of the row count."""
+        if not self.shared:
+            raise ValueError("reorder: rows that own their segment cannot reorder; fork(per_row, shared=True) first")
+        self._check_hypotheses(index.shape[0])
         self.runtime.tail_cache.reorder(index, self.tail_len)
+        inputs = self.inputs
+        inputs.rope_position, inputs.image_index = inputs.rope_position[index], inputs.image_index[index]
+        inputs.row_images = inputs.row_images[index]
+        self.per_row = index.shape[0] // self.rows

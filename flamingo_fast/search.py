@@ -3,9 +3,11 @@
 A model call (the reference `Flamingo` or `FastFlamingo`) prefills the prompt and hands back a decoder and the
 logits of each row's last prompt token. A search reaches the model only through the decoder's three methods:
 
-    fork(per_row)     each prompt row b becomes `per_row` hypotheses b * per_row + j, with empty tails
+    fork(per_row)     each prompt row b becomes `per_row` hypotheses b * per_row + j, with empty tails (from the
+                      prompt again when called again; `shared=True` keeps the prompt shared even for one)
     step(tokens)      [H] tokens -> [H, vocab] float32 logits; appends one tail column per hypothesis
-    reorder(index)    hypothesis h continues old hypothesis index[h] (always a hypothesis of the same row)
+    reorder(index)    hypothesis h continues old hypothesis index[h] (always a hypothesis of the same row); the
+                      count per row may change
 
 Hypotheses are grouped by row and every row has the same count. That is what beams (N per row) and scoring
 (the same candidates for every row) both need, and it lets the fast decoder attend from all of a row's
@@ -47,7 +49,7 @@ _NEG = -1.0e9  # Hugging Face's "impossible" score: added, never compared with -
 
 
 class Decoder(Protocol):
-    def fork(self, per_row: int) -> None: ...
+    def fork(self, per_row: int, shared: bool | None = None) -> None: ...
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
 

@@ -8,6 +8,7 @@ Phases: "vision" (encoder + resampler), "media_kv" (cross-attention K/V, fast pa
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -36,3 +37,28 @@ class PhaseTimer:
     def _sync(self) -> None:
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: redrawn in place on a terminal, one line per step otherwise.
+    With `after_seconds`, nothing is drawn until that much time has passed (short work stays quiet)."""
+
+    def __init__(self, total: int, stream=None, width: int = 24, enabled: bool = True, after_seconds: float = 0.0):
+        self.total, self.done, self.width, self.enabled = total, 0, width, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.started = time.perf_counter()
+        self.after_seconds = after_seconds
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled or time.perf_counter() - self.started < self.after_seconds:
+            return
+        filled = self.width * self.done // max(self.total, 1)
+        elapsed = time.perf_counter() - self.started
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {elapsed:6.1f}s  {label}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if self.done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

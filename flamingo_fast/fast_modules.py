@@ -118,7 +118,7 @@ class FastGatedCrossAttention(nn.Module):
     def decode(self, x, x_normed, keys, values, image_index, num_images, next_norm: NormSpec,
                queries_per_row: int = 1):
         """x [B * R, 1, D] and x_normed = attn.norm(x) (R = queries_per_row, the hypotheses of a row);
-        keys/values [B, H, capacity, dh] read in place; image_index, num_images [B * R] int32."""
+        keys/values [B, H, capacity, dh] read in place; image_index, num_images [B] int32, one per row."""
         b = x.shape[0]
         q = self.block.attn.to_q(x_normed).view(b, self.heads, self.dim_head)
         out = self.ops.masked_cross_attention_decode(

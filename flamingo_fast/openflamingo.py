@@ -512,6 +512,15 @@ class OpenFlamingoRuntime:
                                   pad_token_id=pad_token_id, timer=timer, return_logits=return_logits, **options)
 
 
+    def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
+              normalize_length: bool = False, progress: bool | None = None) -> torch.Tensor:
+        """[B, C] float32 log-likelihoods of the candidates (token-id lists, as the tokenizer gives each class
+        name without special tokens) after every row: what OpenFlamingo's `get_rank_classifications` returns,
+        computed in batched passes over a shared prompt (FastFlamingo.score)."""
+        return self.fast.score(vision_x, lang_x, attention_mask, candidates=candidates,
+                               normalize_length=normalize_length, progress=progress)
+
+
 def _output_head_by_role(model: nn.Module) -> dict[str, torch.Tensor]:
     """The live model's state dict with its LM's output head under the name flamingo_fast's maps expect.
 
@@ -800,6 +809,39 @@ class OpenFlamingoBaseline:
     def _lap(self, phase: str) -> None:
         if self._timer is not None:
             self._timer.lap(phase)
+
+    @torch.no_grad()
+    def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
+              normalize_length: bool = False) -> torch.Tensor:
+        """OpenFlamingo's `get_rank_classifications` with `use_cache=True`, as its evaluation code runs it
+        (open_flamingo/eval/models/open_flamingo.py): cache the media, one forward over the prompt that keeps
+        its past_key_values, then one cached forward per candidate over the candidate's tokens, and the sum (or
+        mean) of their log-softmax. -> [B, C] float32. The prompt's cache is copied for each candidate: the
+        evaluation code was written for the tuple caches of older transformers, which a forward never changed;
+        transformers 4.57's Cache objects grow in place."""
+        import copy
+
+        model = self.model
+        batch = lang_x.shape[0]
+        mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
+        model.uncache_media()
+        model.cache_media(input_ids=lang_x, vision_x=vision_x)
+        try:
+            prompt = model(vision_x=None, lang_x=lang_x, attention_mask=mask, clear_conditioned_layers=False,
+                           use_cache=True)
+            out = []
+            for candidate in candidates:
+                tokens = torch.tensor(candidate, device=lang_x.device).expand(batch, -1)
+                step = model(vision_x=None, lang_x=tokens, attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1),
+                             clear_conditioned_layers=False, past_key_values=copy.deepcopy(prompt.past_key_values),
+                             use_cache=True)
+                log_probs = torch.log_softmax(torch.cat([prompt.logits, step.logits], dim=1), dim=-1)
+                n = len(candidate)
+                picked = log_probs[:, -n - 1:-1].gather(2, tokens[:, :, None]).squeeze(-1)
+                out.append(picked.sum(dim=1) / n if normalize_length else picked.sum(dim=1))
+        finally:
+            model.uncache_media()
+        return torch.stack(out, dim=1).float()
 
     def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
                  timer: PhaseTimer | None = None, num_beams: int = 1) -> torch.Tensor:

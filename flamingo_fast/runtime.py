@@ -524,9 +524,10 @@ class FastFlamingo:
 
         def cross(idx, x, h):
             slot = self.xattn_slot[idx]
-            return self.xattn[idx].decode(
+            return self.xattn[idx].decode(  # a row's hypotheses share its image: the row's first one's index
                 x, h, self.media_cache.keys[slot, :rows], self.media_cache.values[slot, :rows],
-                inputs.image_index, inputs.row_images, self.input_norms[idx], queries_per_row=per_row,
+                inputs.image_index[::per_row], inputs.row_images[::per_row], self.input_norms[idx],
+                queries_per_row=per_row,
             )
 
         def attend(idx, q, k, v):

@@ -10,8 +10,9 @@ image the new token of row b belongs to (the row's last image; -1: the row has n
   of v over the latents of the row's `num_images[b]` images (OpenFlamingo's bug, see the prefill kernel).
 Indices are clamped to the cache's capacity (`capacity // NL` images): never an out-of-bounds read.
 
-Several queries may share one row's cache (`queries_per_row` R, the beams of a row): query b reads cache row
-b // R, so the beams of a row read its media K/V in place, never copied per beam.
+Several queries may share one row's cache (`queries_per_row` R, the beams or scored candidates of a row): query b
+is a query of row b // R, reads that row's cache and attends to that row's image, so the beams of a row read its
+media K/V in place, never copied per beam.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def _masked_cross_attention_decode_kernel(
     q          [B * R, H, HEAD_DIM]              any strides
     k, v       [B, H, capacity, HEAD_DIM]        any strides; image i owns rows [i*NL, (i+1)*NL); query b
                                                  reads row b // R
-    index      [B * R] int32                     the query's current image, -1 = none
-    num_images [B * R] int32                     images of its row (read only with PRE_IMAGE_ATTENDS_ALL)
+    index      [B] int32                         each row's current image, -1 = none (query b: row b // R)
+    num_images [B] int32                         images of the row (read only with PRE_IMAGE_ATTENDS_ALL)
     out        [B * R, H, HEAD_DIM]              any strides, OUT_DTYPE
 
     Tiling: for image j in [lo, hi) (immediate: the one image; all-previous: 0..index), load the
@@ -61,13 +62,14 @@ def _masked_cross_attention_decode_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     n_valid = offs_n < NUM_LATENTS
 
-    img = tl.load(index_ptr + b * stride_ib)
+    row = b // queries_per_row
+    img = tl.load(index_ptr + row * stride_ib)
     img = tl.minimum(tl.maximum(img, -1), capacity_images - 1)
     hi = img + 1
     if ATTEND_PREVIOUS:
         lo = 0
         if PRE_IMAGE_ATTENDS_ALL:
-            row_images = tl.load(num_images_ptr + b * stride_nb)
+            row_images = tl.load(num_images_ptr + row * stride_nb)
             row_images = tl.minimum(tl.maximum(row_images, 0), capacity_images)
             uniform = img < 0
             hi = tl.where(uniform, row_images, hi)
@@ -75,7 +77,6 @@ def _masked_cross_attention_decode_kernel(
         lo = tl.maximum(img, 0)
 
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd).to(tl.float32)
-    row = b // queries_per_row
     k_base = k_ptr + row * stride_kb + h * stride_kh
     v_base = v_ptr + row * stride_vb + h * stride_vh
     m_i = tl.full([], -1.0e30, dtype=tl.float32)  # finite: no NaN when no key is attended
@@ -125,14 +126,14 @@ def _check_inputs(q, k, v, image_index, num_latents, attend_previous, pre_image_
             f"queries_per_row={queries_per_row})"
         )
     check_shape("v", v, tuple(k.shape), "the shape of k")
-    check_shape("image_index", image_index, (B,), "[B] of q")
+    check_shape("image_index", image_index, (rows,), f"[{rows}]: one per row of k")
     needs_num_images = attend_previous and pre_image_attends_all
     if needs_num_images:
         if num_images is None:
             raise ValueError("num_images: got None, expected a [B] int32 tensor (pre_image_attends_all=True)")
     if num_images is not None:
         check_tensor("num_images", num_images, ndim=1, dtypes=(torch.int32,), device=q.device)
-        check_shape("num_images", num_images, (B,), "[B] of q")
+        check_shape("num_images", num_images, (rows,), f"[{rows}]: one per row of k")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale: got {scale!r}, expected a float or None")
     if out is not None:
@@ -157,7 +158,8 @@ def masked_cross_attention_decode(
     """Decode-step masked cross-attention (Triton). See the module docstring.
 
     q [B * R, H, d], k, v [B, H, capacity, d] (the cached media K/V, same dtype as q; R = queries_per_row),
-    image_index [B * R] int32, num_images [B * R] int32 (only for pre_image_attends_all). Returns [B * R, H, d]
+    image_index [B] int32, num_images [B] int32 (one per row; num_images only for pre_image_attends_all). Returns
+    [B * R, H, d]
     in q.dtype, written into `out` when given. CUDA-graph safe: one launch, no sync, no allocation when `out` is given.
     """
     capacity_images, scale, needs_num_images = _check_inputs(
@@ -204,34 +206,38 @@ def masked_cross_attention_decode_ref(
 ) -> torch.Tensor:
     """Torch twin of `masked_cross_attention_decode`; also free of host syncs (CUDA-graph safe).
 
-    Immediate mode gathers each row's NL latents (clamped indices, `torch.gather`) and runs one SDPA over
-    them: its cost does not depend on the number of images. All-previous mode attends over the whole cache
-    with a mask (no sync allowed to find the used length); slots past a row's images may hold garbage
+    The R queries of a row attend together, as one [R, d] x [keys, d] product (the beams or candidates of a
+    row read its latents once). Immediate mode gathers each row's NL latents (clamped indices) and runs one
+    SDPA over them: its cost does not depend on the number of images. All-previous mode attends over the whole
+    cache with a mask (no sync allowed to find the used length); slots past a row's images may hold garbage
     (even NaN), so K/V are zeroed there before use.
     """
     capacity_images, scale, needs_num_images = _check_inputs(
         q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out,
         queries_per_row,
     )
-    B, H, d = q.shape
-    NL = num_latents
+    queries, H, d = q.shape
+    B, R, NL = queries // queries_per_row, queries_per_row, num_latents
     if out is None:
-        out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
+        out = torch.empty(queries, H, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     if capacity_images == 0:
         return out.zero_()
+    q_rows = q.view(B, R, H, d).transpose(1, 2)  # [B, H, R, d]
     img = image_index.long().clamp(-1, capacity_images - 1)  # [B]
-    kv_row = torch.arange(B, device=q.device) // queries_per_row  # the cache row each query reads
+
+    def finish(o: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """o [B, H, R, d] -> out [B * R, H, d], 0 for rows that attend to nothing."""
+        o = torch.where(attended[:, None, None, None], o, 0.0)
+        return out.copy_(o.transpose(1, 2).reshape(queries, H, d))
+
     if not attend_previous:
         rows = img.clamp(min=0)[:, None] * NL + torch.arange(NL, device=q.device)  # [B, NL]
-        heads = torch.arange(H, device=q.device)[None, :, None]
-        k_img = k[kv_row[:, None, None], heads, rows[:, None, :]]  # [B, H, NL, d]: only each query's image
-        v_img = v[kv_row[:, None, None], heads, rows[:, None, :]]
-        o = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_img, v_img, scale=scale)[:, :, 0]
-        return out.copy_(torch.where((img >= 0)[:, None, None], o, 0.0))
-    if queries_per_row > 1:
-        k, v = k.index_select(0, kv_row), v.index_select(0, kv_row)
+        rows = rows[:, None, :, None].expand(B, H, NL, d)
+        o = torch.nn.functional.scaled_dot_product_attention(q_rows, k.gather(2, rows), v.gather(2, rows),
+                                                             scale=scale)
+        return finish(o, img >= 0)
 
     n_keys = capacity_images * NL
     key_image = torch.arange(n_keys, device=q.device) // NL
@@ -243,11 +249,11 @@ def masked_cross_attention_decode_ref(
     k_used = torch.where(key_ok[:, None, :, None], k[:, :, :n_keys], 0.0)
     v_used = torch.where(key_ok[:, None, :, None], v[:, :, :n_keys], 0.0)
     o = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], k_used, v_used, attn_mask=key_ok[:, None, None, :], scale=scale
-    )[:, :, 0]
+        q_rows, k_used, v_used, attn_mask=key_ok[:, None, None, :], scale=scale
+    )
     if needs_num_images:  # uniform over the row's images: the mean of v (0 when it has none)
-        count = key_ok.sum(dim=1).clamp(min=1)[:, None, None]
-        mean_v = (v_used.float().sum(dim=2) / count).to(q.dtype)
-        o = torch.where((img < 0)[:, None, None], mean_v, o)
-        return out.copy_(torch.where((last >= 0)[:, None, None], o, 0.0))
-    return out.copy_(torch.where((img >= 0)[:, None, None], o, 0.0))
+        count = key_ok.sum(dim=1).clamp(min=1)[:, None, None, None]
+        mean_v = (v_used.float().sum(dim=2, keepdim=True) / count).to(q.dtype)  # [B, H, 1, d]
+        o = torch.where((img < 0)[:, None, None, None], mean_v, o)
+        return finish(o, last >= 0)
+    return finish(o, img >= 0)

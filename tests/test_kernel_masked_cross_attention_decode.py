@@ -207,3 +207,29 @@ def test_gpu_cuda_graph_replay_matches_eager(fn, mode):
             torch.testing.assert_close(out_static, eager, rtol=0, atol=0)
         else:  # the twin's SDPA may pick another backend when captured
             assert_close(out_static, eager)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+def test_several_queries_per_row_read_their_rows_cache(mode, impl):
+    """queries_per_row R: query b is a query of row b // R and attends to that row's image; the same as R
+    copies of each row's cache with one query each (the float64 formula over the expanded cache)."""
+    if impl == "kernel" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    attend_previous, bug = MODES[mode]
+    R = 3
+    q_rows, k, v, counts = make_cache(ROWS, 6, seed=11)
+    index = (counts - 1).to(torch.int32)
+    index[2] = 0  # a row that attends to an earlier image than its last
+    q = torch.randn(len(ROWS) * R, q_rows.shape[1], D_HEAD, generator=torch.Generator().manual_seed(12))
+    op = masked_cross_attention_decode if impl == "kernel" else masked_cross_attention_decode_ref
+    got = op(q, k, v, index, attend_previous=attend_previous, pre_image_attends_all=bug,
+             num_images=counts if bug else None, queries_per_row=R)
+    expected = decode_formula64(q, k.repeat_interleave(R, 0), v.repeat_interleave(R, 0), index.repeat_interleave(R),
+                                attend_previous=attend_previous, pre_image_attends_all=bug,
+                                num_images=counts.repeat_interleave(R))
+    assert_close(got, expected.float(), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"image_index: .*\[6\]: one per row of k"):
+        op(q, k, v, index.repeat_interleave(R), queries_per_row=R)
+    with pytest.raises(ValueError, match=r"q: 18 queries is not a multiple of queries_per_row=4"):
+        op(q, k, v, index, queries_per_row=4)

@@ -387,3 +387,27 @@ def test_generated_image_parity_flag():
         "without the flag the tokens after a generated <image> should differ (else this test shows nothing)"
     with pytest.raises(ValueError, match=r"num_beams=2 with openflamingo_generated_image_bug=True"):
         parity.generate(vision, ids, mask, max_new_tokens=4, num_beams=2)
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])
+def test_score_matches_openflamingo_rank_classification(family):
+    """OpenFlamingo's cached per-class loop (get_rank_classifications with use_cache=True, run by
+    OpenFlamingoBaseline.score on the real model) against the drop-in's batched trie: log-likelihoods within
+    1e-4 relative in float32 and the same argmax per row, plain and length-normalised, on a left-padded batch
+    with candidates of 1 to 8 tokens, shared prefixes and a duplicate."""
+    from flamingo_fast.openflamingo import OpenFlamingoBaseline
+
+    of_model = build_openflamingo(family, 2, seed=90 + len(family))
+    fast = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96,
+                                           max_hypotheses=8, max_tail_len=8)
+    vision, ids, mask = batch([([0, 6, 12], 18), ([1], 7)], num_images=3)
+    g = torch.Generator().manual_seed(family.__len__())
+    candidates = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (1, 2, 3, 8, 4, 1)]
+    candidates += [candidates[3][:3] + [5], candidates[3][:2], list(candidates[1])]
+    baseline = OpenFlamingoBaseline(of_model)
+    for normalize_length in (False, True):
+        expected = baseline.score(vision, ids, mask, candidates=candidates, normalize_length=normalize_length)
+        got = fast.score(vision, ids, mask, candidates=candidates, normalize_length=normalize_length)
+        assert got.shape == expected.shape == (2, len(candidates))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))

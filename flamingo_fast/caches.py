@@ -62,11 +62,12 @@ class MediaKVCache:
     def max_images(self) -> int:
         return self.keys.shape[3] // self.num_latents
 
-    def write(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys/values [B, H, N_img * n, dh] for cross-attention layer number `slot` (rows 0..B-1)."""
-        b, _, span, _ = keys.shape
-        self.keys[slot, :b, :, :span].copy_(keys)
-        self.values[slot, :b, :, :span].copy_(values)
+    def write_images(self, rows: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Image slots[j] of row rows[j] gets keys[j], values[j] ([X, H, NL, dh]: every cross-attention layer's)."""
+        x, b, h, _, dh = self.keys.shape
+        shape = (x, b, h, self.max_images, self.num_latents, dh)
+        self.keys.view(shape)[:, rows, :, slots] = keys
+        self.values.view(shape)[:, rows, :, slots] = values
 
 
 @dataclass

@@ -25,6 +25,7 @@ over the static KV cache, with a boolean mask (rotary models) or an additive ALi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from torch import nn
 from . import masking
 from .attention import shared_prefix_attention
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
+from .context_cache import CacheStats, ContextCache, image_digests
 from .fast_modules import FastGatedCrossAttention, FastPerceiverResampler, NormSpec, kernel_ops
 from .graphs import DecodeGraphs, DecodeInputs
 from .kernels import masked_cross_attention as _xattn_kernel
@@ -205,7 +207,8 @@ class FastFlamingo:
 
     def __init__(self, model: Flamingo, backend: str = "auto", max_batch_size: int = 8,
                  max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
-                 stop_check_interval: int = 8, max_hypotheses: int | None = None, max_tail_len: int = 64):
+                 stop_check_interval: int = 8, max_hypotheses: int | None = None, max_tail_len: int = 64,
+                 context_cache_bytes: int = 1 << 30):
         config = model.config
         check_model(model)
         param = model.lang_encoder.output_head.weight
@@ -254,6 +257,9 @@ class FastFlamingo:
         self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
         self.max_hypotheses, self.max_tail_len = max_hypotheses, max_tail_len
         self.tail_cache: TailKVCache | None = None  # allocated by the first beam search, then kept (graphs read it)
+        if isinstance(context_cache_bytes, bool) or not isinstance(context_cache_bytes, int) or context_cache_bytes < 0:
+            raise ValueError(f"context_cache_bytes={context_cache_bytes!r}: expected an integer >= 0 (0 disables it)")
+        self.context_cache = ContextCache(context_cache_bytes)
         self.lock = threading.Lock()
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self._decode_step, max_batch_size, max_seq_len, self.device) if use_graphs else None
@@ -284,8 +290,7 @@ class FastFlamingo:
             attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
             counts = self._images_to_encode(vision_x, lang_x)
             self._check_capacity(lang_x, counts, None)
-            num_images = self._encode_media(vision_x, counts, None)
-            return self._prefill(lang_x, attention_mask, num_images, all_logits=True)
+            return self._prefill_prompt(vision_x, lang_x.long(), attention_mask, counts, None, all_logits=True)
 
     __call__ = forward
 
@@ -359,12 +364,21 @@ class FastFlamingo:
                 timer: PhaseTimer | None = None) -> tuple[FastDecoder, torch.Tensor]:
         """Encode the images each row uses, prefill the prompts -> (decoder over the cached prompts, float32
         logits [B, vocab] of each row's last token). Inputs already checked; call under the lock."""
-        num_images = self._encode_media(vision_x, counts, timer)
-        logits = self._prefill(lang_x, attention_mask, num_images)
+        logits = self._prefill_prompt(vision_x, lang_x, attention_mask, counts, timer)
         images_in_row = masking.images_per_row(lang_x, self.config.media_token_id).to(torch.int32)
-        row_images = torch.full_like(images_in_row, num_images) if self.pre_image_bug else images_in_row
+        row_images = torch.full_like(images_in_row, int(counts.max())) if self.pre_image_bug else images_in_row
         last_position = masking.positions_from_mask(attention_mask)[:, -1]
         return FastDecoder(self, lang_x.shape[1], last_position, images_in_row - 1, row_images), logits.float()
+
+    def context_cache_stats(self) -> CacheStats:
+        """A copy of the context cache's counters: hits and misses (contexts, images), evictions, bytes held
+        (never more than `budget`), entries."""
+        with self.lock:
+            return dataclasses.replace(self.context_cache.stats)
+
+    def clear_context_cache(self) -> None:
+        with self.lock:
+            self.context_cache.clear()
 
     @property
     def capture_seconds(self) -> float:
@@ -413,63 +427,155 @@ class FastFlamingo:
             raise ValueError(f"lang_x: a row has {images} {what}; expected at most "
                              f"max_images={self.media_cache.max_images} of this FastFlamingo")
 
-    def _encode_media(self, vision_x, counts: torch.Tensor, timer: PhaseTimer | None) -> int:
-        """Encode the first counts[b] images of each row b (`_images_to_encode`), as one batch; fill the media
-        K/V cache. Returns images per row (the widest row's count); rows with fewer images leave the rest of
-        their slots unused."""
+    def _encode_media(self, vision_x, counts: torch.Tensor, timer: PhaseTimer | None,
+                      insert: torch.Tensor | None = None) -> tuple[int, list[list]]:
+        """Fill the media K/V cache with the first counts[b] images of each row b (`_images_to_encode`).
+
+        Images are looked up by content in the context cache; only the missing distinct ones are encoded (one
+        batch through the vision encoder, the perceiver and every gated layer's to_kv). The first insert[b]
+        images of row b (its context's) are stored in the cache; query images never are. Returns (images per
+        row of the widest row, each row's image keys: content digests, or None with the cache off)."""
+        batch = counts.shape[0]
         num_images = int(counts.max())
         if num_images == 0:
             if timer is not None:
                 timer.lap("vision")
                 timer.lap("media_kv")
-            return 0
-        batch, _, frames = vision_x.shape[:3]
-        used = torch.arange(num_images, device=counts.device)[None, :] < counts[:, None]  # [B, N]
-        images = vision_x[:, :num_images][used]  # [n_used, F, C, H, W]: padding images are never encoded
-        patch_tokens = self.model.vision_encoder(images.flatten(0, 1).to(self.dtype))
-        latents_used = self.perceiver(patch_tokens.view(1, images.shape[0], frames, *patch_tokens.shape[1:]))[0]
-        latents = latents_used.new_zeros(batch, num_images, *latents_used.shape[1:])
-        latents[used] = latents_used
+            return 0, [[] for _ in range(batch)]
+        frames = vision_x.shape[2]
+        rows, slots = (torch.arange(num_images, device=counts.device)[None, :] < counts[:, None]).nonzero().unbind(1)
+        images = vision_x[rows, slots]  # [n_used, F, C, H, W]: padding images are never read
+        cache = self.context_cache
+        keys = image_digests(images) if cache.budget > 0 else [None] * images.shape[0]
+        pairs = list(zip(rows.tolist(), slots.tolist(), strict=True))
+        stored = [] if insert is None else insert.tolist()
+        found: dict = {}
+        missing: list[int] = []  # positions in `images` to encode
+        for j, key in enumerate(keys):
+            entry = cache.get("image", key) if key is not None and key not in found else None
+            if key is None or (key not in found and entry is None):
+                missing.append(j)
+            if entry is not None:
+                found[key] = entry
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if missing:
+            new = images[missing]
+            patch_tokens = self.model.vision_encoder(new.flatten(0, 1).to(self.dtype))
+            latents = self.perceiver(patch_tokens.view(1, len(missing), frames, *patch_tokens.shape[1:]))[0]
+            kv = [block.media_kv(latents[None]) for block in self.xattn.values()]  # per layer [1, H, n * NL, dh]
+            n_lat = self.media_cache.num_latents
+
+            def per_image(t):  # [X, H, n * NL, dh] -> [n, X, H, NL, dh]
+                return t.unflatten(2, (len(missing), n_lat)).permute(2, 0, 1, 3, 4)
+
+            new_keys = per_image(torch.stack([k[0] for k, _ in kv]))
+            new_values = per_image(torch.stack([v[0] for _, v in kv]))
+            for m, j in enumerate(missing):
+                fresh[j] = (new_keys[m], new_values[m])
+                b, i = pairs[j]
+                if keys[j] is not None and i < stored[b] and keys[j] not in found:
+                    found[keys[j]] = cache.put("image", keys[j], new_keys[m].clone(), new_values[m].clone())
         if timer is not None:
             timer.lap("vision")
-        for idx, block in self.xattn.items():
-            keys, values = block.media_kv(latents)
-            self.media_cache.write(self.xattn_slot[idx], keys, values)
+        by_image = [fresh[j] if j in fresh else (found[k].keys, found[k].values) for j, k in enumerate(keys)]
+        self.media_cache.write_images(rows, slots, torch.stack([k for k, _ in by_image]),
+                                      torch.stack([v for _, v in by_image]))
         if timer is not None:
             timer.lap("media_kv")
-        return num_images
+        digests = [[] for _ in range(batch)]
+        for (b, _), key in zip(pairs, keys, strict=True):
+            digests[b].append(key)
+        return num_images, digests
 
-    def _prefill(self, lang_x, attention_mask, num_images: int, all_logits: bool = False) -> torch.Tensor:
+    def _prefill_prompt(self, vision_x, lang_x, attention_mask, counts: torch.Tensor, timer: PhaseTimer | None,
+                        all_logits: bool = False, reuse: bool = True) -> torch.Tensor:
+        """Images, then the prompt through the LM into the static cache -> logits (of the last position, or of
+        every position with `all_logits`).
+
+        With `reuse` (generate and score, the cache on, not the pre-image-bug mode), a row's context (every token
+        before its last `<image>`) is taken from the context cache when its tokens and images were seen before;
+        each missing distinct context is computed once, alone, and stored. The contexts are copied into their
+        rows' cache columns and only the rest of the prompt runs: the columns from the earliest row's query on."""
+        batch, prompt_len = lang_x.shape
+        media_token = self.config.media_token_id
+        reuse = reuse and self.context_cache.budget > 0 and not self.pre_image_bug and not all_logits
+        ids = lang_x.tolist() if reuse else None
+        real_start = (attention_mask.long().cumsum(dim=1) == 0).sum(dim=1).tolist() if reuse else [0] * batch
+        context_end = list(real_start)  # per row: where its context ends (== real start: no context)
+        if reuse:
+            for b in range(batch):
+                last_image = max((t for t in range(real_start[b], prompt_len) if ids[b][t] == media_token),
+                                 default=None)
+                if last_image is not None and last_image > real_start[b]:
+                    context_end[b] = last_image
+        context_images = torch.tensor([ids[b][real_start[b]:context_end[b]].count(media_token) for b in range(batch)]
+                                      if reuse else [0] * batch, device=counts.device)
+        num_images, digests = self._encode_media(vision_x, counts, timer, insert=context_images)
+        start = 0
+        if reuse and any(e > s for e, s in zip(context_end, real_start, strict=True)):
+            entries: dict = {}
+            for b in range(batch):
+                if context_end[b] == real_start[b]:
+                    continue
+                key = (tuple(ids[b][real_start[b]:context_end[b]]), tuple(digests[b][: int(context_images[b])]))
+                if key not in entries:
+                    entries[key] = self.context_cache.get("context", key) or self._compute_context(
+                        key, b, lang_x[b:b + 1, real_start[b]:context_end[b]], int(context_images[b]))
+                entry = entries[key]
+                self.kv_cache.keys[:, b, :, real_start[b]:context_end[b]] = entry.keys
+                self.kv_cache.values[:, b, :, real_start[b]:context_end[b]] = entry.values
+            start = min(context_end)
+        return self._prefill(lang_x, attention_mask, num_images, all_logits=all_logits, start=start)
+
+    def _compute_context(self, key, row: int, context_ids: torch.Tensor, images: int):
+        """Run one row's context alone (static-cache row `row`, whose media are already in place) and store its
+        keys/values in the context cache (or keep them for this call only when they exceed the budget)."""
+        length = context_ids.shape[1]
+        self._prefill(context_ids, torch.ones_like(context_ids), images, row=row, logits=False)
+        kv = self.kv_cache
+        return self.context_cache.put("context", key, kv.keys[:, row, :, :length].clone(),
+                                      kv.values[:, row, :, :length].clone())
+
+    def _prefill(self, lang_x, attention_mask, num_images: int, all_logits: bool = False, start: int = 0,
+                 row: int | None = None, logits: bool = True) -> torch.Tensor | None:
+        """The prompt's columns [start, T) through the LM; columns [0, start) are already in the static cache
+        (staged contexts). `row`: run one prompt in that static/media cache row instead of rows [0, B)."""
         lm, model = self.config.lm, self.model.lang_encoder
         batch, prompt_len = lang_x.shape
+        rows = slice(0, batch) if row is None else slice(row, row + 1)
         kv = self.kv_cache
-        kv.key_valid[:batch].zero_()
-        kv.key_valid[:batch, :prompt_len] = attention_mask.bool()
-        positions = masking.positions_from_mask(attention_mask)
-        image_index = masking.image_index(lang_x, self.config.media_token_id)
-        x = model.embed_tokens(lang_x)
+        kv.key_valid[rows].zero_()
+        kv.key_valid[rows, :prompt_len] = attention_mask.bool()
+        positions = masking.positions_from_mask(attention_mask)[:, start:]
+        image_index = masking.image_index(lang_x, self.config.media_token_id)[:, start:]
+        x = model.embed_tokens(lang_x[:, start:])
+        queries = prompt_len - start
         rope = None if lm.alibi else rotary_cos_sin(positions, lm.rotary_dim, lm.rope_theta, x.dtype)
         padded = not bool(attention_mask.all())
+        allowed = self_attention_mask(attention_mask, queries)
         if lm.alibi:  # an additive bias cannot be combined with is_causal: always a full mask
-            mask = alibi_attention_bias(self_attention_mask(attention_mask, prompt_len), self.alibi_slopes, x.dtype)
+            mask = alibi_attention_bias(allowed, self.alibi_slopes, x.dtype)
         else:
-            mask = self_attention_mask(attention_mask, prompt_len) if padded else None
+            mask = allowed if padded or start else None
         causal = mask is None
         gqa = lm.num_heads != lm.num_kv_heads
         span = num_images * self.media_cache.num_latents
 
         def cross(idx, x, h):
             slot = self.xattn_slot[idx]
-            keys = self.media_cache.keys[slot, :batch, :, :span] if num_images else None
-            values = self.media_cache.values[slot, :batch, :, :span] if num_images else None
+            keys = self.media_cache.keys[slot, rows, :, :span] if num_images else None
+            values = self.media_cache.values[slot, rows, :, :span] if num_images else None
             return self.xattn[idx].prefill(x, h, keys, values, image_index, self.input_norms[idx])
 
         def attend(idx, q, k, v):
-            kv.keys[idx, :batch, :, :prompt_len] = k
-            kv.values[idx, :batch, :, :prompt_len] = v
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            kv.keys[idx, rows, :, start:prompt_len] = k
+            kv.values[idx, rows, :, start:prompt_len] = v
+            keys, values = kv.keys[idx, rows, :, :prompt_len], kv.values[idx, rows, :, :prompt_len]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
         h = self._layers(x, rope, cross, attend)
+        if not logits:
+            return None
         return model.output_head(h if all_logits else h[:, -1])
 
     def _run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool,

@@ -1,0 +1,111 @@
+"""The few-shot context cache: content-addressed, byte-budgeted, least recently used first out.
+
+Two kinds of entries share one budget and one recency order:
+- an image: its cross-attention keys/values in every gated layer, [X, H, n_latents, dh] each, keyed by a digest of
+  the image tensor's bytes (taken on its device) with its shape and dtype;
+- a context: the self-attention keys/values of every decoder layer over a row's demonstrations,
+  [layers, H_kv, L, hd] each, keyed by its token ids and the digests of the images its `<image>` tokens refer to.
+  A row's context is everything before its last `<image>` (the query's image and question follow it); its keys
+  and values depend only on those tokens and images, with positions counted from the row's first real token, so
+  left padding never changes them.
+Queries are never inserted (thousands of them would evict the context). Entries are plain tensors; this module
+runs no model code. Not thread-safe by itself: FastFlamingo calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CacheStats:
+    context_hits: int = 0
+    context_misses: int = 0
+    image_hits: int = 0
+    image_misses: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    budget: int = 0
+    contexts: int = 0
+    images: int = 0
+
+
+_WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def image_digests(images: torch.Tensor, chunk: int = 16) -> list[tuple]:
+    """images [N, ...] -> one hashable key per image: two 64-bit multiply-add sums of its raw bytes (read as
+    int32 words; wrapping) with fixed pseudo-random weights, computed on the images' device `chunk` images at a
+    time, plus shape and dtype. One host sync for the whole batch."""
+    n = images.shape[0]
+    raw = images.contiguous().view(n, -1).view(torch.uint8)
+    words = raw.view(torch.int32) if raw.shape[1] % 4 == 0 else raw
+    length = words.shape[1]
+    key = (length, words.device)
+    if key not in _WEIGHTS:
+        g = torch.Generator().manual_seed(20261129)
+        _WEIGHTS[key] = torch.randint(-(2**62), 2**62, (2, length), generator=g, dtype=torch.int64).to(words.device)
+    weights = _WEIGHTS[key]
+    sums = torch.cat([torch.stack([(part.long() * w).sum(dim=-1) for w in weights], dim=1)
+                      for part in words.split(chunk)])  # [N, 2]
+    tail = (tuple(images.shape[1:]), str(images.dtype))
+    return [(a, b, *tail) for a, b in sums.tolist()]
+
+
+@dataclass
+class _Entry:
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class ContextCache:
+    """LRU over images and contexts under `budget` bytes (0: nothing is ever stored)."""
+
+    budget: int
+    entries: OrderedDict = field(default_factory=OrderedDict)  # ("image" | "context", key) -> _Entry
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self) -> None:
+        self.stats.budget = self.budget
+
+    def get(self, kind: str, key) -> _Entry | None:
+        entry = self.entries.get((kind, key))
+        if entry is not None:
+            self.entries.move_to_end((kind, key))
+        name = "context" if kind == "context" else "image"
+        field_name = f"{name}_{'hits' if entry is not None else 'misses'}"
+        setattr(self.stats, field_name, getattr(self.stats, field_name) + 1)
+        return entry
+
+    def put(self, kind: str, key, keys: torch.Tensor, values: torch.Tensor) -> _Entry:
+        """Store (a copy is the caller's business: the tensors are kept as given). An entry larger than the
+        whole budget is returned but not stored; older entries are evicted until the new one fits."""
+        entry = _Entry(keys, values)
+        if entry.nbytes > self.budget or (kind, key) in self.entries:
+            return self.entries.get((kind, key), entry)
+        while self.stats.bytes + entry.nbytes > self.budget:
+            (old_kind, _), old = self.entries.popitem(last=False)
+            self._account(old_kind, old, -1)
+            self.stats.evictions += 1
+        self.entries[(kind, key)] = entry
+        self._account(kind, entry, +1)
+        return entry
+
+    def _account(self, kind: str, entry: _Entry, sign: int) -> None:
+        self.stats.bytes += sign * entry.nbytes
+        if kind == "context":
+            self.stats.contexts += sign
+        else:
+            self.stats.images += sign
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.stats.bytes = self.stats.contexts = self.stats.images = 0

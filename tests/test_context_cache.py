@@ -1,0 +1,181 @@
+"""The few-shot context cache: warm, cold and off give the same results; contexts and images are reused by
+content (never by tensor identity), computed once per call, kept under the byte budget, least recently used
+first out; queries are never stored."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import assert_close
+
+from flamingo_fast.config import from_name
+from flamingo_fast.reference import build_reference
+from flamingo_fast.runtime import FastFlamingo
+
+TINY = from_name("tiny")
+FAMILIES = {
+    "llama_gqa": {},
+    "mpt": dict(family="mpt", alibi=True, tie_word_embeddings=True, num_kv_heads=4, intermediate_size=256),
+    "gpt_neox": dict(family="gpt_neox", num_kv_heads=4, rotary_pct=0.5, parallel_residual=True),
+}
+
+
+def build(family: str = "llama_gqa", seed: int = 0, **overrides):
+    lm = dataclasses.replace(TINY.lm, **FAMILIES[family])
+    return build_reference(TINY.replace(lm=lm, cross_attn_every_n_layers=2, **overrides), seed=seed)
+
+
+def few_shot_batch(config, shots: int, question_lengths, context_seed: int = 0, query_seed: int = 1,
+                   demo_images: torch.Tensor | None = None):
+    """Every row: the same `shots` demonstrations (`<image>` caption `<|endofchunk|>`), then its own query
+    (`<image>` question); rows left-padded to the longest. -> vision_x [B, shots + 1, ...], lang_x, mask."""
+    g = torch.Generator().manual_seed(context_seed)
+    media, eoc, pad = config.media_token_id, config.eoc_token_id, config.pad_token_id
+    context = []
+    for _ in range(shots):
+        context += [media] + torch.randint(3, eoc, (4,), generator=g).tolist() + [eoc]
+    size = config.vision.image_size
+    demos = torch.randn(shots, 1, 3, size, size, generator=g) if demo_images is None else demo_images
+    q = torch.Generator().manual_seed(query_seed)
+    rows, images = [], []
+    for n in question_lengths:
+        rows.append(context + [media] + torch.randint(3, eoc, (n,), generator=q).tolist())
+        images.append(torch.cat([demos, torch.randn(1, 1, 3, size, size, generator=q)]))
+    longest = max(map(len, rows))
+    lang_x = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    return torch.stack(images), lang_x, mask
+
+
+def fast_pair(model, **options):
+    on = FastFlamingo.from_reference(model, backend="torch", max_batch_size=4, max_seq_len=96, **options)
+    off = FastFlamingo.from_reference(model, backend="torch", max_batch_size=4, max_seq_len=96, context_cache_bytes=0)
+    return on, off
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_warm_cold_and_off_agree(family):
+    model = build(family, seed=len(family))
+    on, off = fast_pair(model)
+    vision, lang_x, mask = few_shot_batch(model.config, 3, [2, 5, 3])
+    expected, expected_logits = model.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[],
+                                               return_logits=True)
+    for impl in (off, on, on):  # off, then cold, then warm
+        ids, logits = impl.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[], return_logits=True)
+        assert torch.equal(ids, expected)
+        assert_close(logits, expected_logits, dtype=torch.float32)
+    stats = on.context_cache_stats()
+    assert (stats.contexts, stats.context_hits, stats.context_misses) == (1, 1, 1), stats
+    assert stats.images == 3 and stats.image_hits == 3, "the 3 demonstration images, never the queries"
+    assert off.context_cache_stats().contexts == 0
+    # beams and scoring go through the same prefill
+    beams = dict(max_new_tokens=5, num_beams=3, eos_token_id=[])
+    assert torch.equal(on.generate(vision, lang_x, mask, **beams), model.generate(vision, lang_x, mask, **beams))
+    cands = [[5], [7, 8], [9, 10, 11]]
+    assert_close(on.score(vision, lang_x, mask, candidates=cands), model.score(vision, lang_x, mask, candidates=cands),
+                 dtype=torch.float32)
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_both_masking_modes(immediate):
+    model = build(seed=3, only_attend_immediate_media=immediate)
+    on, _ = fast_pair(model)
+    vision, lang_x, mask = few_shot_batch(model.config, 2, [4, 1])
+    expected = model.generate(vision, lang_x, mask, max_new_tokens=5, eos_token_id=[])
+    for _ in range(2):
+        assert torch.equal(on.generate(vision, lang_x, mask, max_new_tokens=5, eos_token_id=[]), expected)
+    assert on.context_cache_stats().context_hits == 1
+
+
+def test_rows_of_one_call_compute_a_shared_context_once():
+    model = build(seed=4)
+    on, _ = fast_pair(model)
+    computed = []
+    original = on._compute_context
+    on._compute_context = lambda *a, **k: computed.append(1) or original(*a, **k)
+    vision, lang_x, mask = few_shot_batch(model.config, 4, [3, 6, 2, 4])
+    assert torch.equal(on.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]),
+                       model.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]))
+    assert len(computed) == 1
+    # a different query batch on the same context: nothing computed again
+    vision2, lang_x2, mask2 = few_shot_batch(model.config, 4, [5, 5], query_seed=9)
+    assert torch.equal(on.generate(vision2, lang_x2, mask2, max_new_tokens=4, eos_token_id=[]),
+                       model.generate(vision2, lang_x2, mask2, max_new_tokens=4, eos_token_id=[]))
+    assert len(computed) == 1
+
+
+def test_content_not_identity_a_refilled_tensor_gets_fresh_results():
+    model = build(seed=5)
+    on, off = fast_pair(model)
+    vision, lang_x, mask = few_shot_batch(model.config, 2, [3, 3])
+    on.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[])
+    vision[:, 0] = torch.randn_like(vision[0, 0])  # the caller refills a demonstration image in place
+    expected, expected_logits = off.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[],
+                                             return_logits=True)
+    for _ in range(2):  # the new content misses, then hits
+        ids, logits = on.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[], return_logits=True)
+        assert torch.equal(ids, expected)
+        assert_close(logits, expected_logits, dtype=torch.float32)
+    stats = on.context_cache_stats()
+    assert (stats.contexts, stats.context_misses, stats.context_hits) == (2, 2, 1), stats
+    assert stats.images == 3, "the two first images and the refilled one"
+
+
+def test_demonstrations_drawn_from_a_pool_reuse_their_images():
+    """Different contexts that share images: the images are encoded once."""
+    model = build(seed=6)
+    on, _ = fast_pair(model)
+    size = model.config.vision.image_size
+    pool = torch.randn(3, 1, 3, size, size)
+    calls = [few_shot_batch(model.config, 2, [3], context_seed=seed, demo_images=pool[picks])
+             for seed, picks in ((0, [0, 1]), (1, [1, 2]), (2, [2, 0]))]
+    expected = [model.generate(*call, max_new_tokens=3, eos_token_id=[]) for call in calls]
+    encoded = []
+    original = on.model.vision_encoder.forward
+    on.model.vision_encoder.forward = lambda x: encoded.append(x.shape[0]) or original(x)
+    for call, ids in zip(calls, expected, strict=True):
+        assert torch.equal(on.generate(*call, max_new_tokens=3, eos_token_id=[]), ids)
+    assert encoded == [3, 2, 1], "pool images 0, 1 and the query; then pool image 2 and the query; the query"
+
+
+def test_byte_budget_lru_and_clear():
+    model = build(seed=7)
+    probe, _ = fast_pair(model)
+    vision, lang_x, mask = few_shot_batch(model.config, 2, [3])
+    probe.generate(vision, lang_x, mask, max_new_tokens=2, eos_token_id=[])
+    one_call = probe.context_cache_stats().bytes  # one context and its two images
+    budget = int(one_call * 1.5)
+    on = FastFlamingo.from_reference(model, backend="torch", max_batch_size=4, max_seq_len=96,
+                                     context_cache_bytes=budget)
+    for seed in range(4):
+        vision, lang_x, mask = few_shot_batch(model.config, 2, [3], context_seed=seed)
+        expected = model.generate(vision, lang_x, mask, max_new_tokens=3, eos_token_id=[])
+        assert torch.equal(on.generate(vision, lang_x, mask, max_new_tokens=3, eos_token_id=[]), expected)
+        stats = on.context_cache_stats()
+        assert stats.bytes <= budget, stats
+    assert stats.evictions > 0 and stats.budget == budget
+    # the most recent context is still there; the first one was evicted
+    vision, lang_x, mask = few_shot_batch(model.config, 2, [3], context_seed=3)
+    on.generate(vision, lang_x, mask, max_new_tokens=2, eos_token_id=[])
+    assert on.context_cache_stats().context_hits == 1
+    on.clear_context_cache()
+    stats = on.context_cache_stats()
+    assert (stats.bytes, stats.contexts, stats.images) == (0, 0, 0)
+    tiny = FastFlamingo.from_reference(model, backend="torch", max_batch_size=4, max_seq_len=96, context_cache_bytes=10)
+    assert torch.equal(tiny.generate(vision, lang_x, mask, max_new_tokens=3, eos_token_id=[]),
+                       model.generate(vision, lang_x, mask, max_new_tokens=3, eos_token_id=[]))
+    assert tiny.context_cache_stats().bytes == 0, "an entry larger than the budget is used but never stored"
+    with pytest.raises(ValueError, match=r"context_cache_bytes=-1: expected an integer >= 0"):
+        FastFlamingo.from_reference(model, backend="torch", context_cache_bytes=-1)
+
+
+def test_pre_image_bug_mode_never_keys_contexts():
+    model = build(seed=8, only_attend_immediate_media=False, openflamingo_pre_image_bug=True)
+    on, _ = fast_pair(model)
+    vision, lang_x, mask = few_shot_batch(model.config, 2, [3, 1])
+    for _ in range(2):
+        assert torch.equal(on.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]),
+                           model.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]))
+    assert on.context_cache_stats().contexts == 0

@@ -9,6 +9,7 @@ prints a markdown table (one row per batch x shot count x implementation) and wr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="PNG: prefill and decode per token vs shots (needs matplotlib)")
     p.add_argument("--trace", metavar="DIR", help="torch.profiler chrome traces at the largest shot count")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--workload", type=_non_negative_int("workload", 1), default=None, metavar="N",
+                   help="instead of the sweep: N batches of queries sharing one k-shot context per shot count "
+                        "(OpenFlamingo's evaluation); queries/s and TTFT p50/p90 against the baseline")
     p.set_defaults(run=_profile, command_parser=p)
     return parser
 
@@ -107,6 +111,18 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 profiler.check_output_path(option, getattr(args, option))
     except ValueError as error:
         parser.error(str(error))
+    if args.workload is not None:
+        try:
+            rows = profiler.workload(options, args.workload, progress=not args.no_progress)
+        except (ValueError, NotImplementedError) as error:
+            print(f"flamingo-fast profile: error: {error}", file=sys.stderr)
+            return 2
+        print(profiler.format_workload(rows, options))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"metadata": profiler.metadata(options), "workload": [vars(r) for r in rows]}, f, indent=2)
+            print(f"wrote {args.json}", file=sys.stderr)
+        return 0
     on_row = (lambda result: profiler.write_json(result, args.json, complete=False)) if args.json else None
     try:
         result = profiler.profile(options, progress=not args.no_progress, on_row=on_row)

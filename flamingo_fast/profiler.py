@@ -8,6 +8,8 @@ random models rarely emit an end token). Reported per row:
     vision_ms        encoder + resampler (+ the fast path's cross-attention K/V), median over repeats
     prefill_ms       the prompt through the LM, first token chosen; ttft_ms = vision_ms + prefill_ms
     decode_ms_p50/90 per generated token after the first, over every decode lap of every repeat
+    ttft_warm_ms     the same prompt right after, its context and images in the context cache (fast only);
+                     ttft_ms is cold: the cache is cleared before each timed call
     decode_tokens_per_s   batch / decode p50 (rows advance together)
     total_ms         the whole generate call (every lap), median over repeats
     With `num_beams` N > 1 every call is a beam search: a decode lap is one step of all B x N hypotheses.
@@ -334,13 +336,14 @@ class ProfileRow:
     encoder_ms: float  # the "vision" lap alone
     media_kv_ms: float  # the "media_kv" lap (0 for the reference)
     prefill_ms: float
-    ttft_ms: float
+    ttft_ms: float  # cold: an implementation with a context cache has it cleared before each timed call
     decode_ms_p50: float
     decode_ms_p90: float
     decode_tokens_per_s: float
     total_ms: float
     peak_mem_mib: float
     peak_mem_kind: str
+    ttft_warm_ms: float | None = None  # the same prompt again right after, its context cached (fast only)
     tokens_match_baseline: float | None = None  # fraction of generated ids equal to the baseline's
     # ||logits - baseline logits|| / ||baseline logits|| for the first new token (same prompt, untimed call).
     # With random weights logits are nearly tied, so at bf16 one flipped argmax changes every later id: this
@@ -349,6 +352,7 @@ class ProfileRow:
     speedup_vision: float | None = None
     speedup_prefill: float | None = None
     speedup_ttft: float | None = None
+    speedup_ttft_warm: float | None = None  # baseline (cold) TTFT / this warm TTFT
     speedup_decode_p50: float | None = None
     speedup_decode_p90: float | None = None
     speedup_total: float | None = None
@@ -426,7 +430,9 @@ def _row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: Pr
 def _compare(row: ProfileRow, baseline: ProfileRow) -> None:
     for ratio, timing in RATIOS.items():
         this, base = getattr(row, timing), getattr(baseline, timing)
-        setattr(row, ratio, base / this if this > 0 and math.isfinite(base) else None)
+        setattr(row, ratio, base / this if this and this > 0 and math.isfinite(base) else None)
+    warm = row.ttft_warm_ms
+    row.speedup_ttft_warm = baseline.ttft_ms / warm if warm and math.isfinite(baseline.ttft_ms) else None
     row.mem_ratio = row.peak_mem_mib / baseline.peak_mem_mib if baseline.peak_mem_mib > 0 else None
 
 
@@ -478,14 +484,21 @@ def profile(options: ProfileOptions, progress: bool = True,
                     warmup_s.append(time.perf_counter() - t0)
                     bar.step(f"{label} warm-up {i + 1}/{options.warmup}")
                 memory.start()
-                timers, first_ids = [], None
+                timers, warm_ttft, first_ids = [], [], None
+                cached = hasattr(impl, "clear_context_cache")
                 for i in range(options.repeats):
+                    if cached:  # cold: the prompt's context computed as if never seen
+                        impl.clear_context_cache()
                     ids, timer = _timed_generate(impl, inputs, options.new_tokens, device, options.num_beams)
                     first_ids = ids[:, prompt_tokens:] if first_ids is None else first_ids
                     timers.append(timer)
+                    if cached:  # warm: the same prompt again, its context and images cached
+                        _, warm = _timed_generate(impl, inputs, 1, device, options.num_beams)
+                        warm_ttft.append(sum(warm.total(p) for p in ("vision", "media_kv", "prefill")))
                     bar.step(f"{label} repeat {i + 1}/{options.repeats}")
                 row = _row(name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(),
                            memory.kind)
+                row.ttft_warm_ms = 1e3 * _median(warm_ttft) if warm_ttft else None
                 logits = _first_logits(impl, inputs, options.num_beams)
                 if baseline_row is None:
                     baseline_row, baseline_ids, baseline_logits = row, first_ids, logits
@@ -511,6 +524,103 @@ def profile(options: ProfileOptions, progress: bool = True,
 # ----------------------------------------------------------------------------------------------------------
 # Metadata and output
 # ----------------------------------------------------------------------------------------------------------
+
+
+def build_workload(config: FlamingoConfig, shots: int, batch: int, batches: int, caption_tokens: int,
+                   question_tokens: int, seed: int, dtype: torch.dtype, device: str | torch.device):
+    """OpenFlamingo's evaluation: one fixed `shots`-shot context (the same demonstrations and images in every
+    row), then `batches` batches of queries (`<image>` + question), each row with its own image and question.
+    -> a list of (vision_x, lang_x, attention_mask)."""
+    generator = torch.Generator().manual_seed(seed * 7_919 + shots)
+    low = max(config.bos_token_id, config.eos_token_id) + 1
+    high = config.eoc_token_id
+    v = config.vision
+    context = [config.bos_token_id]
+    for _ in range(shots):
+        context += [config.media_token_id] + torch.randint(low, high, (caption_tokens,), generator=generator).tolist()
+        context += [config.eoc_token_id]
+    demos = torch.randn(shots, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
+    out = []
+    for _ in range(batches):
+        questions = torch.randint(low, high, (batch, question_tokens), generator=generator)
+        lang_x = torch.cat([torch.tensor(context).expand(batch, -1), torch.full((batch, 1), config.media_token_id),
+                            questions], dim=1)
+        queries = torch.randn(batch, 1, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
+        vision_x = torch.cat([demos.expand(batch, -1, -1, -1, -1, -1), queries], dim=1)
+        out.append((vision_x.to(device=device, dtype=dtype), lang_x.to(device), torch.ones_like(lang_x, device=device)))
+    return out
+
+
+@dataclass
+class WorkloadRow:
+    impl: str
+    shots: int
+    batch: int
+    batches: int
+    num_beams: int
+    new_tokens: int
+    total_s: float  # every batch, the first (cold context) included
+    queries_per_s: float
+    ttft_ms_p50: float
+    ttft_ms_p90: float
+    speedup_queries: float | None = None  # this queries/s / the baseline's
+    speedup_ttft_p50: float | None = None  # baseline TTFT p50 / this
+
+
+def workload(options: ProfileOptions, batches: int, progress: bool = True) -> list[WorkloadRow]:
+    """The evaluation workload at each shot count and batch size: `batches` batches of queries over one
+    context, for each implementation (the first is the baseline). An implementation with a context cache starts
+    it empty, so its first batch pays for the context; warm-up calls use another context."""
+    check_available(options.impls)
+    config = options.config
+    device, dtype = options.device, options.torch_dtype
+    model = build_reference(config, seed=options.seed, dtype=dtype, device=device)
+    rows: list[WorkloadRow] = []
+    calls = len(options.batch) * len(options.shots) * len(options.impls) * (options.warmup + batches)
+    bar = ProgressBar(calls, enabled=progress)
+    longest = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens) + options.new_tokens
+    for batch in options.batch:
+        impls = {name: BUILDERS[name](model, max_batch_size=batch, max_seq_len=longest,
+                                      max_images=max(options.shots) + 1, backend=options.fast_backend)
+                 for name in options.impls}
+        for shots in options.shots:
+            work = build_workload(config, shots, batch, batches, options.caption_tokens, options.question_tokens,
+                                  options.seed, dtype, device)
+            warm = build_workload(config, shots, batch, options.warmup, options.caption_tokens,
+                                  options.question_tokens, options.seed + 1, dtype, device)
+            baseline = None
+            for name, impl in impls.items():
+                for inputs in warm:
+                    _timed_generate(impl, inputs, options.new_tokens, device, options.num_beams)
+                    bar.step(f"{name} batch={batch} shots={shots} warm-up")
+                if hasattr(impl, "clear_context_cache"):
+                    impl.clear_context_cache()
+                ttft, started = [], time.perf_counter()
+                for i, inputs in enumerate(work):
+                    _, timer = _timed_generate(impl, inputs, options.new_tokens, device, options.num_beams)
+                    ttft.append(sum(timer.total(p) for p in ("vision", "media_kv", "prefill")))
+                    bar.step(f"{name} batch={batch} shots={shots} batch {i + 1}/{batches}")
+                total = time.perf_counter() - started
+                row = WorkloadRow(name, shots, batch, batches, options.num_beams, options.new_tokens, total,
+                                  batch * batches / total, 1e3 * float(np.percentile(ttft, 50)),
+                                  1e3 * float(np.percentile(ttft, 90)))
+                baseline = baseline or row
+                row.speedup_queries = row.queries_per_s / baseline.queries_per_s
+                row.speedup_ttft_p50 = baseline.ttft_ms_p50 / row.ttft_ms_p50
+                rows.append(row)
+    return rows
+
+
+def format_workload(rows: Sequence[WorkloadRow], options: ProfileOptions) -> str:
+    lines = [f"evaluation workload: preset {options.preset}, {options.torch_dtype}, {options.new_tokens} new tokens, "
+             f"{rows[0].num_beams if rows else 1} beam(s); queries/s over every batch, the cold first one included",
+             "", "| impl | shots | batch | batches | queries/s | TTFT p50 ms | TTFT p90 ms | queries/s x | TTFT x |",
+             "| --- " + "| ---: " * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {r.impl} | {r.shots} | {r.batch} | {r.batches} | {_fmt(r.queries_per_s, 2)} "
+                     f"| {_fmt(r.ttft_ms_p50)} | {_fmt(r.ttft_ms_p90)} | {_fmt(r.speedup_queries, 2)} "
+                     f"| {_fmt(r.speedup_ttft_p50, 2)} |")
+    return "\n".join(lines)
 
 
 def _git_commit() -> str | None:
@@ -585,18 +695,20 @@ def format_table(result: ProfileResult) -> str:
         f"{meta.get('num_beams', 1)} beam(s) (decode ms: one step of batch x beams), "
         f"median of {meta['repeats']} repeats after {meta['warmup']} warm-up; baseline: {meta['baseline']}",
         "",
-        "| impl | batch | shots | prompt tok | vision ms | prefill ms | TTFT ms | decode ms/tok p50 | p90 | tok/s "
-        "| generate ms | peak MiB | warm-up s | TTFT x | decode x | generate x | same ids | logits rel err |",
-        "| --- " + "| ---: " * 17 + "|",
+        "| impl | batch | shots | prompt tok | vision ms | prefill ms | TTFT ms | warm TTFT ms | decode ms/tok p50 "
+        "| p90 | tok/s | generate ms | peak MiB | warm-up s | TTFT x | warm TTFT x | decode x | generate x | same ids "
+        "| logits rel err |",
+        "| --- " + "| ---: " * 19 + "|",
     ]
     for r in result.rows:
         same = "-" if r.tokens_match_baseline is None else f"{100 * r.tokens_match_baseline:.0f}%"
         rel_err = "-" if r.first_logits_rel_err is None else f"{r.first_logits_rel_err:.1e}"
         lines.append(
             f"| {r.impl} | {r.batch} | {r.shots} | {r.prompt_tokens} | {_fmt(r.vision_ms)} | {_fmt(r.prefill_ms)} "
-            f"| {_fmt(r.ttft_ms)} | {_fmt(r.decode_ms_p50, 2)} | {_fmt(r.decode_ms_p90, 2)} "
+            f"| {_fmt(r.ttft_ms)} | {_fmt(r.ttft_warm_ms)} | {_fmt(r.decode_ms_p50, 2)} | {_fmt(r.decode_ms_p90, 2)} "
             f"| {_fmt(r.decode_tokens_per_s)} | {_fmt(r.total_ms)} | {_fmt(r.peak_mem_mib, 0)} "
-            f"| {_fmt(sum(r.warmup_s), 2)} | {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_decode_p50, 2)} "
+            f"| {_fmt(sum(r.warmup_s), 2)} | {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_ttft_warm, 2)} "
+            f"| {_fmt(r.speedup_decode_p50, 2)} "
             f"| {_fmt(r.speedup_total, 2)} | {same} | {rel_err} |"
         )
     kinds = sorted({r.peak_mem_kind for r in result.rows})

@@ -179,3 +179,46 @@ def test_pre_image_bug_mode_never_keys_contexts():
         assert torch.equal(on.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]),
                            model.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]))
     assert on.context_cache_stats().contexts == 0
+
+
+def test_prefix_contexts_changed_pixel_changed_token_and_mixed_rows():
+    """Each call's warm result equals the reference: a context that extends a cached one and the reverse, one
+    pixel changed in place in a context image, one token changed mid-context, and a batch mixing rows that
+    share the context, a row with another context and a text-only row."""
+    model = build(seed=9)
+    on, _ = fast_pair(model)
+    config = model.config
+
+    def check(vision, lang_x, mask):
+        expected, expected_logits = model.generate(vision, lang_x, mask, max_new_tokens=5, eos_token_id=[],
+                                                   return_logits=True)
+        for _ in range(2):  # as it comes (cold or partly warm), then warm
+            ids, logits = on.generate(vision, lang_x, mask, max_new_tokens=5, eos_token_id=[], return_logits=True)
+            assert torch.equal(ids, expected)
+            assert_close(logits, expected_logits, dtype=torch.float32)
+
+    size = config.vision.image_size
+    demos = torch.randn(3, 1, 3, size, size)
+    short = few_shot_batch(config, 2, [3, 4], demo_images=demos[:2])
+    longer = few_shot_batch(config, 3, [3, 4], demo_images=demos)
+    check(*short)
+    check(*longer)  # extends the cached 2-shot context (same first demonstrations, same seed for their text)
+    check(*short)  # and back
+    vision, lang_x, mask = few_shot_batch(config, 2, [3, 4], demo_images=demos[:2].clone())
+    check(vision, lang_x, mask)
+    vision[:, 1, 0, 0, 5, 5] += 0.5  # one pixel of one context image, in place in the same tensor
+    check(vision, lang_x, mask)
+    lang_x = lang_x.clone()
+    middle = 3 if mask[0, 0] else int((mask[0] == 0).sum()) + 3
+    lang_x[:, middle] = (lang_x[:, middle] + 1) % config.eoc_token_id  # one caption token mid-context
+    check(vision, lang_x, mask)
+    # mixed batch: two rows share the context, one has another context, one is text only (no image at all)
+    vision_a, lang_a, _ = few_shot_batch(config, 2, [3, 2], demo_images=demos[:2])
+    vision_b, lang_b, _ = few_shot_batch(config, 2, [2], context_seed=5)
+    text_only = torch.randint(3, config.eoc_token_id, (1, 7))
+    rows = [lang_a[0], lang_a[1], lang_b[0], text_only[0]]
+    longest = max(len(r) for r in rows)
+    lang_x = torch.stack([torch.cat([torch.full((longest - len(r),), config.pad_token_id), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(longest - len(r)), torch.ones(len(r))]).long() for r in rows])
+    vision = torch.cat([vision_a, vision_b, torch.zeros_like(vision_b)])
+    check(vision, lang_x, mask)

@@ -238,3 +238,37 @@ def test_bandwidth_floor_bytes_match_the_9b_shapes():
     assert parts["self_kv"] == 2 * 2 * 32 * 2 * d * 100  # K and V, bf16, 32 layers, 2 rows, 100 positions
     assert parts["media_kv"] == 2 * 2 * 8 * 2 * 64 * inner  # only the current image's 64 latents per row
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+
+
+def test_cold_and_warm_ttft_with_the_real_fast_path(capsys):
+    """FastFlamingo rows: TTFT with the context cache cleared before each timed call, and warm TTFT (the same
+    prompt again); the reference has no cache and no warm column. The ratio is the baseline's cold TTFT over
+    this row's warm TTFT."""
+    options = profiler.ProfileOptions(preset="tiny", shots=[3], new_tokens=2, repeats=2, warmup=0, device="cpu",
+                                      fast_backend="torch")
+    rows = profiler.profile(options, progress=False).rows
+    reference, fast = rows
+    assert reference.ttft_warm_ms is None and reference.speedup_ttft_warm is None
+    assert fast.ttft_warm_ms is not None and fast.ttft_warm_ms > 0
+    assert fast.speedup_ttft_warm == pytest.approx(reference.ttft_ms / fast.ttft_warm_ms, rel=1e-9)
+    assert "warm TTFT ms" in profiler.format_table(profiler.ProfileResult(profiler.metadata(options), rows))
+
+
+def test_workload_mode(capsys):
+    """OpenFlamingo's evaluation shape: every row of every batch shares one context; each row has its own query."""
+    config = from_name("tiny")
+    work = profiler.build_workload(config, 3, 2, 4, 5, 2, seed=0, dtype=torch.float32, device="cpu")
+    assert len(work) == 4
+    context = work[0][1][0, :-3]
+    for vision, lang_x, mask in work:
+        assert torch.equal(lang_x[:, :-3], context.expand(2, -1)) and mask.all()
+        assert lang_x[0, -3] == config.media_token_id and torch.equal(vision[:, :3], work[0][0][:, :3])
+    assert not torch.equal(work[0][0][:, 3], work[1][0][:, 3]) and not torch.equal(work[0][1], work[1][1])
+    assert cli.main(["profile", "--preset", "tiny", "--shots", "2", "--batch", "2", "--new-tokens", "2",
+                     "--workload", "3", "--backend", "torch", "--no-progress", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| reference") or line.startswith("| fast")]
+    assert len(lines) == 2
+    cells = [line.split("|")[1:-1] for line in lines]
+    ref_qps, fast_qps = float(cells[0][4]), float(cells[1][4])
+    assert float(cells[1][7]) == pytest.approx(fast_qps / ref_qps, abs=0.01)

@@ -449,14 +449,19 @@ class FastFlamingo:
         keys = image_digests(images) if cache.budget > 0 else [None] * images.shape[0]
         pairs = list(zip(rows.tolist(), slots.tolist(), strict=True))
         stored = [] if insert is None else insert.tolist()
-        found: dict = {}
-        missing: list[int] = []  # positions in `images` to encode
+        found: dict = {}  # key -> cached entry
+        first: dict = {}  # key -> the position of its first occurrence, when it must be encoded
+        missing: list[int] = []  # positions in `images` to encode: each distinct missing image once
         for j, key in enumerate(keys):
-            entry = cache.get("image", key) if key is not None and key not in found else None
-            if key is None or (key not in found and entry is None):
+            if key is None:
                 missing.append(j)
-            if entry is not None:
-                found[key] = entry
+            elif key not in found and key not in first:
+                entry = cache.get("image", key)
+                if entry is not None:
+                    found[key] = entry
+                else:
+                    first[key] = j
+                    missing.append(j)
         fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if missing:
             new = images[missing]
@@ -470,14 +475,15 @@ class FastFlamingo:
 
             new_keys = per_image(torch.stack([k[0] for k, _ in kv]))
             new_values = per_image(torch.stack([v[0] for _, v in kv]))
+            in_context = {key for (b, i), key in zip(pairs, keys, strict=True) if key is not None and i < stored[b]}
             for m, j in enumerate(missing):
                 fresh[j] = (new_keys[m], new_values[m])
-                b, i = pairs[j]
-                if keys[j] is not None and i < stored[b] and keys[j] not in found:
-                    found[keys[j]] = cache.put("image", keys[j], new_keys[m].clone(), new_values[m].clone())
+                if keys[j] in in_context:
+                    cache.put("image", keys[j], new_keys[m].clone(), new_values[m].clone())
         if timer is not None:
             timer.lap("vision")
-        by_image = [fresh[j] if j in fresh else (found[k].keys, found[k].values) for j, k in enumerate(keys)]
+        by_image = [fresh[j] if j in fresh else fresh[first[k]] if k in first else (found[k].keys, found[k].values)
+                    for j, k in enumerate(keys)]
         self.media_cache.write_images(rows, slots, torch.stack([k for k, _ in by_image]),
                                       torch.stack([v for _, v in by_image]))
         if timer is not None:

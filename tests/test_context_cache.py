@@ -92,13 +92,17 @@ def test_both_masking_modes(immediate):
 def test_rows_of_one_call_compute_a_shared_context_once():
     model = build(seed=4)
     on, _ = fast_pair(model)
-    computed = []
+    computed, encoded = [], []
     original = on._compute_context
     on._compute_context = lambda *a, **k: computed.append(1) or original(*a, **k)
     vision, lang_x, mask = few_shot_batch(model.config, 4, [3, 6, 2, 4])
-    assert torch.equal(on.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]),
-                       model.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]))
+    expected = model.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[])
+    encode = on.model.vision_encoder.forward
+    on.model.vision_encoder.forward = lambda x: encoded.append(x.shape[0]) or encode(x)
+    assert torch.equal(on.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[]), expected)
     assert len(computed) == 1
+    assert encoded == [4 + 4], "the 4 shared demonstration images once, and each row's query image"
+    on.model.vision_encoder.forward = encode
     # a different query batch on the same context: nothing computed again
     vision2, lang_x2, mask2 = few_shot_batch(model.config, 4, [5, 5], query_seed=9)
     assert torch.equal(on.generate(vision2, lang_x2, mask2, max_new_tokens=4, eos_token_id=[]),

@@ -427,71 +427,58 @@ class FastFlamingo:
             raise ValueError(f"lang_x: a row has {images} {what}; expected at most "
                              f"max_images={self.media_cache.max_images} of this FastFlamingo")
 
-    def _encode_media(self, vision_x, counts: torch.Tensor, timer: PhaseTimer | None,
-                      insert: torch.Tensor | None = None) -> tuple[int, list[list]]:
-        """Fill the media K/V cache with the first counts[b] images of each row b (`_images_to_encode`).
+    def _image_keys(self, vision_x, counts: torch.Tensor) -> list[list]:
+        """Per row, a content key for each of its first counts[b] images (image_digests, read in place, one host
+        sync per row); None for every image when the cache is off (then no two images are taken as equal)."""
+        counts = counts.tolist()
+        if self.context_cache.budget == 0 or vision_x is None:
+            return [[None] * n for n in counts]
+        return [image_digests(vision_x[b, :n]) if n else [] for b, n in enumerate(counts)]
 
-        Images are looked up by content in the context cache; only the missing distinct ones are encoded (one
-        batch through the vision encoder, the perceiver and every gated layer's to_kv). The first insert[b]
-        images of row b (its context's) are stored in the cache; query images never are. Returns (images per
-        row of the widest row, each row's image keys: content digests, or None with the cache off)."""
-        batch = counts.shape[0]
-        num_images = int(counts.max())
-        if num_images == 0:
-            if timer is not None:
-                timer.lap("vision")
-                timer.lap("media_kv")
-            return 0, [[] for _ in range(batch)]
-        frames = vision_x.shape[2]
-        rows, slots = (torch.arange(num_images, device=counts.device)[None, :] < counts[:, None]).nonzero().unbind(1)
-        images = vision_x[rows, slots]  # [n_used, F, C, H, W]: padding images are never read
+    def _fill_media(self, vision_x, needed: list[list[int]], keys: list[list], store: set,
+                    timer: PhaseTimer | None) -> None:
+        """Media K/V cache: image slot i of row b for every i in needed[b]. Each distinct image is taken from the
+        context cache or, when missing, encoded (one batch through the vision encoder, the perceiver and every
+        gated layer's to_kv); the new ones whose key is in `store` (context images, never queries) are kept."""
+        pairs = [(b, i) for b, slots in enumerate(needed) for i in slots]
         cache = self.context_cache
-        keys = image_digests(images) if cache.budget > 0 else [None] * images.shape[0]
-        pairs = list(zip(rows.tolist(), slots.tolist(), strict=True))
-        stored = [] if insert is None else insert.tolist()
-        found: dict = {}  # key -> cached entry
-        first: dict = {}  # key -> the position of its first occurrence, when it must be encoded
-        missing: list[int] = []  # positions in `images` to encode: each distinct missing image once
-        for j, key in enumerate(keys):
-            if key is None:
-                missing.append(j)
-            elif key not in found and key not in first:
-                entry = cache.get("image", key)
-                if entry is not None:
-                    found[key] = entry
-                else:
-                    first[key] = j
-                    missing.append(j)
-        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        entries: dict = {}  # key (or the pair itself with the cache off) -> (keys, values) [X, H, NL, dh]
+        missing: dict = {}  # key -> the first (b, i) that holds it
+        for b, i in pairs:
+            key = keys[b][i] if keys[b][i] is not None else (b, i)
+            if key in entries or key in missing:
+                continue
+            entry = cache.get("image", key) if keys[b][i] is not None else None
+            if entry is not None:
+                entries[key] = (entry.keys, entry.values)
+            else:
+                missing[key] = (b, i)
         if missing:
-            new = images[missing]
-            patch_tokens = self.model.vision_encoder(new.flatten(0, 1).to(self.dtype))
-            latents = self.perceiver(patch_tokens.view(1, len(missing), frames, *patch_tokens.shape[1:]))[0]
+            where = list(missing.values())
+            images = vision_x[[b for b, _ in where], [i for _, i in where]]  # [n, F, C, H, W]
+            patch_tokens = self.model.vision_encoder(images.flatten(0, 1).to(self.dtype))
+            latents = self.perceiver(patch_tokens.view(1, len(where), images.shape[1], *patch_tokens.shape[1:]))[0]
             kv = [block.media_kv(latents[None]) for block in self.xattn.values()]  # per layer [1, H, n * NL, dh]
-            n_lat = self.media_cache.num_latents
 
             def per_image(t):  # [X, H, n * NL, dh] -> [n, X, H, NL, dh]
-                return t.unflatten(2, (len(missing), n_lat)).permute(2, 0, 1, 3, 4)
+                return t.unflatten(2, (len(where), self.media_cache.num_latents)).permute(2, 0, 1, 3, 4)
 
             new_keys = per_image(torch.stack([k[0] for k, _ in kv]))
             new_values = per_image(torch.stack([v[0] for _, v in kv]))
-            in_context = {key for (b, i), key in zip(pairs, keys, strict=True) if key is not None and i < stored[b]}
-            for m, j in enumerate(missing):
-                fresh[j] = (new_keys[m], new_values[m])
-                if keys[j] in in_context:
-                    cache.put("image", keys[j], new_keys[m].clone(), new_values[m].clone())
+            for m, key in enumerate(missing):
+                entries[key] = (new_keys[m], new_values[m])
+                if key in store:
+                    cache.put("image", key, new_keys[m].clone(), new_values[m].clone())
         if timer is not None:
             timer.lap("vision")
-        by_image = [fresh[j] if j in fresh else fresh[first[k]] if k in first else (found[k].keys, found[k].values)
-                    for j, k in enumerate(keys)]
-        self.media_cache.write_images(rows, slots, torch.stack([k for k, _ in by_image]),
-                                      torch.stack([v for _, v in by_image]))
+        if pairs:
+            chosen = [entries[keys[b][i] if keys[b][i] is not None else (b, i)] for b, i in pairs]
+            rows = torch.tensor([b for b, _ in pairs], device=self.device)
+            slots = torch.tensor([i for _, i in pairs], device=self.device)
+            self.media_cache.write_images(rows, slots, torch.stack([k for k, _ in chosen]),
+                                          torch.stack([v for _, v in chosen]))
         if timer is not None:
             timer.lap("media_kv")
-        digests = [[] for _ in range(batch)]
-        for (b, _), key in zip(pairs, keys, strict=True):
-            digests[b].append(key)
-        return num_images, digests
 
     def _prefill_prompt(self, vision_x, lang_x, attention_mask, counts: torch.Tensor, timer: PhaseTimer | None,
                         all_logits: bool = False, reuse: bool = True) -> torch.Tensor:
@@ -501,36 +488,54 @@ class FastFlamingo:
         With `reuse` (generate and score, the cache on, not the pre-image-bug mode), a row's context (every token
         before its last `<image>`) is taken from the context cache when its tokens and images were seen before;
         each missing distinct context is computed once, alone, and stored. The contexts are copied into their
-        rows' cache columns and only the rest of the prompt runs: the columns from the earliest row's query on."""
+        rows' cache columns and only the rest of the prompt runs: the columns from the earliest row's query on.
+        In the immediate mode a row whose context was cached needs only the images its remaining tokens see."""
         batch, prompt_len = lang_x.shape
         media_token = self.config.media_token_id
         reuse = reuse and self.context_cache.budget > 0 and not self.pre_image_bug and not all_logits
-        ids = lang_x.tolist() if reuse else None
-        real_start = (attention_mask.long().cumsum(dim=1) == 0).sum(dim=1).tolist() if reuse else [0] * batch
-        context_end = list(real_start)  # per row: where its context ends (== real start: no context)
+        counts_list = counts.tolist()
+        keys = self._image_keys(vision_x, counts)
+        context_end = [0] * batch  # per row: where its context ends; == real start: no context
+        spans: dict[int, tuple] = {}  # row -> (real start, context key)
         if reuse:
+            ids = lang_x.tolist()
+            real_start = (attention_mask.long().cumsum(dim=1) == 0).sum(dim=1).tolist()
             for b in range(batch):
+                context_end[b] = real_start[b]
                 last_image = max((t for t in range(real_start[b], prompt_len) if ids[b][t] == media_token),
                                  default=None)
                 if last_image is not None and last_image > real_start[b]:
                     context_end[b] = last_image
-        context_images = torch.tensor([ids[b][real_start[b]:context_end[b]].count(media_token) for b in range(batch)]
-                                      if reuse else [0] * batch, device=counts.device)
-        num_images, digests = self._encode_media(vision_x, counts, timer, insert=context_images)
-        start = 0
-        if reuse and any(e > s for e, s in zip(context_end, real_start, strict=True)):
-            entries: dict = {}
-            for b in range(batch):
-                if context_end[b] == real_start[b]:
-                    continue
-                key = (tuple(ids[b][real_start[b]:context_end[b]]), tuple(digests[b][: int(context_images[b])]))
-                if key not in entries:
-                    entries[key] = self.context_cache.get("context", key) or self._compute_context(
-                        key, b, lang_x[b:b + 1, real_start[b]:context_end[b]], int(context_images[b]))
-                entry = entries[key]
-                self.kv_cache.keys[:, b, :, real_start[b]:context_end[b]] = entry.keys
-                self.kv_cache.values[:, b, :, real_start[b]:context_end[b]] = entry.values
-            start = min(context_end)
+                    images = ids[b][real_start[b]:last_image].count(media_token)
+                    spans[b] = (real_start[b], (tuple(ids[b][real_start[b]:last_image]), tuple(keys[b][:images])))
+        start = min(context_end)
+        # Contexts already cached; a missing one is computed below by the first row that has it, once.
+        cached, looked_up = {}, set()
+        for _, key in spans.values():
+            if key not in looked_up:
+                looked_up.add(key)
+                entry = self.context_cache.get("context", key)
+                if entry is not None:
+                    cached[key] = entry
+        # Image slots this call reads: all of them, except that (immediate mode) a row whose context is cached
+        # reads only the images of its tokens from `start` on (the query's).
+        image_index = masking.image_index(lang_x, media_token)[:, start:].tolist() if cached else None
+        needed = []
+        for b in range(batch):
+            if self.config.only_attend_immediate_media and b in spans and spans[b][1] in cached:
+                needed.append(sorted({i for i in image_index[b] if i >= 0}))
+            else:
+                needed.append(list(range(counts_list[b])))
+        store = {k for b, (_, key) in spans.items() for k in key[1]}  # context images, never queries
+        self._fill_media(vision_x, needed, keys, store, timer)
+        num_images = max(counts_list)
+        for b, (first, key) in spans.items():
+            entry = cached.get(key)
+            if entry is None:
+                entry = cached[key] = self._compute_context(key, b, lang_x[b:b + 1, first:context_end[b]],
+                                                            len(key[1]))
+            self.kv_cache.keys[:, b, :, first:context_end[b]] = entry.keys
+            self.kv_cache.values[:, b, :, first:context_end[b]] = entry.values
         return self._prefill(lang_x, attention_mask, num_images, all_logits=all_logits, start=start)
 
     def _compute_context(self, key, row: int, context_ids: torch.Tensor, images: int):

@@ -62,13 +62,18 @@ def test_warm_cold_and_off_agree(family):
     vision, lang_x, mask = few_shot_batch(model.config, 3, [2, 5, 3])
     expected, expected_logits = model.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[],
                                                return_logits=True)
+    encoded = []
+    encode = on.model.vision_encoder.forward
     for impl in (off, on, on):  # off, then cold, then warm
+        on.model.vision_encoder.forward = lambda x: encoded.append(x.shape[0]) or encode(x)
         ids, logits = impl.generate(vision, lang_x, mask, max_new_tokens=6, eos_token_id=[], return_logits=True)
+        on.model.vision_encoder.forward = encode
         assert torch.equal(ids, expected)
         assert_close(logits, expected_logits, dtype=torch.float32)
     stats = on.context_cache_stats()
     assert (stats.contexts, stats.context_hits, stats.context_misses) == (1, 1, 1), stats
-    assert stats.images == 3 and stats.image_hits == 3, "the 3 demonstration images, never the queries"
+    assert stats.images == 3, "the 3 demonstration images are stored, never the queries"
+    assert encoded == [3 * 4, 3 + 3, 3], "off: every row's images; cold: demonstrations once + queries; warm: queries"
     assert off.context_cache_stats().contexts == 0
     # beams and scoring go through the same prefill
     beams = dict(max_new_tokens=5, num_beams=3, eos_token_id=[])

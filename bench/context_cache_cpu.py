@@ -1,0 +1,68 @@
+"""First-token latency with a cached few-shot context against the same queries with no context (issue 10).
+
+    .venv/bin/python bench/context_cache_cpu.py [--preset small --shots 32 --batch 4 --repeats 3]
+
+One FastFlamingo (torch backend on the CPU, CUDA graphs and Triton on a GPU), one `shots`-shot context shared by
+the `batch` rows (profiler.build_workload), and per row its own query (`<image>` + 6 tokens). In one run, the
+median TTFT (vision + media K/V + prefill + first token) of:
+  0-shot   the queries alone (their image and question, no context)
+  cold     context + queries with the context cache cleared before each call
+  warm     context + queries again, the context and its images cached
+and the ratios warm / 0-shot (the issue asks for at most 1.3) and cold / warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from flamingo_fast.config import from_name
+from flamingo_fast.profiler import build_workload, default_device
+from flamingo_fast.reference import build_reference
+from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.timing import PhaseTimer
+
+
+def ttft(fast: FastFlamingo, inputs, device: str) -> float:
+    timer = PhaseTimer(device=device)
+    fast.generate(*inputs, max_new_tokens=1, timer=timer)
+    return sum(timer.total(p) for p in ("vision", "media_kv", "prefill"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--shots", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=default_device())
+    args = parser.parse_args()
+
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    config = from_name(args.preset)
+    model = build_reference(config, seed=0, dtype=dtype, device=args.device)
+    work = build_workload(config, args.shots, args.batch, args.repeats + 1, 12, 6, 0, dtype, args.device)
+    query = 1 + 6  # `<image>` + question tokens at the end of each row
+    alone = [(v[:, -1:], ids[:, -query:], mask[:, -query:]) for v, ids, mask in work]
+    fast = FastFlamingo.from_reference(model, max_batch_size=args.batch, max_seq_len=work[0][1].shape[1] + 4,
+                                       max_images=args.shots + 1)
+    ttft(fast, work[-1], args.device)  # warm-up: compilation, graph capture, first allocations
+    ttft(fast, alone[-1], args.device)
+    zero = [ttft(fast, inputs, args.device) for inputs in alone[:-1]]
+    cold = []
+    for inputs in work[:-1]:
+        fast.clear_context_cache()
+        cold.append(ttft(fast, inputs, args.device))
+    warm = [ttft(fast, inputs, args.device) for inputs in work[:-1]]  # the context stays cached from here
+    z, c, w = (1e3 * statistics.median(x) for x in (zero, cold, warm))
+    print(f"preset {args.preset}, {args.device}, {dtype}, batch {args.batch}, {args.shots}-shot context "
+          f"({work[0][1].shape[1]} tokens per row), median of {args.repeats}; stats {fast.context_cache_stats()}")
+    print("| 0-shot TTFT ms | cold TTFT ms | warm TTFT ms | warm / 0-shot | cold / warm |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    print(f"| {z:.1f} | {c:.1f} | {w:.1f} | {w / z:.2f} | {c / w:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

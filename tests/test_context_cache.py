@@ -231,3 +231,18 @@ def test_prefix_contexts_changed_pixel_changed_token_and_mixed_rows():
     mask = torch.stack([torch.cat([torch.zeros(longest - len(r)), torch.ones(len(r))]).long() for r in rows])
     vision = torch.cat([vision_a, vision_b, torch.zeros_like(vision_b)])
     check(vision, lang_x, mask)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_warm_equals_cold(dtype):
+    model = build(seed=10).to(device="cuda", dtype=dtype)
+    graphed = FastFlamingo.from_reference(model, max_batch_size=4, max_seq_len=96)
+    plain = FastFlamingo.from_reference(model, max_batch_size=4, max_seq_len=96, context_cache_bytes=0,
+                                        cuda_graphs=False)
+    vision, lang_x, mask = (t.cuda() for t in few_shot_batch(model.config, 3, [2, 5, 3]))
+    vision = vision.to(dtype)
+    expected = plain.generate(vision, lang_x, mask, max_new_tokens=8, eos_token_id=[])
+    for _ in range(3):  # cold, then warm twice
+        assert torch.equal(graphed.generate(vision, lang_x, mask, max_new_tokens=8, eos_token_id=[]), expected)
+    assert graphed.context_cache_stats().context_hits == 2

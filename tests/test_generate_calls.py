@@ -33,6 +33,7 @@ def test_two_threads_on_one_instance_get_their_own_tokens():
     for t in threads:
         t.join()
     assert len(got) == 12
+    assert fast.context_cache_stats().context_hits > 0, "the calls went through the shared context cache"
     wrong = [key for key, ids in got.items() if not torch.equal(ids, expected[key[0]])]
     assert not wrong, f"{len(wrong)} of 12 concurrent calls returned another request's tokens: {wrong}"
 

@@ -272,3 +272,16 @@ def test_workload_mode(capsys):
     cells = [line.split("|")[1:-1] for line in lines]
     ref_qps, fast_qps = float(cells[0][4]), float(cells[1][4])
     assert float(cells[1][7]) == pytest.approx(fast_qps / ref_qps, abs=0.01)
+
+
+def test_progress_bar_stays_quiet_until_after_seconds():
+    import io
+
+    quiet, shown = io.StringIO(), io.StringIO()
+    late = profiler.ProgressBar(2, stream=quiet, after_seconds=60.0)
+    now = profiler.ProgressBar(2, stream=shown, after_seconds=0.0)
+    for bar in (late, now):
+        bar.step("a")
+        bar.step("b")
+    assert quiet.getvalue() == "" and late.done == 2
+    assert "2/2" in shown.getvalue()

@@ -97,3 +97,44 @@ def check_generate_options(
             f"attention_mask: row {right_padded[0]} is right-padded; generation expects left padding "
             f"(zeros only before the first real token)"
         )
+
+
+# The dtypes the kernels (and their torch twins, which share their checks) compute in.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_dtype(dtype: torch.dtype, name: str = "dtype") -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}={dtype}: unsupported by FastFlamingo; expected one of "
+                         f"{_dtype_names(SUPPORTED_DTYPES)}")
+
+
+def check_eval_mode(model: torch.nn.Module) -> None:
+    """FastFlamingo runs inference only; it checks the mode instead of calling `.eval()` on the caller's model."""
+    training = [name or "model" for name, module in model.named_modules() if module.training]
+    if training:
+        more = " ..." if len(training) > 3 else ""
+        raise ValueError(f"model: in training mode ({', '.join(training[:3])}{more}); expected a model in eval "
+                         f"mode: call model.eval() first")
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Refuse what FastFlamingo cannot run, before anything is built: a model in training mode, floating-point
+    tensors in more than one dtype, or in a dtype the kernels do not support."""
+    check_eval_mode(model)
+    dtypes: dict[torch.dtype, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point():
+            dtypes.setdefault(tensor.dtype, name)
+    if len(dtypes) > 1:
+        found = "; ".join(f"{str(d).replace('torch.', '')} (e.g. {name})" for d, name in dtypes.items())
+        raise ValueError(f"model: tensors in several dtypes: {found}; expected one dtype: pass "
+                         f"dtype= to from_reference to convert")
+    for dtype in dtypes:
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"model: tensors in {dtype}, unsupported by FastFlamingo; expected one of "
+                             f"{_dtype_names(SUPPORTED_DTYPES)}: pass dtype= to from_reference to convert")

@@ -147,6 +147,8 @@ for B in $BATCHES; do
         --plot "$OUT/profile_b$B.png" "${TRACE[@]}"
     PROFILES+=("$OUT/profile_b$B.json")
 done
+# The context cache: warm TTFT of 4 queries on a cached 32-shot context against the same queries alone (issue 10).
+run_step context_cache 60 "$PY" bench/context_cache_ttft.py --preset "$PRESET" --shots 32 --batch 4 --device "$DEVICE"
 # OpenFlamingo's evaluation call: beam 3, short answers, batch 8, at the largest shot count (issue 9).
 run_step profile_beam3 90 "$PY" -m flamingo_fast profile --preset "$PRESET" --shots "${SHOTS##*,}" --batch 8 \
     --num-beams 3 --impl "$IMPL" --device "$DEVICE" --dtype "$DTYPE" --new-tokens 10 --repeats "$REPEATS" \

@@ -1,6 +1,6 @@
 """First-token latency with a cached few-shot context against the same queries with no context (issue 10).
 
-    .venv/bin/python bench/context_cache_cpu.py [--preset small --shots 32 --batch 4 --repeats 3]
+    .venv/bin/python bench/context_cache_ttft.py [--preset small --shots 32 --batch 4 --repeats 3]
 
 One FastFlamingo (torch backend on the CPU, CUDA graphs and Triton on a GPU), one `shots`-shot context shared by
 the `batch` rows (profiler.build_workload), and per row its own query (`<image>` + 6 tokens). In one run, the

@@ -727,6 +727,7 @@ class Flamingo(nn.Module):
         Candidate tokens attend to the last image of their row, like generated tokens (scoring.py)."""
         attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
         tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
+        check_generate_options(self.config, lang_x, attention_mask, max(len(t) for t in tokens))
         decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask)
         return score_candidates(decoder, first_logits, tokens, len(tokens), normalize_length, progress=False)
 

@@ -309,6 +309,7 @@ class FastFlamingo:
             attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
             tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
             longest = max(len(t) for t in tokens)
+            check_generate_options(self.config, lang_x, attention_mask, longest)  # left padding, max positions
             if longest - 1 > self.max_tail_len:
                 raise ValueError(f"candidates: the longest has {longest} tokens; this FastFlamingo scores at most "
                                  f"max_tail_len + 1 = {self.max_tail_len + 1}")

@@ -129,6 +129,11 @@ def test_bad_candidates_are_named():
                            (["cat"], r"candidates\[0\]='cat': expected a non-empty list of token ids")):
             with pytest.raises(ValueError, match=match):
                 impl.score(vision, lang_x, mask, candidates=bad)
+    right_padded = torch.ones_like(mask)
+    right_padded[0, -1] = 0
+    for impl in (model, fast):
+        with pytest.raises(ValueError, match=r"attention_mask: row 0 is right-padded"):
+            impl.score(vision, lang_x, right_padded, candidates=[[3]])
     with pytest.raises(ValueError, match=r"candidates: the longest has 6 tokens; this FastFlamingo scores at most "
                                          r"max_tail_len \+ 1 = 5"):
         fast.score(vision, lang_x, mask, candidates=[[3] * 6])

@@ -448,9 +448,10 @@ class FastFlamingo:
 
         With `reuse` (generate and score, the cache on, not the pre-image-bug mode), a row's context (every token
         before its last `<image>`) is taken from the context cache when its tokens and images were seen before;
-        each missing distinct context is computed once, alone, and stored. The contexts are copied into their
-        rows' cache columns and only the rest of the prompt runs: the columns from the earliest row's query on.
-        In the immediate mode a row whose context was cached needs only the images its remaining tokens see."""
+        a missing context that several rows share is computed once, alone; one that a single row has runs with
+        its prompt and is copied out afterwards; both are stored. Contexts are copied into their rows' cache
+        columns and only the rest of the prompt runs: the columns from the earliest row's query on. In the
+        immediate mode a row whose context was cached needs only the images its remaining tokens see."""
         batch, prompt_len = lang_x.shape
         media_token = self.config.media_token_id
         reuse = reuse and self.context_cache.budget > 0 and not self.pre_image_bug and not all_logits
@@ -469,15 +470,20 @@ class FastFlamingo:
                     context_end[b] = last_image
                     images = ids[b][real_start[b]:last_image].count(media_token)
                     spans[b] = (real_start[b], (tuple(ids[b][real_start[b]:last_image]), tuple(keys[b][:images])))
+        store = {k for _, key in spans.values() for k in key[1]}  # context images are kept, never queries
+        # Contexts already cached. A missing one that several rows share is computed below, once, alone; one
+        # that a single row has runs with the rest of its prompt and is copied out of its row afterwards.
+        cached, rows_of = {}, {}
+        for b, (_, key) in spans.items():
+            rows_of.setdefault(key, []).append(b)
+        for key in rows_of:
+            entry = self.context_cache.get("context", key)
+            if entry is not None:
+                cached[key] = entry
+        copy_out = {rows[0]: key for key, rows in rows_of.items() if key not in cached and len(rows) == 1}
+        for b in copy_out:
+            context_end[b] = spans.pop(b)[0]
         start = min(context_end)
-        # Contexts already cached; a missing one is computed below by the first row that has it, once.
-        cached, looked_up = {}, set()
-        for _, key in spans.values():
-            if key not in looked_up:
-                looked_up.add(key)
-                entry = self.context_cache.get("context", key)
-                if entry is not None:
-                    cached[key] = entry
         # Image slots this call reads: all of them, except that (immediate mode) a row whose context is cached
         # reads only the images of its tokens from `start` on (the query's).
         image_index = masking.image_index(lang_x, media_token)[:, start:].tolist() if cached else None
@@ -487,17 +493,22 @@ class FastFlamingo:
                 needed.append(sorted({i for i in image_index[b] if i >= 0}))
             else:
                 needed.append(list(range(counts_list[b])))
-        store = {k for b, (_, key) in spans.items() for k in key[1]}  # context images, never queries
         self._fill_media(vision_x, needed, keys, store, timer)
         num_images = max(counts_list)
+        kv = self.kv_cache
         for b, (first, key) in spans.items():
             entry = cached.get(key)
             if entry is None:
                 entry = cached[key] = self._compute_context(key, b, lang_x[b:b + 1, first:context_end[b]],
                                                             len(key[1]))
-            self.kv_cache.keys[:, b, :, first:context_end[b]] = entry.keys
-            self.kv_cache.values[:, b, :, first:context_end[b]] = entry.values
-        return self._prefill(lang_x, attention_mask, num_images, all_logits=all_logits, start=start)
+            kv.keys[:, b, :, first:context_end[b]] = entry.keys
+            kv.values[:, b, :, first:context_end[b]] = entry.values
+        logits = self._prefill(lang_x, attention_mask, num_images, all_logits=all_logits, start=start)
+        for b, key in copy_out.items():
+            first, length = context_end[b], len(key[0])
+            self.context_cache.put("context", key, kv.keys[:, b, :, first:first + length].clone(),
+                                   kv.values[:, b, :, first:first + length].clone())
+        return logits
 
     def _compute_context(self, key, row: int, context_ids: torch.Tensor, images: int):
         """Run one row's context alone (static-cache row `row`, whose media are already in place) and store its

@@ -52,17 +52,25 @@ class DecodeGraphs:
     """
 
     def __init__(self, step: Callable[[DecodeInputs, int, int, bool], torch.Tensor], max_batch_size: int,
-                 max_seq_len: int, device: torch.device, kv_bucket: int = 256):
+                 max_seq_len: int, device: torch.device, kv_bucket: int = 256, max_hypotheses: int | None = None):
         self.step, self.max_seq_len, self.kv_bucket, self.device = step, max_seq_len, kv_bucket, device
+        self.max_hypotheses = max_hypotheses  # the tail cache's rows: a bucket of hypotheses must fit in them
         self.row_buckets = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         self.inputs: dict[tuple[int, int], DecodeInputs] = {}
         self.graphs: dict[tuple[int, int, bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.capture_seconds = 0.0
 
+    def row_bucket(self, rows: int, per_row: int, tails: bool) -> int:
+        """The smallest row bucket >= rows whose hypotheses (bucket x per_row) fit the tail cache; rows itself
+        when none does (rows x per_row always fits: callers check it)."""
+        fits = [b for b in self.row_buckets if b >= rows
+                and (not tails or self.max_hypotheses is None or b * per_row <= self.max_hypotheses)]
+        return fits[0] if fits else rows
+
     def run(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool) -> torch.Tensor:
         hypotheses = inputs.token.shape[0]
-        rows = next(b for b in self.row_buckets if b >= hypotheses // per_row)
+        rows = self.row_bucket(hypotheses // per_row, per_row, tails)
         kv_len = min(-(-kv_len // self.kv_bucket) * self.kv_bucket, self.max_seq_len)
         if (rows, per_row) not in self.inputs:
             self.inputs[(rows, per_row)] = DecodeInputs.dummy(rows * per_row, self.device)

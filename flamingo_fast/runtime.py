@@ -222,7 +222,8 @@ class FastFlamingo:
         self.context_cache = ContextCache(context_cache_bytes)
         self.lock = threading.Lock()
         use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs = DecodeGraphs(self._decode_step, max_batch_size, max_seq_len, self.device) if use_graphs else None
+        self.graphs = DecodeGraphs(self._decode_step, max_batch_size, max_seq_len, self.device,
+                                   max_hypotheses=max_hypotheses) if use_graphs else None
 
     @classmethod
     @torch.no_grad()

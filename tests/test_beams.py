@@ -136,3 +136,21 @@ def test_cuda_graph_beams_equal_eager_beams(dtype):
     if dtype == torch.float32:
         gen = dict(max_new_tokens=10, num_beams=3, length_penalty=-2.0)
         assert torch.equal(graphed.generate(vision, lang_x, mask, **gen), model.generate(vision, lang_x, mask, **gen))
+
+
+def test_graph_row_buckets_never_exceed_the_tail_cache():
+    """CUDA graphs pad the rows to a bucket; with tails, bucket x beams must still fit max_hypotheses (the rule
+    is plain Python, so it is checked here; the graphs themselves need a GPU)."""
+    from flamingo_fast.graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(lambda *a: None, max_batch_size=8, max_seq_len=64, device="cpu", max_hypotheses=10)
+    assert graphs.row_buckets == [1, 2, 4, 8]
+    assert graphs.row_bucket(3, 1, tails=False) == 4  # one hypothesis per row: the static cache's rows
+    assert graphs.row_bucket(3, 3, tails=True) == 3  # 4 x 3 = 12 > 10: no padding
+    assert graphs.row_bucket(2, 3, tails=True) == 2 and graphs.row_bucket(1, 4, tails=True) == 1
+    assert graphs.row_bucket(3, 2, tails=True) == 4  # 4 x 2 = 8 fits
+    for rows in range(1, 9):
+        for per_row in range(1, 11):
+            if rows * per_row <= 10:
+                bucket = graphs.row_bucket(rows, per_row, tails=True)
+                assert rows <= bucket and bucket * per_row <= 10

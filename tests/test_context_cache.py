@@ -246,3 +246,19 @@ def test_cuda_graphs_warm_equals_cold(dtype):
     for _ in range(3):  # cold, then warm twice
         assert torch.equal(graphed.generate(vision, lang_x, mask, max_new_tokens=8, eos_token_id=[]), expected)
     assert graphed.context_cache_stats().context_hits == 2
+
+
+def test_image_digests_see_every_bit_and_nothing_else():
+    from flamingo_fast.context_cache import image_digests
+
+    images = torch.randn(6, 1, 3, 8, 8)
+    keys = image_digests(images)
+    assert len(set(keys)) == 6 and keys == image_digests(images.clone())
+    for index in ((0, 0, 0, 0, 0), (3, 0, 2, 7, 7), (5, 0, 1, 4, 3)):
+        changed = images.clone()
+        changed[index] = torch.nextafter(changed[index], torch.tensor(float("inf")))  # one ULP, one word
+        assert [i for i, (a, b) in enumerate(zip(keys, image_digests(changed), strict=True)) if a != b] == [index[0]]
+    odd = torch.randn(4, 5, 7, dtype=torch.bfloat16)  # 70 bytes per image: not whole int32 words
+    shifted = torch.cat([torch.zeros(1, 5, 7, dtype=torch.bfloat16), odd])[1:]  # unaligned storage offset
+    assert image_digests(odd) == image_digests(shifted)
+    assert image_digests(odd.float())[0] != image_digests(odd)[0], "dtype is part of the key"

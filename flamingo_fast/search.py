@@ -304,7 +304,8 @@ class _Hypothesis:
     slot: int = 0  # running: its decoder hypothesis index within the row
 
 
-def beam_search_ref(decoder: Decoder, first_logits: torch.Tensor, options: GenerationOptions) -> BeamResult:
+def beam_search_ref(decoder: Decoder, first_logits: torch.Tensor, options: GenerationOptions,
+                    timer=None) -> BeamResult:
     """The semantics of `beam_search`, one hypothesis at a time in Python lists, checking the stop at every
     step. Slow and plain: the ground truth the vectorised search is tested against."""
     batch, vocab = first_logits.shape
@@ -346,6 +347,8 @@ def beam_search_ref(decoder: Decoder, first_logits: torch.Tensor, options: Gener
             if improvable[b] and len(done[b]) == beams and going:
                 best_len = new_max if options.early_stopping == "never" and lp > 0.0 else step + 1
                 improvable[b] = going[0].score / best_len**lp > done[b][-1].score
+        if timer is not None:
+            timer.lap("prefill" if step == 0 else "decode")
         all_full = all(len(d) == beams for d in done)
         if last or not any(improvable) or (all_full and options.early_stopping is True) or hits_all:
             break
@@ -417,7 +420,7 @@ def generate_ids(prefill, lang_x: torch.Tensor, options: GenerationOptions, voca
         ids = torch.cat([prompt, tokens], dim=1)
         return (ids, logits) if return_logits else ids
     if plain:
-        result = beam_search_ref(decoder, first_logits, options)
+        result = beam_search_ref(decoder, first_logits, options, timer)
     else:
         result = beam_search(decoder, first_logits, options, stop_check_interval, timer)
     return torch.cat([prompt, result.tokens], dim=1)

@@ -154,3 +154,17 @@ def test_graph_row_buckets_never_exceed_the_tail_cache():
             if rows * per_row <= 10:
                 bucket = graphs.row_bucket(rows, per_row, tails=True)
                 assert rows <= bucket and bucket * per_row <= 10
+
+
+def test_beam_search_laps_the_timer_like_greedy():
+    """The profiler's TTFT is vision + media K/V + prefill: both searches lap "prefill" at the first token."""
+    from flamingo_fast.timing import PhaseTimer
+
+    model = build("llama_gqa", seed=9)
+    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64)
+    vision, lang_x, mask = random_batch(model.config, [([0], 8), ([1], 8)], num_images=1)
+    for impl in (model, fast):
+        timer = PhaseTimer()
+        impl.generate(vision, lang_x, mask, max_new_tokens=5, num_beams=2, eos_token_id=[], timer=timer)
+        assert len(timer.laps["vision"]) == 1 and len(timer.laps["prefill"]) == 1, (impl, timer.laps)
+        assert len(timer.laps["decode"]) == 4, (impl, timer.laps)

@@ -27,7 +27,8 @@ from flamingo_fast.timing import PhaseTimer
 
 def ttft(fast: FastFlamingo, inputs, device: str) -> float:
     timer = PhaseTimer(device=device)
-    fast.generate(*inputs, max_new_tokens=1, timer=timer)
+    vision_x, lang_x, mask, image_mask = inputs
+    fast.generate(vision_x, lang_x, mask, max_new_tokens=1, timer=timer, image_attention_mask=image_mask)
     return sum(timer.total(p) for p in ("vision", "media_kv", "prefill"))
 
 

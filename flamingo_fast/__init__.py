@@ -1,6 +1,7 @@
 """flamingo_fast: a kernel-accelerated inference runtime for Flamingo-style vision-language models."""
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, from_name
+from .idefics import from_idefics
 from .openflamingo import from_openflamingo, load_openflamingo
 from .reference import Flamingo, build_reference
 from .runtime import FastFlamingo
@@ -15,6 +16,7 @@ __all__ = [
     "PhaseTimer",
     "VisionConfig",
     "build_reference",
+    "from_idefics",
     "from_name",
     "from_openflamingo",
     "load_openflamingo",

@@ -8,6 +8,10 @@ Presets:
     openflamingo-3b       OpenFlamingo-3B (MPT-1B RedPajama: ALiBi, QK LayerNorm, no biases; ViT-L/14; every layer).
     openflamingo-4b       OpenFlamingo-4B (RedPajama-INCITE-Base-3B, GPT-NeoX; ViT-L/14; every 2 layers).
     openflamingo-9b-v2    OpenFlamingo-9B v2 (MPT-7B: ALiBi, no biases; ViT-L/14; every 4 layers).
+    idefics-tiny          tests: the IDEFICS v1 layout at tiny shapes (qk norms, per-channel gates, 5 latents).
+    idefics-small         CPU profiling of the IDEFICS layout (the `small` LM; ViT 256 wide, 4 layers).
+    idefics-9b            the shapes of Hugging Face's IDEFICS-9B (LLaMA-7B, CLIP ViT-H/14, every 4 layers).
+    idefics-80b           IDEFICS-80B (LLaMA-65B, ViT-H/14, every 4 layers, q/k norms in the gated blocks).
 
 The OpenFlamingo presets use the tokenizer OpenFlamingo builds: the LM's (GPT-NeoX-20B's for MPT and
 RedPajama, 50277 tokens) plus `<|endofchunk|>`, `<image>` and `<PAD>`, and the embeddings resized to that
@@ -22,6 +26,9 @@ from typing import Literal
 
 Activation = Literal["gelu", "quick_gelu"]
 LM_FAMILIES = ("llama", "mpt", "gpt_neox")
+# The model family's layout: OpenFlamingo's (open_clip ViT, OpenFlamingo's perceiver and gated blocks, the image
+# a token sees from `<image>` tokens) or Hugging Face IDEFICS v1's (DESIGN.md, "IDEFICS").
+LAYOUTS = ("openflamingo", "idefics")
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class PerceiverConfig:
     dim_head: int = 64
     num_latents: int = 64
     ff_mult: int = 4
+    qk_norm: bool = False  # IDEFICS: a LayerNorm over each head's q and k (qk_layer_norms_perceiver)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,9 @@ class LMConfig:
     alibi_bias_max: float = 8.0
     rotary_pct: float = 1.0  # gpt_neox: fraction of each head's dims that is rotated
     parallel_residual: bool = False  # gpt_neox
+    # IDEFICS: the last `additional_vocab_size` of the vocab_size rows live in second tables (Hugging Face's
+    # decoupled embedding and output head: `additional_embedding`, `additional_fc`).
+    additional_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in LM_FAMILIES:
@@ -103,6 +114,10 @@ class LMConfig:
                              f"expected num_heads={self.num_heads}")
         if not 0 < self.rotary_pct <= 1 or (self.family != "gpt_neox" and self.rotary_pct != 1.0):
             raise ValueError(f"lm.rotary_pct={self.rotary_pct}: expected (0, 1], and 1.0 unless family='gpt_neox'")
+        added = self.additional_vocab_size
+        if not 0 <= added < self.vocab_size or (added and self.family != "llama"):
+            raise ValueError(f"lm.additional_vocab_size={self.additional_vocab_size}: expected 0 <= it < vocab_size="
+                             f"{self.vocab_size}, and 0 unless family='llama' (IDEFICS)")
 
     @property
     def head_dim(self) -> int:
@@ -135,6 +150,14 @@ class FlamingoConfig:
     generates `<image>` (greedy and sampling, immediate mode only): from the next step on, every row that just
     generated `<image>` attends to the FIRST image of its prompt and every other row to none, until the next
     generated `<image>`. Our default: every generated token attends to the last image of its row's prompt.
+
+    layout="idefics" (Hugging Face IDEFICS v1): blocks sit before layer `idx` when `idx % n == 0`; the images a
+    token sees come from the processor's `image_attention_mask`, and generated tokens see what the last prompt
+    token sees; the vision tower keeps every token (class token included, no final LayerNorm); the perceiver
+    has separate q/k/v projections, optional q/k LayerNorms (`perceiver.qk_norm`) and a ReLU MLP; a gated block
+    is RMSNorm -> cross-attention (the LM's heads; per-head q/k RMSNorms with `xattn_qk_norm`) -> tanh gate ->
+    RMSNorm -> SwiGLU -> tanh gate, the gates per channel with `xattn_gate_per_channel`. Only immediate media;
+    `eoc_token_id` may be None (IDEFICS has no `<|endofchunk|>`).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -147,14 +170,24 @@ class FlamingoConfig:
     only_attend_immediate_media: bool = True
     openflamingo_pre_image_bug: bool = False
     openflamingo_generated_image_bug: bool = False
+    layout: str = "openflamingo"
+    xattn_qk_norm: bool = False  # idefics: RMSNorm over each head's q and k in the gated blocks
+    xattn_gate_per_channel: bool = False  # idefics: alpha_type "vector" (one gate per channel) instead of "float"
     # Special tokens, laid out as OpenFlamingo's tokenizer adds them after the base vocabulary.
     bos_token_id: int = 1
     eos_token_id: int = 2
-    eoc_token_id: int = 32000  # <|endofchunk|>
+    eoc_token_id: int | None = 32000  # <|endofchunk|>
     media_token_id: int = 32001  # <image>
     pad_token_id: int = 32002  # <PAD>
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r}: expected one of {list(LAYOUTS)}")
+        if self.layout == "idefics":
+            self._check_idefics()
+        elif self.xattn_qk_norm or self.xattn_gate_per_channel or self.perceiver.qk_norm or self.eoc_token_id is None:
+            raise ValueError("xattn_qk_norm, xattn_gate_per_channel, perceiver.qk_norm and eoc_token_id=None are "
+                             "IDEFICS options; expected layout='idefics'")
         if self.cross_attn_every_n_layers < 1:
             raise ValueError(
                 f"cross_attn_every_n_layers={self.cross_attn_every_n_layers}: expected an integer >= 1"
@@ -169,6 +202,8 @@ class FlamingoConfig:
                              "(every released OpenFlamingo model); expected False in the all-previous mode")
         for name in ("bos_token_id", "eos_token_id", "eoc_token_id", "media_token_id", "pad_token_id"):
             token = getattr(self, name)
+            if token is None and name == "eoc_token_id":
+                continue
             if not 0 <= token < self.lm.vocab_size:
                 raise ValueError(f"{name}={token}: expected a token id in [0, {self.lm.vocab_size})")
         # <image> and <|endofchunk|> must be tokens of their own: an <|endofchunk|> equal to <image> would be
@@ -177,9 +212,27 @@ class FlamingoConfig:
                     "eoc_token_id": ("bos_token_id", "eos_token_id", "pad_token_id")}
         for name, others in distinct.items():
             for other in others:
-                if getattr(self, name) == getattr(self, other):
+                if getattr(self, name) is not None and getattr(self, name) == getattr(self, other):
                     raise ValueError(f"{name}={getattr(self, name)}: equal to {other}; expected <image> and "
                                      f"<|endofchunk|> to have ids of their own, distinct from bos, eos and pad")
+
+    def _check_idefics(self) -> None:
+        lm = self.lm
+        n = self.cross_attn_every_n_layers
+        if lm.family != "llama" or lm.num_kv_heads != lm.num_heads:
+            raise ValueError(f"layout='idefics' with lm.family={lm.family!r}, num_kv_heads={lm.num_kv_heads}: IDEFICS "
+                             f"v1's LM is LLaMA without grouped KV heads; expected family='llama', num_kv_heads="
+                             f"num_heads={lm.num_heads}")
+        if n < 1 or lm.num_layers % n:
+            raise ValueError(f"cross_attn_every_n_layers={n}: expected an interval that divides the "
+                             f"{lm.num_layers} layers (IDEFICS's cross_layer_interval)")
+        if (self.xattn_heads, self.xattn_dim_head) != (lm.num_heads, lm.head_dim):
+            raise ValueError(f"xattn_heads={self.xattn_heads}, xattn_dim_head={self.xattn_dim_head}: IDEFICS's gated "
+                             f"blocks use the LM's heads; expected {lm.num_heads} heads of {lm.head_dim}")
+        if not self.only_attend_immediate_media or self.openflamingo_pre_image_bug \
+                or self.openflamingo_generated_image_bug:
+            raise ValueError("layout='idefics': the image_attention_mask decides what a token sees; expected "
+                             "only_attend_immediate_media=True and no openflamingo_*_bug flags")
 
     @property
     def vision_dim(self) -> int:
@@ -187,9 +240,17 @@ class FlamingoConfig:
         return self.vision.width
 
     @property
+    def vision_tokens(self) -> int:
+        """Tokens per image the perceiver reads: the patches (IDEFICS also keeps the class token)."""
+        return self.vision.num_patches + (self.layout == "idefics")
+
+    @property
     def xattn_layer_indices(self) -> tuple[int, ...]:
+        """The decoder layers a gated block precedes: OpenFlamingo's every n-th ((idx + 1) % n == 0) or
+        IDEFICS's (idx % n == 0, the first layer included)."""
         n = self.cross_attn_every_n_layers
-        return tuple(i for i in range(self.lm.num_layers) if (i + 1) % n == 0)
+        offset = 0 if self.layout == "idefics" else 1
+        return tuple(i for i in range(self.lm.num_layers) if (i + offset) % n == 0)
 
     def replace(self, **changes) -> FlamingoConfig:
         return dataclasses.replace(self, **changes)
@@ -277,6 +338,62 @@ def _openflamingo_9b_v2() -> FlamingoConfig:
     )
 
 
+def _idefics(lm: LMConfig, vision: VisionConfig, perceiver: PerceiverConfig, every: int = 4,
+             **options) -> FlamingoConfig:
+    """IDEFICS's token layout: LLaMA's 32000 tokens (<unk> 0, <s> 1, </s> 2) plus the two added rows of the
+    decoupled tables, `<fake_token_around_image>` 32000 and `<image>` 32001; padding is <unk>."""
+    base = lm.vocab_size - lm.additional_vocab_size
+    return FlamingoConfig(
+        vision=vision, perceiver=perceiver, lm=lm, cross_attn_every_n_layers=every, layout="idefics",
+        xattn_heads=lm.num_heads, xattn_dim_head=lm.head_dim, bos_token_id=1, eos_token_id=2, eoc_token_id=None,
+        media_token_id=base + 1, pad_token_id=0, **options,
+    )
+
+
+def _idefics_tiny() -> FlamingoConfig:
+    return _idefics(
+        LMConfig(vocab_size=98, additional_vocab_size=2, hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=2,
+                 intermediate_size=160, max_position_embeddings=256),
+        VisionConfig(image_size=32, patch_size=8, width=48, layers=2, heads=2),
+        PerceiverConfig(depth=2, heads=2, dim_head=24, num_latents=5, ff_mult=4, qk_norm=True),
+        every=2, xattn_qk_norm=True, xattn_gate_per_channel=True,
+    )
+
+
+def _idefics_small() -> FlamingoConfig:
+    return _idefics(
+        LMConfig(vocab_size=32002, additional_vocab_size=2, hidden_size=512, num_layers=8, num_heads=8,
+                 num_kv_heads=8, intermediate_size=2048, max_position_embeddings=4096),
+        VisionConfig(image_size=224, patch_size=16, width=256, layers=4, heads=4),
+        PerceiverConfig(depth=6, heads=4, dim_head=96, num_latents=64, ff_mult=4),
+        every=4,
+    )
+
+
+# CLIP ViT-H/14 at 224 px (laion2b), IDEFICS's vision tower: exact GELU.
+_VIT_H_14 = VisionConfig(image_size=224, patch_size=14, width=1280, layers=32, heads=16, act="gelu")
+_IDEFICS_PERCEIVER = PerceiverConfig(depth=6, heads=16, dim_head=96, num_latents=64, ff_mult=4)
+
+
+def _idefics_9b() -> FlamingoConfig:
+    # HuggingFaceM4/idefics-9b: LLaMA-7B (4096 wide, 32 layers, 32 heads, 11008), cross_layer_interval 4,
+    # alpha_type "float", no q/k norms.
+    return _idefics(
+        LMConfig(vocab_size=32002, additional_vocab_size=2, hidden_size=4096, num_layers=32, num_heads=32,
+                 num_kv_heads=32, intermediate_size=11008, rms_norm_eps=1e-6, max_position_embeddings=2048),
+        _VIT_H_14, _IDEFICS_PERCEIVER,
+    )
+
+
+def _idefics_80b() -> FlamingoConfig:
+    # HuggingFaceM4/idefics-80b: LLaMA-65B (8192 wide, 80 layers, 64 heads, 22016), q/k norms in the gated blocks.
+    return _idefics(
+        LMConfig(vocab_size=32002, additional_vocab_size=2, hidden_size=8192, num_layers=80, num_heads=64,
+                 num_kv_heads=64, intermediate_size=22016, rms_norm_eps=1e-5, max_position_embeddings=2048),
+        _VIT_H_14, _IDEFICS_PERCEIVER, xattn_qk_norm=True,
+    )
+
+
 PRESETS = {
     "tiny": _tiny,
     "small": _small,
@@ -284,6 +401,10 @@ PRESETS = {
     "openflamingo-3b": _openflamingo_3b,
     "openflamingo-4b": _openflamingo_4b,
     "openflamingo-9b-v2": _openflamingo_9b_v2,
+    "idefics-tiny": _idefics_tiny,
+    "idefics-small": _idefics_small,
+    "idefics-9b": _idefics_9b,
+    "idefics-80b": _idefics_80b,
 }
 
 

@@ -19,7 +19,6 @@ from .kernels import gated_residual as _gated_residual
 from .kernels import masked_cross_attention as _xattn
 from .kernels import masked_cross_attention_decode as _xattn_decode
 from .kernels import perceiver_attention as _perceiver_attention
-from .reference import GatedCrossAttentionBlock, PerceiverResampler
 
 BACKENDS = ("triton", "torch")
 
@@ -65,77 +64,90 @@ def kernel_ops(backend: str) -> KernelOps:
 
 
 class FastGatedCrossAttention(nn.Module):
-    """The reference's GatedCrossAttentionBlock, executed with cached media K/V and fused kernels.
+    """A reference gated block (OpenFlamingo's GatedCrossAttentionBlock or IDEFICS's), executed with cached
+    media K/V and fused kernels. The block is read by role (attn_norm, queries, media_kv, attn_out, attn_gate,
+    ff_norm, ff_body, ff_gate), never by attribute spelling: LayerNorm + GELU with scalar gates and RMSNorm +
+    SwiGLU with per-channel gates run the same code.
 
     Each method returns `(x, normed)`: the block's output and `next_norm(x)` computed in the same fused pass
     as the last gated residual (the decoder layer that follows needs exactly that normalised input; its
     kind, RMSNorm or LayerNorm, comes with it as a NormSpec).
     """
 
-    def __init__(self, block: GatedCrossAttentionBlock, ops: KernelOps):
+    def __init__(self, block: nn.Module, ops: KernelOps, num_latents: int, immediate: bool, pre_image_bug: bool):
         super().__init__()
         self.block = block
         self.ops = ops
-        self.heads, self.dim_head = block.attn.heads, block.attn.dim_head
-        self.immediate = block.attn.only_attend_immediate_media
-        self.pre_image_bug = block.attn.openflamingo_pre_image_bug and not self.immediate
+        self.num_latents = num_latents
+        self.immediate = immediate
+        self.pre_image_bug = pre_image_bug and not immediate
+        self.attn_norm = NormSpec.of(block.attn_norm, block.attn_norm_kind)
+        self.ff_norm = NormSpec.of(block.ff_norm, block.ff_norm_kind)
 
     def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents [B, N_img, n, Dv] -> keys, values [B, H, N_img * n, dh] (strided views of one GEMM output)."""
+        """latents [B, N_img, n, Dv] -> keys, values [B, H, N_img * n, dh]."""
         b, n_img, n, _ = latents.shape
-        kv = self.block.attn.to_kv(latents.reshape(b, n_img * n, -1))
-        k, v = kv.view(b, n_img * n, 2, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v
+        return self.block.media_kv(latents.reshape(b, n_img * n, -1))
 
     def _finish(self, x, attn_out, next_norm: NormSpec):
-        """x + tanh(attn_gate) * to_out(attn) -> FF -> x + tanh(ff_gate) * FF, and next_norm(x)."""
-        block, ff = self.block, self.block.ff
-        y = block.attn.to_out(attn_out)
-        x, h = self.ops.gated_residual(
-            x, y, block.attn_gate, norm="layernorm", norm_weight=ff[0].weight, norm_bias=ff[0].bias, eps=ff[0].eps
-        )
-        y = ff[3](F.gelu(ff[1](h)))
+        """x + tanh(attn_gate) * attn_out(attn) -> FF -> x + tanh(ff_gate) * FF, and next_norm(x)."""
+        block, ff = self.block, self.ff_norm
+        x, h = self.ops.gated_residual(x, block.attn_out(attn_out), block.attn_gate, norm=ff.kind,
+                                       norm_weight=ff.weight, norm_bias=ff.bias, eps=ff.eps)
         return self.ops.gated_residual(
-            x, y, block.ff_gate, norm=next_norm.kind, norm_weight=next_norm.weight, norm_bias=next_norm.bias,
-            eps=next_norm.eps,
+            x, block.ff_body(h), block.ff_gate, norm=next_norm.kind, norm_weight=next_norm.weight,
+            norm_bias=next_norm.bias, eps=next_norm.eps,
         )
 
     def prefill(self, x, x_normed, keys, values, image_index, next_norm: NormSpec):
-        """x [B, T, D] and x_normed = attn.norm(x) (fused upstream); keys/values [B, H, N_img * n, dh] or None;
-        image_index [B, T] int32 (-1 = no image)."""
-        b, t, _ = x.shape
-        q = self.block.attn.to_q(x_normed).view(b, t, self.heads, self.dim_head).transpose(1, 2)
+        """x [B, T, D] and x_normed = attn_norm(x) (fused upstream); keys/values [B, H, N_img * n, dh] or None;
+        image_index [B, T] int32 (-1 = no image: the attention contributes exactly 0)."""
+        q = self.block.queries(x_normed).transpose(1, 2)  # [B, H, T, dh]
         if keys is None:  # no images at all: the attention branch is exactly zero
-            attn = q.new_zeros(b, t, self.heads * self.dim_head)
+            attn = x.new_zeros(x.shape[0], x.shape[1], q.shape[1] * q.shape[3])
         else:
             out = self.ops.masked_cross_attention(
-                q, keys, values, image_index,
+                q, keys, values, image_index, num_latents=self.num_latents,
                 attend_previous=not self.immediate, pre_image_attends_all=self.pre_image_bug,
             )
-            attn = out.transpose(1, 2).reshape(b, t, -1)
+            attn = out.transpose(1, 2).flatten(2)
         return self._finish(x, attn, next_norm)
 
     def decode(self, x, x_normed, keys, values, image_index, num_images, next_norm: NormSpec,
                queries_per_row: int = 1):
-        """x [B * R, 1, D] and x_normed = attn.norm(x) (R = queries_per_row, the hypotheses of a row);
+        """x [B * R, 1, D] and x_normed = attn_norm(x) (R = queries_per_row, the hypotheses of a row);
         keys/values [B, H, capacity, dh] read in place; image_index, num_images [B] int32, one per row."""
         b = x.shape[0]
-        q = self.block.attn.to_q(x_normed).view(b, self.heads, self.dim_head)
+        q = self.block.queries(x_normed)[:, 0]  # [B * R, H, dh]
         out = self.ops.masked_cross_attention_decode(
-            q, keys, values, image_index, attend_previous=not self.immediate,
+            q, keys, values, image_index, num_latents=self.num_latents, attend_previous=not self.immediate,
             pre_image_attends_all=self.pre_image_bug, num_images=num_images, queries_per_row=queries_per_row,
         )
         return self._finish(x, out.reshape(b, 1, -1), next_norm)
 
 
-class FastPerceiverResampler(nn.Module):
-    """The reference's PerceiverResampler with the attention over [media; latents] done by one fused op
-    that never materialises the concatenation. LayerNorms and projections stay torch (cuBLAS GEMMs)."""
+def _padded_head_dim(dim_head: int, supported: tuple[int, ...]) -> int:
+    """The smallest head dim the kernel supports that holds `dim_head` (IDEFICS's perceiver: 96 -> 128)."""
+    fits = [d for d in supported if d >= dim_head]
+    if not fits:
+        raise ValueError(f"perceiver head dim {dim_head}: larger than the kernel's largest, {max(supported)}")
+    return fits[0]
 
-    def __init__(self, resampler: PerceiverResampler, ops: KernelOps):
+
+class FastPerceiverResampler(nn.Module):
+    """A reference resampler (OpenFlamingo's or IDEFICS's) with the attention over [media; latents] done by one
+    fused op that never materialises the concatenation. Norms and projections stay torch (cuBLAS GEMMs); each
+    attention block is read by role (`project`, `out`, `scale`). A head dim the Triton kernel does not take
+    (IDEFICS's 96) is zero-padded to one it does: zeros change no dot product, and the padded output columns
+    are dropped."""
+
+    def __init__(self, resampler: nn.Module, ops: KernelOps, dim_head: int):
         super().__init__()
         self.resampler = resampler
         self.ops = ops
+        self.dim_head = dim_head
+        self.padded = dim_head if ops.name != "triton" else _padded_head_dim(
+            dim_head, _perceiver_attention.SUPPORTED_HEAD_DIMS)
 
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         """media [B, T_img, F, v, D] -> latents [B, T_img, num_latents, D]."""
@@ -143,13 +155,14 @@ class FastPerceiverResampler(nn.Module):
         b, t, f, v, d = media.shape
         media = media.reshape(b * t, f * v, d)
         latents = r.latents.to(media.dtype).expand(b * t, -1, -1)
-        for attn, ff in r.layers:
-            n, h, dh = b * t, attn.heads, attn.dim_head
-            xm, lat = attn.norm_media(media), attn.norm_latents(latents)
-            q = attn.to_q(lat).view(n, -1, h, dh).transpose(1, 2)
-            k_media, v_media = attn.to_kv(xm).view(n, -1, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
-            k_lat, v_lat = attn.to_kv(lat).view(n, -1, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        pad = self.padded - self.dim_head
+        for attn, ff in r.blocks:
+            q, k_media, v_media, k_lat, v_lat = attn.project(media, latents)
+            if pad:
+                q, k_media, v_media, k_lat, v_lat = (F.pad(z, (0, pad)) for z in (q, k_media, v_media, k_lat, v_lat))
             out = self.ops.perceiver_attention(q, k_media, v_media, k_lat, v_lat, scale=attn.scale)
-            latents = attn.to_out(out.transpose(1, 2).reshape(n, -1, h * dh)) + latents
+            if pad:
+                out = out[..., : self.dim_head]
+            latents = attn.out(out.transpose(1, 2).flatten(2)) + latents
             latents = ff(latents) + latents
-        return r.norm(latents).view(b, t, -1, d)
+        return r.output_norm(latents).view(b, t, -1, d)

@@ -3,9 +3,14 @@
 `media_locations[b, i] = lang_x[b, i] == media_token_id` and `text_time = cumsum(media_locations, -1)`:
 token i belongs to image `text_time[b, i]` (1-based, the `<image>` token sees its own image), 0 = none.
 The kernels take the same information 0-based as `image_index = text_time - 1` (int32, -1 = no image).
+
+IDEFICS says it with the processor's `image_attention_mask` [B, T, N] instead (a token sees the latest image,
+none after `</s>`); `PromptImages` is the fast path's one view of both rules.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -42,3 +47,49 @@ def image_after_generated_tokens(tokens: torch.Tensor, image: torch.Tensor, medi
     No host sync."""
     is_image = tokens == media_token_id
     return torch.where(is_image.any(), is_image.to(image.dtype), image)
+
+
+@dataclass(frozen=True)
+class PromptImages:
+    """What a batch of prompts needs from its images, whichever rule the model uses.
+
+    image_index   [B, T] int32: the 0-based image each prompt token attends to, -1 = none
+    decode_image  [B] int32: the image every generated (or scored) token of the row attends to, -1 = none
+    visible       per row, the image slots some prompt token sees, ascending: the only ones encoded
+    """
+
+    image_index: torch.Tensor
+    decode_image: torch.Tensor
+    visible: list[list[int]]
+
+    @property
+    def slots(self) -> list[int]:
+        """Per row, the image slots the row's media cache spans: its highest visible slot + 1."""
+        return [row[-1] + 1 if row else 0 for row in self.visible]
+
+    @classmethod
+    def from_media_tokens(cls, lang_x: torch.Tensor, media_token_id: int) -> PromptImages:
+        """OpenFlamingo: a token sees the image of the latest `<image>`; generated tokens the row's last."""
+        counts = images_per_row(lang_x, media_token_id)
+        return cls(image_index(lang_x, media_token_id), (counts - 1).to(torch.int32),
+                   [list(range(c)) for c in counts.tolist()])
+
+    @classmethod
+    def from_image_attention_mask(cls, image_attention_mask: torch.Tensor) -> PromptImages:
+        """IDEFICS: the processor's [B, T, N] 0/1 mask; generated tokens see what the row's last prompt token
+        sees. A token that sees several images is an error (the processor never makes such masks; the
+        reference model computes them densely)."""
+        seen = image_attention_mask.bool()
+        per_token = seen.sum(dim=-1)
+        several = (per_token > 1).nonzero()
+        if several.numel():
+            b, t = several[0].tolist()
+            raise ValueError(f"image_attention_mask: token {t} of row {b} sees {int(per_token[b, t])} images; the fast "
+                             f"path supports at most one image per token (what IdeficsProcessor makes); run such "
+                             f"masks with the reference (engine='reference')")
+        if seen.shape[-1] == 0:  # no images at all
+            index = torch.full(per_token.shape, -1, dtype=torch.int32, device=seen.device)
+        else:
+            index = torch.where(per_token == 1, seen.to(torch.int32).argmax(dim=-1), -1).to(torch.int32)
+        visible = [sorted(set(row) - {-1}) for row in index.tolist()]
+        return cls(index, index[:, -1].contiguous(), visible)

@@ -49,7 +49,8 @@ from .reference import Flamingo, build_reference
 from .timing import PhaseTimer, ProgressBar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IMPLEMENTATIONS = ("reference", "fast", "openflamingo")
+IMPLEMENTATIONS = ("reference", "fast", "openflamingo", "idefics")
+BASELINE_LAYOUT = {"openflamingo": "openflamingo", "idefics": "idefics"}  # each package runs one model family
 FAST_BACKENDS = ("auto", "triton", "torch")  # FastFlamingo's (fast_modules.BACKENDS, imported only when profiled)
 DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 
@@ -164,7 +165,11 @@ class ProfileOptions:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {list(DTYPES)}")
         config = from_name(self.preset)
-        longest = prompt_length(max(self.shots), self.caption_tokens, self.question_tokens) + self.new_tokens
+        for impl in self.impls:
+            if impl in BASELINE_LAYOUT and BASELINE_LAYOUT[impl] != config.layout:
+                raise ValueError(f"impl={impl!r} with preset {self.preset!r} (layout {config.layout!r}): that baseline "
+                                 f"runs the {BASELINE_LAYOUT[impl]!r} layout only; expected a matching preset")
+        longest = prompt_length(max(self.shots), self.caption_tokens, self.question_tokens, config) + self.new_tokens
         if longest > config.lm.max_position_embeddings:
             raise ValueError(
                 f"shots={max(self.shots)}: the prompt ({longest - self.new_tokens} tokens) + new_tokens="
@@ -198,9 +203,31 @@ def _int_list(value: Any, name: str, minimum: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prompt_length(shots: int, caption_tokens: int, question_tokens: int) -> int:
-    """<bos> + shots * (<image> caption <|endofchunk|>) + <image> question."""
-    return 1 + shots * (caption_tokens + 2) + 1 + question_tokens
+def _prompt_pieces(config: FlamingoConfig | None) -> tuple[list[int], list[int], int]:
+    """(tokens of an image, tokens that end a shot, the first special token id) in the layout's prompts:
+    OpenFlamingo `<image>` ... `<|endofchunk|>`; IDEFICS `<fake_token_around_image><image><fake_token_around_image>`
+    (the first added row, then `<image>`) with nothing after a shot."""
+    if config is None or config.layout != "idefics":
+        media, eoc = (32001, 32000) if config is None else (config.media_token_id, config.eoc_token_id)
+        return [media], [eoc], eoc
+    base = config.lm.vocab_size - config.lm.additional_vocab_size
+    return [base, config.media_token_id, base], [], base
+
+
+def prompt_length(shots: int, caption_tokens: int, question_tokens: int, config: FlamingoConfig | None = None) -> int:
+    """<bos> + shots * (<image> caption <|endofchunk|>) + <image> question (OpenFlamingo's layout; IDEFICS's
+    wraps each image in two `<fake_token_around_image>` and ends no shot with a token)."""
+    image, end, _ = _prompt_pieces(config)
+    return 1 + shots * (len(image) + caption_tokens + len(end)) + len(image) + question_tokens
+
+
+def image_attention_mask(config: FlamingoConfig, lang_x: torch.Tensor, num_images: int) -> torch.Tensor | None:
+    """The IDEFICS processor's mask for the profiler's prompts, [B, T, num_images] long (None for OpenFlamingo):
+    each token sees the latest `<image>` (these prompts hold no `</s>`, which would reset it)."""
+    if config.layout != "idefics":
+        return None
+    time = (lang_x == config.media_token_id).cumsum(dim=-1)  # 1-based, 0 = none
+    return torch.nn.functional.one_hot(time, num_images + 1)[..., 1:].long()
 
 
 def build_prompt(config: FlamingoConfig, shots: int, batch: int, caption_tokens: int, question_tokens: int,
@@ -210,21 +237,21 @@ def build_prompt(config: FlamingoConfig, shots: int, batch: int, caption_tokens:
     Drawn on the CPU from a generator seeded by (seed, shots, batch), so every implementation, device and
     order of rows sees the same prompt."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + shots)
+    image, end, high = _prompt_pieces(config)  # the base vocabulary: special tokens sit from `high` up
     low = max(config.bos_token_id, config.eos_token_id) + 1
-    high = config.eoc_token_id  # the base vocabulary: special tokens sit from eoc_token_id up
     if not low < high:
         low = 0
 
     def text(n: int) -> torch.Tensor:
         return torch.randint(low, high, (batch, n), generator=generator)
 
-    def token(token_id: int) -> torch.Tensor:
-        return torch.full((batch, 1), token_id, dtype=torch.long)
+    def tokens(ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long).expand(batch, -1)
 
-    pieces = [token(config.bos_token_id)]
+    pieces = [tokens([config.bos_token_id])]
     for _ in range(shots):
-        pieces += [token(config.media_token_id), text(caption_tokens), token(config.eoc_token_id)]
-    pieces += [token(config.media_token_id), text(question_tokens)]
+        pieces += [tokens(image), text(caption_tokens), tokens(end)]
+    pieces += [tokens(image), text(question_tokens)]
     lang_x = torch.cat(pieces, dim=1)
     v = config.vision
     vision_x = torch.randn(batch, shots + 1, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
@@ -233,6 +260,9 @@ def build_prompt(config: FlamingoConfig, shots: int, batch: int, caption_tokens:
 
 def check_available(impls: Sequence[str]) -> None:
     """Fail before the (possibly long) model build when an implementation cannot be loaded."""
+    if "idefics" in impls and importlib.util.find_spec("transformers") is None:
+        raise ValueError("impl='idefics': the IDEFICS baseline needs transformers (make setup-openflamingo, then run "
+                         "with .venv-openflamingo/bin/python; or .venv-transformers5 for transformers 5)")
     if "fast" in impls and BUILDERS["fast"] is build_fast and importlib.util.find_spec("flamingo_fast.runtime") is None:
         raise ValueError("impl='fast': flamingo_fast.runtime (FastFlamingo) is not available in this checkout")
     if "openflamingo" in impls and importlib.util.find_spec("open_flamingo") is None:
@@ -259,11 +289,20 @@ def build_openflamingo(model: Flamingo, *, max_batch_size: int, max_seq_len: int
     return OpenFlamingoBaseline(to_openflamingo(model))
 
 
+def build_idefics(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
+                  backend: str = "auto") -> GenerateImpl:
+    """transformers' own IdeficsForVisionText2Text.generate on the reference's tensors."""
+    from .idefics import IdeficsBaseline, to_idefics
+
+    return IdeficsBaseline(to_idefics(model))
+
+
 # name -> builder(model, *, max_batch_size, max_seq_len, max_images, backend); tests may swap in a stand-in.
 BUILDERS: dict[str, Callable[..., GenerateImpl]] = {
     "reference": lambda model, **capacity: model,
     "fast": build_fast,
     "openflamingo": build_openflamingo,
+    "idefics": build_idefics,
 }
 
 
@@ -388,11 +427,13 @@ def _median(values: Sequence[float]) -> float:
 
 def _timed_generate(impl: GenerateImpl, inputs, new_tokens: int, device: str,
                     num_beams: int = 1) -> tuple[torch.Tensor, PhaseTimer]:
-    vision_x, lang_x, attention_mask = inputs
+    vision_x, lang_x, attention_mask, *mask = inputs
     timer = PhaseTimer(device=device)
-    beams = {"num_beams": num_beams} if num_beams > 1 else {}
+    extra = {"num_beams": num_beams} if num_beams > 1 else {}
+    if mask and mask[0] is not None:
+        extra["image_attention_mask"] = mask[0]
     out = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=new_tokens, eos_token_id=[], timer=timer,
-                        **beams)
+                        **extra)
     return out, timer
 
 
@@ -401,8 +442,10 @@ def _first_logits(impl: GenerateImpl, inputs, num_beams: int = 1) -> torch.Tenso
     with beams, whose first step scores the same prompt logits)."""
     if num_beams > 1 or "return_logits" not in inspect.signature(impl.generate).parameters:
         return None
-    vision_x, lang_x, attention_mask = inputs
-    _, logits = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=1, eos_token_id=[], return_logits=True)
+    vision_x, lang_x, attention_mask, *mask = inputs
+    extra = {"image_attention_mask": mask[0]} if mask and mask[0] is not None else {}
+    _, logits = impl.generate(vision_x, lang_x, attention_mask, max_new_tokens=1, eos_token_id=[], return_logits=True,
+                              **extra)
     return logits[:, 0].float()
 
 
@@ -458,7 +501,7 @@ def profile(options: ProfileOptions, progress: bool = True,
     started = time.perf_counter()
     model = build_reference(config, seed=options.seed, dtype=dtype, device=device)  # built on the device
     setup_s["model"] = round(time.perf_counter() - started, 3)
-    max_seq_len = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens)
+    max_seq_len = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens, config)
     max_seq_len += options.new_tokens
     calls = len(options.batch) * len(options.shots) * len(options.impls) * (options.warmup + options.repeats)
     bar = ProgressBar(calls, enabled=progress)
@@ -473,6 +516,7 @@ def profile(options: ProfileOptions, progress: bool = True,
         for shots in options.shots:
             inputs = build_prompt(config, shots, batch, options.caption_tokens, options.question_tokens,
                                   options.seed, dtype, device)
+            inputs = (*inputs, image_attention_mask(config, inputs[1], shots + 1))
             prompt_tokens = inputs[1].shape[1]
             baseline_row, baseline_ids, baseline_logits = None, None, None
             for name, impl in impls.items():
@@ -532,22 +576,22 @@ def build_workload(config: FlamingoConfig, shots: int, batch: int, batches: int,
     row), then `batches` batches of queries (`<image>` + question), each row with its own image and question.
     -> a list of (vision_x, lang_x, attention_mask)."""
     generator = torch.Generator().manual_seed(seed * 7_919 + shots)
+    image, end, high = _prompt_pieces(config)
     low = max(config.bos_token_id, config.eos_token_id) + 1
-    high = config.eoc_token_id
     v = config.vision
     context = [config.bos_token_id]
     for _ in range(shots):
-        context += [config.media_token_id] + torch.randint(low, high, (caption_tokens,), generator=generator).tolist()
-        context += [config.eoc_token_id]
+        context += image + torch.randint(low, high, (caption_tokens,), generator=generator).tolist() + end
     demos = torch.randn(shots, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
     out = []
     for _ in range(batches):
         questions = torch.randint(low, high, (batch, question_tokens), generator=generator)
-        lang_x = torch.cat([torch.tensor(context).expand(batch, -1), torch.full((batch, 1), config.media_token_id),
-                            questions], dim=1)
+        lang_x = torch.cat([torch.tensor(context + image).expand(batch, -1), questions], dim=1)
         queries = torch.randn(batch, 1, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
         vision_x = torch.cat([demos.expand(batch, -1, -1, -1, -1, -1), queries], dim=1)
-        out.append((vision_x.to(device=device, dtype=dtype), lang_x.to(device), torch.ones_like(lang_x, device=device)))
+        lang_x = lang_x.to(device)
+        out.append((vision_x.to(device=device, dtype=dtype), lang_x, torch.ones_like(lang_x, device=device),
+                    image_attention_mask(config, lang_x, shots + 1)))
     return out
 
 
@@ -578,7 +622,8 @@ def workload(options: ProfileOptions, batches: int, progress: bool = True) -> li
     rows: list[WorkloadRow] = []
     calls = len(options.batch) * len(options.shots) * len(options.impls) * (options.warmup + batches)
     bar = ProgressBar(calls, enabled=progress)
-    longest = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens) + options.new_tokens
+    longest = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens, config)
+    longest += options.new_tokens
     for batch in options.batch:
         impls = {name: BUILDERS[name](model, max_batch_size=batch, max_seq_len=longest,
                                       max_images=max(options.shots) + 1, backend=options.fast_backend)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masking
-from .config import FlamingoConfig, LMConfig, VisionConfig
+from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
 from .scoring import check_candidates, score_candidates
 from .search import generate_ids, generation_options
 from .timing import PhaseTimer
@@ -140,6 +140,19 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
+    def project(self, media: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The fast path's view (FastPerceiverResampler): media [N, M, D], latents [N, L, D] -> q [N, h, L, dh] and
+        the keys/values of the media and of the latents, [N, h, M, dh] and [N, h, L, dh], computed apart."""
+        n, h, dh = media.shape[0], self.heads, self.dim_head
+        xm, lat = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(lat).view(n, -1, h, dh).transpose(1, 2)
+        k_media, v_media = self.to_kv(xm).view(n, -1, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        k_lat, v_lat = self.to_kv(lat).view(n, -1, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k_media, v_media, k_lat, v_lat
+
+    def out(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.to_out(attended)
+
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """media [N, M, D], latents [N, L, D] -> [N, L, D] (the update, before the residual add)."""
         n, m, _ = media.shape
@@ -162,6 +175,15 @@ class PerceiverResampler(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """(attention, feed-forward) pairs, by role: the same accessor as IdeficsPerceiverResampler's."""
+        return self.layers
+
+    @property
+    def output_norm(self) -> nn.Module:
+        return self.norm
 
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         """media [B, T_img, F, v, D] -> latents [B, T_img, num_latents, D] (frames are concatenated)."""
@@ -240,6 +262,36 @@ class GatedCrossAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, media: torch.Tensor | None, text_time: torch.Tensor) -> torch.Tensor:
         x = x + self.attn_gate.tanh() * self.attn(x, media, text_time)
         return x + self.ff_gate.tanh() * self.ff(x)
+
+    # Roles, read by the fast path (FastGatedCrossAttention) instead of attribute spellings. The same accessors
+    # exist on IdeficsGatedCrossAttentionBlock.
+    attn_norm_kind = ff_norm_kind = "layernorm"
+
+    @property
+    def attn_norm(self) -> nn.Module:
+        return self.attn.norm
+
+    @property
+    def ff_norm(self) -> nn.Module:
+        return self.ff[0]
+
+    def queries(self, normed: torch.Tensor) -> torch.Tensor:
+        """attn_norm(x) [B, T, D] -> q [B, T, H, dh]."""
+        return self.attn.to_q(normed).unflatten(-1, (self.attn.heads, self.attn.dim_head))
+
+    def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents [B, M, Dv] -> keys, values [B, H, M, dh] (strided views of one GEMM's output)."""
+        b, m, _ = latents.shape
+        kv = self.attn.to_kv(latents).view(b, m, 2, self.attn.heads, self.attn.dim_head)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def attn_out(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.attn.to_out(attended)
+
+    def ff_body(self, normed: torch.Tensor) -> torch.Tensor:
+        """The feed-forward after its norm: Linear -> GELU -> Linear."""
+        return self.ff[3](F.gelu(self.ff[1](normed)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,7 +424,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        added = config.additional_vocab_size
+        self.embed_tokens = DecoupledEmbedding(config.vocab_size - added, added, config.hidden_size) if added \
+            else nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -543,7 +597,9 @@ class FlamingoLM(nn.Module):
         lm = config.lm
         if lm.family == "llama":
             self.model = LlamaModel(lm)
-            self.lm_head = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
+            added = lm.additional_vocab_size
+            self.lm_head = DecoupledLinear(lm.hidden_size, lm.vocab_size - added, added) if added \
+                else nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
         elif lm.family == "mpt":
             self.transformer = MptModel(lm)
             self.lm_head = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
@@ -552,9 +608,10 @@ class FlamingoLM(nn.Module):
             self.embed_out = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
         if lm.tie_word_embeddings or lm.family == "mpt":
             self.output_head.weight = self.embed_tokens.weight
-        self.gated_cross_attn_layers = nn.ModuleDict(
-            {str(i): GatedCrossAttentionBlock(config) for i in config.xattn_layer_indices}
-        )
+            if lm.additional_vocab_size:
+                self.output_head.additional_fc.weight = self.embed_tokens.additional_embedding.weight
+        block = IdeficsGatedCrossAttentionBlock if config.layout == "idefics" else GatedCrossAttentionBlock
+        self.gated_cross_attn_layers = nn.ModuleDict({str(i): block(config) for i in config.xattn_layer_indices})
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -575,7 +632,7 @@ class FlamingoLM(nn.Module):
             else self.gpt_neox.final_layer_norm
 
     @property
-    def output_head(self) -> nn.Linear:
+    def output_head(self) -> nn.Module:
         return self.embed_out if self.config.lm.family == "gpt_neox" else self.lm_head
 
     def position_inputs(self, positions: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype):
@@ -591,19 +648,310 @@ class FlamingoLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         media: torch.Tensor | None,
-        text_time: torch.Tensor,
+        sight: torch.Tensor,
         positions: torch.Tensor,
         key_valid: torch.Tensor,
         cache: ReferenceKVCache | None = None,
     ) -> torch.Tensor:
-        """input_ids, text_time, positions [B, T]; key_valid [B, T_total] over cache + new tokens -> logits."""
+        """input_ids, positions [B, T]; key_valid [B, T_total] over cache + new tokens -> logits. `sight`: what
+        each token sees, in the layout's form: text_time [B, T] (OpenFlamingo: the 1-based image, 0 = none) or
+        the image_attention_mask [B, T, N] bool (IDEFICS)."""
         x = self.embed_tokens(input_ids)
         rope, mask = self.position_inputs(positions, self_attention_mask(key_valid, input_ids.shape[1]), x.dtype)
         for idx, layer in enumerate(self.layers):
             if str(idx) in self.gated_cross_attn_layers:
-                x = self.gated_cross_attn_layers[str(idx)](x, media, text_time)
+                x = self.gated_cross_attn_layers[str(idx)](x, media, sight)
             x = layer(x, rope, mask, cache)
         return self.output_head(self.final_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IDEFICS v1 (Hugging Face's IdeficsForVisionText2Text), parameter names as in transformers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class IdeficsVisionAttention(nn.Module):
+    """CLIP attention with separate biased q/k/v projections."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, w // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class IdeficsVisionLayer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        w = config.width
+        self.layer_norm1 = nn.LayerNorm(w, eps=config.layer_norm_eps)
+        self.self_attn = IdeficsVisionAttention(w, config.heads)
+        self.layer_norm2 = nn.LayerNorm(w, eps=config.layer_norm_eps)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(w, config.mlp_width))
+        self.mlp.add_module("act", QuickGELU() if config.act == "quick_gelu" else nn.GELU())
+        self.mlp.add_module("fc2", nn.Linear(config.mlp_width, w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class IdeficsVisionEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        w = config.width
+        self.patch_embedding = nn.Conv2d(config.in_channels, w, config.patch_size, stride=config.patch_size,
+                                         bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(w) * w**-0.5)
+        self.position_embedding = nn.Embedding(config.num_patches + 1, w)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(images).flatten(2).transpose(1, 2)  # [N, P, w]
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight.to(patches.dtype)
+
+
+class IdeficsVisionEncoder(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(IdeficsVisionLayer(config) for _ in range(config.layers))
+
+
+class IdeficsVisionTransformer(nn.Module):
+    """IDEFICS's CLIP ViT. Returns the last layer's tokens as they are: class token included, no final
+    LayerNorm (transformers applies `post_layernorm` to the pooled class token only, which IDEFICS never uses),
+    no projection."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.embeddings = IdeficsVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)  # transformers' spelling
+        self.encoder = IdeficsVisionEncoder(config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, num_patches + 1, width]."""
+        x = self.pre_layrnorm(self.embeddings(images))
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return x
+
+
+class IdeficsPerceiverAttention(nn.Module):
+    """Latents attend to concat(image tokens, latents), with separate q/k/v projections and, with `qk_norm`, a
+    LayerNorm over each head's queries and keys."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head**-0.5
+        inner = heads * dim_head
+        self.context_layer_norm = nn.LayerNorm(dim)
+        self.latents_layer_norm = nn.LayerNorm(dim)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_layer_norm = nn.LayerNorm(dim_head)
+            self.k_layer_norm = nn.LayerNorm(dim_head)
+        self.q_proj = nn.Linear(dim, inner, bias=False)
+        self.k_proj = nn.Linear(dim, inner, bias=False)
+        self.v_proj = nn.Linear(dim, inner, bias=False)
+        self.output_proj = nn.Linear(inner, dim, bias=False)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
+
+    def project(self, media: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """media [N, M, D], latents [N, L, D] -> q [N, h, L, dh], media keys/values [N, h, M, dh], latent
+        keys/values [N, h, L, dh] (q/k norms applied)."""
+        context, lat = self.context_layer_norm(media), self.latents_layer_norm(latents)
+        q = self._heads(self.q_proj(lat))
+        k_media, v_media = self._heads(self.k_proj(context)), self._heads(self.v_proj(context))
+        k_lat, v_lat = self._heads(self.k_proj(lat)), self._heads(self.v_proj(lat))
+        if self.qk_norm:
+            q, k_media, k_lat = self.q_layer_norm(q), self.k_layer_norm(k_media), self.k_layer_norm(k_lat)
+        return q, k_media, v_media, k_lat, v_lat
+
+    def out(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.output_proj(attended)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media [N, M, D], latents [N, L, D] -> [N, L, D] (the update, before the residual add)."""
+        q, k_media, v_media, k_lat, v_lat = self.project(media, latents)
+        k, v = torch.cat([k_media, k_lat], dim=2), torch.cat([v_media, v_lat], dim=2)
+        attn = ((q * self.scale) @ k.transpose(-1, -2)).float().softmax(dim=-1).to(v.dtype)
+        return self.out((attn @ v).transpose(1, 2).flatten(2))
+
+
+class IdeficsPerceiverMLP(nn.Module):
+    """LayerNorm -> Linear -> ReLU -> Linear, no biases."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, inner, bias=False)
+        self.c_proj = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.fc(self.ln(x))))
+
+
+class IdeficsPerceiverResampler(nn.Module):
+    def __init__(self, dim: int, p: PerceiverConfig):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(p.num_latents, dim))
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([IdeficsPerceiverAttention(dim, p.dim_head, p.heads, p.qk_norm),
+                           IdeficsPerceiverMLP(dim, dim * p.ff_mult)])
+            for _ in range(p.depth)
+        )
+        self.layer_norm = nn.LayerNorm(dim)
+
+    @property
+    def output_norm(self) -> nn.Module:
+        return self.layer_norm
+
+    def forward(self, media: torch.Tensor) -> torch.Tensor:
+        """media [B, T_img, F, v, D] -> latents [B, T_img, num_latents, D] (IDEFICS images have one frame)."""
+        b, t, f, v, d = media.shape
+        media = media.reshape(b * t, f * v, d)
+        latents = self.latents.to(media.dtype).expand(b * t, -1, -1)
+        for attn, ff in self.blocks:
+            latents = attn(media, latents) + latents
+            latents = ff(latents) + latents
+        return self.layer_norm(latents).view(b, t, -1, d)
+
+
+class IdeficsCrossAttention(nn.Module):
+    """Text queries attend to the latents of the images `image_attention_mask` lets them see: in the LM's heads,
+    no rotary, with per-head RMSNorms of q and k under `qk_norm`."""
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        lm = config.lm
+        self.heads, self.dim_head, self.scale = lm.num_heads, lm.head_dim, lm.head_dim**-0.5
+        inner = self.heads * self.dim_head
+        self.q_proj = nn.Linear(lm.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.vision_dim, inner, bias=False)
+        self.v_proj = nn.Linear(config.vision_dim, inner, bias=False)
+        self.o_proj = nn.Linear(inner, lm.hidden_size, bias=False)
+        self.qk_norm = config.xattn_qk_norm
+        if self.qk_norm:
+            self.q_layer_norm = RMSNorm(self.dim_head, lm.rms_norm_eps)
+            self.k_layer_norm = RMSNorm(self.dim_head, lm.rms_norm_eps)
+
+    def queries(self, normed: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(normed).unflatten(-1, (self.heads, self.dim_head))  # [B, T, H, dh]
+        return self.q_layer_norm(q) if self.qk_norm else q
+
+    def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents [B, M, Dv] -> keys, values [B, H, M, dh]."""
+        k = self.k_proj(latents).unflatten(-1, (self.heads, self.dim_head))
+        v = self.v_proj(latents).unflatten(-1, (self.heads, self.dim_head))
+        if self.qk_norm:
+            k = self.k_layer_norm(k)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, normed: torch.Tensor, media: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+        """normed [B, T, D]; media [B, N, n, Dv] latents; sees [B, T, N] bool (image_attention_mask) -> [B, T, D].
+        A token that sees no image gets exactly 0 (transformers' `cross_attention_gate`)."""
+        b, t, _ = normed.shape
+        n_img, n = media.shape[1], media.shape[2]
+        q = self.queries(normed).transpose(1, 2)
+        k, v = self.media_kv(media.reshape(b, n_img * n, -1))
+        allowed = sees.repeat_interleave(n, dim=-1)[:, None]  # [B, 1, T, N * n]
+        scores = ((q * self.scale) @ k.transpose(-1, -2)).float().masked_fill(~allowed, float("-inf"))
+        attn = torch.where(allowed, scores.softmax(dim=-1), 0.0)  # rows that see nothing: exactly 0
+        out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out)
+
+
+class IdeficsGatedCrossAttentionBlock(nn.Module):
+    """x = x + tanh(alpha_cross_attn) * xattn(RMSNorm(x)); x = x + tanh(alpha_dense) * SwiGLU(RMSNorm(x)).
+    The gates are scalars (alpha_type "float", shape [1]) or per channel ("vector", [1, 1, D]). The MLP runs on
+    every token, also those that see no image."""
+
+    attn_norm_kind = ff_norm_kind = "rmsnorm"
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        lm = config.lm
+        self.input_layernorm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
+        self.cross_attn = IdeficsCrossAttention(config)
+        self.post_attention_layernorm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
+        self.mlp = LlamaMLP(lm)
+        shape = (1, 1, lm.hidden_size) if config.xattn_gate_per_channel else (1,)
+        self.alpha_cross_attn = nn.Parameter(torch.zeros(shape))  # transformers' default "zeros" initializer
+        self.alpha_dense = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor | None, sees: torch.Tensor) -> torch.Tensor:
+        if media is not None and media.shape[1]:
+            x = x + self.alpha_cross_attn.tanh() * self.cross_attn(self.input_layernorm(x), media, sees)
+        return x + self.alpha_dense.tanh() * self.mlp(self.post_attention_layernorm(x))
+
+    # Roles (see GatedCrossAttentionBlock).
+    @property
+    def attn_norm(self) -> nn.Module:
+        return self.input_layernorm
+
+    @property
+    def ff_norm(self) -> nn.Module:
+        return self.post_attention_layernorm
+
+    @property
+    def attn_gate(self) -> torch.Tensor:
+        return self.alpha_cross_attn.view(-1)
+
+    @property
+    def ff_gate(self) -> torch.Tensor:
+        return self.alpha_dense.view(-1)
+
+    def queries(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.cross_attn.queries(normed)
+
+    def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_attn.media_kv(latents)
+
+    def attn_out(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.cross_attn.o_proj(attended)
+
+    def ff_body(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.mlp(normed)
+
+
+class DecoupledEmbedding(nn.Module):
+    """An embedding table in two parts, as IDEFICS stores it: rows [0, base) in `weight`, the added rows
+    [base, base + added) in `additional_embedding`."""
+
+    def __init__(self, base: int, added: int, dim: int):
+        super().__init__()
+        self.base = base
+        self.weight = nn.Parameter(torch.empty(base, dim))
+        self.additional_embedding = nn.Embedding(added, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        added = ids >= self.base
+        low = F.embedding(ids.masked_fill(added, 0), self.weight)
+        high = self.additional_embedding((ids - self.base).clamp(min=0))
+        return torch.where(added[..., None], high, low)
+
+
+class DecoupledLinear(nn.Module):
+    """An output head in two parts: logits of rows [0, base) from `weight`, then of the added rows from
+    `additional_fc`, concatenated."""
+
+    def __init__(self, dim: int, base: int, added: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(base, dim))
+        self.additional_fc = nn.Linear(dim, added, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(x, self.weight), self.additional_fc(x)], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -615,17 +963,30 @@ class Flamingo(nn.Module):
     """Reference Flamingo: `forward(vision_x, lang_x, attention_mask) -> logits` and `generate(...)`.
 
     vision_x: [B, T_img, F, C, H, W] float images (or None for text-only prompts); lang_x: [B, T] token ids
-    with `<image>` marking where each image sits; attention_mask: [B, T] 0/1, left padding.
+    with `<image>` marking where each image sits; attention_mask: [B, T] 0/1, left padding. In the IDEFICS
+    layout every call also takes `image_attention_mask` [B, T, T_img] (0/1, the processor's): which images each
+    token sees; generated tokens see what the last prompt token sees.
     """
 
     def __init__(self, config: FlamingoConfig):
         super().__init__()
         self.config = config
         p = config.perceiver
-        self.vision_encoder = VisionTransformer(config.vision)
-        self.perceiver = PerceiverResampler(config.vision_dim, p.depth, p.dim_head, p.heads, p.num_latents, p.ff_mult)
+        if config.layout == "idefics":
+            self.vision_encoder = IdeficsVisionTransformer(config.vision)
+            self.perceiver = IdeficsPerceiverResampler(config.vision_dim, p)
+        else:
+            self.vision_encoder = VisionTransformer(config.vision)
+            self.perceiver = PerceiverResampler(config.vision_dim, p.depth, p.dim_head, p.heads, p.num_latents,
+                                                p.ff_mult)
         self.lang_encoder = FlamingoLM(config)
         self.apply(_init_linear_and_embedding)
+
+    def sight(self, lang_x: torch.Tensor, image_attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """What each prompt token sees, in FlamingoLM's form (checked inputs)."""
+        if self.config.layout == "idefics":
+            return image_attention_mask.bool()
+        return masking.text_time(lang_x, self.config.media_token_id)
 
     def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
         """[B, T_img, F, C, H, W] -> latents [B, T_img, num_latents, D_vision]. No images (T_img = 0): no
@@ -634,24 +995,24 @@ class Flamingo(nn.Module):
         if t == 0:
             dtype = self.perceiver.latents.dtype
             return vision_x.new_zeros(b, 0, self.config.perceiver.num_latents, self.config.vision_dim, dtype=dtype)
-        dtype = self.vision_encoder.conv1.weight.dtype
+        dtype = self.perceiver.latents.dtype
         tokens = self.vision_encoder(vision_x.reshape(b * t * f, *vision_x.shape[3:]).to(dtype))
         return self.perceiver(tokens.view(b, t, f, tokens.shape[1], tokens.shape[2]))
 
     def forward(
-        self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """-> logits [B, T, vocab]."""
-        attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
+        attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
         media = self.encode_vision(vision_x) if vision_x is not None else None
-        text_time = masking.text_time(lang_x, self.config.media_token_id)
-        return self.lang_encoder(
-            lang_x, media, text_time, masking.positions_from_mask(attention_mask), attention_mask
-        )
+        return self.lang_encoder(lang_x, media, self.sight(lang_x, image_attention_mask),
+                                 masking.positions_from_mask(attention_mask), attention_mask)
 
     @torch.no_grad()
     def prefill(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor,
-                timer: PhaseTimer | None = None) -> tuple[ReferenceDecoder, torch.Tensor]:
+                timer: PhaseTimer | None = None, image_attention_mask: torch.Tensor | None = None,
+                ) -> tuple[ReferenceDecoder, torch.Tensor]:
         """Encode the images, run the prompt once -> (decoder over the cached prompt, float32 logits [B, vocab]
         of each row's last token). Inputs already checked."""
         config = self.config
@@ -660,12 +1021,14 @@ class Flamingo(nn.Module):
             timer.lap("vision")
         cache = ReferenceKVCache.empty(config.lm.num_layers)
         positions = masking.positions_from_mask(attention_mask)
-        logits = self.lang_encoder(
-            lang_x, media, masking.text_time(lang_x, config.media_token_id), positions, attention_mask, cache
-        )[:, -1]
-        decode_time = masking.images_per_row(lang_x, config.media_token_id)
+        sight = self.sight(lang_x, image_attention_mask)
+        logits = self.lang_encoder(lang_x, media, sight, positions, attention_mask, cache)[:, -1]
+        if config.layout == "idefics":  # generated tokens see what the last prompt token sees
+            decode_sight = sight[:, -1]
+        else:  # the last image of the row (1-based)
+            decode_sight = masking.images_per_row(lang_x, config.media_token_id)
         image_token = config.media_token_id if config.openflamingo_generated_image_bug else None
-        decoder = ReferenceDecoder(self.lang_encoder, cache, media, decode_time, positions[:, -1], attention_mask,
+        decoder = ReferenceDecoder(self.lang_encoder, cache, media, decode_sight, positions[:, -1], attention_mask,
                                    image_token)
         return decoder, logits.float()
 
@@ -690,6 +1053,7 @@ class Flamingo(nn.Module):
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
         num_return_sequences: int = 1,
+        image_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Greedy, sampled or beam-searched continuation -> ids [B * num_return_sequences, T + new].
 
@@ -702,10 +1066,11 @@ class Flamingo(nn.Module):
         `num_return_sequences` (flamingo_fast/search.py says exactly which release it follows), searched plainly
         one hypothesis at a time (`beam_search_ref`: the ground truth the fast path's vectorised search is
         tested against); each row's best sequences come best first, padded with `pad_token_id`.
-        Every generated token attends to the last image of its row's prompt. `timer` records phase times.
+        Every generated token attends to the last image of its row's prompt (IDEFICS: to what the last prompt
+        token sees). `timer` records phase times.
         """
         config = self.config
-        attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
+        attention_mask = check_inputs(config, vision_x, lang_x, attention_mask, image_attention_mask)
         check_generate_options(config, lang_x, attention_mask, max_new_tokens, min_new_tokens)
         options = generation_options(
             config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
@@ -714,21 +1079,24 @@ class Flamingo(nn.Module):
             pad_token_id=pad_token_id,
         )
         lang_x = lang_x.long()
-        return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, timer), lang_x, options,
+        return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, timer, image_attention_mask),
+                            lang_x, options,
                             config.lm.vocab_size, generator=generator, timer=timer, return_logits=return_logits,
                             plain=True)
 
 
     @torch.no_grad()
     def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False) -> torch.Tensor:
+              candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False,
+              image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Log-likelihood of every candidate continuation after every row -> [B, C] float32: the sum over the
         candidate's tokens (the mean with `normalize_length`) of log p(token | prompt + its earlier tokens).
         Candidate tokens attend to the last image of their row, like generated tokens (scoring.py)."""
-        attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
+        attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
         tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
         check_generate_options(self.config, lang_x, attention_mask, max(len(t) for t in tokens))
-        decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask)
+        decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask,
+                                             image_attention_mask=image_attention_mask)
         return score_candidates(decoder, first_logits, tokens, len(tokens), normalize_length, progress=False)
 
 
@@ -761,8 +1129,9 @@ class ReferenceDecoder:
         self._select(index)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Every generated token belongs to the last image of its row's prompt (`image`, 1-based), unless
-        OpenFlamingo's generated-<image> behaviour is asked for (config.openflamingo_generated_image_bug)."""
+        """Every generated token belongs to the last image of its row's prompt (`image`, 1-based; IDEFICS: the
+        last prompt token's image_attention_mask row, [H, N]), unless OpenFlamingo's generated-<image> behaviour
+        is asked for (config.openflamingo_generated_image_bug)."""
         if self.generated_image_token is not None:
             self.image = masking.image_after_generated_tokens(tokens, self.image, self.generated_image_token)
         self.key_valid = torch.cat([self.key_valid, torch.ones_like(self.key_valid[:, :1])], dim=1)
@@ -780,6 +1149,8 @@ def _init_linear_and_embedding(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, VisionSelfAttention):
         nn.init.normal_(module.in_proj_weight, std=0.02)
+    elif isinstance(module, (DecoupledEmbedding, DecoupledLinear)):
+        nn.init.normal_(module.weight, std=0.02)
 
 
 def randomize_gates(model: Flamingo, generator: torch.Generator | None = None, low: float = 0.3, high: float = 1.2):
@@ -787,9 +1158,9 @@ def randomize_gates(model: Flamingo, generator: torch.Generator | None = None, l
     branch). Random-weight benchmarks and every test use this."""
     with torch.no_grad():
         for block in model.lang_encoder.gated_cross_attn_layers.values():
-            for gate in (block.attn_gate, block.ff_gate):
-                magnitude = low + (high - low) * torch.rand(1, generator=generator)
-                sign = 1.0 if torch.rand(1, generator=generator).item() < 0.5 else -1.0
+            for gate in (block.attn_gate, block.ff_gate):  # [1], or [D] per channel (IDEFICS "vector")
+                magnitude = low + (high - low) * torch.rand(gate.shape, generator=generator)
+                sign = torch.where(torch.rand(gate.shape, generator=generator) < 0.5, 1.0, -1.0)
                 gate.copy_(sign * magnitude)
 
 
@@ -802,4 +1173,9 @@ def build_reference(config: FlamingoConfig, seed: int = 0, dtype: torch.dtype = 
         torch.manual_seed(seed)
         model = Flamingo(config)  # built where it will run: a 9B model initialises in seconds on a GPU
     randomize_gates(model, generator)
+    if config.layout == "idefics":  # norms at exactly 1 would hide a norm applied with the wrong weight
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    module.weight.mul_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
     return model.to(dtype=dtype).eval()

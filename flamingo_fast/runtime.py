@@ -58,16 +58,18 @@ from .validation import check_dtype, check_eval_mode, check_generate_options, ch
 
 
 def check_backend(config, backend: str) -> None:
-    """The Triton kernels' shape limits, checked when the runtime is built rather than at the first call."""
+    """The Triton kernels' shape limits, checked when the runtime is built rather than at the first call. The
+    perceiver kernel's head dims are a floor, not a list: smaller ones are zero-padded (FastPerceiverResampler)."""
     if backend != "triton":
         return
-    for name, value, supported in (
-        ("xattn_dim_head", config.xattn_dim_head, _xattn_kernel.SUPPORTED_HEAD_DIMS),
-        ("perceiver.dim_head", config.perceiver.dim_head, _perceiver_kernel.SUPPORTED_HEAD_DIMS),
-    ):
-        if value not in supported:
-            raise ValueError(f"config.{name}={value}: the Triton kernels support head dims {supported}; "
-                             f"expected one of them, or backend='torch'")
+    supported = _xattn_kernel.SUPPORTED_HEAD_DIMS
+    if config.xattn_dim_head not in supported:
+        raise ValueError(f"config.xattn_dim_head={config.xattn_dim_head}: the Triton kernels support head dims "
+                         f"{supported}; expected one of them, or backend='torch'")
+    largest = max(_perceiver_kernel.SUPPORTED_HEAD_DIMS)
+    if config.perceiver.dim_head > largest:
+        raise ValueError(f"config.perceiver.dim_head={config.perceiver.dim_head}: the Triton perceiver kernel takes "
+                         f"head dims up to {largest}; expected at most that, or backend='torch'")
 
 
 def _converted(model: Flamingo, dtype: torch.dtype) -> Flamingo:
@@ -195,8 +197,10 @@ class FastFlamingo:
         self.stop_check_interval = stop_check_interval
         self.pre_image_bug = config.openflamingo_pre_image_bug and not config.only_attend_immediate_media
         self.ops = kernel_ops(backend)
-        self.perceiver = FastPerceiverResampler(model.perceiver, self.ops)
-        self.xattn = {int(i): FastGatedCrossAttention(b, self.ops)
+        self.perceiver = FastPerceiverResampler(model.perceiver, self.ops, config.perceiver.dim_head)
+        self.xattn = {int(i): FastGatedCrossAttention(b, self.ops, config.perceiver.num_latents,
+                                                      config.only_attend_immediate_media,
+                                                      config.openflamingo_pre_image_bug)
                       for i, b in model.lang_encoder.gated_cross_attn_layers.items()}
         self.xattn_slot = {idx: slot for slot, idx in enumerate(config.xattn_layer_indices)}
         lm = config.lm
@@ -204,14 +208,12 @@ class FastFlamingo:
         layers = model.lang_encoder.layers
         self.input_norms = [NormSpec.of(self.layer_ops.input_norm(layer), lm.norm) for layer in layers]
         self.post_norms = [NormSpec.of(self.layer_ops.post_norm(layer), lm.norm) for layer in layers]
-        # What reads each layer's output: the next gated block's LayerNorm, the next layer's input norm, or
+        # What reads each layer's output: the next gated block's attention norm, the next layer's input norm, or
         # the final norm. The embeddings are read by the same rule, through the module itself (no add precedes).
-        reader = [self.xattn[i].block.attn.norm if i in self.xattn else self.layer_ops.input_norm(layers[i])
-                  for i in range(len(layers))]
-        self.first_norm = reader[0]
-        self.next_norms = [NormSpec.of(module, "layernorm" if i + 1 in self.xattn else lm.norm)
-                           for i, module in enumerate(reader[1:])]
-        self.next_norms.append(NormSpec.of(model.lang_encoder.final_norm, lm.norm))
+        reader = [self.xattn[i].attn_norm if i in self.xattn else self.input_norms[i] for i in range(len(layers))]
+        first = self.xattn[0].block.attn_norm if 0 in self.xattn else self.layer_ops.input_norm(layers[0])
+        self.first_norm = first
+        self.next_norms = reader[1:] + [NormSpec.of(model.lang_encoder.final_norm, lm.norm)]
         self.alibi_slopes = alibi_slopes(lm.num_heads, lm.alibi_bias_max, self.device) if lm.alibi else None
         self.kv_cache = StaticKVCache.allocate(config, max_batch_size, max_seq_len, self.dtype, self.device)
         self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
@@ -245,13 +247,14 @@ class FastFlamingo:
 
     @torch.no_grad()
     def forward(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits [B, T, vocab], like the reference's forward."""
         with self.lock:
-            attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
-            counts = self._images_to_encode(vision_x, lang_x)
-            self._check_capacity(lang_x, counts, None)
-            return self._prefill_prompt(vision_x, lang_x.long(), attention_mask, counts, None, all_logits=True)
+            attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
+            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask)
+            self._check_capacity(lang_x, prompt, None)
+            return self._prefill_prompt(vision_x, lang_x.long(), attention_mask, prompt, None, all_logits=True)
 
     __call__ = forward
 
@@ -276,12 +279,13 @@ class FastFlamingo:
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
         num_return_sequences: int = 1,
+        image_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Same signature, options and outputs as `Flamingo.generate` (see there). With beams, each row's
         prompt is encoded and prefilled once; its beams share that KV and keep private tails."""
         config = self.config
         with self.lock:
-            attention_mask = check_inputs(config, vision_x, lang_x, attention_mask)
+            attention_mask = check_inputs(config, vision_x, lang_x, attention_mask, image_attention_mask)
             check_generate_options(config, lang_x, attention_mask, max_new_tokens, min_new_tokens)
             options = generation_options(
                 config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
@@ -289,17 +293,17 @@ class FastFlamingo:
                 length_penalty=length_penalty, early_stopping=early_stopping,
                 num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             )
-            counts = self._images_to_encode(vision_x, lang_x)
-            self._check_capacity(lang_x, counts, max_new_tokens, options)
+            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask)
+            self._check_capacity(lang_x, prompt, max_new_tokens, options)
             lang_x = lang_x.long()
-            return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, counts, timer), lang_x,
+            return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, prompt, timer), lang_x,
                                 options, config.lm.vocab_size, generator=generator, timer=timer,
                                 return_logits=return_logits, stop_check_interval=self.stop_check_interval)
 
     @torch.no_grad()
     def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
               candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False,
-              progress: bool | None = None) -> torch.Tensor:
+              progress: bool | None = None, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Log-likelihood of every candidate continuation after every row -> [B, C] float32 (scoring.py).
 
         Each row's prompt is prefilled once; the candidates run as a trie, all rows at once, their hypotheses
@@ -307,30 +311,31 @@ class FastFlamingo:
         (the tail cache is the memory budget: max_hypotheses x max_tail_len); candidates may be at most
         max_tail_len + 1 tokens long."""
         with self.lock:
-            attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask)
+            attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
             tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
             longest = max(len(t) for t in tokens)
             check_generate_options(self.config, lang_x, attention_mask, longest)  # left padding, max positions
             if longest - 1 > self.max_tail_len:
                 raise ValueError(f"candidates: the longest has {longest} tokens; this FastFlamingo scores at most "
                                  f"max_tail_len + 1 = {self.max_tail_len + 1}")
-            counts = self._images_to_encode(vision_x, lang_x)
-            self._check_capacity(lang_x, counts, None)
+            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask)
+            self._check_capacity(lang_x, prompt, None)
             per_row = self.max_hypotheses // lang_x.shape[0]
-            decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask, counts)
+            decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask, prompt)
             decoder.graphs = False  # the hypothesis count changes level by level: eager beats a capture per shape
             return score_candidates(decoder, first_logits, tokens, per_row, normalize_length, progress)
 
     @torch.no_grad()
-    def prefill(self, vision_x, lang_x, attention_mask, counts: torch.Tensor,
+    def prefill(self, vision_x, lang_x, attention_mask, prompt: masking.PromptImages,
                 timer: PhaseTimer | None = None) -> tuple[FastDecoder, torch.Tensor]:
         """Encode the images each row uses, prefill the prompts -> (decoder over the cached prompts, float32
         logits [B, vocab] of each row's last token). Inputs already checked; call under the lock."""
-        logits = self._prefill_prompt(vision_x, lang_x, attention_mask, counts, timer)
-        images_in_row = masking.images_per_row(lang_x, self.config.media_token_id).to(torch.int32)
-        row_images = torch.full_like(images_in_row, int(counts.max())) if self.pre_image_bug else images_in_row
+        logits = self._prefill_prompt(vision_x, lang_x, attention_mask, prompt, timer)
+        slots = prompt.slots
+        row_images = torch.tensor([max(slots)] * len(slots) if self.pre_image_bug else slots, dtype=torch.int32,
+                                  device=lang_x.device)
         last_position = masking.positions_from_mask(attention_mask)[:, -1]
-        return FastDecoder(self, lang_x.shape[1], last_position, images_in_row - 1, row_images), logits.float()
+        return FastDecoder(self, lang_x.shape[1], last_position, prompt.decode_image, row_images), logits.float()
 
     def context_cache_stats(self) -> CacheStats:
         """A copy of the context cache's counters: hits and misses (contexts, images), evictions, bytes held
@@ -349,17 +354,20 @@ class FastFlamingo:
 
     # ------------------------------------------------------------------------------------------ phases
 
-    def _images_to_encode(self, vision_x, lang_x) -> torch.Tensor:
-        """[B] long: how many leading images of each row are encoded; the rest are padding, never read.
+    def _prompt_images(self, vision_x, lang_x, image_attention_mask) -> masking.PromptImages:
+        """Which image each token sees and which images are encoded (the rest are padding, never read), by the
+        layout's rule: `<image>` tokens (OpenFlamingo) or the image_attention_mask (IDEFICS). In OpenFlamingo's
+        all-previous mode with the pre-image bug, text before the first image attends to every image given, so
+        all of them are encoded."""
+        if self.config.layout == "idefics":
+            return masking.PromptImages.from_image_attention_mask(image_attention_mask)
+        prompt = masking.PromptImages.from_media_tokens(lang_x, self.config.media_token_id)
+        if self.pre_image_bug and vision_x is not None:
+            every = list(range(vision_x.shape[1]))
+            prompt = dataclasses.replace(prompt, visible=[every] * lang_x.shape[0])
+        return prompt
 
-        A row's `<image>` count, except in OpenFlamingo's all-previous mode with the pre-image bug, where text
-        before the first image attends to every image given."""
-        counts = masking.images_per_row(lang_x, self.config.media_token_id)
-        if vision_x is None:
-            return torch.zeros_like(counts)
-        return torch.full_like(counts, vision_x.shape[1]) if self.pre_image_bug else counts
-
-    def _check_capacity(self, lang_x, counts: torch.Tensor, max_new_tokens: int | None,
+    def _check_capacity(self, lang_x, prompt: masking.PromptImages, max_new_tokens: int | None,
                         options: GenerationOptions | None = None) -> None:
         """max_new_tokens None: a forward call, which generates nothing."""
         batch, prompt_len = lang_x.shape
@@ -382,17 +390,17 @@ class FastFlamingo:
         if total > self.kv_cache.max_seq_len:
             raise ValueError(f"max_new_tokens={max_new_tokens}: prompt length {prompt_len} + max_new_tokens = {total} "
                              f"exceeds max_seq_len={self.kv_cache.max_seq_len} of this FastFlamingo")
-        images = int(counts.max())
+        images = max(prompt.slots)
         if images > self.media_cache.max_images:
             what = "images to encode (the pre-image bug mode reads all of vision_x)" if self.pre_image_bug \
+                else "image slots (up to the last one a token sees)" if self.config.layout == "idefics" \
                 else "<image> tokens"
             raise ValueError(f"lang_x: a row has {images} {what}; expected at most "
                              f"max_images={self.media_cache.max_images} of this FastFlamingo")
 
-    def _image_keys(self, vision_x, counts: torch.Tensor) -> list[list]:
+    def _image_keys(self, vision_x, counts: list[int]) -> list[list]:
         """Per row, a content key for each of its first counts[b] images (image_digests, read in place, one host
         sync per row); None for every image when the cache is off (then no two images are taken as equal)."""
-        counts = counts.tolist()
         if self.context_cache.budget == 0 or vision_x is None:
             return [[None] * n for n in counts]
         return [image_digests(vision_x[b, :n]) if n else [] for b, n in enumerate(counts)]
@@ -442,36 +450,37 @@ class FastFlamingo:
         if timer is not None:
             timer.lap("media_kv")
 
-    def _prefill_prompt(self, vision_x, lang_x, attention_mask, counts: torch.Tensor, timer: PhaseTimer | None,
+    def _prefill_prompt(self, vision_x, lang_x, attention_mask, prompt: masking.PromptImages, timer: PhaseTimer | None,
                         all_logits: bool = False, reuse: bool = True) -> torch.Tensor:
         """Images, then the prompt through the LM into the static cache -> logits (of the last position, or of
         every position with `all_logits`).
 
         With `reuse` (generate and score, the cache on, not the pre-image-bug mode), a row's context (every token
-        before its last `<image>`) is taken from the context cache when its tokens and images were seen before;
+        before the first one that sees its last image: its last `<image>`) is taken from the context cache when
+        its tokens, what each of them sees, and its images were seen before;
         a missing context that several rows share is computed once, alone; one that a single row has runs with
         its prompt and is copied out afterwards; both are stored. Contexts are copied into their rows' cache
         columns and only the rest of the prompt runs: the columns from the earliest row's query on. In the
         immediate mode a row whose context was cached needs only the images its remaining tokens see."""
         batch, prompt_len = lang_x.shape
-        media_token = self.config.media_token_id
         reuse = reuse and self.context_cache.budget > 0 and not self.pre_image_bug and not all_logits
-        counts_list = counts.tolist()
-        keys = self._image_keys(vision_x, counts)
+        slots = prompt.slots
+        keys = self._image_keys(vision_x, slots)
         context_end = [0] * batch  # per row: where its context ends; == real start: no context
         spans: dict[int, tuple] = {}  # row -> (real start, context key)
         if reuse:
-            ids = lang_x.tolist()
+            ids, sight = lang_x.tolist(), prompt.image_index.tolist()
             real_start = (attention_mask.long().cumsum(dim=1) == 0).sum(dim=1).tolist()
             for b in range(batch):
                 context_end[b] = real_start[b]
-                last_image = max((t for t in range(real_start[b], prompt_len) if ids[b][t] == media_token),
-                                 default=None)
+                last = prompt.visible[b][-1] if prompt.visible[b] else None
+                last_image = next((t for t in range(real_start[b], prompt_len) if sight[b][t] == last), None)
                 if last_image is not None and last_image > real_start[b]:
                     context_end[b] = last_image
-                    images = ids[b][real_start[b]:last_image].count(media_token)
-                    spans[b] = (real_start[b], (tuple(ids[b][real_start[b]:last_image]), tuple(keys[b][:images])))
-        store = {k for _, key in spans.values() for k in key[1]}  # context images are kept, never queries
+                    seen = sight[b][real_start[b]:last_image]
+                    spans[b] = (real_start[b], (tuple(ids[b][real_start[b]:last_image]), tuple(seen),
+                                                tuple(keys[b][:max(seen) + 1])))
+        store = {k for _, key in spans.values() for k in key[2]}  # context images are kept, never queries
         # Contexts already cached. A missing one that several rows share is computed below, once, alone; one
         # that a single row has runs with the rest of its prompt and is copied out of its row afterwards.
         cached, rows_of = {}, {}
@@ -487,43 +496,46 @@ class FastFlamingo:
         start = min(context_end)
         # Image slots this call reads: all of them, except that (immediate mode) a row whose context is cached
         # reads only the images of its tokens from `start` on (the query's).
-        image_index = masking.image_index(lang_x, media_token)[:, start:].tolist() if cached else None
+        image_index = prompt.image_index[:, start:].tolist() if cached else None
         needed = []
         for b in range(batch):
             if self.config.only_attend_immediate_media and b in spans and spans[b][1] in cached:
                 needed.append(sorted({i for i in image_index[b] if i >= 0}))
             else:
-                needed.append(list(range(counts_list[b])))
+                needed.append(prompt.visible[b])
         self._fill_media(vision_x, needed, keys, store, timer)
-        num_images = max(counts_list)
+        num_images = max(slots)
         kv = self.kv_cache
         for b, (first, key) in spans.items():
             entry = cached.get(key)
             if entry is None:
-                entry = cached[key] = self._compute_context(key, b, lang_x[b:b + 1, first:context_end[b]],
-                                                            len(key[1]))
+                end = context_end[b]
+                entry = cached[key] = self._compute_context(key, b, lang_x[b:b + 1, first:end],
+                                                            prompt.image_index[b:b + 1, first:end], len(key[2]))
             kv.keys[:, b, :, first:context_end[b]] = entry.keys
             kv.values[:, b, :, first:context_end[b]] = entry.values
-        logits = self._prefill(lang_x, attention_mask, num_images, all_logits=all_logits, start=start)
+        logits = self._prefill(lang_x, attention_mask, prompt.image_index, num_images, all_logits=all_logits,
+                               start=start)
         for b, key in copy_out.items():
             first, length = context_end[b], len(key[0])
             self.context_cache.put("context", key, kv.keys[:, b, :, first:first + length].clone(),
                                    kv.values[:, b, :, first:first + length].clone())
         return logits
 
-    def _compute_context(self, key, row: int, context_ids: torch.Tensor, images: int):
+    def _compute_context(self, key, row: int, context_ids: torch.Tensor, image_index: torch.Tensor, images: int):
         """Run one row's context alone (static-cache row `row`, whose media are already in place) and store its
         keys/values in the context cache (or keep them for this call only when they exceed the budget)."""
         length = context_ids.shape[1]
-        self._prefill(context_ids, torch.ones_like(context_ids), images, row=row, logits=False)
+        self._prefill(context_ids, torch.ones_like(context_ids), image_index, images, row=row, logits=False)
         kv = self.kv_cache
         return self.context_cache.put("context", key, kv.keys[:, row, :, :length].clone(),
                                       kv.values[:, row, :, :length].clone())
 
-    def _prefill(self, lang_x, attention_mask, num_images: int, all_logits: bool = False, start: int = 0,
-                 row: int | None = None, logits: bool = True) -> torch.Tensor | None:
+    def _prefill(self, lang_x, attention_mask, image_index: torch.Tensor, num_images: int, all_logits: bool = False,
+                 start: int = 0, row: int | None = None, logits: bool = True) -> torch.Tensor | None:
         """The prompt's columns [start, T) through the LM; columns [0, start) are already in the static cache
-        (staged contexts). `row`: run one prompt in that static/media cache row instead of rows [0, B)."""
+        (staged contexts). image_index [B, T] int32: the image each token sees; num_images: the media cache's
+        slots to span. `row`: run one prompt in that static/media cache row instead of rows [0, B)."""
         lm, model = self.config.lm, self.model.lang_encoder
         batch, prompt_len = lang_x.shape
         rows = slice(0, batch) if row is None else slice(row, row + 1)
@@ -531,7 +543,7 @@ class FastFlamingo:
         kv.key_valid[rows].zero_()
         kv.key_valid[rows, :prompt_len] = attention_mask.bool()
         positions = masking.positions_from_mask(attention_mask)[:, start:]
-        image_index = masking.image_index(lang_x, self.config.media_token_id)[:, start:]
+        image_index = image_index[:, start:]
         x = model.embed_tokens(lang_x[:, start:])
         queries = prompt_len - start
         rope = None if lm.alibi else rotary_cos_sin(positions, lm.rotary_dim, lm.rope_theta, x.dtype)

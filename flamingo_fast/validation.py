@@ -13,8 +13,10 @@ def check_inputs(
     vision_x: torch.Tensor | None,
     lang_x: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    image_attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Validate a forward/generate call; returns the attention mask (all ones when none was given)."""
+    """Validate a forward/generate call; returns the attention mask (all ones when none was given).
+    `image_attention_mask` [B, T, images] 0/1 is the IDEFICS layout's (required there, refused otherwise)."""
     if not isinstance(lang_x, torch.Tensor) or lang_x.dim() != 2:
         got = tuple(lang_x.shape) if isinstance(lang_x, torch.Tensor) else type(lang_x).__name__
         raise ValueError(f"lang_x: got shape {got}; expected a rank-2 tensor of token ids [batch, seq]")
@@ -48,7 +50,6 @@ def check_inputs(
             raise ValueError("attention_mask: a row has no real token (all zeros); expected at least one")
         attention_mask = attention_mask.long()
 
-    images_in_row = (lang_x == config.media_token_id).sum(dim=-1)
     num_images = 0
     if vision_x is not None:
         if not isinstance(vision_x, torch.Tensor) or vision_x.dim() != 6:
@@ -66,6 +67,13 @@ def check_inputs(
         if vision_x.shape[2] < 1:
             raise ValueError(f"vision_x: got {vision_x.shape[2]} frames; expected at least 1")
         num_images = vision_x.shape[1]
+    if config.layout == "idefics":
+        _check_image_attention_mask(image_attention_mask, batch, seq, num_images)
+        return attention_mask
+    if image_attention_mask is not None:
+        raise ValueError("image_attention_mask: given to a model of layout 'openflamingo', where <image> tokens "
+                         "decide what each token sees; expected None (it is the IDEFICS layout's input)")
+    images_in_row = (lang_x == config.media_token_id).sum(dim=-1)
     too_many = (images_in_row > num_images).nonzero().flatten().tolist()
     if too_many:
         row = too_many[0]
@@ -74,6 +82,19 @@ def check_inputs(
             f"images per row; expected at most {num_images} <image> tokens per row"
         )
     return attention_mask
+
+
+def _check_image_attention_mask(mask: torch.Tensor | None, batch: int, seq: int, num_images: int) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"image_attention_mask: got {type(mask).__name__}; the IDEFICS layout needs the processor's "
+                         f"[batch, seq, images] 0/1 tensor")
+    if tuple(mask.shape) != (batch, seq, num_images):
+        raise ValueError(f"image_attention_mask: got shape {tuple(mask.shape)}; expected {(batch, seq, num_images)} "
+                         f"([batch, seq] of lang_x, the images of vision_x)")
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f"image_attention_mask: got dtype {mask.dtype}; expected bool or integer 0/1")
+    if mask.numel() and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("image_attention_mask: expected only 0/1 values")
 
 
 def check_generate_options(

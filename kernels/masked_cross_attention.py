@@ -13,8 +13,8 @@ Semantics (OpenFlamingo, ../shared/DESIGN.md), with `image_index[b, t]` the 0-ba
 - an index >= N_img (a caller's error) is clamped to N_img - 1 and one < -1 to -1, by the kernel and the
   twin alike: nothing is ever read out of bounds.
 
-The index never decreases along a row, so a block of consecutive queries touches a short range of images
-(one, rarely two or three): the kernel visits only those 64-latent tiles and the work is O(T * NL) per
+Along an OpenFlamingo row the index never decreases, so a block of consecutive queries touches a short range
+of images (one, rarely two or three): the kernel visits only those 64-latent tiles and the work is O(T * NL) per
 head in immediate mode, where the reference's dense masked attention is O(T * N_img * NL).
 """
 
@@ -68,7 +68,8 @@ def _masked_cross_attention_kernel(
     grid = (cdiv(T, BLOCK_T), H, B)
     q      [B, H, T, HEAD_DIM]            any strides (the runtime passes a [B, T, H, d] tensor transposed)
     k, v   [B, H, N_img * NUM_LATENTS, HEAD_DIM]  any strides; image i owns rows [i*NL, (i+1)*NL)
-    index  [B, T] int32, non-decreasing along t, -1 before the first image
+    index  [B, T] int32, -1 = no image; usually non-decreasing along t (OpenFlamingo), but any order is
+           correct (IDEFICS's -1 after `</s>`): a block visits every tile from its lowest image to its highest
     out    [B, H, T, HEAD_DIM]            any strides, OUT_DTYPE
 
     Tiling, for the program (t0 = program_id(0) * BLOCK_T, h, b):

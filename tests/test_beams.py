@@ -48,8 +48,8 @@ def run_all(model, fast, vision, lang_x, mask, **gen):
     for search, prefill in ((beam_search_ref, None), (beam_search, model.prefill)):
         if prefill is None:  # the plain search over the fast decoder
             with fast.lock:
-                counts = fast._images_to_encode(vision, lang_x)
-                decoder, logits = fast.prefill(vision, lang_x, mask, counts)
+                prompt = fast._prompt_images(vision, lang_x, None)
+                decoder, logits = fast.prefill(vision, lang_x, mask, prompt)
                 result = search(decoder, logits, options)
         else:
             decoder, logits = prefill(vision, lang_x, mask)

@@ -260,7 +260,8 @@ def test_workload_mode(capsys):
     work = profiler.build_workload(config, 3, 2, 4, 5, 2, seed=0, dtype=torch.float32, device="cpu")
     assert len(work) == 4
     context = work[0][1][0, :-3]
-    for vision, lang_x, mask in work:
+    for vision, lang_x, mask, image_mask in work:
+        assert image_mask is None  # the OpenFlamingo layout: <image> tokens say it
         assert torch.equal(lang_x[:, :-3], context.expand(2, -1)) and mask.all()
         assert lang_x[0, -3] == config.media_token_id and torch.equal(vision[:, :3], work[0][0][:, :3])
     assert not torch.equal(work[0][0][:, 3], work[1][0][:, 3]) and not torch.equal(work[0][1], work[1][1])

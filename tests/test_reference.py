@@ -330,8 +330,9 @@ def test_generate_rejects_overlong_requests_and_right_padding(tiny_model):
 
 
 def test_unknown_preset_is_a_clear_error():
-    expected = (r"preset='nope': unknown; expected one of \['openflamingo-3b', 'openflamingo-4b', "
-                r"'openflamingo-9b-v1', 'openflamingo-9b-v2', 'small', 'tiny'\]")
+    expected = (r"preset='nope': unknown; expected one of \['idefics-80b', 'idefics-9b', 'idefics-small', "
+                r"'idefics-tiny', 'openflamingo-3b', 'openflamingo-4b', 'openflamingo-9b-v1', 'openflamingo-9b-v2', "
+                r"'small', 'tiny'\]")
     with pytest.raises(ValueError, match=expected):
         from_name("nope")
 

@@ -102,8 +102,9 @@ def test_triton_backend_refuses_unsupported_head_dims_at_construction():
     with pytest.raises(ValueError, match=r"config.xattn_dim_head=48: the Triton kernels support head dims "
                                          r"\(16, 32, 64, 128\); expected one of them, or backend='torch'"):
         FastFlamingo.from_reference(model, backend="triton")
-    perceiver = dataclasses.replace(TINY.perceiver, dim_head=24)
-    with pytest.raises(ValueError, match=r"config.perceiver.dim_head=24: the Triton kernels support head dims"):
+    perceiver = dataclasses.replace(TINY.perceiver, dim_head=160)  # smaller ones are zero-padded
+    with pytest.raises(ValueError, match=r"config.perceiver.dim_head=160: the Triton perceiver kernel takes head "
+                                         r"dims up to 128; expected at most that, or backend='torch'"):
         FastFlamingo.from_reference(build_reference(TINY.replace(perceiver=perceiver), seed=3), backend="triton")
     FastFlamingo.from_reference(model, backend="torch", max_batch_size=1, max_seq_len=16)  # the twins take any
 

@@ -1,0 +1,381 @@
+"""IDEFICS v1 drop-in: a live transformers `IdeficsForVisionText2Text`, run by FastFlamingo.
+
+    runtime = flamingo_fast.from_idefics(model)                   # shares the model's tensors, copies nothing
+    inputs = processor(prompts, return_tensors="pt")              # IdeficsProcessor, unchanged
+    ids = runtime.generate(**inputs, max_new_tokens=20)           # the call and output of model.generate
+    logits = runtime(**inputs).logits                             # and of model(...)
+
+The reference model's IDEFICS layout (FlamingoConfig.layout == "idefics", reference.py) uses transformers' own
+parameter names below its three parts, so the map is a change of prefix, plus one renumbering:
+
+    ours                                              transformers
+    vision_encoder.{embeddings,pre_layrnorm,encoder}.*  model.vision_model.*
+    perceiver.*                                       model.perceiver_resampler.*
+    lang_encoder.model.{embed_tokens,layers,norm}.*   model.{embed_tokens,layers,norm}.*
+    lang_encoder.lm_head.*                            lm_head.*
+    lang_encoder.gated_cross_attn_layers.{i}.*        model.gated_cross_attn_layers.{i // interval}.*
+                                                      (ours keyed by the decoder layer the block precedes)
+
+Ignored on purpose: `model.vision_model.post_layernorm` (it normalises only the pooled class token, which
+IDEFICS never reads). Any other key that maps to nothing is an error.
+
+Everything the weights say is read from them, not from the config: the added vocabulary rows (the instruct
+models have more than their configs say), the gate shapes (alpha_type), the q/k norms, the number of latents
+and the MLP widths.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
+from .openflamingo import FlamingoOutput, build_reference_from_state
+from .reference import Flamingo
+from .search import stop_token_ids
+from .timing import PhaseTimer
+
+PREFIXES = (  # transformers prefix -> ours
+    ("model.vision_model.", "vision_encoder."),
+    ("model.perceiver_resampler.", "perceiver."),
+    ("model.embed_tokens.", "lang_encoder.model.embed_tokens."),
+    ("model.layers.", "lang_encoder.model.layers."),
+    ("model.norm.", "lang_encoder.model.norm."),
+    ("lm_head.", "lang_encoder.lm_head."),
+)
+IGNORED = (r"^model\.vision_model\.post_layernorm\.",)
+ENGINES = ("fast", "reference")
+
+
+def _unsupported(name: str, value, expected: str) -> ValueError:
+    return ValueError(f"model.config.{name}={value!r}: not supported by flamingo_fast; expected {expected}")
+
+
+def config_from_idefics(model: nn.Module) -> FlamingoConfig:
+    """The FlamingoConfig of a live IdeficsForVisionText2Text: shapes from its config, checked against and
+    completed by its weights."""
+    hf = model.config
+    state = model.state_dict()
+    if not getattr(hf, "use_resampler", True):
+        raise _unsupported("use_resampler", False, "True (every released IDEFICS model uses the perceiver)")
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise _unsupported("hidden_act", hf.hidden_act, "'silu' (LLaMA's SwiGLU)")
+    layers, interval = hf.num_hidden_layers, hf.cross_layer_interval
+    if interval < 1 or layers % interval:
+        raise _unsupported("cross_layer_interval", interval,
+                           f"an interval that divides num_hidden_layers={layers} (transformers builds "
+                           f"{layers} // {interval} gated blocks but indexes one per multiple of the interval)")
+    vc, pc = hf.vision_config, hf.perceiver_config
+    if vc.hidden_act not in ("gelu", "quick_gelu"):
+        raise _unsupported("vision_config.hidden_act", vc.hidden_act, "'gelu' or 'quick_gelu'")
+    width = vc.embed_dim
+    mlp = state["model.vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    vision = VisionConfig(image_size=vc.image_size, patch_size=vc.patch_size, width=width,
+                          layers=vc.num_hidden_layers, heads=vc.num_attention_heads, mlp_ratio=mlp / width,
+                          act=vc.hidden_act, in_channels=vc.num_channels, layer_norm_eps=vc.layer_norm_eps)
+    ff = state["model.perceiver_resampler.blocks.0.1.fc.weight"].shape[0]
+    if ff % width:
+        raise ValueError(f"model.perceiver_resampler.blocks.0.1.fc.weight: {ff} rows; expected a multiple of the "
+                         f"vision width {width}")
+    perceiver = PerceiverConfig(
+        depth=pc.resampler_depth, heads=pc.resampler_n_heads, dim_head=pc.resampler_head_dim,
+        num_latents=state["model.perceiver_resampler.latents"].shape[0], ff_mult=ff // width,
+        qk_norm="model.perceiver_resampler.blocks.0.0.q_layer_norm.weight" in state,
+    )
+    added = state["model.embed_tokens.additional_embedding.weight"].shape[0] \
+        if "model.embed_tokens.additional_embedding.weight" in state else 0
+    base = state["model.embed_tokens.weight"].shape[0]
+    head_added = state["lm_head.additional_fc.weight"].shape[0] if "lm_head.additional_fc.weight" in state else 0
+    if head_added != added or state["lm_head.weight"].shape[0] != base:
+        raise ValueError(f"lm_head: {state['lm_head.weight'].shape[0]} + {head_added} rows; expected the "
+                         f"embedding's {base} + {added}")
+    lm = LMConfig(family="llama", vocab_size=base + added, additional_vocab_size=added, hidden_size=hf.hidden_size,
+                  num_layers=layers, num_heads=hf.num_attention_heads, num_kv_heads=hf.num_attention_heads,
+                  intermediate_size=hf.intermediate_size, rms_norm_eps=hf.rms_norm_eps,
+                  rope_theta=10000.0,  # transformers' IdeficsEmbedding: base 10000, whatever the config says
+                  # IdeficsConfig has no such field (transformers grows its rotary table on demand); IDEFICS was
+                  # trained on 2048-token sequences
+                  max_position_embeddings=getattr(hf, "max_position_embeddings", 2048),
+                  tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)))
+    alpha = state["model.gated_cross_attn_layers.0.alpha_cross_attn"]
+    if tuple(alpha.shape) not in ((1,), (1, 1, hf.hidden_size)):
+        raise ValueError(f"model.gated_cross_attn_layers.0.alpha_cross_attn: shape {tuple(alpha.shape)}; expected "
+                         f"(1,) (alpha_type 'float') or (1, 1, {hf.hidden_size}) ('vector')")
+    image_token = getattr(hf, "image_token_id", None)
+    return FlamingoConfig(
+        vision=vision, perceiver=perceiver, lm=lm, cross_attn_every_n_layers=interval, layout="idefics",
+        xattn_heads=lm.num_heads, xattn_dim_head=lm.head_dim, xattn_ff_mult=1,
+        xattn_qk_norm="model.gated_cross_attn_layers.0.cross_attn.q_layer_norm.weight" in state,
+        xattn_gate_per_channel=alpha.dim() == 3,
+        bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, eoc_token_id=None,
+        # `<image>`: only used to refuse it as a scoring candidate; IDEFICS's tokenizer puts it after
+        # `<fake_token_around_image>`, the first added row.
+        media_token_id=image_token if image_token is not None else base + 1 if added >= 2 else base - 1,
+        pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
+    )
+
+
+def our_name(name: str, config: FlamingoConfig) -> str | None:
+    """A transformers IDEFICS parameter name -> the reference's (None: ignored on purpose; KeyError: unknown)."""
+    if any(re.match(p, name) for p in IGNORED):
+        return None
+    block = re.match(r"model\.gated_cross_attn_layers\.(\d+)\.(.*)", name)
+    if block:
+        return f"lang_encoder.gated_cross_attn_layers.{int(block.group(1)) * config.cross_attn_every_n_layers}." \
+               f"{block.group(2)}"
+    for theirs, ours in PREFIXES:
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    raise KeyError(name)
+
+
+def reference_state_dict(model: nn.Module, config: FlamingoConfig) -> dict[str, torch.Tensor]:
+    """Our names -> the live model's tensors (the same objects: nothing copied)."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        try:
+            ours = our_name(name, config)
+        except KeyError:
+            unknown.append(name)
+            continue
+        if ours is not None:
+            out[ours] = tensor
+    if unknown:
+        raise ValueError(f"model: state dict keys {unknown[:10]} map to nothing in flamingo_fast's IDEFICS layout")
+    return out
+
+
+class IdeficsRuntime:
+    """A FastFlamingo (or the reference, engine="reference") behind IdeficsForVisionText2Text's call.
+
+    generate(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, max_new_tokens=20,
+             num_beams=1, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, eos_token_id=</s>,
+             min_new_tokens=0, pad_token_id=None, length_penalty=1.0, early_stopping=False,
+             num_return_sequences=1, ...)
+    -> ids [B * num_return_sequences, T + new], prompt included, as transformers returns them. Generated tokens
+    see what the last prompt token sees (transformers repeats the mask's last row). Options left at None take
+    the model's generation_config value, else transformers' default; unsupported options are a named error.
+    forward(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None) -> `.logits`
+    [B, T, vocab incl. the added rows], float32 from the fast engine.
+    """
+
+    SUPPORTED = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
+                 "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
+                 "num_return_sequences": 1}
+    IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
+               "decoder_start_token_id", "max_length", "use_cache"}
+    HF_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "interpolate_pos_encoding": False,
+                   "image_encoder_embeddings": None, "perceiver_embeddings": None}
+
+    def __init__(self, engine, reference: Flamingo, eos_token_id, pad_token_id: int | None,
+                 generation_config: Mapping | None = None):
+        self.engine, self.reference, self.config = engine, reference, reference.config
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.generation_config = {k: v for k, v in (generation_config or {}).items() if k not in self.IGNORED}
+
+    @property
+    def fast(self):
+        """The FastFlamingo (None with engine="reference")."""
+        return None if self.engine is self.reference else self.engine
+
+    def _vision(self, pixel_values, hf_options: dict):
+        unsupported = {k: v for k, v in hf_options.items() if self.HF_DEFAULTS.get(k, object()) != v}
+        if unsupported:
+            raise ValueError(f"options {sorted(unsupported)}: not supported by flamingo_fast; supported: pixel_values "
+                             f"(not precomputed image_encoder_embeddings / perceiver_embeddings), "
+                             f"{', '.join(self.SUPPORTED)}, eos_token_id, pad_token_id")
+        if pixel_values is None:
+            return None
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values: got {got}; expected the processor's [batch, images, C, H, W] tensor")
+        return pixel_values[:, :, None]  # one frame per image: [B, N, 1, C, H, W]
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
+                **hf_options) -> FlamingoOutput:
+        vision_x = self._vision(pixel_values, hf_options)
+        mask = self._mask(image_attention_mask, input_ids, vision_x)
+        return FlamingoOutput(logits=self.engine.forward(vision_x, input_ids, attention_mask, mask).float())
+
+    __call__ = forward
+
+    def _mask(self, image_attention_mask, input_ids, vision_x):
+        """The processor's mask; with no images (pixel_values=None) an empty [B, T, 0] one is the same thing."""
+        if image_attention_mask is None and vision_x is None and isinstance(input_ids, torch.Tensor):
+            return torch.zeros(*input_ids.shape, 0, dtype=torch.long, device=input_ids.device)
+        return image_attention_mask
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
+                 max_new_tokens: int | None = None, num_beams: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
+                 pad_token_id: int | None = None, length_penalty: float | None = None,
+                 early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
+                 generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
+                 return_logits: bool = False, use_cache: bool = True, **hf_options):
+        """Each option left at None takes the model's generation_config value, else transformers' default."""
+        given = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
+                     length_penalty=length_penalty, early_stopping=early_stopping,
+                     num_return_sequences=num_return_sequences)
+        options = {k: v if v is not None else self.generation_config.get(k, self.SUPPORTED[k])
+                   for k, v in given.items()}
+        vision_x = self._vision(pixel_values, hf_options)
+        from_config = sorted(k for k in self.generation_config if k not in self.SUPPORTED and k not in hf_options)
+        if from_config:
+            shown = ", ".join(f"{k}={self.generation_config[k]!r}" for k in from_config)
+            raise ValueError(f"model.generation_config: {shown} not supported by flamingo_fast; expected the "
+                             f"defaults (pass them explicitly to override, e.g. repetition_penalty=1.0)")
+        if eos_token_id is None:
+            eos_token_id = self.eos_token_id
+        stops = stop_token_ids(eos_token_id, (), self.config.lm.vocab_size) if eos_token_id is not None else ()
+        if pad_token_id is None:
+            pad_token_id = self.pad_token_id if self.pad_token_id is not None else (stops or (0,))[0]
+        if options["num_beams"] > 1 and not pad_token_id and stops:
+            pad_token_id = stops[0]  # transformers' beam search fills with `pad_token_id or eos_token_id[0]`
+        if not options["do_sample"]:
+            options["top_k"] = 0  # transformers' top_k 50 applies only when sampling
+        mask = self._mask(image_attention_mask, input_ids, vision_x)
+        return self.engine.generate(vision_x, input_ids, attention_mask, generator=generator,
+                                    eos_token_id=list(stops), pad_token_id=pad_token_id, timer=timer,
+                                    return_logits=return_logits, image_attention_mask=mask, **options)
+
+    @torch.no_grad()
+    def score(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
+              candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False) -> torch.Tensor:
+        """[B, C] float32 log-likelihoods of the candidates (token-id lists) after every row; candidate tokens
+        see what the last prompt token sees (FastFlamingo.score)."""
+        vision_x = self._vision(pixel_values, {})
+        mask = self._mask(image_attention_mask, input_ids, vision_x)
+        return self.engine.score(vision_x, input_ids, attention_mask, candidates=candidates,
+                                 normalize_length=normalize_length, image_attention_mask=mask)
+
+    @property
+    def capture_seconds(self) -> float:
+        return getattr(self.engine, "capture_seconds", 0.0)
+
+
+@torch.no_grad()
+def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> IdeficsRuntime:
+    """A transformers IdeficsForVisionText2Text -> the same model behind its own call, run by FastFlamingo
+    (engine="fast") or by the eager reference (engine="reference"). The tensors are shared with `model`
+    (nothing is copied unless `dtype` asks for a conversion); `model` must be in eval mode. `runtime_options`
+    go to FastFlamingo.from_reference: backend, dtype, max_batch_size, max_seq_len, max_images, cuda_graphs,
+    stop_check_interval, max_hypotheses, max_tail_len, context_cache_bytes."""
+    from .runtime import FastFlamingo
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: expected one of {list(ENGINES)}")
+    if engine == "reference" and runtime_options:
+        raise ValueError(f"engine='reference' takes no runtime options; got {sorted(runtime_options)}")
+    config = config_from_idefics(model)
+    reference = build_reference_from_state(config, reference_state_dict(model, config))
+    runner = reference if engine == "reference" else FastFlamingo.from_reference(reference, **runtime_options)
+    generation = getattr(model, "generation_config", None)
+    defaults = generation.to_diff_dict() if hasattr(generation, "to_diff_dict") else {}
+    eos = getattr(generation, "eos_token_id", None)
+    eos = model.config.eos_token_id if eos is None else eos
+    pad = getattr(generation, "pad_token_id", None)
+    return IdeficsRuntime(runner, reference, eos, model.config.pad_token_id if pad is None else pad, defaults)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The baseline: transformers' own IDEFICS on the reference's tensors (profiler, tests)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def hf_idefics_config(config: FlamingoConfig):
+    """transformers' IdeficsConfig for a FlamingoConfig of the IDEFICS layout."""
+    import transformers
+
+    if config.layout != "idefics":
+        raise ValueError(f"config.layout={config.layout!r}: expected 'idefics'")
+    v, p, lm = config.vision, config.perceiver, config.lm
+    return transformers.IdeficsConfig(
+        vocab_size=lm.vocab_size - lm.additional_vocab_size, additional_vocab_size=lm.additional_vocab_size,
+        hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_heads, rms_norm_eps=lm.rms_norm_eps, hidden_act="silu",
+        cross_layer_interval=config.cross_attn_every_n_layers, qk_layer_norms=config.xattn_qk_norm,
+        alpha_type="vector" if config.xattn_gate_per_channel else "float", use_resampler=True,
+        tie_word_embeddings=lm.tie_word_embeddings, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        vision_config=dict(embed_dim=v.width, image_size=v.image_size, patch_size=v.patch_size,
+                           num_hidden_layers=v.layers, num_attention_heads=v.heads, intermediate_size=v.mlp_width,
+                           hidden_act=v.act, layer_norm_eps=v.layer_norm_eps, num_channels=v.in_channels),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=p.num_latents, resampler_depth=p.depth,
+                              resampler_n_heads=p.heads, resampler_head_dim=p.dim_head,
+                              qk_layer_norms_perceiver=p.qk_norm),
+    )
+
+
+@torch.no_grad()
+def to_idefics(reference: Flamingo) -> nn.Module:
+    """The same model as `reference` (IDEFICS layout) as transformers' IdeficsForVisionText2Text, its parameters
+    the reference's own tensors (the unused `post_layernorm` keeps its fresh LayerNorm init). Needs transformers;
+    builds nothing from the network."""
+    import transformers
+
+    config = reference.config
+    weight = reference.lang_encoder.output_head.weight
+    with torch.device(weight.device):
+        model = transformers.IdeficsForVisionText2Text(hf_idefics_config(config))
+    ours = reference.state_dict(keep_vars=True)
+    theirs = {name: ours[our_name(name, config)] for name in model.state_dict() if our_name(name, config)}
+    model.load_state_dict(theirs, strict=False, assign=True)
+    return model.to(dtype=weight.dtype).eval()
+
+
+class IdeficsBaseline:
+    """transformers' IdeficsForVisionText2Text.generate on the reference's weights, behind the profiler's call
+    (vision_x [B, N, 1, C, H, W], lang_x, attention_mask, image_attention_mask) with flamingo_fast's phase timer:
+    "vision" (vision tower + perceiver of the first forward, timed by a hook on the perceiver), "prefill" (first
+    token) and "decode" (each later token, timed by a stopping criterion that never stops; a perceiver that
+    transformers re-runs at every step, as 5.x does, counts as decode). `eos_token_id=[]` (never stop) becomes
+    `min_new_tokens=max_new_tokens`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._timer: PhaseTimer | None = None
+        self._laps = 0
+        model.model.perceiver_resampler.register_forward_hook(lambda *args: self._lap_vision())
+
+    def _lap_vision(self) -> None:
+        if self._timer is not None and self._laps == 0:
+            self._timer.lap("vision")
+
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
+                 timer: PhaseTimer | None = None, num_beams: int = 1,
+                 image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        import transformers
+
+        baseline = self
+
+        class LapPerToken(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                if baseline._timer is not None:
+                    baseline._timer.lap("prefill" if baseline._laps == 0 else "decode")
+                baseline._laps += 1
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        options = {}
+        if eos_token_id is not None and list(eos_token_id if not isinstance(eos_token_id, int) else [0]) == []:
+            options["min_new_tokens"] = max_new_tokens
+        elif eos_token_id is not None:
+            options["eos_token_id"] = eos_token_id
+        self._timer, self._laps = timer, 0
+        if timer is not None:
+            timer.start()
+        try:
+            with torch.no_grad():
+                return self.model.generate(
+                    input_ids=lang_x, attention_mask=attention_mask, pixel_values=vision_x[:, :, 0],
+                    image_attention_mask=image_attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                    do_sample=False, stopping_criteria=transformers.StoppingCriteriaList([LapPerToken()]), **options)
+        finally:
+            self._timer = None

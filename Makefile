@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE_OUT ?= profile_out
 
-.PHONY: setup setup-openflamingo test test-openflamingo test-fast profile bench lint compile-report clean
+.PHONY: setup setup-openflamingo setup-transformers5 test test-openflamingo test-fast profile bench lint compile-report clean
 
 # On a machine without a CUDA GPU torch must be the CPU build: torch==2.13.0 installs from local disk here,
 # while a bare `torch` would pull a multi-GB CUDA build. With a GPU, the normal (CUDA) build, which brings
@@ -39,14 +39,30 @@ $(OF_STAMP): requirements-openflamingo.txt setup.py
 
 setup-openflamingo: $(OF_STAMP)
 
+# transformers 5.x beside 4.57 (.venv-openflamingo), for bench/idefics_cpu.py only (not CI): the CPU torch 2.13,
+# no torchvision (its 2.13 match does not import beside the CPU build; IdeficsImageProcessor falls back to PIL).
+T5_VENV ?= .venv-transformers5
+T5_PY := $(T5_VENV)/bin/python
+T5_STAMP := $(T5_VENV)/.installed
+
+$(T5_STAMP): setup.py
+	test -x $(T5_PY) || python3 -m venv $(T5_VENV)
+	$(T5_PY) -m pip install -q --upgrade pip "setuptools>=64" wheel
+	$(T5_PY) -m pip install -q torch==2.13.0 transformers==5.24.0 pillow pytest "triton>=3.0,<4" numpy safetensors
+	$(T5_PY) -m pip install -q --no-deps -e .
+	touch $(T5_STAMP)
+
+setup-transformers5: $(T5_STAMP)
+
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 	$(MAKE) test-openflamingo
 
-# FastFlamingo against the real open_flamingo package (tiny random models built from configs; no downloads).
+# FastFlamingo against the real open_flamingo package and transformers' IDEFICS (tiny random models built from
+# configs; no downloads).
 test-openflamingo: $(OF_STAMP)
-	$(OF_PY) -m pytest -q tests/test_openflamingo.py
+	$(OF_PY) -m pytest -q tests/test_openflamingo.py tests/test_idefics.py
 
 # Skips the interpreter-heavy kernel tests: for a quick loop while editing.
 test-fast: $(STAMP)
@@ -67,4 +83,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(OF_VENV) build *.egg-info .pytest_cache .ruff_cache $(PROFILE_OUT)
+	rm -rf $(VENV) $(OF_VENV) $(T5_VENV) build *.egg-info .pytest_cache .ruff_cache $(PROFILE_OUT)

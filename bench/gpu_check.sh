@@ -14,6 +14,8 @@
 #   breakdown  device time per kernel over eager decode steps (bench/decode_breakdown.py; CUDA only)
 #   profile_bN flamingo-fast profile at OpenFlamingo-9B shape, random bf16 weights, shots 0,4,8,16,32,
 #              reference vs fast, batch N (1 and 8); JSON rewritten after every row, so a timeout keeps rows
+#   profile_idefics  the IDEFICS-9B shape at batch 1, 0 and the largest shot count: reference vs fast, and
+#              transformers' own IDEFICS generate first when transformers is importable
 #   floor      decode ms per token vs the memory-bandwidth floor (bench/bandwidth.py floor)
 # then OUTDIR/summary.md, whose short form (steps + floor table) is printed last.
 #
@@ -153,6 +155,13 @@ run_step context_cache 60 "$PY" bench/context_cache_ttft.py --preset "$PRESET" -
 run_step profile_beam3 90 "$PY" -m flamingo_fast profile --preset "$PRESET" --shots "${SHOTS##*,}" --batch 8 \
     --num-beams 3 --impl "$IMPL" --device "$DEVICE" --dtype "$DTYPE" --new-tokens 10 --repeats "$REPEATS" \
     --warmup "$WARMUP" --json "$OUT/profile_beam3.json" --csv "$OUT/profile_beam3.csv"
+# The IDEFICS-9B shape (issue 13): fast vs the reference, and transformers' own generate when it is installed.
+if [ "$DEVICE" = cpu ]; then IDEFICS_PRESET=idefics-tiny; else IDEFICS_PRESET=${GPU_CHECK_IDEFICS_PRESET:-idefics-9b}; fi
+IDEFICS_IMPL=reference,fast
+if "$PY" -c 'import transformers' >/dev/null 2>&1; then IDEFICS_IMPL=idefics,reference,fast; fi
+run_step profile_idefics 90 "$PY" -m flamingo_fast profile --preset "$IDEFICS_PRESET" --shots "0,${SHOTS##*,}" \
+    --batch 1 --impl "$IDEFICS_IMPL" --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$NEW_TOKENS" \
+    --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/profile_idefics.json" --csv "$OUT/profile_idefics.csv"
 
 # From here on the reserve is used: the budget check is lifted for the last two steps.
 RESERVE=-30
@@ -173,7 +182,7 @@ write_summary() {
         echo "| step | status | s | limit s |"
         echo "| --- | --- | ---: | ---: |"
         tail -n +2 "$OUT/steps.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
-        for P in "${PROFILES[@]}"; do
+        for P in "${PROFILES[@]}" "$OUT/profile_idefics.json"; do
             [ -f "$P" ] || continue
             echo
             echo "## Profile $(basename "$P")"

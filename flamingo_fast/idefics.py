@@ -35,7 +35,7 @@ from torch import nn
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
 from .openflamingo import FlamingoOutput, build_reference_from_state
 from .reference import Flamingo
-from .search import stop_token_ids
+from .search import hf_generate_options, hf_generation_defaults, hf_pad_token_id, stop_token_ids
 from .timing import PhaseTimer
 
 PREFIXES = (  # transformers prefix -> ours
@@ -163,19 +163,14 @@ class IdeficsRuntime:
     [B, T, vocab incl. the added rows], float32 from the fast engine.
     """
 
-    SUPPORTED = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
-                 "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
-                 "num_return_sequences": 1}
-    IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
-               "decoder_start_token_id", "max_length", "use_cache"}
-    HF_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "interpolate_pos_encoding": False,
-                   "image_encoder_embeddings": None, "perceiver_embeddings": None}
+    # Call keywords transformers' IDEFICS takes that the drop-in accepts only at their defaults.
+    ACCEPTED = {"interpolate_pos_encoding": False, "image_encoder_embeddings": None, "perceiver_embeddings": None}
 
     def __init__(self, engine, reference: Flamingo, eos_token_id, pad_token_id: int | None,
                  generation_config: Mapping | None = None):
         self.engine, self.reference, self.config = engine, reference, reference.config
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.generation_config = {k: v for k, v in (generation_config or {}).items() if k not in self.IGNORED}
+        self.generation_config = hf_generation_defaults(generation_config)
 
     @property
     def fast(self):
@@ -183,11 +178,10 @@ class IdeficsRuntime:
         return None if self.engine is self.reference else self.engine
 
     def _vision(self, pixel_values, hf_options: dict):
-        unsupported = {k: v for k, v in hf_options.items() if self.HF_DEFAULTS.get(k, object()) != v}
-        if unsupported:
-            raise ValueError(f"options {sorted(unsupported)}: not supported by flamingo_fast; supported: pixel_values "
-                             f"(not precomputed image_encoder_embeddings / perceiver_embeddings), "
-                             f"{', '.join(self.SUPPORTED)}, eos_token_id, pad_token_id")
+        given = {k: v for k, v in hf_options.items() if k in self.ACCEPTED and v != self.ACCEPTED[k]}
+        if given:
+            raise ValueError(f"{sorted(given)}: not supported by flamingo_fast; expected pixel_values (precomputed "
+                             f"image_encoder_embeddings / perceiver_embeddings are not taken)")
         if pixel_values is None:
             return None
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
@@ -224,23 +218,13 @@ class IdeficsRuntime:
                      temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
                      length_penalty=length_penalty, early_stopping=early_stopping,
                      num_return_sequences=num_return_sequences)
-        options = {k: v if v is not None else self.generation_config.get(k, self.SUPPORTED[k])
-                   for k, v in given.items()}
         vision_x = self._vision(pixel_values, hf_options)
-        from_config = sorted(k for k in self.generation_config if k not in self.SUPPORTED and k not in hf_options)
-        if from_config:
-            shown = ", ".join(f"{k}={self.generation_config[k]!r}" for k in from_config)
-            raise ValueError(f"model.generation_config: {shown} not supported by flamingo_fast; expected the "
-                             f"defaults (pass them explicitly to override, e.g. repetition_penalty=1.0)")
+        options = hf_generate_options(given, self.generation_config, hf_options, "model.generation_config",
+                                      accepted=self.ACCEPTED)
         if eos_token_id is None:
             eos_token_id = self.eos_token_id
         stops = stop_token_ids(eos_token_id, (), self.config.lm.vocab_size) if eos_token_id is not None else ()
-        if pad_token_id is None:
-            pad_token_id = self.pad_token_id if self.pad_token_id is not None else (stops or (0,))[0]
-        if options["num_beams"] > 1 and not pad_token_id and stops:
-            pad_token_id = stops[0]  # transformers' beam search fills with `pad_token_id or eos_token_id[0]`
-        if not options["do_sample"]:
-            options["top_k"] = 0  # transformers' top_k 50 applies only when sampling
+        pad_token_id = hf_pad_token_id(pad_token_id, self.pad_token_id, stops, options["num_beams"])
         mask = self._mask(image_attention_mask, input_ids, vision_x)
         return self.engine.generate(vision_x, input_ids, attention_mask, generator=generator,
                                     eos_token_id=list(stops), pad_token_id=pad_token_id, timer=timer,

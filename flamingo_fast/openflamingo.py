@@ -45,7 +45,7 @@ from torch import nn
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
 from .reference import Flamingo
-from .search import stop_token_ids
+from .search import hf_generate_options, hf_generation_defaults, hf_pad_token_id, stop_token_ids
 from .timing import PhaseTimer
 
 # The decoder layers' attribute in each source layout (OpenFlamingo's `decoder_layers_attr_name`).
@@ -442,17 +442,6 @@ class OpenFlamingoRuntime:
     never ignored. flamingo_fast's own options pass through: generator, timer, return_logits.
     """
 
-    # The options of Hugging Face's generate the drop-in implements, with Hugging Face's defaults.
-    SUPPORTED = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
-                 "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
-                 "num_return_sequences": 1}
-    # generation_config entries that change nothing here: OpenFlamingo always passes its own eos, the pad token
-    # is read separately, max_length is overridden by max_new_tokens, and the cache never changes results.
-    IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
-               "decoder_start_token_id", "max_length", "use_cache"}
-    # Hugging Face options that are not implemented: accepted only at their default.
-    HF_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
-
     def __init__(self, fast, reference: Flamingo, hf_pad_token_id: int | None,
                  generation_config: Mapping | None = None):
         """generation_config: the LM's own generate defaults (Hugging Face's `generation_config.to_diff_dict()`,
@@ -461,7 +450,7 @@ class OpenFlamingoRuntime:
         names it, unless the call passes that option's default explicitly."""
         self.fast, self.reference, self.config = fast, reference, reference.config
         self.hf_pad_token_id = hf_pad_token_id
-        self.generation_config = {k: v for k, v in (generation_config or {}).items() if k not in self.IGNORED}
+        self.generation_config = hf_generation_defaults(generation_config)
 
     def forward(self, vision_x, lang_x, attention_mask=None) -> FlamingoOutput:
         """-> an object with `.logits` [B, T, vocab], as OpenFlamingo's forward returns (Hugging Face's
@@ -488,26 +477,11 @@ class OpenFlamingoRuntime:
                      temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
                      length_penalty=length_penalty, early_stopping=early_stopping,
                      num_return_sequences=num_return_sequences)
-        options = {k: v if v is not None else self.generation_config.get(k, self.SUPPORTED[k])
-                   for k, v in given.items()}
-        unsupported = {k: v for k, v in hf_options.items() if self.HF_DEFAULTS.get(k, object()) != v}
-        if unsupported:
-            raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
-                             f"supported: {', '.join(self.SUPPORTED)}, eos_token_id, pad_token_id")
-        from_config = sorted(k for k in self.generation_config if k not in self.SUPPORTED and k not in hf_options)
-        if from_config:
-            shown = ", ".join(f"{k}={self.generation_config[k]!r}" for k in from_config)
-            raise ValueError(f"lang_encoder.generation_config: {shown} not supported by flamingo_fast; expected "
-                             f"the defaults (pass them explicitly to override, e.g. repetition_penalty=1.0)")
+        options = hf_generate_options(given, self.generation_config, hf_options, "lang_encoder.generation_config")
         if eos_token_id is None:
             eos_token_id = self.config.eoc_token_id  # OpenFlamingo's default stop token
         stops = stop_token_ids(eos_token_id, (), self.config.lm.vocab_size)
-        if pad_token_id is None:
-            pad_token_id = self.hf_pad_token_id if self.hf_pad_token_id is not None else (stops or (0,))[0]
-        if options["num_beams"] > 1 and not pad_token_id and stops:
-            pad_token_id = stops[0]  # Hugging Face's beam search fills with `pad_token_id or eos_token_id[0]`
-        if not options["do_sample"]:
-            options["top_k"] = 0  # Hugging Face's top_k 50 applies only when sampling
+        pad_token_id = hf_pad_token_id(pad_token_id, self.hf_pad_token_id, stops, options["num_beams"])
         return self.fast.generate(vision_x, lang_x, attention_mask, generator=generator, eos_token_id=list(stops),
                                   pad_token_id=pad_token_id, timer=timer, return_logits=return_logits, **options)
 

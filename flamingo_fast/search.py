@@ -36,7 +36,7 @@ included) with `early_stopping=False`, and so stopped at other steps; they are n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -425,3 +425,61 @@ def generate_ids(prefill, lang_x: torch.Tensor, options: GenerationOptions, voca
     else:
         result = beam_search(decoder, first_logits, options, stop_check_interval, timer)
     return torch.cat([prompt, result.tokens], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face's generate call, as the drop-ins (openflamingo.py, idefics.py) take it
+# ----------------------------------------------------------------------------------------------------------
+
+# The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults.
+HF_SUPPORTED = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
+                "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
+                "num_return_sequences": 1}
+# generation_config entries that change nothing here: the drop-ins read eos and pad themselves, max_length is
+# overridden by max_new_tokens, the cache never changes results; and what transformers 5 writes at its defaults.
+HF_IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
+              "decoder_start_token_id", "max_length", "use_cache"}
+HF_IGNORED_WHEN_OFF = {"output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                       "return_dict_in_generate"}
+# Hugging Face options that are not implemented: accepted only at their default.
+HF_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+
+
+def hf_generation_defaults(generation_config: Mapping | None) -> dict:
+    """A model's `generation_config.to_diff_dict()` -> the entries that matter to a drop-in's generate."""
+    return {k: v for k, v in (generation_config or {}).items()
+            if k not in HF_IGNORED and not (k in HF_IGNORED_WHEN_OFF and not v)}
+
+
+def hf_generate_options(given: Mapping, defaults: Mapping, hf_options: Mapping, where: str,
+                        accepted: Mapping | None = None) -> dict:
+    """A drop-in generate call -> the keyword options of FastFlamingo.generate.
+
+    given: the supported options as passed (None = not passed); defaults: hf_generation_defaults of the model,
+    which fill what the call leaves out, as Hugging Face merges them (an unsupported entry there is an error
+    naming `where`, unless the call passes that option's default); hf_options: any other keyword of the call,
+    accepted only at its default (HF_DEFAULTS, and `accepted`)."""
+    known = {**HF_DEFAULTS, **(accepted or {})}
+    unsupported = {k: v for k, v in hf_options.items() if known.get(k, object()) != v}
+    if unsupported:
+        raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
+                         f"supported: {', '.join(HF_SUPPORTED)}, eos_token_id, pad_token_id")
+    from_config = sorted(k for k in defaults if k not in HF_SUPPORTED and k not in hf_options)
+    if from_config:
+        shown = ", ".join(f"{k}={defaults[k]!r}" for k in from_config)
+        raise ValueError(f"{where}: {shown} not supported by flamingo_fast; expected the defaults (pass them "
+                         f"explicitly to override, e.g. repetition_penalty=1.0)")
+    options = {k: v if v is not None else defaults.get(k, HF_SUPPORTED[k]) for k, v in given.items()}
+    if not options["do_sample"]:
+        options["top_k"] = 0  # Hugging Face's top_k 50 applies only when sampling
+    return options
+
+
+def hf_pad_token_id(pad_token_id: int | None, model_pad: int | None, stops: Sequence[int], num_beams: int) -> int:
+    """Hugging Face's fill for finished rows: the call's pad, else the model's, else the first stop token; beam
+    search fills with `pad_token_id or eos_token_id[0]`."""
+    if pad_token_id is None:
+        pad_token_id = model_pad if model_pad is not None else (tuple(stops) or (0,))[0]
+    if num_beams > 1 and not pad_token_id and stops:
+        pad_token_id = stops[0]
+    return pad_token_id

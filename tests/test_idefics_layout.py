@@ -198,3 +198,22 @@ def test_triton_backend_matches_reference():
     vision, ids, mask, image_mask = idefics_batch(ROWS[:2], num_images=3, seed=8)
     compare(model, fast, vision, ids, mask, image_mask, max_new_tokens=4, eos_token_id=[])
     compare(model, fast, vision, ids, mask, image_mask, max_new_tokens=3, num_beams=2, eos_token_id=[])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_equal_eager_and_the_reference(dtype):
+    """The IDEFICS layout on a GPU: Triton kernels (perceiver head dim padded), decode captured as CUDA graphs,
+    greedy and beams, the context cache warm; float32 also against the reference."""
+    model = build_reference(CONFIG, seed=9).to(device="cuda", dtype=dtype)
+    eager = FastFlamingo.from_reference(model, max_batch_size=4, max_seq_len=64, cuda_graphs=False)
+    graphed = FastFlamingo.from_reference(model, max_batch_size=4, max_seq_len=64)
+    vision, ids, mask, image_mask = (t.cuda() for t in idefics_batch(ROWS, num_images=3, seed=9))
+    vision = vision.to(dtype)
+    for gen in (dict(max_new_tokens=8, eos_token_id=[]), dict(max_new_tokens=6, num_beams=3, length_penalty=-2.0)):
+        for _ in range(2):  # cold, then warm (context cache)
+            got = graphed.generate(vision, ids, mask, image_attention_mask=image_mask, **gen)
+            assert torch.equal(got, eager.generate(vision, ids, mask, image_attention_mask=image_mask, **gen))
+        if dtype == torch.float32:
+            assert torch.equal(got, model.generate(vision, ids, mask, image_attention_mask=image_mask, **gen))
+    assert graphed.graphs.graphs, "no decode step was captured"

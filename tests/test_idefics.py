@@ -1,0 +1,354 @@
+"""The IDEFICS v1 drop-in (`flamingo_fast.from_idefics`, issue 13) against transformers' real
+`IdeficsForVisionText2Text`: tiny models built offline from configs with EVERY parameter random (the default zero
+alphas would switch the gated blocks off), prompts through the real `IdeficsProcessor` with a tokenizer built
+locally (tests/idefics_fixtures.py). Runs where transformers is installed (`make test-openflamingo`'s
+.venv-openflamingo, transformers 4.57); skipped elsewhere.
+
+Conventions:
+- logits are compared at real tokens only (a padding position's output is unused; transformers gives pads the
+  position 1 in forward and 0 in 5.x generate, flamingo_fast need not match either);
+- transformers' generate is called through `hf_generate` (fixtures), which only widens `config.vocab_size` to the
+  logits' width during the call: 4.57's beam search otherwise fails on every IDEFICS model with additional rows;
+- sampling: Hugging Face draws with `torch.multinomial` on the global RNG, flamingo_fast with an exponential race
+  on a `generator`, so seeded draws cannot be compared one to one. They are compared where the draws cannot
+  matter (top_k=1, a tiny top_p, a tiny temperature: one token has all the mass), and otherwise every sampled
+  token must lie in the support of Hugging Face's own warped distribution (teacher-forced), with the same seed
+  giving the same tokens and the draws really departing from greedy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import assert_close, interpreter
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (make test-openflamingo)")
+
+from idefics_fixtures import (  # noqa: E402
+    EOS,
+    FAKE,
+    IMAGE,
+    PAD,
+    build_idefics,
+    build_processor,
+    expected_image_index,
+    hf_generate,
+    process,
+    prompt_batches,
+)
+
+import flamingo_fast  # noqa: E402
+
+FP32 = torch.float32
+NEW_TOKENS = 8
+# One place for the runtime's capacity options (FastFlamingo.from_reference's names).
+RUNTIME_OPTIONS = dict(max_batch_size=4, max_seq_len=64)
+
+# (name, build_idefics kwargs): every interval, qk norms on and off (gated blocks and perceiver independently),
+# scalar and per-channel alphas, 3 and 5 latents (never 64), more decoupled rows than the config says.
+CONFIGS = {
+    "every1-qk-float-3lat": dict(cross_layer_interval=1, qk_layer_norms=True, qk_layer_norms_perceiver=True,
+                                 alpha_type="float", num_latents=3, seed=1),
+    "every2-noqk-vector-5lat": dict(cross_layer_interval=2, qk_layer_norms=False, qk_layer_norms_perceiver=False,
+                                    alpha_type="vector", num_latents=5, seed=2),
+    "every4-qk-vector-3rows": dict(cross_layer_interval=4, qk_layer_norms=True, qk_layer_norms_perceiver=False,
+                                   alpha_type="vector", num_latents=5, additional_rows=3, seed=3),
+    "every4-8layers-float-pqk": dict(cross_layer_interval=4, num_hidden_layers=8, qk_layer_norms=False,
+                                     qk_layer_norms_perceiver=True, alpha_type="float", num_latents=3, seed=4),
+}
+ENGINES = ["reference", "fast"]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(additional_rows=3)
+
+
+@pytest.fixture(scope="module")
+def batches(processor):
+    return {name: process(processor, prompts) for name, prompts in prompt_batches(seed=0).items()}
+
+
+@functools.cache
+def hf_model(name: str, head_scale: float = 3.0):
+    """One live model per configuration for the whole module (both engines share it, as they share its tensors;
+    tests that change weights build their own)."""
+    return build_idefics(**CONFIGS[name], head_scale=head_scale)
+
+
+_HF_OUTPUTS: dict = {}
+
+
+def cached(kind: str, model, batch: str, inputs, **gen):
+    """transformers' logits or generate output for (model, batch, options), computed once per module."""
+    key = (id(model), kind, batch, tuple(sorted(gen.items())))
+    if key not in _HF_OUTPUTS:
+        _HF_OUTPUTS[key] = hf_logits(model, inputs) if kind == "logits" else hf_generate(model, inputs, **gen)
+    return _HF_OUTPUTS[key]
+
+
+def runtime_for(model, engine: str, backend: str = "torch", **options):
+    """engine="reference" takes no runtime options (the eager reference has no capacities or backends)."""
+    if engine == "reference":
+        return flamingo_fast.from_idefics(model, engine="reference")
+    return flamingo_fast.from_idefics(model, engine=engine, backend=backend, **{**RUNTIME_OPTIONS, **options})
+
+
+def hf_logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def compare_logits(model, runtime, inputs, batch: str | None = None) -> None:
+    out = runtime(**inputs)
+    expected = cached("logits", model, batch, inputs) if batch else hf_logits(model, inputs)
+    assert out.logits.dtype == FP32
+    real = inputs["attention_mask"].bool()
+    assert out.logits.shape == expected.shape, f"{tuple(out.logits.shape)} != {tuple(expected.shape)}"
+    assert_close(out.logits[real], expected[real], dtype=FP32)
+
+
+def compare_generate(model, runtime, inputs, batch: str | None = None, **gen) -> torch.Tensor:
+    expected = cached("generate", model, batch, inputs, **gen) if batch else hf_generate(model, inputs, **gen)
+    got = runtime.generate(**inputs, **gen)
+    new = inputs["input_ids"].shape[1]
+    assert got.dtype == torch.long
+    assert torch.equal(got, expected), f"{gen}\nours:\n{got[:, new:]}\ntransformers:\n{expected[:, new:]}"
+    return got
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+def test_processor_masks_follow_the_idefics_rule(batches):
+    """The fixtures exercise what they claim: the processor's image_attention_mask is the latest `<image>`, none
+    after a `</s>` until the next image; the batches hold left padding, adjacent images, a text-only row, a
+    `</s>` inside a prompt, and a prompt whose last token sees no image."""
+    mixed = batches["mixed"]
+    ids, iam = mixed["input_ids"], mixed["image_attention_mask"]
+    index = expected_image_index(ids)
+    assert torch.equal(torch.where(iam.bool().any(-1), iam.float().argmax(-1), -1), index)
+    assert (mixed["attention_mask"][:, 0] == 0).any(), "left padding"
+    adjacent = (ids[:, :-2] == IMAGE) & (ids[:, 1:-1] == FAKE) & (ids[:, 2:] == IMAGE)
+    assert adjacent.any(), "adjacent images: <image><fake_token_around_image><image>"
+    assert len(set((ids == IMAGE).sum(1).tolist())) > 2, "rows with different image counts"
+    assert (iam.sum((1, 2)) == 0).any(), "a text-only row"
+    assert ((ids == EOS) & mixed["attention_mask"].bool()).any(), "a </s> inside a prompt"
+    last = batches["eod_last"]["image_attention_mask"][:, -1]
+    assert last[0].sum() == 0, "eod_last row 0: the last prompt token (after a </s>) sees no image"
+    assert last[1].sum() == 1, "eod_last row 1: the prompt ends with </s>, which still sees its image"
+    assert batches["text_only"]["image_attention_mask"].dtype == torch.bool  # the processor's text-only form
+
+
+# ----------------------------------------------------------------------------------------- logits, tokens
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_greedy_tokens_match_transformers(name, engine, batches):
+    model = hf_model(name)
+    runtime = runtime_for(model, engine)
+    for batch in ("mixed", "single", "text_only", "eod_last"):
+        compare_logits(model, runtime, batches[batch], batch)
+    for batch in ("mixed", "single", "eod_last"):
+        compare_generate(model, runtime, batches[batch], batch, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["every1-qk-float-3lat", "every4-qk-vector-3rows"])
+def test_beam_search_matches_transformers(name, engine, batches):
+    """num_beams=3, length_penalty=-2.0 (what IDEFICS' evaluation uses), on a left-padded batch with different
+    image counts and on one row; a sharper output head gives fewer near-ties between beams."""
+    model = hf_model(name, head_scale=6.0)
+    runtime = runtime_for(model, engine)
+    differs = False
+    for batch in ("mixed", "single"):
+        got = compare_generate(model, runtime, batches[batch], batch, max_new_tokens=6, num_beams=3,
+                               length_penalty=-2.0, do_sample=False)
+        greedy = cached("generate", model, batch, batches[batch], max_new_tokens=6, do_sample=False)
+        differs |= not torch.equal(got, greedy)
+    assert differs, "beam search gave the greedy tokens everywhere: this test would not see a broken search"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sampling_where_the_draws_cannot_differ(engine, batches):
+    """do_sample=True with one token holding all the mass (top_k=1, a tiny top_p, a tiny temperature): the
+    tokens equal transformers' sampled tokens whatever the generators."""
+    model = hf_model("every2-noqk-vector-5lat")
+    runtime = runtime_for(model, engine)
+    inputs = batches["mixed"]
+    for options in (dict(top_k=1, temperature=0.7), dict(top_p=1e-6, top_k=0), dict(temperature=1e-4, top_k=0)):
+        gen = dict(max_new_tokens=NEW_TOKENS, do_sample=True, **options)
+        torch.manual_seed(123)
+        expected = hf_generate(model, inputs, **gen)
+        got = runtime.generate(**inputs, generator=torch.Generator().manual_seed(7), **gen)
+        assert torch.equal(got, expected), f"{options}\n{got}\n{expected}"
+
+
+def _hf_warped_probs(model, inputs, sequences, temperature, top_k, top_p) -> torch.Tensor:
+    """transformers' own sampling distribution (its warpers, in its order) at each generated position of
+    `sequences`, teacher-forced: [B, new, V]. Generated tokens see the last prompt row of the image mask."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    T = inputs["input_ids"].shape[1]
+    new = sequences.shape[1] - T
+    iam = inputs["image_attention_mask"]
+    full = dict(inputs, input_ids=sequences,
+                attention_mask=torch.cat([inputs["attention_mask"],
+                                          torch.ones_like(sequences[:, T:])], dim=1),
+                image_attention_mask=torch.cat([iam, iam[:, -1:].expand(-1, new, -1)], dim=1))
+    logits = hf_logits(model, full)[:, T - 1:-1]
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
+                                   TopPLogitsWarper(top_p)])
+    probs = []
+    for step in range(new):
+        scores = warpers(sequences[:, :T + step], logits[:, step].clone())
+        probs.append(scores.softmax(-1))
+    return torch.stack(probs, dim=1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_seeded_sampling_stays_in_transformers_support(engine, batches):
+    """Temperature, top-k and top-p together: each sampled token (up to the row's first `</s>`) has nonzero
+    probability under transformers' warped distribution; the same generator seed gives the same tokens, and the
+    draws are not simply greedy."""
+    model = hf_model("every1-qk-float-3lat")
+    runtime = runtime_for(model, engine)
+    inputs = batches["mixed"]
+    sampling = dict(temperature=1.3, top_k=6, top_p=0.9)
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=True, **sampling)
+    a = runtime.generate(**inputs, generator=torch.Generator().manual_seed(11), **gen)
+    b = runtime.generate(**inputs, generator=torch.Generator().manual_seed(11), **gen)
+    assert torch.equal(a, b), "the same seed must give the same tokens"
+    T = inputs["input_ids"].shape[1]
+    probs = _hf_warped_probs(model, inputs, a, **sampling)
+    greedy_steps = 0
+    for row in range(a.shape[0]):
+        for step, token in enumerate(a[row, T:].tolist()):
+            p = probs[row, step]
+            assert p[token] > 0, f"row {row} step {step}: token {token} is outside transformers' support"
+            greedy_steps += int(token == int(p.argmax()))
+            if token == EOS:
+                break
+    assert greedy_steps < a[:, T:].numel(), "every draw was the greedy token: sampling did nothing"
+    c = runtime.generate(**inputs, generator=torch.Generator().manual_seed(12), **gen)
+    assert not torch.equal(a, c), "a different seed should give different draws"
+
+
+# ---------------------------------------------------------------------------------------- Triton backend
+
+
+@interpreter
+def test_triton_backend_matches_transformers(batches):
+    """The fast path's Triton kernels (interpreted on the CPU), small shapes: logits and greedy tokens."""
+    model = hf_model("every2-noqk-vector-5lat")
+    runtime = runtime_for(model, "fast", backend="triton")
+    compare_logits(model, runtime, batches["eod_last"], "eod_last")
+    compare_generate(model, runtime, batches["eod_last"], "eod_last", max_new_tokens=3, do_sample=False)
+
+
+@interpreter
+def test_triton_backend_with_qk_norms_and_scalar_gates(batches):
+    model = hf_model("every1-qk-float-3lat")
+    runtime = runtime_for(model, "fast", backend="triton")
+    compare_logits(model, runtime, batches["single"], "single")
+
+
+# --------------------------------------------------------------------------------- sharing, API, errors
+
+
+def test_tensors_are_shared_not_copied(batches):
+    """Every matrix, embedding and the latents of the live model back the runtime's reference (same storage),
+    and an in-place change to the live model reaches both engines' outputs."""
+    model = build_idefics(**CONFIGS["every4-qk-vector-3rows"])
+    runtime = runtime_for(model, "fast")
+    assert isinstance(runtime.reference, flamingo_fast.Flamingo)
+    assert runtime.fast is not None
+    ours = {t.untyped_storage().data_ptr()
+            for t in list(runtime.reference.parameters()) + list(runtime.reference.buffers())}
+    unused = {"model.vision_model.post_layernorm.weight"}  # IDEFICS reads the unnormalised last layer
+    missing = [name for name, p in model.named_parameters()
+               if p.dim() >= 2 and name not in unused and p.untyped_storage().data_ptr() not in ours]
+    assert not missing, f"copied, not shared: {missing}"
+    with torch.no_grad():  # after the runtime is built: a copy would not see this
+        model.lm_head.additional_fc.weight[0].mul_(-2.0)
+        model.model.gated_cross_attn_layers[0].cross_attn.v_proj.weight.mul_(1.5)
+        model.model.perceiver_resampler.latents.add_(0.5)
+    compare_logits(model, runtime, batches["mixed"])
+    compare_logits(model, runtime_for(model, "reference"), batches["mixed"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generate_returns_prompt_plus_new_tokens_and_pads_finished_rows(engine, batches):
+    """Rows that produce `</s>` early are padded with pad_token_id, as transformers does; the prompt is returned
+    unchanged in front."""
+    model = hf_model("every1-qk-float-3lat")
+    runtime = runtime_for(model, engine)
+    inputs = batches["mixed"]
+    free = runtime.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=EOS,
+                            pad_token_id=PAD)
+    T = inputs["input_ids"].shape[1]
+    assert torch.equal(free[:, :T], inputs["input_ids"])
+    stop = int(free[1, T + 2])  # a token the second row produces: rows stop at different steps
+    compare_generate(model, runtime, inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stop,
+                     pad_token_id=PAD)
+
+
+def test_interval_that_does_not_divide_the_layers_is_a_clear_error():
+    """transformers builds this model but its forward fails with an IndexError at the last gated block."""
+    model = build_idefics(cross_layer_interval=3, seed=5)  # 4 layers
+    with pytest.raises(ValueError, match="cross_layer_interval"):
+        flamingo_fast.from_idefics(model, engine="fast", backend="torch")
+
+
+def test_without_resampler_is_supported_or_a_clear_error(batches):
+    """use_resampler=False: the gated blocks read all the vision tokens (CLS included) directly."""
+    model = build_idefics(use_resampler=False, seed=6, num_latents=3)
+    try:
+        runtime = runtime_for(model, "fast")
+    except ValueError as error:
+        assert "use_resampler" in str(error)
+        return
+    compare_logits(model, runtime, batches["mixed"])
+    compare_generate(model, runtime, batches["mixed"], max_new_tokens=4, do_sample=False)
+
+
+def test_unknown_alpha_shape_is_a_clear_error():
+    model = build_idefics(alpha_type="vector", seed=7)
+    block = model.model.gated_cross_attn_layers[0]
+    block.alpha_cross_attn = torch.nn.Parameter(torch.ones(2, 64), requires_grad=False)
+    with pytest.raises(ValueError, match="alpha"):
+        flamingo_fast.from_idefics(model, engine="fast", backend="torch")
+
+
+def test_mask_where_a_token_sees_several_images(batches):
+    """The processor never makes such a mask but the model accepts it: a dense fallback gives transformers'
+    logits, or the runtime refuses it clearly."""
+    model = hf_model("every2-noqk-vector-5lat")
+    inputs = dict(batches["single"])
+    iam = inputs["image_attention_mask"].clone()
+    iam[0, -4:, :] = 1  # the last four tokens see all three images
+    inputs["image_attention_mask"] = iam
+    runtime = runtime_for(model, "fast")
+    try:
+        runtime(**inputs)
+    except ValueError as error:
+        assert "image_attention_mask" in str(error)
+        return
+    compare_logits(model, runtime, inputs)
+
+
+def test_eval_mode_and_config_are_read_from_the_model():
+    """The runtime reads the interval, latents and decoupled rows from the model, not from defaults."""
+    model = hf_model("every4-8layers-float-pqk")
+    runtime = runtime_for(model, "reference")
+    config = runtime.reference.config
+    assert config.cross_attn_every_n_layers == 4
+    assert config.perceiver.num_latents == 3

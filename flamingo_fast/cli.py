@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--impl", type=_impl_list, default=["reference", "fast"],
-                   help="comma-separated implementations, the first is the baseline (default: reference,fast)")
+                   help="comma-separated implementations, the first is the baseline (default: reference,fast); "
+                        "openflamingo (OpenFlamingo's own generate) and idefics (transformers' IDEFICS generate) "
+                        "need their packages and a preset of their layout")
     p.add_argument("--backend", default="auto", choices=profiler.FAST_BACKENDS,
                    help="the fast runtime's backend: auto, triton or torch")
     p.add_argument("--repeats", type=_non_negative_int("repeats", 1), default=3, help="timed calls (default 3)")

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
-from .openflamingo import FlamingoOutput, build_reference_from_state
+from .openflamingo import FlamingoOutput, TimedHFGenerate, build_reference_from_state
 from .reference import Flamingo
-from .search import hf_generate_options, hf_generation_defaults, hf_pad_token_id, stop_token_ids
+from .search import HFGenerateDefaults, hf_generate, hf_generation_defaults
 from .timing import PhaseTimer
 
 PREFIXES = (  # transformers prefix -> ours
@@ -169,8 +169,8 @@ class IdeficsRuntime:
     def __init__(self, engine, reference: Flamingo, eos_token_id, pad_token_id: int | None,
                  generation_config: Mapping | None = None):
         self.engine, self.reference, self.config = engine, reference, reference.config
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.generation_config = hf_generation_defaults(generation_config)
+        self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), eos_token_id, pad_token_id,
+                                           "model.generation_config", self.ACCEPTED)
 
     @property
     def fast(self):
@@ -205,30 +205,14 @@ class IdeficsRuntime:
         return image_attention_mask
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
-                 max_new_tokens: int | None = None, num_beams: int | None = None, do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
-                 pad_token_id: int | None = None, length_penalty: float | None = None,
-                 early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
-                 generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
-                 return_logits: bool = False, use_cache: bool = True, **hf_options):
-        """Each option left at None takes the model's generation_config value, else transformers' default."""
-        given = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-                     temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
-                     length_penalty=length_penalty, early_stopping=early_stopping,
-                     num_return_sequences=num_return_sequences)
-        vision_x = self._vision(pixel_values, hf_options)
-        options = hf_generate_options(given, self.generation_config, hf_options, "model.generation_config",
-                                      accepted=self.ACCEPTED)
-        if eos_token_id is None:
-            eos_token_id = self.eos_token_id
-        stops = stop_token_ids(eos_token_id, (), self.config.lm.vocab_size) if eos_token_id is not None else ()
-        pad_token_id = hf_pad_token_id(pad_token_id, self.pad_token_id, stops, options["num_beams"])
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, **options):
+        """IdeficsForVisionText2Text's call with Hugging Face's options (search.hf_generate says how each is taken);
+        the default stop token is the model's eos (`</s>`)."""
+        vision_x = self._vision(pixel_values, options)
         mask = self._mask(image_attention_mask, input_ids, vision_x)
-        return self.engine.generate(vision_x, input_ids, attention_mask, generator=generator,
-                                    eos_token_id=list(stops), pad_token_id=pad_token_id, timer=timer,
-                                    return_logits=return_logits, image_attention_mask=mask, **options)
+        return hf_generate(
+            lambda **kw: self.engine.generate(vision_x, input_ids, attention_mask, image_attention_mask=mask, **kw),
+            self.defaults, self.config.lm.vocab_size, **options)
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
@@ -315,51 +299,23 @@ def to_idefics(reference: Flamingo) -> nn.Module:
     return model.to(dtype=weight.dtype).eval()
 
 
-class IdeficsBaseline:
+class IdeficsBaseline(TimedHFGenerate):
     """transformers' IdeficsForVisionText2Text.generate on the reference's weights, behind the profiler's call
-    (vision_x [B, N, 1, C, H, W], lang_x, attention_mask, image_attention_mask) with flamingo_fast's phase timer:
-    "vision" (vision tower + perceiver of the first forward, timed by a hook on the perceiver), "prefill" (first
-    token) and "decode" (each later token, timed by a stopping criterion that never stops; a perceiver that
-    transformers re-runs at every step, as 5.x does, counts as decode). `eos_token_id=[]` (never stop) becomes
-    `min_new_tokens=max_new_tokens`."""
+    (vision_x [B, N, 1, C, H, W], lang_x, attention_mask, image_attention_mask) with flamingo_fast's phase timer
+    (TimedHFGenerate): "vision" is the vision tower and perceiver of the first forward, timed by a hook on the
+    perceiver; a perceiver that transformers re-runs at every step, as 5.x does, counts as decode."""
 
     def __init__(self, model: nn.Module):
+        super().__init__()
         self.model = model
-        self._timer: PhaseTimer | None = None
-        self._laps = 0
         model.model.perceiver_resampler.register_forward_hook(lambda *args: self._lap_vision())
-
-    def _lap_vision(self) -> None:
-        if self._timer is not None and self._laps == 0:
-            self._timer.lap("vision")
 
     def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
                  timer: PhaseTimer | None = None, num_beams: int = 1,
                  image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        import transformers
-
-        baseline = self
-
-        class LapPerToken(transformers.StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                if baseline._timer is not None:
-                    baseline._timer.lap("prefill" if baseline._laps == 0 else "decode")
-                baseline._laps += 1
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-        options = {}
-        if eos_token_id is not None and list(eos_token_id if not isinstance(eos_token_id, int) else [0]) == []:
-            options["min_new_tokens"] = max_new_tokens
-        elif eos_token_id is not None:
-            options["eos_token_id"] = eos_token_id
-        self._timer, self._laps = timer, 0
-        if timer is not None:
-            timer.start()
-        try:
-            with torch.no_grad():
-                return self.model.generate(
-                    input_ids=lang_x, attention_mask=attention_mask, pixel_values=vision_x[:, :, 0],
-                    image_attention_mask=image_attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                    do_sample=False, stopping_criteria=transformers.StoppingCriteriaList([LapPerToken()]), **options)
-        finally:
-            self._timer = None
+        return self._timed(
+            lambda **options: self.model.generate(
+                input_ids=lang_x, attention_mask=attention_mask, pixel_values=vision_x[:, :, 0],
+                image_attention_mask=image_attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                do_sample=False, **options),
+            max_new_tokens, eos_token_id, timer)

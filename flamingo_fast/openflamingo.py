@@ -45,7 +45,7 @@ from torch import nn
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
 from .reference import Flamingo
-from .search import hf_generate_options, hf_generation_defaults, hf_pad_token_id, stop_token_ids
+from .search import HFGenerateDefaults, hf_generate, hf_generation_defaults
 from .timing import PhaseTimer
 
 # The decoder layers' attribute in each source layout (OpenFlamingo's `decoder_layers_attr_name`).
@@ -449,8 +449,8 @@ class OpenFlamingoRuntime:
         merges them; an unsupported entry that is not at its default makes every generate call an error that
         names it, unless the call passes that option's default explicitly."""
         self.fast, self.reference, self.config = fast, reference, reference.config
-        self.hf_pad_token_id = hf_pad_token_id
-        self.generation_config = hf_generation_defaults(generation_config)
+        self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), self.config.eoc_token_id,
+                                           hf_pad_token_id, "lang_encoder.generation_config")
 
     def forward(self, vision_x, lang_x, attention_mask=None) -> FlamingoOutput:
         """-> an object with `.logits` [B, T, vocab], as OpenFlamingo's forward returns (Hugging Face's
@@ -463,27 +463,11 @@ class OpenFlamingoRuntime:
     def capture_seconds(self) -> float:
         return self.fast.capture_seconds
 
-    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int | None = None,
-                 num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
-                 pad_token_id: int | None = None, length_penalty: float | None = None,
-                 early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
-                 generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
-                 return_logits: bool = False, use_cache: bool = True, **hf_options):
-        """Each option left at None takes the LM's generation_config value, else Hugging Face's default."""
-        # use_cache changes how Hugging Face computes, never what: flamingo_fast always caches
-        given = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-                     temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
-                     length_penalty=length_penalty, early_stopping=early_stopping,
-                     num_return_sequences=num_return_sequences)
-        options = hf_generate_options(given, self.generation_config, hf_options, "lang_encoder.generation_config")
-        if eos_token_id is None:
-            eos_token_id = self.config.eoc_token_id  # OpenFlamingo's default stop token
-        stops = stop_token_ids(eos_token_id, (), self.config.lm.vocab_size)
-        pad_token_id = hf_pad_token_id(pad_token_id, self.hf_pad_token_id, stops, options["num_beams"])
-        return self.fast.generate(vision_x, lang_x, attention_mask, generator=generator, eos_token_id=list(stops),
-                                  pad_token_id=pad_token_id, timer=timer, return_logits=return_logits, **options)
+    def generate(self, vision_x, lang_x, attention_mask=None, **options):
+        """OpenFlamingo's call with Hugging Face's options (search.hf_generate says how each is taken); the
+        default stop token is `<|endofchunk|>`."""
+        return hf_generate(lambda **kw: self.fast.generate(vision_x, lang_x, attention_mask, **kw), self.defaults,
+                           self.config.lm.vocab_size, **options)
 
 
     def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
@@ -768,21 +752,56 @@ def to_openflamingo(reference: Flamingo) -> nn.Module:
     return model.to(dtype=reference.lang_encoder.output_head.weight.dtype).eval()
 
 
-class OpenFlamingoBaseline:
-    """OpenFlamingo's own `generate` on the same weights, with flamingo_fast's phase timer: "vision" (open_clip
-    + perceiver, timed by a hook on the perceiver), "prefill" (first token) and "decode" (each later token,
-    timed by a stopping criterion that never stops). `eos_token_id=[]` (never stop) becomes
-    `min_new_tokens=max_new_tokens`, which Hugging Face implements by suppressing `<|endofchunk|>`."""
+class TimedHFGenerate:
+    """A Hugging Face generate behind flamingo_fast's phase timer: "vision" (lapped by a forward hook of the
+    baseline's, on the first forward only), "prefill" (the first token) and "decode" (each later token), these two
+    lapped by a stopping criterion that never stops. `eos_token_id=[]` (never stop) becomes
+    `min_new_tokens=max_new_tokens`, which Hugging Face implements by suppressing the eos tokens."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self) -> None:
         self._timer: PhaseTimer | None = None
         self._laps = 0
-        model.perceiver.register_forward_hook(lambda *args: self._lap("vision"))
 
-    def _lap(self, phase: str) -> None:
-        if self._timer is not None:
-            self._timer.lap(phase)
+    def _lap_vision(self) -> None:
+        if self._timer is not None and self._laps == 0:
+            self._timer.lap("vision")
+
+    def _timed(self, generate, max_new_tokens: int, eos_token_id, timer: PhaseTimer | None) -> torch.Tensor:
+        """generate(stopping_criteria=..., **eos options) -> ids, timed."""
+        import transformers
+
+        baseline = self
+
+        class LapPerToken(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                if baseline._timer is not None:
+                    baseline._timer.lap("prefill" if baseline._laps == 0 else "decode")
+                baseline._laps += 1
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        options = {}
+        if eos_token_id is not None and list(eos_token_id if not isinstance(eos_token_id, int) else [0]) == []:
+            options["min_new_tokens"] = max_new_tokens
+        elif eos_token_id is not None:
+            options["eos_token_id"] = eos_token_id
+        self._timer, self._laps = timer, 0
+        if timer is not None:
+            timer.start()
+        try:
+            with torch.no_grad():
+                return generate(stopping_criteria=transformers.StoppingCriteriaList([LapPerToken()]), **options)
+        finally:
+            self._timer = None
+
+
+class OpenFlamingoBaseline(TimedHFGenerate):
+    """OpenFlamingo's own `generate` on the same weights, with flamingo_fast's phase timer (TimedHFGenerate;
+    "vision" is open_clip + the perceiver, timed by a hook on the perceiver)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        model.perceiver.register_forward_hook(lambda *args: self._lap_vision())
 
     @torch.no_grad()
     def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
@@ -819,29 +838,7 @@ class OpenFlamingoBaseline:
 
     def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
                  timer: PhaseTimer | None = None, num_beams: int = 1) -> torch.Tensor:
-        import transformers
-
-        baseline = self
-
-        class LapPerToken(transformers.StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                baseline._lap("prefill" if baseline._laps == 0 else "decode")
-                baseline._laps += 1
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-        options = {}
-        if eos_token_id is not None and list(eos_token_id if not isinstance(eos_token_id, int) else [0]) == []:
-            options["min_new_tokens"] = max_new_tokens
-        elif eos_token_id is not None:
-            options["eos_token_id"] = eos_token_id
-        self._timer, self._laps = timer, 0
-        if timer is not None:
-            timer.start()
-        try:
-            with torch.no_grad():
-                return self.model.generate(
-                    vision_x, lang_x, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                    num_beams=num_beams,
-                    stopping_criteria=transformers.StoppingCriteriaList([LapPerToken()]), **options)
-        finally:
-            self._timer = None
+        return self._timed(
+            lambda **options: self.model.generate(vision_x, lang_x, attention_mask=attention_mask,
+                                                  max_new_tokens=max_new_tokens, num_beams=num_beams, **options),
+            max_new_tokens, eos_token_id, timer)

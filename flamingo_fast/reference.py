@@ -187,13 +187,20 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         """media [B, T_img, F, v, D] -> latents [B, T_img, num_latents, D] (frames are concatenated)."""
-        b, t, f, v, d = media.shape
-        media = media.reshape(b * t, f * v, d)
-        latents = self.latents.to(media.dtype).expand(b * t, -1, -1)
-        for attn, ff in self.layers:
-            latents = attn(media, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm(latents).view(b, t, -1, d)
+        return resample(self, media)
+
+
+def resample(resampler: nn.Module, media: torch.Tensor) -> torch.Tensor:
+    """The perceiver of either layout, read by role (`latents`, `blocks`, `output_norm`): learned latents attend
+    to [media; latents] in each (attention, feed-forward) block, each with a residual; then the output norm.
+    media [B, T_img, F, v, D] -> latents [B, T_img, num_latents, D]."""
+    b, t, f, v, d = media.shape
+    media = media.reshape(b * t, f * v, d)
+    latents = resampler.latents.to(media.dtype).expand(b * t, -1, -1)
+    for attn, ff in resampler.blocks:
+        latents = attn(media, latents) + latents
+        latents = ff(latents) + latents
+    return resampler.output_norm(latents).view(b, t, -1, d)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -818,13 +825,7 @@ class IdeficsPerceiverResampler(nn.Module):
 
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         """media [B, T_img, F, v, D] -> latents [B, T_img, num_latents, D] (IDEFICS images have one frame)."""
-        b, t, f, v, d = media.shape
-        media = media.reshape(b * t, f * v, d)
-        latents = self.latents.to(media.dtype).expand(b * t, -1, -1)
-        for attn, ff in self.blocks:
-            latents = attn(media, latents) + latents
-            latents = ff(latents) + latents
-        return self.layer_norm(latents).view(b, t, -1, d)
+        return resample(self, media)
 
 
 class IdeficsCrossAttention(nn.Module):

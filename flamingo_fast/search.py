@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -451,35 +451,57 @@ def hf_generation_defaults(generation_config: Mapping | None) -> dict:
             if k not in HF_IGNORED and not (k in HF_IGNORED_WHEN_OFF and not v)}
 
 
-def hf_generate_options(given: Mapping, defaults: Mapping, hf_options: Mapping, where: str,
-                        accepted: Mapping | None = None) -> dict:
-    """A drop-in generate call -> the keyword options of FastFlamingo.generate.
+@dataclass(frozen=True)
+class HFGenerateDefaults:
+    """What a drop-in's model says about generate: its generation_config entries (hf_generation_defaults), the
+    stop tokens and pad it uses when the call gives none, where the config came from (for errors) and call
+    keywords the model takes that are accepted at their defaults only."""
 
-    given: the supported options as passed (None = not passed); defaults: hf_generation_defaults of the model,
-    which fill what the call leaves out, as Hugging Face merges them (an unsupported entry there is an error
-    naming `where`, unless the call passes that option's default); hf_options: any other keyword of the call,
-    accepted only at its default (HF_DEFAULTS, and `accepted`)."""
-    known = {**HF_DEFAULTS, **(accepted or {})}
+    generation_config: Mapping
+    eos_token_id: int | Sequence[int] | None
+    pad_token_id: int | None
+    where: str
+    accepted: Mapping = field(default_factory=dict)
+
+
+def hf_generate(run, defaults: HFGenerateDefaults, vocab_size: int, *, max_new_tokens: int | None = None,
+                num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                top_k: int | None = None, top_p: float | None = None,
+                eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
+                pad_token_id: int | None = None, length_penalty: float | None = None,
+                early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
+                generator=None, timer=None, return_logits: bool = False, use_cache: bool = True, **hf_options):
+    """A drop-in's generate call, Hugging Face's options -> `run(**FastFlamingo.generate keywords)`.
+
+    Each option left at None takes the model's generation_config value, else Hugging Face's default (top_k 50
+    when sampling); an unsupported generation_config entry is an error naming `defaults.where` unless the call
+    passes that option's default; any other keyword is accepted only at its default (HF_DEFAULTS and
+    `defaults.accepted`). Finished rows are filled as Hugging Face fills them: the call's pad, else the model's,
+    else the first stop token; beam search with `pad_token_id or eos_token_id[0]`. use_cache changes how
+    Hugging Face computes, never what: flamingo_fast always caches."""
+    known = {**HF_DEFAULTS, **defaults.accepted}
     unsupported = {k: v for k, v in hf_options.items() if known.get(k, object()) != v}
     if unsupported:
         raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
                          f"supported: {', '.join(HF_SUPPORTED)}, eos_token_id, pad_token_id")
-    from_config = sorted(k for k in defaults if k not in HF_SUPPORTED and k not in hf_options)
+    config = defaults.generation_config
+    from_config = sorted(k for k in config if k not in HF_SUPPORTED and k not in hf_options)
     if from_config:
-        shown = ", ".join(f"{k}={defaults[k]!r}" for k in from_config)
-        raise ValueError(f"{where}: {shown} not supported by flamingo_fast; expected the defaults (pass them "
-                         f"explicitly to override, e.g. repetition_penalty=1.0)")
-    options = {k: v if v is not None else defaults.get(k, HF_SUPPORTED[k]) for k, v in given.items()}
+        shown = ", ".join(f"{k}={config[k]!r}" for k in from_config)
+        raise ValueError(f"{defaults.where}: {shown} not supported by flamingo_fast; expected the defaults (pass "
+                         f"them explicitly to override, e.g. repetition_penalty=1.0)")
+    given = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
+                 top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+                 early_stopping=early_stopping, num_return_sequences=num_return_sequences)
+    options = {k: v if v is not None else config.get(k, HF_SUPPORTED[k]) for k, v in given.items()}
     if not options["do_sample"]:
         options["top_k"] = 0  # Hugging Face's top_k 50 applies only when sampling
-    return options
-
-
-def hf_pad_token_id(pad_token_id: int | None, model_pad: int | None, stops: Sequence[int], num_beams: int) -> int:
-    """Hugging Face's fill for finished rows: the call's pad, else the model's, else the first stop token; beam
-    search fills with `pad_token_id or eos_token_id[0]`."""
+    if eos_token_id is None:
+        eos_token_id = defaults.eos_token_id
+    stops = stop_token_ids(eos_token_id, (), vocab_size) if eos_token_id is not None else ()
     if pad_token_id is None:
-        pad_token_id = model_pad if model_pad is not None else (tuple(stops) or (0,))[0]
-    if num_beams > 1 and not pad_token_id and stops:
+        pad_token_id = defaults.pad_token_id if defaults.pad_token_id is not None else (stops or (0,))[0]
+    if options["num_beams"] > 1 and not pad_token_id and stops:
         pad_token_id = stops[0]
-    return pad_token_id
+    return run(generator=generator, eos_token_id=list(stops), pad_token_id=pad_token_id, timer=timer,
+               return_logits=return_logits, **options)

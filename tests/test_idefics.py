@@ -352,3 +352,29 @@ def test_eval_mode_and_config_are_read_from_the_model():
     config = runtime.reference.config
     assert config.cross_attn_every_n_layers == 4
     assert config.perceiver.num_latents == 3
+
+
+def test_score_and_warm_context_match_transformers(batches):
+    """Rank classification: each candidate's log-likelihood after every row equals what transformers' forward
+    gives over prompt + candidate (the candidate's tokens see what the last prompt token sees, as generated tokens
+    do); and a second generate, its contexts now cached, still gives transformers' tokens."""
+    model = hf_model("every2-noqk-vector-5lat")
+    runtime = runtime_for(model, "fast")
+    inputs = batches["mixed"]
+    candidates = [[5], [7, 9], [11, FAKE, 12]]
+    scores = runtime.score(**inputs, candidates=candidates)
+    batch = inputs["input_ids"].shape[0]
+    expected = torch.empty(batch, len(candidates))
+    for c, candidate in enumerate(candidates):
+        tokens = torch.tensor(candidate).expand(batch, -1)
+        n = len(candidate)
+        extended = dict(inputs, input_ids=torch.cat([inputs["input_ids"], tokens], 1),
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], 1),
+                        image_attention_mask=torch.cat([inputs["image_attention_mask"],
+                                                        inputs["image_attention_mask"][:, -1:].expand(-1, n, -1)], 1))
+        log_probs = torch.log_softmax(hf_logits(model, extended).float(), dim=-1)[:, -n - 1:-1]
+        expected[:, c] = log_probs.gather(2, tokens[:, :, None]).squeeze(-1).sum(dim=1)
+    assert_close(scores, expected, dtype=FP32)
+    for _ in range(2):  # cold, then with every row's context cached
+        compare_generate(model, runtime, inputs, "mixed", max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert runtime.fast.context_cache_stats().context_hits > 0

@@ -1,6 +1,6 @@
 """Kernel-backed Flamingo modules that execute the reference's own parameters.
 
-`KernelOps` picks the implementation of the four fused ops: the Triton launchers (`backend="triton"`) or
+`KernelOps` picks the implementation of the fused ops: the Triton launchers (`backend="triton"`) or
 their pure-torch twins (`backend="torch"`, which runs anywhere and uses the same algorithms: the
 segment-indexed cross-attention, the cached media K/V). The modules wrap the reference modules as children,
 so their parameters are the very same tensors, under the same names.
@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import decode_attention as _decode_attention
 from .kernels import gated_residual as _gated_residual
 from .kernels import masked_cross_attention as _xattn
 from .kernels import masked_cross_attention_decode as _xattn_decode
 from .kernels import perceiver_attention as _perceiver_attention
+from .kernels import rotary_kv_write as _rotary_kv_write
 
 BACKENDS = ("triton", "torch")
 
@@ -47,6 +49,8 @@ class KernelOps:
     masked_cross_attention_decode: Callable[..., torch.Tensor]
     gated_residual: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     perceiver_attention: Callable[..., torch.Tensor]
+    decode_attention: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    rotary_kv_write: Callable[..., torch.Tensor]
 
 
 def kernel_ops(backend: str) -> KernelOps:
@@ -54,11 +58,13 @@ def kernel_ops(backend: str) -> KernelOps:
         return KernelOps(
             "triton", _xattn.masked_cross_attention, _xattn_decode.masked_cross_attention_decode,
             _gated_residual.gated_residual, _perceiver_attention.perceiver_attention,
+            _decode_attention.decode_attention, _rotary_kv_write.rotary_kv_write,
         )
     if backend == "torch":
         return KernelOps(
             "torch", _xattn.masked_cross_attention_ref, _xattn_decode.masked_cross_attention_decode_ref,
             _gated_residual.gated_residual_ref, _perceiver_attention.perceiver_attention_ref,
+            _decode_attention.decode_attention_ref, _rotary_kv_write.rotary_kv_write_ref,
         )
     raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
 

@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masking
-from .attention import shared_prefix_attention
+from .attention import merge_attention_states, shared_prefix_attention
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache, image_digests
 from .fast_modules import FastGatedCrossAttention, FastPerceiverResampler, NormSpec, kernel_ops
+from .fused_weights import fuse_linear_weights
 from .graphs import DecodeGraphs, DecodeInputs
 from .kernels import masked_cross_attention as _xattn_kernel
 from .kernels import perceiver_attention as _perceiver_kernel
@@ -102,11 +103,21 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _llama_qkv(layer, h, rope):
+    """rope None: q, k unrotated (the decode step's fused rotary + cache-write kernel rotates them)."""
     attn = layer.self_attn
     q = _split_heads(attn.q_proj(h), attn.num_heads)
     k = _split_heads(attn.k_proj(h), attn.num_kv_heads)
     v = _split_heads(attn.v_proj(h), attn.num_kv_heads)
-    return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+    return (q, k, v) if rope is None else (apply_rotary(q, *rope), apply_rotary(k, *rope), v)
+
+
+def _neox_qkv(layer, h, rope):
+    """The reference's project (rope None: q, k unrotated, for the fused rotary + cache-write kernel)."""
+    attn = layer.attention
+    if rope is not None:
+        return attn.project(h, rope)
+    b, t, _ = h.shape
+    return attn.query_key_value(h).view(b, t, attn.num_heads, 3 * attn.head_dim).transpose(1, 2).chunk(3, dim=-1)
 
 
 # `finish(layer, x, attn_out, add_norm, post_norm, next_norm) -> (x, next_norm(x))`: everything after the
@@ -155,8 +166,52 @@ FAMILY_LAYER_OPS = {
     "mpt": DecoderLayerOps(lambda layer: layer.norm_1, lambda layer: layer.norm_2,
                            lambda layer, h, rope: layer.attn.project(h), _mpt_finish),
     "gpt_neox": DecoderLayerOps(lambda layer: layer.input_layernorm, lambda layer: layer.post_attention_layernorm,
-                                lambda layer, h, rope: layer.attention.project(h, rope), _neox_finish),
+                                _neox_qkv, _neox_finish),
 }
+
+
+def _fused_llama_ops(fused: dict) -> DecoderLayerOps:
+    """LLaMA's layer ops with one GEMM for q/k/v and one for gate/up: `fused[layer]` = (qkv weight, gate_up
+    weight), whose row ranges the layer's own q/k/v_proj and gate/up_proj weights are views of."""
+
+    def qkv(layer, h, rope):
+        attn = layer.self_attn
+        kv_rows = attn.num_kv_heads * attn.head_dim
+        q, k, v = F.linear(h, fused[layer][0]).split([attn.num_heads * attn.head_dim, kv_rows, kv_rows], dim=-1)
+        q = _split_heads(q, attn.num_heads)
+        k, v = _split_heads(k, attn.num_kv_heads), _split_heads(v, attn.num_kv_heads)
+        return (q, k, v) if rope is None else (apply_rotary(q, *rope), apply_rotary(k, *rope), v)
+
+    def finish(layer, x, attn_out, add_norm, post_norm, next_norm):
+        x, h = add_norm(x, layer.self_attn.o_proj(attn_out), post_norm)
+        gate, up = F.linear(h, fused[layer][1]).chunk(2, dim=-1)
+        return add_norm(x, layer.mlp.down_proj(F.silu(gate) * up), next_norm)
+
+    return dataclasses.replace(FAMILY_LAYER_OPS["llama"], qkv=qkv, finish=finish)
+
+
+# The decode step's new paths (issue 12), each with a switch back to the old one for before/after measurements:
+#   fused_projections  LLaMA: one GEMM for q/k/v and one for gate/up (fused weights, the modules' own are views)
+#   rotary_kv_write    rotary on q, k and the K/V cache write in one kernel per layer
+#   decode_attention   split-KV decode attention over each row's valid cache columns (no mask), and the cascade
+#                      (prompt + tails) merged from its log-sum-exps
+# FastFlamingo(decode_paths=...) picks them (default: DEFAULT_DECODE_PATHS of the backend); the environment
+# variable FLAMINGO_FAST_OLD_DECODE="name,name" turns the named ones off in every instance (bench/gpu_check.sh).
+DECODE_PATHS = ("fused_projections", "rotary_kv_write", "decode_attention")
+DEFAULT_DECODE_PATHS = {"triton": DECODE_PATHS, "torch": DECODE_PATHS}
+OLD_DECODE_ENV = "FLAMINGO_FAST_OLD_DECODE"
+
+
+def resolve_decode_paths(backend: str, decode_paths) -> frozenset[str]:
+    """The new decode paths an instance uses: `decode_paths` (None: the backend's default) minus those named in
+    FLAMINGO_FAST_OLD_DECODE."""
+    chosen = DEFAULT_DECODE_PATHS[backend] if decode_paths is None else tuple(decode_paths)
+    old = tuple(n.strip() for n in os.environ.get(OLD_DECODE_ENV, "").split(",") if n.strip())
+    for where, names in (("decode_paths", chosen), (OLD_DECODE_ENV, old)):
+        unknown = sorted(set(names) - set(DECODE_PATHS))
+        if unknown:
+            raise ValueError(f"{where}: unknown {unknown}; expected names from {DECODE_PATHS}")
+    return frozenset(chosen) - frozenset(old)
 
 
 class FastFlamingo:
@@ -170,7 +225,7 @@ class FastFlamingo:
     def __init__(self, model: Flamingo, backend: str = "auto", max_batch_size: int = 8,
                  max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
                  stop_check_interval: int = 8, max_hypotheses: int | None = None, max_tail_len: int = 64,
-                 context_cache_bytes: int = 1 << 30):
+                 context_cache_bytes: int = 1 << 30, decode_paths=None):
         config = model.config
         check_model(model)
         param = model.lang_encoder.output_head.weight
@@ -204,7 +259,13 @@ class FastFlamingo:
                       for i, b in model.lang_encoder.gated_cross_attn_layers.items()}
         self.xattn_slot = {idx: slot for slot, idx in enumerate(config.xattn_layer_indices)}
         lm = config.lm
+        self.decode_paths = resolve_decode_paths(backend, decode_paths)
         self.layer_ops = FAMILY_LAYER_OPS[lm.family]
+        if lm.family == "llama" and "fused_projections" in self.decode_paths:
+            self.layer_ops = _fused_llama_ops({layer: (
+                fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj]),
+            ) for layer in model.lang_encoder.layers})
         layers = model.lang_encoder.layers
         self.input_norms = [NormSpec.of(self.layer_ops.input_norm(layer), lm.norm) for layer in layers]
         self.post_norms = [NormSpec.of(self.layer_ops.post_norm(layer), lm.norm) for layer in layers]
@@ -233,9 +294,12 @@ class FastFlamingo:
                        **options) -> FastFlamingo:
         """Share `model`'s parameters (no copy). With a different `dtype` (float32, float16 or bfloat16), a
         converted copy is made once, tensor by tensor, and the reference keeps its own dtype. `model` must be in
-        eval mode (it is checked, never changed). Options: max_batch_size, max_seq_len, max_images,
-        cuda_graphs, stop_check_interval, max_hypotheses (beams x rows, default 4 x max_batch_size),
-        max_tail_len (the most new tokens a beam search may ask for, default 64)."""
+        eval mode (it is checked, never changed). With the "fused_projections" decode path (LLaMA), the
+        model's q/k/v_proj and gate/up_proj weights become views of one fused tensor per layer: same Parameter
+        objects, same values, no extra memory (fused_weights.py). Options: max_batch_size, max_seq_len,
+        max_images, cuda_graphs, stop_check_interval, max_hypotheses (beams x rows, default 4 x
+        max_batch_size), max_tail_len (the most new tokens a beam search may ask for, default 64),
+        decode_paths (DECODE_PATHS to use; default all of them)."""
         check_eval_mode(model)
         if dtype is not None:
             check_dtype(dtype)
@@ -599,30 +663,43 @@ class FastFlamingo:
         lm, model, kv = self.config.lm, self.model.lang_encoder, self.kv_cache
         hypotheses = inputs.token.shape[0]
         rows = hypotheses // per_row
+        fused_write = "rotary_kv_write" in self.decode_paths
+        kernel_attention = "decode_attention" in self.decode_paths
+        ops = self.ops
         x = model.embed_tokens(inputs.token)[:, None]  # [H, 1, D]
         rope = None if lm.alibi else rotary_cos_sin(inputs.rope_position[:, None], lm.rotary_dim, lm.rope_theta,
                                                      x.dtype)
+        cos_sin = (None, None) if rope is None else (rope[0][:, 0, 0], rope[1][:, 0, 0])  # [H, rotary_dim] each
         columns = torch.arange(kv_len, device=x.device)
         if not tails:
             kv.key_valid[:rows].index_fill_(1, inputs.kv_column, True)
-            mask = kv.key_valid[:rows, None, None, :kv_len]
-            if lm.alibi:  # slope * (key column - query column), the token's own column being kv_column
-                bias = self.alibi_slopes[:, None] * (columns - inputs.kv_column).to(torch.float32)
-                mask = bias.to(x.dtype)[None, :, None, :].masked_fill(~mask, float("-inf"))  # [1, H, 1, kv_len]
+            if kernel_attention:  # each row's valid columns are [kv_start, kv_column]: left padding only
+                kv_end = inputs.kv_column + 1
+                kv_start = kv_end - kv.key_valid[:rows, :kv_len].sum(dim=1)
+            else:
+                mask = kv.key_valid[:rows, None, None, :kv_len]
+                if lm.alibi:  # slope * (key column - query column), the token's own column being kv_column
+                    bias = self.alibi_slopes[:, None] * (columns - inputs.kv_column).to(torch.float32)
+                    mask = bias.to(x.dtype)[None, :, None, :].masked_fill(~mask, float("-inf"))  # [1, H, 1, kv_len]
         else:
             tail = self.tail_cache
-            groups = lm.num_heads // lm.num_kv_heads
-            tail_columns = torch.arange(tail.max_tail_len, device=x.device)
-            prompt_bias = torch.zeros(rows, 1, 1, kv_len, device=x.device).masked_fill(
-                ~kv.key_valid[:rows, None, None, :kv_len], float("-inf"))
-            tail_bias = torch.zeros(tail.max_tail_len, device=x.device).masked_fill(
-                tail_columns > inputs.kv_column, float("-inf"))
-            if lm.alibi:  # distances from the query's column: prompt_columns + kv_column in the whole sequence
-                slopes = self.alibi_slopes.view(lm.num_kv_heads, 1, groups, 1)
-                query = inputs.prompt_columns + inputs.kv_column
-                prompt_bias = prompt_bias + (slopes * (columns - query)).expand(
-                    -1, per_row, -1, -1).reshape(lm.num_kv_heads, per_row * groups, kv_len)
-                tail_bias = tail_bias + slopes[:, 0] * (tail_columns - inputs.kv_column)  # [Hkv, G, T]
+            if kernel_attention:  # the prompt's valid columns [kv_start, prompt_columns); the tail's [0, kv_column]
+                kv_end = inputs.kv_column + 1
+                kv_start = inputs.prompt_columns - kv.key_valid[:rows, :kv_len].sum(dim=1)
+                prompt_query = inputs.prompt_columns + inputs.kv_column  # ALiBi: the query's column in its sequence
+            else:
+                groups = lm.num_heads // lm.num_kv_heads
+                tail_columns = torch.arange(tail.max_tail_len, device=x.device)
+                prompt_bias = torch.zeros(rows, 1, 1, kv_len, device=x.device).masked_fill(
+                    ~kv.key_valid[:rows, None, None, :kv_len], float("-inf"))
+                tail_bias = torch.zeros(tail.max_tail_len, device=x.device).masked_fill(
+                    tail_columns > inputs.kv_column, float("-inf"))
+                if lm.alibi:  # distances from the query's column: prompt_columns + kv_column in the whole sequence
+                    slopes = self.alibi_slopes.view(lm.num_kv_heads, 1, groups, 1)
+                    query = inputs.prompt_columns + inputs.kv_column
+                    prompt_bias = prompt_bias + (slopes * (columns - query)).expand(
+                        -1, per_row, -1, -1).reshape(lm.num_kv_heads, per_row * groups, kv_len)
+                    tail_bias = tail_bias + slopes[:, 0] * (tail_columns - inputs.kv_column)  # [Hkv, G, T]
 
         def cross(idx, x, h):
             slot = self.xattn_slot[idx]
@@ -632,24 +709,48 @@ class FastFlamingo:
                 queries_per_row=per_row,
             )
 
+        def write(q, k, v, cache_keys, cache_values):
+            """The token's k, v into column kv_column of its cache rows -> q, as [H, Hq, hd]."""
+            if fused_write:  # q, k arrive unrotated (rope_for_qkv below): rotated here, in the same kernel
+                return ops.rotary_kv_write(q[:, :, 0], k[:, :, 0], v[:, :, 0], *cos_sin, cache_keys, cache_values,
+                                           inputs.kv_column)
+            cache_keys.index_copy_(2, inputs.kv_column, k)
+            cache_values.index_copy_(2, inputs.kv_column, v)
+            return q[:, :, 0]
+
         def attend(idx, q, k, v):
             if not tails:
                 layer_keys, layer_values = kv.keys[idx, :rows], kv.values[idx, :rows]
-                layer_keys.index_copy_(2, inputs.kv_column, k)
-                layer_values.index_copy_(2, inputs.kv_column, v)
+                q = write(q, k, v, layer_keys, layer_values)
+                if kernel_attention:
+                    return ops.decode_attention(
+                        q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], kv_start, kv_end,
+                        alibi_slopes=self.alibi_slopes, query_column=inputs.kv_column if lm.alibi else None,
+                    )[:, :, None]
                 return F.scaled_dot_product_attention(
-                    q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=mask,
+                    q[:, :, None], layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=mask,
                     enable_gqa=lm.num_heads != lm.num_kv_heads,
                 )
             tail_keys, tail_values = tail.keys[idx, :hypotheses], tail.values[idx, :hypotheses]
-            tail_keys.index_copy_(2, inputs.kv_column, k)
-            tail_values.index_copy_(2, inputs.kv_column, v)
+            q = write(q, k, v, tail_keys, tail_values)
+            prompt_keys, prompt_values = kv.keys[idx, :rows, :, :kv_len], kv.values[idx, :rows, :, :kv_len]
+            if kernel_attention:  # the cascade: prompt (R hypotheses per row at once) and tail, merged in float32
+                out32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+                out_p, lse_p = ops.decode_attention(
+                    q, prompt_keys, prompt_values, kv_start, inputs.prompt_columns, queries_per_row=per_row,
+                    alibi_slopes=self.alibi_slopes, query_column=prompt_query if lm.alibi else None,
+                    return_lse=True, out=out32)
+                out_t, lse_t = ops.decode_attention(
+                    q, tail_keys, tail_values, None, kv_end, alibi_slopes=self.alibi_slopes,
+                    query_column=inputs.kv_column if lm.alibi else None, return_lse=True)
+                return merge_attention_states(out_p, lse_p, out_t.float(), lse_t).to(q.dtype)[:, :, None]
             return shared_prefix_attention(
-                q, kv.keys[idx, :rows, :, :kv_len], kv.values[idx, :rows, :, :kv_len], prompt_bias, tail_keys,
-                tail_values, tail_bias, per_row, lm.head_dim**-0.5,
+                q[:, :, None], prompt_keys, prompt_values, prompt_bias, tail_keys, tail_values, tail_bias, per_row,
+                lm.head_dim**-0.5,
             )
 
-        return model.output_head(self._layers(x, rope, cross, attend)[:, 0])
+        rope_for_qkv = None if fused_write else rope
+        return model.output_head(self._layers(x, rope_for_qkv, cross, attend)[:, 0])
 
     def _layers(self, x, rope, cross, attend) -> torch.Tensor:
         """The decoder stack, shared by prefill and decode: x [B, T, D] embeddings -> final_norm(output).

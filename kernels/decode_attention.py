@@ -213,8 +213,8 @@ def _check_inputs(q, k, v, kv_start, kv_end, scale, queries_per_row, alibi_slope
         _row_index("query_column", query_column, rows, q.device)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise ValueError(f"scale: got {scale!r}, expected a float or None")
-    if out is not None:
-        check_out(out, (N, Hq, d), q.dtype, q.device)
+    if out is not None:  # q's dtype, or float32 (a cascade merges partial outputs before rounding them)
+        check_out(out, (N, Hq, d), torch.float32 if out.dtype == torch.float32 else q.dtype, q.device)
     if lse is not None:
         check_out(lse, (N, Hq), torch.float32, q.device, name="lse")
     return rows, Hq // Hkv, (d**-0.5 if scale is None else float(scale))
@@ -245,7 +245,7 @@ def decode_attention(
     q [N, Hq, d] (N = B * queries_per_row), k, v [B, Hkv, S, d] (q's dtype, any strides), kv_start (None: 0)
     and kv_end [B] or [1] int32/int64 (the key range of each row, or of all rows), alibi_slopes [Hq] float32
     with query_column [B] or [1] (ALiBi: slope * (key column - query column)). Returns out [N, Hq, d] in q's
-    dtype (into `out` when given), and lse [N, Hq] float32 with `return_lse` (into `lse` when given).
+    dtype (into `out` when given, which may also be float32), and lse [N, Hq] float32 with `return_lse` (into `lse` when given).
     `splits` overrides `num_splits`. CUDA-graph safe: no sync, and the split count depends on shapes only."""
     rows, groups, scale = _check_inputs(q, k, v, kv_start, kv_end, scale, queries_per_row, alibi_slopes,
                                         query_column, out, lse)
@@ -286,13 +286,13 @@ def decode_attention(
         *out.stride(), *(lse.stride() if return_lse else (0, 0)),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, M_BLOCKS=m_blocks, NUM_SPLITS=splits,
         HAS_START=kv_start is not None, ALIBI=alibi_slopes is not None, RETURN_LSE=return_lse,
-        DOT_DTYPE=dot_dtype(q.dtype), OUT_DTYPE=tl_dtype(q.dtype), num_warps=NUM_WARPS,
+        DOT_DTYPE=dot_dtype(q.dtype), OUT_DTYPE=tl_dtype(out.dtype), num_warps=NUM_WARPS,
     )
     if splits > 1:
         _decode_attention_combine_kernel[(N, Hq)](
             part_out, part_lse, out, lse_arg, *out.stride(), *(lse.stride() if return_lse else (0, 0)),
             HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), RETURN_LSE=return_lse,
-            OUT_DTYPE=tl_dtype(q.dtype), num_warps=1,
+            OUT_DTYPE=tl_dtype(out.dtype), num_warps=1,
         )
     return (out, lse) if return_lse else out
 

@@ -1,0 +1,68 @@
+"""Fused projection weights stored once: several nn.Linear that read the same input become one GEMM (one
+weight read per decode step instead of several small GEMVs, each with its own split-K reduce), and the
+original modules keep working on views of the fused tensor.
+
+    weight = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj])   # [q_rows + 2 kv_rows, D]
+    q, k, v = F.linear(h, weight).split([q_rows, kv_rows, kv_rows], dim=-1)
+
+Each Linear keeps its own Parameter object (its `.data` is re-pointed at a row range of the fused tensor), so
+the reference model, its state_dict, `load_state_dict` (which copies into the views) and anyone holding the
+parameters see the same values and memory: the old separate tensors are freed, nothing is copied twice, and
+memory does not grow (the peak is one layer's projections, while they are copied). Calling it again on
+linears that already are consecutive views of one tensor returns that tensor without copying.
+
+What breaks the sharing: replacing a parameter's storage afterwards (`module.to(other_dtype_or_device)`,
+`param.data = ...`) gives that Linear a new tensor while the fused one keeps the old values. FastFlamingo
+shares its reference model's parameters in the same way (see runtime.py): convert before building it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _already_fused(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The fused tensor when `weights` are consecutive, contiguous row ranges of one storage; else None."""
+    first = weights[0]
+    if not all(w.is_contiguous() for w in weights):
+        return None
+    offset = first.storage_offset()
+    for w in weights:
+        if w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or w.storage_offset() != offset:
+            return None
+        offset += w.numel()
+    rows = sum(w.shape[0] for w in weights)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, first.shape[1]))
+
+
+@torch.no_grad()
+def fuse_linear_weights(linears: Sequence[nn.Linear]) -> torch.Tensor:
+    """Concatenate the weights of bias-free Linears with the same input width, dtype and device along their
+    output rows into one contiguous tensor, and make each Linear's weight a view of its rows. -> the fused
+    weight [sum of out_features, in_features]."""
+    if not linears:
+        raise ValueError("linears: got none, expected at least one nn.Linear")
+    weights = [m.weight for m in linears]
+    first = weights[0]
+    for i, m in enumerate(linears):
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"linears[{i}]: got {type(m).__name__}, expected nn.Linear")
+        if m.bias is not None:
+            raise ValueError(f"linears[{i}]: has a bias; expected bias-free projections (LLaMA's)")
+        w = m.weight
+        if w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device:
+            raise ValueError(f"linears[{i}]: weight {tuple(w.shape)} {w.dtype} on {w.device}, expected "
+                             f"[*, {first.shape[1]}] {first.dtype} on {first.device} like linears[0]")
+    fused = _already_fused([w.data for w in weights])
+    if fused is not None:
+        return fused
+    fused = torch.cat([w.data for w in weights], dim=0)
+    row = 0
+    for w in weights:
+        rows = w.shape[0]
+        w.data = fused[row:row + rows]
+        row += rows
+    return fused

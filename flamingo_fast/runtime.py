@@ -198,7 +198,10 @@ def _fused_llama_ops(fused: dict) -> DecoderLayerOps:
 # FastFlamingo(decode_paths=...) picks them (default: DEFAULT_DECODE_PATHS of the backend); the environment
 # variable FLAMINGO_FAST_OLD_DECODE="name,name" turns the named ones off in every instance (bench/gpu_check.sh).
 DECODE_PATHS = ("fused_projections", "rotary_kv_write", "decode_attention")
-DEFAULT_DECODE_PATHS = {"triton": DECODE_PATHS, "torch": DECODE_PATHS}
+# The torch backend keeps today's attention and rotary + index_copy: their twins are slower on the CPU (the `small`
+# preset, 1 thread, bench/decode_ops_cpu.py: attention 1.3-3.7x, rotary + cache write 4.3-5.5x the old ops' time,
+# per-call overhead of the general twins); the fused q/k/v GEMM costs the same as three (1.00-1.02x).
+DEFAULT_DECODE_PATHS = {"triton": DECODE_PATHS, "torch": ("fused_projections",)}
 OLD_DECODE_ENV = "FLAMINGO_FAST_OLD_DECODE"
 
 

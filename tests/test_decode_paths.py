@@ -149,8 +149,8 @@ def test_alibi_and_partial_rotary_families_on_both_paths(family, paths):
 def test_beams_on_the_new_paths_match_the_reference(family):
     """The cascade (prompt shared by a row's beams + private tails) through the decode-attention LSE merge."""
     model = build(family, seed=5)
-    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=3, max_seq_len=48, max_tail_len=8)
-    assert fast.decode_paths == frozenset(DECODE_PATHS)
+    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=3, max_seq_len=48, max_tail_len=8,
+                                       decode_paths=DECODE_PATHS)
     vision, lang_x, mask = random_batch(model.config, ROWS, num_images=3)
     gen = dict(max_new_tokens=6, num_beams=3, eos_token_id=[], length_penalty=-2.0)
     assert torch.equal(fast.generate(vision, lang_x, mask, **gen), model.generate(vision, lang_x, mask, **gen))
@@ -164,6 +164,11 @@ def test_triton_kernels_interpreted_for_alibi_and_partial_rotary(family):
     ids, logits, ref_ids, ref_logits = generate_both(model, fast, new_tokens=4)
     assert torch.equal(ids, ref_ids)
     assert_close(logits, ref_logits, dtype=torch.float32)
+
+
+def test_default_paths_per_backend():
+    assert resolve_decode_paths("triton", None) == frozenset(DECODE_PATHS)
+    assert resolve_decode_paths("torch", None) == frozenset({"fused_projections"})  # see DEFAULT_DECODE_PATHS
 
 
 def test_the_environment_switch_selects_the_old_paths(monkeypatch):

@@ -12,7 +12,7 @@ columns from kv_end on (the rest of a static cache or of a CUDA-graph length buc
     lse       = log(sum_j exp(scores[j]))                 (natural log, float32; -inf when empty)
 
 Two launches (one when a single split is enough):
-1. `_decode_attention_kernel`, grid (B, Hkv * M_BLOCKS, NUM_SPLITS): the R * G queries that read one (row,
+1. `_decode_attention_kernel`, grid (B, Hkv * M_BLOCKS, num_splits): the R * G queries that read one (row,
    KV head) meet its keys as one [BLOCK_M, d] x [d, BLOCK_N] matrix product (Hydragen's form: the cache is
    read once per row, not once per query head or beam); split s owns the columns [s * chunk, (s+1) * chunk)
    and runs an online softmax over the part of them inside the row's range. With one split it writes the
@@ -34,7 +34,7 @@ import triton.language as tl
 
 from flamingo_fast.kernels._common import check_out, check_tensor, dot_dtype, is_interpreted, tl_dtype, to_output
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # any d between (GPT-NeoX 4B has 80): padded to a power of two, masked
 BLOCK_N = 64  # key columns per iteration: one 64-row tile, as in the other attention kernels
 MAX_BLOCK_M = 64  # queries per program; more (e.g. many scored candidates x groups) use several M blocks
 NUM_WARPS = 4
@@ -49,28 +49,31 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, end_ptr, slopes_ptr, qcol_ptr,
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    S, queries_per_row, groups, chunk, qk_scale_log2,
+    S, queries_per_row, groups, chunk, num_splits, qk_scale_log2,
     stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_sb, stride_eb, stride_cb,
     stride_on, stride_oh, stride_od,
     stride_ln, stride_lh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_BLOCKS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_START: tl.constexpr, ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, HAS_START: tl.constexpr, ALIBI: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
 ):
     """One program: the queries of (row b, KV head hk, M block mb) against the columns of split s.
 
-    grid = (B, Hkv * M_BLOCKS, NUM_SPLITS)
+    grid = (B, Hkv * M_BLOCKS, num_splits)      SPLIT: num_splits > 1 (a constexpr, so that the split count
+                                                itself is a plain argument and compiles once)
     q          [N, Hq, HEAD_DIM]       any strides; N = B * R, Hq = Hkv * G
     k, v       [B, Hkv, S, HEAD_DIM]   any strides (the static cache, or a slice of it)
     start, end [B] (stride 0: one for all rows) int32/int64: the row's key range [start, end)
     slopes     [Hq] float32, qcol [B] (stride 0 allowed) int: ALiBi only
-    out        [N, Hq, HEAD_DIM] OUT_DTYPE; lse [N, Hq] float32 (RETURN_LSE)      written when NUM_SPLITS == 1
-    part_out   [N, Hq, NUM_SPLITS, HEAD_DIM] f32, part_lse [N, Hq, NUM_SPLITS] f32 written when NUM_SPLITS > 1
+    out        [N, Hq, HEAD_DIM] OUT_DTYPE; lse [N, Hq] float32 (RETURN_LSE)      written without SPLIT
+    part_out   [N, Hq, num_splits, HEAD_DIM] f32, part_lse [N, Hq, num_splits] f32   written with SPLIT
 
-    Query tile row m (of R * G) is query r = m // G of the row, head g = m % G of the group:
+    Query tile row m (of R * G) is query r = m // G of the row, head g = m % G of the group; d is padded to
+    BLOCK_D (a power of two) with masked loads:
 
         Q [BLOCK_M, d] (rows past R * G masked)     columns lo .. hi of split s, BLOCK_N at a time:
         S = Q @ K[cols]^T * scale * log2(e) (+ ALiBi * log2(e)), -inf outside [lo, hi)
@@ -81,7 +84,8 @@ def _decode_attention_kernel(
     mb = tl.program_id(1) % M_BLOCKS
     split = tl.program_id(2)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
     m_valid = offs_m < queries_per_row * groups
     n = b * queries_per_row + offs_m // groups  # [BLOCK_M] query index
     head = hk * groups + offs_m % groups  # [BLOCK_M] query head
@@ -94,7 +98,7 @@ def _decode_attention_kernel(
     hi = tl.minimum(hi, (split + 1) * chunk)
 
     q = tl.load(q_ptr + n[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=m_valid[:, None], other=0.0).to(DOT_DTYPE)
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0).to(DOT_DTYPE)
     if ALIBI:
         slope = tl.load(slopes_ptr + head, mask=m_valid, other=0.0).to(tl.float32) * 1.4426950408889634
         qcol = tl.load(qcol_ptr + b * stride_cb).to(tl.float32)
@@ -102,13 +106,14 @@ def _decode_attention_kernel(
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: no NaN when nothing is attended
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for c0 in range(lo, hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         c_valid = cols < hi
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=c_valid[:, None],
+        kv_mask = c_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask,
                     other=0.0).to(DOT_DTYPE)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=c_valid[:, None],
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask,
                     other=0.0).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
         if ALIBI:
@@ -123,27 +128,28 @@ def _decode_attention_kernel(
     attended = l_i > 0
     o = acc / tl.where(attended, l_i, 1.0)[:, None]
     lse2 = tl.where(attended, m_i + tl.log2(tl.where(attended, l_i, 1.0)), float("-inf"))
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + n[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 to_output(o, OUT_DTYPE), mask=m_valid[:, None])
+                 to_output(o, OUT_DTYPE), mask=m_valid[:, None] & d_valid[None, :])
         if RETURN_LSE:
             tl.store(lse_ptr + n * stride_ln + head * stride_lh, lse2 * 0.6931471805599453, mask=m_valid)
     else:
-        # partials: contiguous [N, Hq, NUM_SPLITS, HEAD_DIM] and [N, Hq, NUM_SPLITS]
-        row = (n * (groups * tl.num_programs(1) // M_BLOCKS) + head) * NUM_SPLITS + split
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=m_valid[:, None])
+        # partials: contiguous [N, Hq, num_splits, HEAD_DIM] and [N, Hq, num_splits]
+        row = (n * (groups * tl.num_programs(1) // M_BLOCKS) + head) * num_splits + split
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=m_valid[:, None] & d_valid[None, :])
         tl.store(part_lse_ptr + row, lse2, mask=m_valid)
 
 
 @triton.jit
 def _decode_attention_combine_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
     stride_on, stride_oh, stride_od, stride_ln, stride_lh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, RETURN_LSE: tl.constexpr,
-    OUT_DTYPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    RETURN_LSE: tl.constexpr, OUT_DTYPE: tl.constexpr,
 ):
-    """One program: query n, head h. grid = (N, Hq). The splits' partials (part_out [N, Hq, NUM_SPLITS, d] and
-    part_lse [N, Hq, NUM_SPLITS] base-2, contiguous) -> out [N, Hq, d] (OUT_DTYPE), lse [N, Hq] (natural log).
+    """One program: query n, head h. grid = (N, Hq). The splits' partials (part_out [N, Hq, num_splits, d] and
+    part_lse [N, Hq, num_splits] base-2, contiguous; num_splits <= BLOCK_S) -> out [N, Hq, d] (OUT_DTYPE),
+    lse [N, Hq] (natural log).
 
         w_s = 2^(lse_s - max_s lse_s);  out = sum_s w_s * out_s / sum_s w_s;  lse = max + log2(sum_s w_s)
     Empty splits carry lse -inf (weight 0); all empty: out 0, lse -inf."""
@@ -151,17 +157,18 @@ def _decode_attention_combine_kernel(
     h = tl.program_id(1)
     row = n * tl.num_programs(1) + h
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_valid = offs_s < NUM_SPLITS
-    lse_s = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_valid, other=float("-inf"))
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    s_valid = offs_s < num_splits
+    lse_s = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_valid, other=float("-inf"))
     m = tl.max(lse_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse_s - m_safe)  # 0 for empty splits
     total = tl.sum(w, axis=0)
-    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=s_valid[:, None], other=0.0)
+    parts = tl.load(part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_valid[:, None] & d_valid[None, :], other=0.0)
     o = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + n * stride_on + h * stride_oh + offs_d * stride_od, to_output(o, OUT_DTYPE))
+    tl.store(out_ptr + n * stride_on + h * stride_oh + offs_d * stride_od, to_output(o, OUT_DTYPE), mask=d_valid)
     if RETURN_LSE:
         lse = tl.where(total > 0, (m_safe + tl.log2(tl.where(total > 0, total, 1.0))) * 0.6931471805599453,
                        float("-inf"))
@@ -245,14 +252,15 @@ def decode_attention(
     q [N, Hq, d] (N = B * queries_per_row), k, v [B, Hkv, S, d] (q's dtype, any strides), kv_start (None: 0)
     and kv_end [B] or [1] int32/int64 (the key range of each row, or of all rows), alibi_slopes [Hq] float32
     with query_column [B] or [1] (ALiBi: slope * (key column - query column)). Returns out [N, Hq, d] in q's
-    dtype (into `out` when given, which may also be float32), and lse [N, Hq] float32 with `return_lse` (into `lse` when given).
+    dtype (into `out` when given, which may also be float32), and lse [N, Hq] float32 with `return_lse` (into
+    `lse` when given).
     `splits` overrides `num_splits`. CUDA-graph safe: no sync, and the split count depends on shapes only."""
     rows, groups, scale = _check_inputs(q, k, v, kv_start, kv_end, scale, queries_per_row, alibi_slopes,
                                         query_column, out, lse)
     N, Hq, d = q.shape
     _, Hkv, S, _ = k.shape
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: head dim {d}, expected one of {SUPPORTED_HEAD_DIMS}")
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim {d}, expected {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
     if q.device.type != "cuda" and not is_interpreted():
         raise ValueError(f"q: on {q.device}; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1): "
                          "use decode_attention_ref on this device")
@@ -281,17 +289,18 @@ def decode_attention(
     qcol_arg = query_column if query_column is not None else kv_end
     _decode_attention_kernel[(rows, Hkv * m_blocks, splits)](
         q, k, v, start_arg, kv_end, slopes_arg, qcol_arg, out, lse_arg, part_out, part_lse,
-        S, queries_per_row, groups, chunk, scale * math.log2(math.e),
+        S, queries_per_row, groups, chunk, splits, scale * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), _stride0(start_arg), _stride0(kv_end), _stride0(qcol_arg),
         *out.stride(), *(lse.stride() if return_lse else (0, 0)),
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, M_BLOCKS=m_blocks, NUM_SPLITS=splits,
-        HAS_START=kv_start is not None, ALIBI=alibi_slopes is not None, RETURN_LSE=return_lse,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=BLOCK_N, M_BLOCKS=m_blocks,
+        SPLIT=splits > 1, HAS_START=kv_start is not None, ALIBI=alibi_slopes is not None, RETURN_LSE=return_lse,
         DOT_DTYPE=dot_dtype(q.dtype), OUT_DTYPE=tl_dtype(out.dtype), num_warps=NUM_WARPS,
     )
     if splits > 1:
         _decode_attention_combine_kernel[(N, Hq)](
-            part_out, part_lse, out, lse_arg, *out.stride(), *(lse.stride() if return_lse else (0, 0)),
-            HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), RETURN_LSE=return_lse,
+            part_out, part_lse, out, lse_arg, splits, *out.stride(), *(lse.stride() if return_lse else (0, 0)),
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), RETURN_LSE=return_lse,
             OUT_DTYPE=tl_dtype(out.dtype), num_warps=1,
         )
     return (out, lse) if return_lse else out

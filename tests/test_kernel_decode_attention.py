@@ -83,6 +83,7 @@ CASES = {
     "gqa-bucket-tail": (2, 1, 2, 2, 130, 32, [0, 7], [67, 67]),
     "beams-gqa": (2, 3, 1, 4, 96, 16, [3, 11], [80, 80]),
     "one-column": (1, 1, 2, 1, 64, 64, [63], [64]),
+    "head-dim-80": (1, 1, 2, 1, 70, 80, [2], [69]),  # GPT-NeoX 4B's head dim: not a power of two
 }
 
 

@@ -37,10 +37,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from flamingo_fast.kernels import decode_attention as da  # noqa: E402
 from flamingo_fast.kernels import gated_residual as gr  # noqa: E402
 from flamingo_fast.kernels import masked_cross_attention as mca  # noqa: E402
 from flamingo_fast.kernels import masked_cross_attention_decode as mcad  # noqa: E402
 from flamingo_fast.kernels import perceiver_attention as pa  # noqa: E402
+from flamingo_fast.kernels import rotary_kv_write as rkv  # noqa: E402
 from flamingo_fast.kernels._common import attention_launch_params, dot_dtype, tl_dtype  # noqa: E402
 
 ARCHS = (80, 90)
@@ -134,6 +136,66 @@ def _attention_configs(dname: str, dt, head_dim: int, modes: dict) -> list[Confi
     return out
 
 
+def _decode_attention_configs(dname: str, dt, head_dim: int, full: bool) -> list[Config]:
+    """What the decode step launches (runtime._decode_step): one query per row against its valid columns
+    (LLaMA / GPT-NeoX; MPT with ALiBi), split or not, and for beams the cascade's prompt part (R x G queries per
+    KV head, float32 out, LSE) and tail part (no start, LSE). `full`: every variant, else the main one only.
+    Range tensors are int64 ([B] from a sum, [1] kv_column + 1: stride 0, which is divisible by 16)."""
+    variants = [("rows split", dict(SPLIT=True, HAS_START=True, ALIBI=False, RETURN_LSE=False), 16, dt)]
+    if dt == torch.float32:  # the beams' prompt part in float32: the largest M block float32 uses
+        variants.append(("beams prompt lse", dict(SPLIT=True, HAS_START=True, ALIBI=False, RETURN_LSE=True), 64,
+                         torch.float32))
+    if full:
+        variants += [
+            ("rows 1 split", dict(SPLIT=False, HAS_START=True, ALIBI=False, RETURN_LSE=False), 16, dt),
+            ("rows split alibi", dict(SPLIT=True, HAS_START=True, ALIBI=True, RETURN_LSE=False), 16, dt),
+            ("beams prompt M64 lse", dict(SPLIT=True, HAS_START=True, ALIBI=False, RETURN_LSE=True), 64,
+             torch.float32),
+            ("beams tail lse", dict(SPLIT=False, HAS_START=False, ALIBI=False, RETURN_LSE=True), 16, dt),
+        ]
+    out = []
+    block_d = triton.next_power_of_2(head_dim)
+    block_n, num_warps, max_block_m = da.launch_params(dt)
+    for label, flags, block_m, out_dt in variants:
+        block_m = min(block_m, max_block_m)
+        args = dict(q_ptr=_ptr(dt), k_ptr=_ptr(dt), v_ptr=_ptr(dt), start_ptr=_ptr("*i64"), end_ptr=_ptr("*i64"),
+                    slopes_ptr=_ptr(torch.float32), qcol_ptr=_ptr("*i64"), out_ptr=_ptr(out_dt),
+                    lse_ptr=_ptr(torch.float32), part_out_ptr=_ptr(torch.float32), part_lse_ptr=_ptr(torch.float32),
+                    S=_I32, queries_per_row=_I32, groups=_I32, chunk=_I32_16, num_splits=_I32, qk_scale_log2=_FP32,
+                    **_strides("q", "nhd"), **_strides("k", "bhsd"), **_strides("v", "bhsd"),
+                    stride_sb=_ONE, stride_eb=_I32_16, stride_cb=_I32_16, **_strides("o", "nhd"),
+                    stride_ln=_I32_16, stride_lh=_ONE,
+                    HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, M_BLOCKS=1, **flags,
+                    DOT_DTYPE=dot_dtype(dt, interpreted=False), OUT_DTYPE=tl_dtype(out_dt))
+        out.append(Config("decode_attention", f"{dname} d={head_dim} {label} M{block_m}xN{block_n}",
+                          da._decode_attention_kernel, args, num_warps))
+    for lse in ((False, True) if full else (False,)):
+        args = dict(part_out_ptr=_ptr(torch.float32), part_lse_ptr=_ptr(torch.float32), out_ptr=_ptr(dt),
+                    lse_ptr=_ptr(torch.float32), num_splits=_I32, **_strides("o", "nhd"), stride_ln=_I32_16,
+                    stride_lh=_ONE, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=da.MAX_SPLITS, RETURN_LSE=lse,
+                    OUT_DTYPE=tl_dtype(dt))
+        out.append(Config("decode_attention_combine", f"{dname} d={head_dim} splits<=64{' lse' if lse else ''}",
+                          da._decode_attention_combine_kernel, args, da.COMBINE_WARPS))
+    return out
+
+
+def _rotary_kv_write_configs(dname: str, dt) -> list[Config]:
+    """The layer's fused rotary + cache write: LLaMA-7B (d 128, all rotated), GPT-NeoX 4B (d 80), partial
+    rotary (d 64, 32 rotated), MPT (no rotary). q/k/v are views of the fused projection output."""
+    out = []
+    for head_dim, rotary in ((128, 128), (80, 80), (64, 32), (128, 0)):
+        args = dict(q_ptr=_ptr(dt), k_ptr=_ptr(dt), v_ptr=_ptr(dt), cos_ptr=_ptr(dt), sin_ptr=_ptr(dt),
+                    kc_ptr=_ptr(dt), vc_ptr=_ptr(dt), col_ptr=_ptr("*i64"), out_ptr=_ptr(dt), S=_I32,
+                    num_q_heads=_I32, **_strides("q", "nhd"), **_strides("k", "nhd"), **_strides("v", "nhd"),
+                    stride_cn=_I32_16, stride_cr=_ONE, stride_sn=_I32_16, stride_sr=_ONE,
+                    **_strides("kc", "nhsd"), **_strides("vc", "nhsd"), stride_col=_I32_16, **_strides("o", "nhd"),
+                    HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), ROTARY_DIM=rotary,
+                    OUT_DTYPE=tl_dtype(dt))
+        out.append(Config("rotary_kv_write", f"{dname} d={head_dim} rotary {rotary or 'none'}",
+                          rkv._rotary_kv_write_kernel, args, rkv.NUM_WARPS))
+    return out
+
+
 def configs(quick: bool = False) -> list[Config]:
     """What the runtime launches: d 64, 64 latents, the launchers' block sizes, every dtype and mode (and
     bf16 at d 128, which the launchers accept too)."""
@@ -169,8 +231,13 @@ def configs(quick: bool = False) -> list[Config]:
                     gate = "no gate" if not has_gate else "gate[D]" if per_channel else "gate[1]"
                     out.append(Config("gated_residual", f"{dname} D={D} {norm or 'no norm'} {gate}",
                                       gr._gated_residual_kernel, args, num_warps))
+        # decode step (issue 12): the 9B head dim in every variant for bf16, the main launch for the rest
+        out += _decode_attention_configs(dname, dt, 128, full=dt == torch.bfloat16)
+        out += _rotary_kv_write_configs(dname, dt)
     if not quick:
         out += _attention_configs("bf16", torch.bfloat16, 128, {"immediate": MODES["immediate"]})
+        out += _decode_attention_configs("bf16", torch.bfloat16, 64, full=True)
+        out += _decode_attention_configs("bf16", torch.bfloat16, 80, full=False)
     return out
 
 

@@ -38,6 +38,11 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # any d between (GPT-NeoX 4B has 80): padd
 BLOCK_N = 64  # key columns per iteration: one 64-row tile, as in the other attention kernels
 MAX_BLOCK_M = 64  # queries per program; more (e.g. many scored candidates x groups) use several M blocks
 NUM_WARPS = 4
+# float32 (exact "ieee" FMA dots) at d 128, measured with bench/compile_report.py (stack bytes = spills):
+# N64 4 warps spills on sm_80 (168-184 B), N32 4 warps on sm_90 (312-328 B), M64 rows on sm_80 even at N32
+# 8 warps (104 B); N32 x M16 with 8 warps fits both (64-80 registers).
+FP32_PARAMS = (32, 8, 16)
+COMBINE_WARPS = 4  # the combine holds [splits, d] float32: 64 x 128 in 1 warp spills (255 registers + stack)
 # Programs a launch aims at: two per SM of an H100/H200 (132 SMs). Fixed, not read from the device, so the
 # choice depends on shapes only (the same in eager and captured steps).
 TARGET_PROGRAMS = 264
@@ -175,12 +180,17 @@ def _decode_attention_combine_kernel(
         tl.store(lse_ptr + n * stride_ln + h * stride_lh, lse)
 
 
-def num_splits(rows: int, kv_heads: int, m_blocks: int, columns: int) -> int:
+def launch_params(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N key columns per iteration, num_warps, the largest BLOCK_M) for `dtype`."""
+    return FP32_PARAMS if dtype == torch.float32 else (BLOCK_N, NUM_WARPS, MAX_BLOCK_M)
+
+
+def num_splits(rows: int, kv_heads: int, m_blocks: int, columns: int, block: int = BLOCK_N) -> int:
     """Splits of the key columns for a launch of rows x kv_heads x m_blocks programs over `columns` columns:
-    enough for about TARGET_PROGRAMS programs, at most one per BLOCK_N columns, at most MAX_SPLITS. A function
+    enough for about TARGET_PROGRAMS programs, at most one per `block` columns, at most MAX_SPLITS. A function
     of static shapes only."""
     programs = max(rows * kv_heads * m_blocks, 1)
-    blocks = max(triton.cdiv(columns, BLOCK_N), 1)
+    blocks = max(triton.cdiv(columns, block), 1)
     return max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), blocks, MAX_SPLITS))
 
 
@@ -271,13 +281,14 @@ def decode_attention(
     if N == 0:
         return (out, lse) if return_lse else out
     per_kv_head = queries_per_row * groups
-    block_m = max(16, min(MAX_BLOCK_M, triton.next_power_of_2(per_kv_head)))
+    block, num_warps, max_block_m = launch_params(q.dtype)
+    block_m = max(16, min(max_block_m, triton.next_power_of_2(per_kv_head)))
     m_blocks = triton.cdiv(per_kv_head, block_m)
     if splits is None:
-        splits = num_splits(rows, Hkv, m_blocks, S)
-    if not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits: got {splits!r}, expected an integer >= 1 or None")
-    chunk = triton.cdiv(triton.cdiv(max(S, 1), splits), BLOCK_N) * BLOCK_N
+        splits = num_splits(rows, Hkv, m_blocks, S, block)
+    if not isinstance(splits, int) or not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits: got {splits!r}, expected an integer from 1 to {MAX_SPLITS}, or None")
+    chunk = triton.cdiv(triton.cdiv(max(S, 1), splits), block) * block
     if splits > 1:
         part_out = torch.empty(N, Hq, splits, d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(N, Hq, splits, dtype=torch.float32, device=q.device)
@@ -292,16 +303,16 @@ def decode_attention(
         S, queries_per_row, groups, chunk, splits, scale * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), _stride0(start_arg), _stride0(kv_end), _stride0(qcol_arg),
         *out.stride(), *(lse.stride() if return_lse else (0, 0)),
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=BLOCK_N, M_BLOCKS=m_blocks,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=block, M_BLOCKS=m_blocks,
         SPLIT=splits > 1, HAS_START=kv_start is not None, ALIBI=alibi_slopes is not None, RETURN_LSE=return_lse,
-        DOT_DTYPE=dot_dtype(q.dtype), OUT_DTYPE=tl_dtype(out.dtype), num_warps=NUM_WARPS,
+        DOT_DTYPE=dot_dtype(q.dtype), OUT_DTYPE=tl_dtype(out.dtype), num_warps=num_warps,
     )
     if splits > 1:
         _decode_attention_combine_kernel[(N, Hq)](
             part_out, part_lse, out, lse_arg, splits, *out.stride(), *(lse.stride() if return_lse else (0, 0)),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
             BLOCK_S=max(2, triton.next_power_of_2(splits)), RETURN_LSE=return_lse,
-            OUT_DTYPE=tl_dtype(out.dtype), num_warps=1,
+            OUT_DTYPE=tl_dtype(out.dtype), num_warps=COMBINE_WARPS,
         )
     return (out, lse) if return_lse else out
 

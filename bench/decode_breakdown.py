@@ -4,6 +4,8 @@
 
 Runs FastFlamingo with CUDA graphs off, so each kernel shows up on its own (under a graph the same kernels run
 back to back, without the CPU launch gaps this view also contains).
+FLAMINGO_FAST_OLD_DECODE=fused_projections,rotary_kv_write,decode_attention gives the breakdown before issue 12's
+changes (runtime.DECODE_PATHS); the header names the decode paths in use.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     total_us = sum(e.self_device_time_total for e in events)
     count = sum(e.count for e in events)
     lines = [f"{args.preset}, {torch.cuda.get_device_name()}, bf16, {args.shots} shots, one prefill + {args.steps} "
-             f"decode steps, graphs off: {count} kernels, {total_us / 1e3:.2f} ms of device time",
+             f"decode steps, graphs off, decode paths {sorted(fast.decode_paths) or 'all old'}: {count} kernels, "
+             f"{total_us / 1e3:.2f} ms of device time",
              "", "| kernel | calls | device ms | share |", "| --- | ---: | ---: | ---: |"]
     for e in events[: args.rows]:
         share = e.self_device_time_total / total_us

@@ -10,8 +10,12 @@
 #   tests      pytest -m cuda tests                                  (junit XML in OUTDIR/cuda_tests.xml)
 #   kernels    python bench/gpu_kernels.py --out OUTDIR/kernels     (when the file exists; --dry-run on the CPU)
 #   bandwidth  device-to-device copy bandwidth (bench/bandwidth.py measure)
+#   decode_paths  decode ms/token before and after each of issue 12's changes, one process, one model
+#              (bench/decode_paths.py: before, +fused_projections, +rotary_kv_write, +decode_attention, then each
+#              "all but X"; 32 shots, batches 1 and 8; same-ids and logits diff against "before")
 #   numerics   bf16 fast vs bf16 reference, both against a float32 reference (bench/numerics.py; CUDA only)
-#   breakdown  device time per kernel over eager decode steps (bench/decode_breakdown.py; CUDA only)
+#   breakdown  device time per kernel over eager decode steps (bench/decode_breakdown.py; CUDA only), after the
+#              changes; breakdown_before: the same with every old decode path (FLAMINGO_FAST_OLD_DECODE)
 #   profile_bN flamingo-fast profile at OpenFlamingo-9B shape, random bf16 weights, shots 0,4,8,16,32,
 #              reference vs fast, batch N (1 and 8); JSON rewritten after every row, so a timeout keeps rows
 #   profile_idefics  the IDEFICS-9B shape at batch 1, 0 and the largest shot count: reference vs fast, and
@@ -26,7 +30,10 @@
 # shots 0,2, batches 1 and 2, CUDA hidden); GPU_CHECK_PRESET, GPU_CHECK_SHOTS, GPU_CHECK_BATCHES ("1 8"),
 # GPU_CHECK_IMPL, GPU_CHECK_NEW_TOKENS, GPU_CHECK_REPEATS, GPU_CHECK_WARMUP, GPU_CHECK_SKIP_INSTALL=1,
 # GPU_CHECK_INSTALL=copy (skip pip: the package copied under OUTDIR/pylib, on PYTHONPATH),
-# GPU_CHECK_TRACE=1 (chrome traces of the batch-1 profile under OUTDIR/traces).
+# GPU_CHECK_TRACE=1 (chrome traces of the batch-1 profile under OUTDIR/traces),
+# GPU_CHECK_DECODE_PATHS_ARGS (extra arguments of bench/decode_paths.py, e.g. "--new-tokens 8").
+# FLAMINGO_FAST_OLD_DECODE=name,... (runtime.py) puts named decode paths back on the old code in every step that
+# does not set it itself: e.g. the whole run "before" with fused_projections,rotary_kv_write,decode_attention.
 set -u
 
 if [ $# -lt 1 ]; then
@@ -132,11 +139,26 @@ fi
 
 run_step bandwidth 30 "$PY" bench/bandwidth.py measure --out "$OUT/bandwidth.json" --gib "$BW_GIB"
 
+# Issue 12: decode before and after each change, in one process (the model is built once).
+ALL_OLD=fused_projections,rotary_kv_write,decode_attention
+if [ "$DEVICE" = cuda ]; then
+    DP_ARGS=(--preset "$PRESET" --shots "${SHOTS##*,}" --batches "${BATCHES// /,}" --new-tokens 16 --repeats 3
+             --device cuda --dtype bfloat16 --leave-one-out)
+else  # the dry run: the same script on the tiny preset (the torch backend's twins; only that it runs)
+    DP_ARGS=(--preset "$PRESET" --shots 2 --batches "${BATCHES// /,}" --new-tokens 4 --repeats 1 --device cpu)
+fi
+# shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
+DP_ARGS+=(${GPU_CHECK_DECODE_PATHS_ARGS:-})
+run_step decode_paths 120 "$PY" bench/decode_paths.py "${DP_ARGS[@]}" --json "$OUT/decode_paths.json" \
+    --md "$OUT/decode_paths.md"
+
 # bf16 error of the fast path against a float32 reference, next to plain torch's bf16 error (DESIGN.md's rule),
 # and the device-time breakdown of eager decode steps.
 if [ "$DEVICE" = cuda ]; then
     run_step numerics 90 "$PY" bench/numerics.py --preset "$PRESET" --shots 4 --batch 2 --json "$OUT/numerics.json"
     run_step breakdown 60 "$PY" bench/decode_breakdown.py --preset "$PRESET" --shots 8 --md "$OUT/decode_breakdown.md"
+    run_step breakdown_before 60 env FLAMINGO_FAST_OLD_DECODE="$ALL_OLD" "$PY" bench/decode_breakdown.py \
+        --preset "$PRESET" --shots 8 --md "$OUT/decode_breakdown_before.md"
 fi
 
 PROFILES=()
@@ -205,11 +227,23 @@ if not json.load(open(sys.argv[1]))["complete"]:
             echo
             cat "$OUT/logs/numerics.log"
         fi
+        if [ -f "$OUT/decode_paths.md" ]; then
+            echo
+            echo "## Decode before and after each change (bench/decode_paths.py)"
+            echo
+            cat "$OUT/decode_paths.md"
+        fi
         if [ -f "$OUT/decode_breakdown.md" ]; then
             echo
-            echo "## Decode device-time breakdown"
+            echo "## Decode device-time breakdown (after)"
             echo
             cat "$OUT/decode_breakdown.md"
+        fi
+        if [ -f "$OUT/decode_breakdown_before.md" ]; then
+            echo
+            echo "## Decode device-time breakdown (before: FLAMINGO_FAST_OLD_DECODE=$ALL_OLD)"
+            echo
+            cat "$OUT/decode_breakdown_before.md"
         fi
         if [ -f "$OUT/kernels/kernels_gpu.md" ]; then
             echo
@@ -224,4 +258,5 @@ echo "== gpu_check summary ($OUT/summary.md; logs in $OUT/logs) =="
 column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
 echo
 if [ -f "$OUT/floor.md" ]; then cat "$OUT/floor.md"; else echo "no floor table (see logs/floor.log)"; fi
+if [ -f "$OUT/decode_paths.md" ]; then echo; cat "$OUT/decode_paths.md"; fi
 echo "total $(($(date +%s) - START)) s"

@@ -20,7 +20,10 @@ Prefill and decode share one layer loop (`_layers`). Each LM family (LLaMA, MPT,
 `DecoderLayerOps`: its norms, its q/k/v projection, and what follows the self-attention. Every residual add
 is fused with the norm that reads its result (the post-attention norm, the next gated block's LayerNorm, the
 next layer's input norm or the final norm), so no norm costs a pass of its own. Self-attention is shared: SDPA
-over the static KV cache, with a boolean mask (rotary models) or an additive ALiBi bias (MPT).
+over the static KV cache, with a boolean mask (rotary models) or an additive ALiBi bias (MPT). The Triton decode
+step instead (DECODE_PATHS, each switchable back for measurements) rotates q/k and writes the new K/V in one
+kernel per layer, attends with a split-KV kernel over each row's valid cache columns (no mask; beams: prompt and
+tail merged by log-sum-exp), and LLaMA's q/k/v and gate/up run as one GEMM each over fused weights.
 """
 
 from __future__ import annotations
@@ -302,7 +305,7 @@ class FastFlamingo:
         objects, same values, no extra memory (fused_weights.py). Options: max_batch_size, max_seq_len,
         max_images, cuda_graphs, stop_check_interval, max_hypotheses (beams x rows, default 4 x
         max_batch_size), max_tail_len (the most new tokens a beam search may ask for, default 64),
-        decode_paths (DECODE_PATHS to use; default all of them)."""
+        decode_paths (which of DECODE_PATHS to use; default DEFAULT_DECODE_PATHS of the backend)."""
         check_eval_mode(model)
         if dtype is not None:
             check_dtype(dtype)

@@ -83,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on the CPU")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--leave-one-out", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 on a shared CPU: 2 threads under other load ran 100x slower here)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     config = from_name(args.preset)
     model = build_reference(config, seed=0, dtype=dtype, device=args.device)

@@ -7,7 +7,8 @@ computed apart, each returning its output and log-sum-exp, and merged exactly:
 
 All R queries of a row (times the query heads that share a KV head) meet the prompt's keys in one
 matrix-matrix product, Hydragen's form: the prompt's KV is read once per row, never copied per beam.
-Computed in float32. A Triton split-KV kernel for the same algebra is issue 12's work; this is its torch form.
+Computed in float32. This is the torch form; the Triton decode step computes each part with the split-KV kernel
+(kernels/decode_attention.py, which returns the log-sum-exp) and merges them with `merge_attention_states`.
 """
 
 from __future__ import annotations

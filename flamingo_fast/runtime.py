@@ -680,8 +680,8 @@ class FastFlamingo:
         if not tails:
             kv.key_valid[:rows].index_fill_(1, inputs.kv_column, True)
             if kernel_attention:  # each row's valid columns are [kv_start, kv_column]: left padding only
-                kv_end = inputs.kv_column + 1
-                kv_start = kv_end - kv.key_valid[:rows, :kv_len].sum(dim=1)
+                kv_end = inputs.kv_column + 1  # (columns past it may be stale within a graph's length bucket)
+                kv_start = kv_end - (kv.key_valid[:rows, :kv_len] & (columns < kv_end)).sum(dim=1)
             else:
                 mask = kv.key_valid[:rows, None, None, :kv_len]
                 if lm.alibi:  # slope * (key column - query column), the token's own column being kv_column
@@ -691,7 +691,8 @@ class FastFlamingo:
             tail = self.tail_cache
             if kernel_attention:  # the prompt's valid columns [kv_start, prompt_columns); the tail's [0, kv_column]
                 kv_end = inputs.kv_column + 1
-                kv_start = inputs.prompt_columns - kv.key_valid[:rows, :kv_len].sum(dim=1)
+                prompt_valid = kv.key_valid[:rows, :kv_len] & (columns < inputs.prompt_columns)
+                kv_start = inputs.prompt_columns - prompt_valid.sum(dim=1)
                 prompt_query = inputs.prompt_columns + inputs.kv_column  # ALiBi: the query's column in its sequence
             else:
                 groups = lm.num_heads // lm.num_kv_heads

@@ -11,6 +11,12 @@ parameters see the same values and memory: the old separate tensors are freed, n
 memory does not grow (the peak is one layer's projections, while they are copied). Calling it again on
 linears that already are consecutive views of one tensor returns that tensor without copying.
 
+Only weights that nothing else holds are fused: a weight whose storage is also held elsewhere (a Hugging Face
+model whose tensors the reference shares, as the drop-ins build it, or any other tensor over the same memory)
+would stay alive there, and fusing would add a copy instead of moving it. Then `fuse_linear_weights` returns None
+and changes nothing (the caller keeps the separate projections). The check reads the storage's use count
+(torch._C._storage_Use_Count, which torch's own CUDA-graph trees use), compared with a fresh tensor's.
+
 What breaks the sharing: replacing a parameter's storage afterwards (`module.to(other_dtype_or_device)`,
 `param.data = ...`) gives that Linear a new tensor while the fused one keeps the old values. FastFlamingo
 shares its reference model's parameters in the same way (see runtime.py): convert before building it.
@@ -38,11 +44,23 @@ def _already_fused(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, first.shape[1]))
 
 
+def _storage_users(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def sole_owner(t: torch.Tensor) -> bool:
+    """True when `t` (a Parameter) is the only tensor over its storage: as many users as a fresh parameter has."""
+    if not hasattr(torch._C, "_storage_Use_Count"):
+        return False  # cannot tell: never risk a second copy
+    return _storage_users(t) <= _storage_users(nn.Parameter(torch.empty(1, device=t.device)))
+
+
 @torch.no_grad()
-def fuse_linear_weights(linears: Sequence[nn.Linear]) -> torch.Tensor:
+def fuse_linear_weights(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
     """Concatenate the weights of bias-free Linears with the same input width, dtype and device along their
     output rows into one contiguous tensor, and make each Linear's weight a view of its rows. -> the fused
-    weight [sum of out_features, in_features]."""
+    weight [sum of out_features, in_features]; None (nothing changed) when a weight's storage is held elsewhere
+    too (fusing would then grow memory)."""
     if not linears:
         raise ValueError("linears: got none, expected at least one nn.Linear")
     weights = [m.weight for m in linears]
@@ -59,6 +77,8 @@ def fuse_linear_weights(linears: Sequence[nn.Linear]) -> torch.Tensor:
     fused = _already_fused([w.data for w in weights])
     if fused is not None:
         return fused
+    if not all(sole_owner(w) for w in weights):
+        return None
     fused = torch.cat([w.data for w in weights], dim=0)
     row = 0
     for w in weights:

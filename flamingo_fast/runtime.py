@@ -268,10 +268,14 @@ class FastFlamingo:
         self.decode_paths = resolve_decode_paths(backend, decode_paths)
         self.layer_ops = FAMILY_LAYER_OPS[lm.family]
         if lm.family == "llama" and "fused_projections" in self.decode_paths:
-            self.layer_ops = _fused_llama_ops({layer: (
+            fused = {layer: (
                 fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
                 fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj]),
-            ) for layer in model.lang_encoder.layers})
+            ) for layer in model.lang_encoder.layers}
+            if all(w is not None for pair in fused.values() for w in pair):
+                self.layer_ops = _fused_llama_ops(fused)
+            else:  # weights shared with another model (the drop-ins): fusing them would add a copy, not move one
+                self.decode_paths = self.decode_paths - {"fused_projections"}
         layers = model.lang_encoder.layers
         self.input_norms = [NormSpec.of(self.layer_ops.input_norm(layer), lm.norm) for layer in layers]
         self.post_norms = [NormSpec.of(self.layer_ops.post_norm(layer), lm.norm) for layer in layers]

@@ -81,7 +81,8 @@ def test_fused_weight_errors_name_the_linear():
 def test_fast_flamingo_fuses_llama_projections_in_place_without_growing_memory():
     model = build("llama", seed=1)
     vision, lang_x, mask = random_batch(model.config, ROWS, num_images=3)
-    expected = model(vision, lang_x, mask)
+    with torch.no_grad():  # an autograd graph would hold the weights too (then they are not fused: see below)
+        expected = model(vision, lang_x, mask)
     keys = list(model.state_dict())
     layer = model.lang_encoder.layers[0]
     q_param, gate_param = layer.self_attn.q_proj.weight, layer.mlp.gate_proj.weight
@@ -95,11 +96,29 @@ def test_fast_flamingo_fuses_llama_projections_in_place_without_growing_memory()
     gate_end = mlp.gate_proj.weight.data_ptr() + mlp.gate_proj.weight.numel() * mlp.gate_proj.weight.element_size()
     assert mlp.up_proj.weight.data_ptr() == gate_end, "up_proj must follow gate_proj in one tensor"
     assert list(model.state_dict()) == keys
-    assert torch.equal(model(vision, lang_x, mask), expected), "the reference's output must not change"
+    with torch.no_grad():
+        assert torch.equal(model(vision, lang_x, mask), expected), "the reference's output must not change"
     assert_close(fast(vision, lang_x, mask)[mask.bool()], expected[mask.bool()], dtype=torch.float32)
     # a second instance over the same model finds the fused layout and copies nothing
     FastFlamingo.from_reference(model, backend="torch", max_batch_size=3, max_seq_len=48)
     assert storage_bytes(model) == total and attn.q_proj.weight.data_ptr() == q_param.data_ptr()
+
+
+def test_weights_held_elsewhere_are_not_fused():
+    """A weight whose storage another tensor holds too (a live Hugging Face model under a drop-in) would stay
+    alive there: fusing would add a copy. FastFlamingo then keeps the separate projections."""
+    model = build("llama", seed=9)
+    held = [p.data for p in model.parameters()]  # other tensors over the same storages
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    layer = model.lang_encoder.layers[0]
+    assert fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj]) is None
+    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=3, max_seq_len=48)
+    assert "fused_projections" not in fast.decode_paths
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    ids, logits, ref_ids, ref_logits = generate_both(model, fast, new_tokens=4)
+    assert torch.equal(ids, ref_ids)
+    assert_close(logits, ref_logits, dtype=torch.float32)
+    del held
 
 
 def test_without_fused_projections_the_reference_is_left_alone():

@@ -63,7 +63,7 @@ def measure(model, inputs, paths, args, dtype) -> dict:
     _, logits = fast.generate(vision, lang_x, mask, max_new_tokens=args.new_tokens, eos_token_id=[],
                               return_logits=True)
     result = {"decode_ms": 1e3 * statistics.median(laps),
-              "decode_ms_p90": 1e3 * sorted(laps)[int(0.9 * (len(laps) - 1))],
+              "decode_ms_p90": 1e3 * sorted(laps)[round(0.9 * (len(laps) - 1))],
               "warmup_s": warmup_s, "ids": ids[:, lang_x.shape[1]:].cpu(), "logits": logits.float().cpu()}
     del fast
     gc.collect()
@@ -114,13 +114,18 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {name} | {batch} | {r['decode_ms']:.3f} | {r['decode_ms_p90']:.3f} | {speedup:.2f} | "
                          f"{r['warmup_s']:.1f} | {100 * same:.0f}% | {diff:.2e} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.md:
-        args.md.write_text(text + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"header": head, "rows": rows}, indent=1))
+            write(args, head, lines, rows, complete=False)  # a timeout keeps the rows measured so far
+    write(args, head, lines, rows, complete=True)
+    print("\n" + "\n".join(lines))
     return 0
+
+
+def write(args, head: str, lines: list[str], rows: list[dict], complete: bool) -> None:
+    note = [] if complete else ["", "(partial: rows still being measured)"]
+    if args.md:
+        args.md.write_text("\n".join(lines + note) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"header": head, "rows": rows, "complete": complete}, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@
 #              reference vs fast, batch N (1 and 8); JSON rewritten after every row, so a timeout keeps rows
 #   profile_idefics  the IDEFICS-9B shape at batch 1, 0 and the largest shot count: reference vs fast, and
 #              transformers' own IDEFICS generate first when transformers is importable
+#   openflamingo  OpenFlamingo's own generate vs fast at the preset's shape, batch 1, when bench/gpu_wheels.sh's
+#              wheels were carried (.whl/)
 #   floor      decode ms per token vs the memory-bandwidth floor (bench/bandwidth.py floor)
 # then OUTDIR/summary.md, whose short form (steps + floor table) is printed last.
 #
@@ -171,8 +173,10 @@ for B in $BATCHES; do
         --plot "$OUT/profile_b$B.png" "${TRACE[@]}"
     PROFILES+=("$OUT/profile_b$B.json")
 done
-# The context cache: warm TTFT of 4 queries on a cached 32-shot context against the same queries alone (issue 10).
-run_step context_cache 60 "$PY" bench/context_cache_ttft.py --preset "$PRESET" --shots 32 --batch 4 --device "$DEVICE"
+# The context cache: warm TTFT of 4 queries on a cached context at the largest shot count (32 on the GPU) against
+# the same queries alone (issue 10).
+run_step context_cache 60 "$PY" bench/context_cache_ttft.py --preset "$PRESET" --shots "${SHOTS##*,}" --batch 4 \
+    --device "$DEVICE"
 # OpenFlamingo's evaluation call: beam 3, short answers, batch 8, at the largest shot count (issue 9).
 run_step profile_beam3 90 "$PY" -m flamingo_fast profile --preset "$PRESET" --shots "${SHOTS##*,}" --batch 8 \
     --num-beams 3 --impl "$IMPL" --device "$DEVICE" --dtype "$DTYPE" --new-tokens 10 --repeats "$REPEATS" \
@@ -184,6 +188,24 @@ if "$PY" -c 'import transformers' >/dev/null 2>&1; then IDEFICS_IMPL=idefics,ref
 run_step profile_idefics 90 "$PY" -m flamingo_fast profile --preset "$IDEFICS_PRESET" --shots "0,${SHOTS##*,}" \
     --batch 1 --impl "$IDEFICS_IMPL" --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$NEW_TOKENS" \
     --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/profile_idefics.json" --csv "$OUT/profile_idefics.csv"
+
+# OpenFlamingo's own generate at the 9B shape (issue 12), the baseline users have: only when the wheels from
+# bench/gpu_wheels.sh were carried (.whl/), installed into a folder that only this step puts on PYTHONPATH.
+if ls .whl/open_flamingo-*.whl >/dev/null 2>&1; then
+    OF_SITE=$(mktemp -d)
+    of_profile() {
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$OF_SITE" .whl/*.whl &&
+            PYTHONPATH="$OF_SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m flamingo_fast profile --preset "$PRESET" \
+                --shots "0,${SHOTS##*,}" --batch 1 --impl openflamingo,fast --device "$DEVICE" --dtype "$DTYPE" \
+                --new-tokens "$NEW_TOKENS" --repeats 1 --warmup 1 --json "$OUT/profile_openflamingo.json" \
+                --csv "$OUT/profile_openflamingo.csv"
+    }
+    export OF_SITE OUT PRESET SHOTS DEVICE DTYPE NEW_TOKENS
+    run_step openflamingo 120 of_profile
+else
+    printf 'openflamingo\tskipped (no .whl/open_flamingo-*.whl: bash bench/gpu_wheels.sh, carry .whl)\t0\t0\n' \
+        >>"$OUT/steps.tsv"
+fi
 
 # From here on the reserve is used: the budget check is lifted for the last two steps.
 RESERVE=-30
@@ -204,7 +226,7 @@ write_summary() {
         echo "| step | status | s | limit s |"
         echo "| --- | --- | ---: | ---: |"
         tail -n +2 "$OUT/steps.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
-        for P in "${PROFILES[@]}" "$OUT/profile_idefics.json"; do
+        for P in "${PROFILES[@]}" "$OUT/profile_idefics.json" "$OUT/profile_openflamingo.json"; do
             [ -f "$P" ] || continue
             echo
             echo "## Profile $(basename "$P")"

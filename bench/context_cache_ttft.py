@@ -19,7 +19,7 @@ import statistics
 import torch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.profiler import build_workload, default_device
+from flamingo_fast.profiler import build_workload, default_device, prompt_length
 from flamingo_fast.reference import build_reference
 from flamingo_fast.runtime import FastFlamingo
 from flamingo_fast.timing import PhaseTimer
@@ -45,8 +45,9 @@ def main() -> None:
     config = from_name(args.preset)
     model = build_reference(config, seed=0, dtype=dtype, device=args.device)
     work = build_workload(config, args.shots, args.batch, args.repeats + 1, 12, 6, 0, dtype, args.device)
-    query = 1 + 6  # `<image>` + question tokens at the end of each row
-    alone = [(v[:, -1:], ids[:, -query:], mask[:, -query:]) for v, ids, mask in work]
+    query = prompt_length(0, 12, 6, config) - 1  # the query image's tokens + 6 question tokens, after <bos>
+    alone = [(v[:, -1:], ids[:, -query:], mask[:, -query:], None if image_mask is None else image_mask[:, -query:, -1:])
+             for v, ids, mask, image_mask in work]
     fast = FastFlamingo.from_reference(model, max_batch_size=args.batch, max_seq_len=work[0][1].shape[1] + 4,
                                        max_images=args.shots + 1)
     ttft(fast, work[-1], args.device)  # warm-up: compilation, graph capture, first allocations

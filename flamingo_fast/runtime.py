@@ -274,7 +274,7 @@ class FastFlamingo:
             ) for layer in model.lang_encoder.layers}
             if all(w is not None for pair in fused.values() for w in pair):
                 self.layer_ops = _fused_llama_ops(fused)
-            else:  # weights shared with another model (the drop-ins): fusing them would add a copy, not move one
+            else:  # a weight another tensor also holds (a view kept elsewhere): fusing would add a copy, not move it
                 self.decode_paths = self.decode_paths - {"fused_projections"}
         layers = model.lang_encoder.layers
         self.input_norms = [NormSpec.of(self.layer_ops.input_norm(layer), lm.norm) for layer in layers]

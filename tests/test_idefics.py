@@ -378,3 +378,18 @@ def test_score_and_warm_context_match_transformers(batches):
     for _ in range(2):  # cold, then with every row's context cached
         compare_generate(model, runtime, inputs, "mixed", max_new_tokens=NEW_TOKENS, do_sample=False)
     assert runtime.fast.context_cache_stats().context_hits > 0
+
+
+def test_fused_projections_move_the_live_models_weights(batches):
+    """The runtime's fused q/k/v and gate/up weights: the live model's own Parameters become views of them (one
+    storage per layer's q/k/v), so memory does not grow and transformers' forward still gives what it gave."""
+    model = build_idefics(**CONFIGS["every2-noqk-vector-5lat"])
+    expected = hf_logits(model, batches["mixed"])
+    runtime = runtime_for(model, "fast")
+    assert "fused_projections" in runtime.fast.decode_paths
+    attn = model.model.layers[1].self_attn
+    storages = {p.untyped_storage().data_ptr() for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)}
+    assert len(storages) == 1
+    real = batches["mixed"]["attention_mask"].bool()
+    assert torch.equal(hf_logits(model, batches["mixed"])[real], expected[real])
+    compare_logits(model, runtime, batches["mixed"])

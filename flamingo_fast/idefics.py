@@ -37,6 +37,7 @@ from .openflamingo import FlamingoOutput, TimedHFGenerate, build_reference_from_
 from .reference import Flamingo
 from .search import HFGenerateDefaults, hf_generate, hf_generation_defaults
 from .timing import PhaseTimer
+from .validation import check_eval_mode
 
 PREFIXES = (  # transformers prefix -> ours
     ("model.vision_model.", "vision_encoder."),
@@ -240,6 +241,7 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
 
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {list(ENGINES)}")
+    check_eval_mode(model)  # transformers' dropout would make its outputs differ from ours
     if engine == "reference" and runtime_options:
         raise ValueError(f"engine='reference' takes no runtime options; got {sorted(runtime_options)}")
     config = config_from_idefics(model)

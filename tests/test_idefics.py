@@ -346,12 +346,17 @@ def test_mask_where_a_token_sees_several_images(batches):
 
 
 def test_eval_mode_and_config_are_read_from_the_model():
-    """The runtime reads the interval, latents and decoupled rows from the model, not from defaults."""
+    """The runtime reads the interval, latents and decoupled rows from the model, not from defaults; a model in
+    training mode is refused, never switched."""
     model = hf_model("every4-8layers-float-pqk")
     runtime = runtime_for(model, "reference")
     config = runtime.reference.config
     assert config.cross_attn_every_n_layers == 4
     assert config.perceiver.num_latents == 3
+    training = build_idefics(**CONFIGS["every2-noqk-vector-5lat"]).train()
+    with pytest.raises(ValueError, match=r"model: in training mode \(model, .*\); expected a model in eval mode"):
+        flamingo_fast.from_idefics(training)
+    assert training.training
 
 
 def test_score_and_warm_context_match_transformers(batches):

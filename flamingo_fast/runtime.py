@@ -4,8 +4,10 @@
     out = fast.generate(vision_x, lang_x, attention_mask, max_new_tokens=20)   # same tokens as the reference
 
 One prompt, in order:
-    1. vision: only the images a row uses (its `<image>` count) are encoded, all rows' as one batch;
-       resampled by the kernel-backed perceiver.
+    0. which image each token sees (masking.PromptImages): from `<image>` tokens (OpenFlamingo layout) or from
+       the processor's image_attention_mask (IDEFICS layout).
+    1. vision: only the images some token of a row sees are encoded, all rows' as one batch (images already in
+       the context cache are not); resampled by the kernel-backed perceiver.
     2. media K/V: every cross-attention layer's keys/values of all images, once (MediaKVCache).
     3. prefill: the prompt through the LM (segment-indexed cross-attention kernel, SDPA self-attention), its
        keys/values written into the StaticKVCache; logits only for the last position.
@@ -18,8 +20,9 @@ One prompt, in order:
 
 Prefill and decode share one layer loop (`_layers`). Each LM family (LLaMA, MPT, GPT-NeoX) supplies a small
 `DecoderLayerOps`: its norms, its q/k/v projection, and what follows the self-attention. Every residual add
-is fused with the norm that reads its result (the post-attention norm, the next gated block's LayerNorm, the
-next layer's input norm or the final norm), so no norm costs a pass of its own. Self-attention is shared: SDPA
+is fused with the norm that reads its result (the post-attention norm, the next gated block's attention norm,
+the next layer's input norm or the final norm), so no norm costs a pass of its own. Gated blocks and perceivers
+of both layouts are read by role (FastGatedCrossAttention, FastPerceiverResampler). Self-attention is shared: SDPA
 over the static KV cache, with a boolean mask (rotary models) or an additive ALiBi bias (MPT). The Triton decode
 step instead (DECODE_PATHS, each switchable back for measurements) rotates q/k and writes the new K/V in one
 kernel per layer, attends with a split-KV kernel over each row's valid cache columns (no mask; beams: prompt and

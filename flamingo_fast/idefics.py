@@ -178,22 +178,25 @@ class IdeficsRuntime:
         """The FastFlamingo (None with engine="reference")."""
         return None if self.engine is self.reference else self.engine
 
-    def _vision(self, pixel_values, hf_options: dict):
-        given = {k: v for k, v in hf_options.items() if k in self.ACCEPTED and v != self.ACCEPTED[k]}
-        if given:
-            raise ValueError(f"{sorted(given)}: not supported by flamingo_fast; expected pixel_values (precomputed "
-                             f"image_encoder_embeddings / perceiver_embeddings are not taken)")
+    def _vision(self, pixel_values):
+        """The processor's pixel_values [B, N, C, H, W] -> vision_x [B, N, 1, C, H, W] (one frame per image)."""
         if pixel_values is None:
             return None
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: got {got}; expected the processor's [batch, images, C, H, W] tensor")
-        return pixel_values[:, :, None]  # one frame per image: [B, N, 1, C, H, W]
+        return pixel_values[:, :, None]
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
                 **hf_options) -> FlamingoOutput:
-        vision_x = self._vision(pixel_values, hf_options)
+        """Other keywords of transformers' forward are accepted only at their defaults (ACCEPTED): precomputed
+        image_encoder_embeddings / perceiver_embeddings, labels and the rest are a named error."""
+        unsupported = sorted(k for k, v in hf_options.items() if self.ACCEPTED.get(k, object()) != v)
+        if unsupported:
+            raise ValueError(f"forward options {unsupported}: not supported by flamingo_fast; expected input_ids, "
+                             f"attention_mask, pixel_values, image_attention_mask")
+        vision_x = self._vision(pixel_values)
         mask = self._mask(image_attention_mask, input_ids, vision_x)
         return FlamingoOutput(logits=self.engine.forward(vision_x, input_ids, attention_mask, mask).float())
 
@@ -209,7 +212,7 @@ class IdeficsRuntime:
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, **options):
         """IdeficsForVisionText2Text's call with Hugging Face's options (search.hf_generate says how each is taken);
         the default stop token is the model's eos (`</s>`)."""
-        vision_x = self._vision(pixel_values, options)
+        vision_x = self._vision(pixel_values)  # other image inputs: hf_generate accepts them only at ACCEPTED
         mask = self._mask(image_attention_mask, input_ids, vision_x)
         return hf_generate(
             lambda **kw: self.engine.generate(vision_x, input_ids, attention_mask, image_attention_mask=mask, **kw),
@@ -220,7 +223,7 @@ class IdeficsRuntime:
               candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False) -> torch.Tensor:
         """[B, C] float32 log-likelihoods of the candidates (token-id lists) after every row; candidate tokens
         see what the last prompt token sees (FastFlamingo.score)."""
-        vision_x = self._vision(pixel_values, {})
+        vision_x = self._vision(pixel_values)
         mask = self._mask(image_attention_mask, input_ids, vision_x)
         return self.engine.score(vision_x, input_ids, attention_mask, candidates=candidates,
                                  normalize_length=normalize_length, image_attention_mask=mask)

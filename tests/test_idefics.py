@@ -398,3 +398,20 @@ def test_fused_projections_move_the_live_models_weights(batches):
     real = batches["mixed"]["attention_mask"].bool()
     assert torch.equal(hf_logits(model, batches["mixed"])[real], expected[real])
     compare_logits(model, runtime, batches["mixed"])
+
+
+def test_unsupported_call_options_are_named(batches):
+    """Precomputed image embeddings and options flamingo_fast does not implement are errors naming them, in
+    forward and generate; their defaults pass."""
+    model = hf_model("every1-qk-float-3lat")
+    runtime = runtime_for(model, "fast")
+    inputs = batches["single"]
+    latents = torch.zeros(1, 3, 3, model.config.vision_config.embed_dim)
+    with pytest.raises(ValueError, match=r"forward options \['perceiver_embeddings'\]: not supported"):
+        runtime(**inputs, perceiver_embeddings=latents)
+    with pytest.raises(ValueError, match=r"forward options \['labels'\]: not supported"):
+        runtime(**inputs, labels=inputs["input_ids"])
+    with pytest.raises(ValueError, match=r"generate options \['image_encoder_embeddings'\]: not supported"):
+        runtime.generate(**inputs, image_encoder_embeddings=latents, max_new_tokens=2)
+    runtime(**inputs, perceiver_embeddings=None, interpolate_pos_encoding=False)
+    runtime.generate(**inputs, perceiver_embeddings=None, max_new_tokens=2)

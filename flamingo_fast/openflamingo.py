@@ -469,7 +469,6 @@ class OpenFlamingoRuntime:
         return hf_generate(lambda **kw: self.fast.generate(vision_x, lang_x, attention_mask, **kw), self.defaults,
                            self.config.lm.vocab_size, **options)
 
-
     def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
               normalize_length: bool = False, progress: bool | None = None) -> torch.Tensor:
         """[B, C] float32 log-likelihoods of the candidates (token-id lists, as the tokenizer gives each class

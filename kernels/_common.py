@@ -73,6 +73,23 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str) -> None:
         raise ValueError(f"{name}: got shape {tuple(t.shape)}, expected {tuple(expected)} ({what})")
 
 
+def resolve_scale(scale, head_dim: int) -> float:
+    """The softmax scale an attention launcher uses: `scale` (a number) or, for None, head_dim ** -0.5."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"scale: got {scale!r}, expected a float or None")
+    return head_dim**-0.5 if scale is None else float(scale)
+
+
+def rows_of_queries(queries: int, queries_per_row: int) -> int:
+    """Decode kernels take a row's queries (its beams or candidates) together: `queries` = rows x queries_per_row.
+    -> rows."""
+    if not isinstance(queries_per_row, int) or isinstance(queries_per_row, bool) or queries_per_row < 1:
+        raise ValueError(f"queries_per_row: got {queries_per_row!r}, expected an integer >= 1")
+    if queries % queries_per_row:
+        raise ValueError(f"q: {queries} queries is not a multiple of queries_per_row={queries_per_row}")
+    return queries // queries_per_row
+
+
 def check_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype, device, name: str = "out") -> None:
     """An `out=` tensor must have the result's exact shape, dtype and device (any strides)."""
     check_tensor(name, out, dtypes=(dtype,), device=device)

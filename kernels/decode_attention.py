@@ -32,7 +32,16 @@ import torch
 import triton
 import triton.language as tl
 
-from flamingo_fast.kernels._common import check_out, check_tensor, dot_dtype, is_interpreted, tl_dtype, to_output
+from flamingo_fast.kernels._common import (
+    check_out,
+    check_tensor,
+    dot_dtype,
+    is_interpreted,
+    resolve_scale,
+    rows_of_queries,
+    tl_dtype,
+    to_output,
+)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # any d between (GPT-NeoX 4B has 80): padded to a power of two, masked
 BLOCK_N = 64  # key columns per iteration: one 64-row tile, as in the other attention kernels
@@ -205,11 +214,7 @@ def _check_inputs(q, k, v, kv_start, kv_end, scale, queries_per_row, alibi_slope
     scale)."""
     check_tensor("q", q, ndim=3)
     N, Hq, d = q.shape
-    if not isinstance(queries_per_row, int) or isinstance(queries_per_row, bool) or queries_per_row < 1:
-        raise ValueError(f"queries_per_row: got {queries_per_row!r}, expected an integer >= 1")
-    if N % queries_per_row:
-        raise ValueError(f"q: {N} queries is not a multiple of queries_per_row={queries_per_row}")
-    rows = N // queries_per_row
+    rows = rows_of_queries(N, queries_per_row)
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
     B, Hkv, S, dk = k.shape
@@ -228,13 +233,12 @@ def _check_inputs(q, k, v, kv_start, kv_end, scale, queries_per_row, alibi_slope
         if alibi_slopes.shape[0] != Hq:
             raise ValueError(f"alibi_slopes: got shape {tuple(alibi_slopes.shape)}, expected [{Hq}] (one per q head)")
         _row_index("query_column", query_column, rows, q.device)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise ValueError(f"scale: got {scale!r}, expected a float or None")
+    scale = resolve_scale(scale, d)
     if out is not None:  # q's dtype, or float32 (a cascade merges partial outputs before rounding them)
         check_out(out, (N, Hq, d), torch.float32 if out.dtype == torch.float32 else q.dtype, q.device)
     if lse is not None:
         check_out(lse, (N, Hq), torch.float32, q.device, name="lse")
-    return rows, Hq // Hkv, (d**-0.5 if scale is None else float(scale))
+    return rows, Hq // Hkv, scale
 
 
 def _stride0(t: torch.Tensor) -> int:

@@ -34,6 +34,7 @@ from flamingo_fast.kernels._common import (
     check_tensor,
     dot_dtype,
     is_interpreted,
+    resolve_scale,
     tl_dtype,
     to_output,
 )
@@ -171,11 +172,10 @@ def _check_inputs(q, k, v, image_index, num_latents, scale, out):
         )
     check_shape("v", v, tuple(k.shape), "the shape of k")
     check_shape("image_index", image_index, (B, T), "[B, T] of q")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: got {scale!r}, expected a float or None")
+    scale = resolve_scale(scale, d)
     if out is not None:
         check_out(out, (B, H, T, d), q.dtype, q.device)
-    return k.shape[2] // num_latents, (d**-0.5 if scale is None else float(scale))
+    return k.shape[2] // num_latents, scale
 
 
 def _new_out(q: torch.Tensor) -> torch.Tensor:

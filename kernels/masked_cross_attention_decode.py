@@ -23,7 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from flamingo_fast.kernels._common import check_out, check_shape, check_tensor, is_interpreted, tl_dtype, to_output
+from flamingo_fast.kernels._common import (
+    check_out,
+    check_shape,
+    check_tensor,
+    is_interpreted,
+    resolve_scale,
+    rows_of_queries,
+    tl_dtype,
+    to_output,
+)
 
 NUM_WARPS = 4
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -110,11 +119,7 @@ def _check_inputs(q, k, v, image_index, num_latents, attend_previous, pre_image_
     scale, needs_num_images)."""
     check_tensor("q", q, ndim=3)
     B, H, d = q.shape
-    if not isinstance(queries_per_row, int) or isinstance(queries_per_row, bool) or queries_per_row < 1:
-        raise ValueError(f"queries_per_row: got {queries_per_row!r}, expected an integer >= 1")
-    if B % queries_per_row:
-        raise ValueError(f"q: {B} queries is not a multiple of queries_per_row={queries_per_row}")
-    rows = B // queries_per_row
+    rows = rows_of_queries(B, queries_per_row)
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("image_index", image_index, ndim=1, dtypes=(torch.int32,), device=q.device)
@@ -134,11 +139,10 @@ def _check_inputs(q, k, v, image_index, num_latents, attend_previous, pre_image_
     if num_images is not None:
         check_tensor("num_images", num_images, ndim=1, dtypes=(torch.int32,), device=q.device)
         check_shape("num_images", num_images, (rows,), f"[{rows}]: one per row of k")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: got {scale!r}, expected a float or None")
+    scale = resolve_scale(scale, d)
     if out is not None:
         check_out(out, (B, H, d), q.dtype, q.device)
-    return k.shape[2] // num_latents, (d**-0.5 if scale is None else float(scale)), needs_num_images
+    return k.shape[2] // num_latents, scale, needs_num_images
 
 
 def masked_cross_attention_decode(

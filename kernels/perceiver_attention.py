@@ -26,6 +26,7 @@ from flamingo_fast.kernels._common import (
     check_tensor,
     dot_dtype,
     is_interpreted,
+    resolve_scale,
     tl_dtype,
     to_output,
 )
@@ -132,11 +133,10 @@ def _check_inputs(q, k_media, v_media, k_latents, v_latents, scale, out):
     check_shape("v_media", v_media, tuple(k_media.shape), "the shape of k_media")
     check_shape("k_latents", k_latents, (B, H, L, d), "the shape of q")
     check_shape("v_latents", v_latents, (B, H, L, d), "the shape of q")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: got {scale!r}, expected a float or None")
+    scale = resolve_scale(scale, d)
     if out is not None:
         check_out(out, (B, H, L, d), q.dtype, q.device)
-    return d**-0.5 if scale is None else float(scale)
+    return scale
 
 
 def _new_out(q: torch.Tensor) -> torch.Tensor:

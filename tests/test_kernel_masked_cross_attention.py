@@ -251,6 +251,7 @@ BAD_INPUTS = [
     ("out wrong shape", lambda a: a.update(out=torch.empty(2, 2, 16, 64)), "out"),
     ("out wrong dtype", lambda a: a.update(out=torch.empty(2, 2, 17, 64, dtype=torch.float16)), "out"),
     ("scale string", lambda a: a.update(scale="0.1"), "scale"),
+    ("scale bool", lambda a: a.update(scale=True), "scale"),  # a bool is an int to Python, never a scale
 ]
 
 

@@ -108,13 +108,16 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, n, heads, -1).transpose(1, 2)
 
 
-def _llama_qkv(layer, h, rope):
+def _rotated(q, k, v, rope):
     """rope None: q, k unrotated (the decode step's fused rotary + cache-write kernel rotates them)."""
+    return (q, k, v) if rope is None else (apply_rotary(q, *rope), apply_rotary(k, *rope), v)
+
+
+def _llama_qkv(layer, h, rope):
     attn = layer.self_attn
     q = _split_heads(attn.q_proj(h), attn.num_heads)
     k = _split_heads(attn.k_proj(h), attn.num_kv_heads)
-    v = _split_heads(attn.v_proj(h), attn.num_kv_heads)
-    return (q, k, v) if rope is None else (apply_rotary(q, *rope), apply_rotary(k, *rope), v)
+    return _rotated(q, k, _split_heads(attn.v_proj(h), attn.num_kv_heads), rope)
 
 
 def _neox_qkv(layer, h, rope):
@@ -184,9 +187,8 @@ def _fused_llama_ops(fused: dict) -> DecoderLayerOps:
         attn = layer.self_attn
         kv_rows = attn.num_kv_heads * attn.head_dim
         q, k, v = F.linear(h, fused[layer][0]).split([attn.num_heads * attn.head_dim, kv_rows, kv_rows], dim=-1)
-        q = _split_heads(q, attn.num_heads)
-        k, v = _split_heads(k, attn.num_kv_heads), _split_heads(v, attn.num_kv_heads)
-        return (q, k, v) if rope is None else (apply_rotary(q, *rope), apply_rotary(k, *rope), v)
+        return _rotated(_split_heads(q, attn.num_heads), _split_heads(k, attn.num_kv_heads),
+                        _split_heads(v, attn.num_kv_heads), rope)
 
     def finish(layer, x, attn_out, add_norm, post_norm, next_norm):
         x, h = add_norm(x, layer.self_attn.o_proj(attn_out), post_norm)
@@ -285,8 +287,7 @@ class FastFlamingo:
         # What reads each layer's output: the next gated block's attention norm, the next layer's input norm, or
         # the final norm. The embeddings are read by the same rule, through the module itself (no add precedes).
         reader = [self.xattn[i].attn_norm if i in self.xattn else self.input_norms[i] for i in range(len(layers))]
-        first = self.xattn[0].block.attn_norm if 0 in self.xattn else self.layer_ops.input_norm(layers[0])
-        self.first_norm = first
+        self.first_norm = self.xattn[0].block.attn_norm if 0 in self.xattn else self.layer_ops.input_norm(layers[0])
         self.next_norms = reader[1:] + [NormSpec.of(model.lang_encoder.final_norm, lm.norm)]
         self.alibi_slopes = alibi_slopes(lm.num_heads, lm.alibi_bias_max, self.device) if lm.alibi else None
         self.kv_cache = StaticKVCache.allocate(config, max_batch_size, max_seq_len, self.dtype, self.device)

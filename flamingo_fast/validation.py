@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import masking
 from .config import FlamingoConfig
 
 
@@ -73,7 +74,7 @@ def check_inputs(
     if image_attention_mask is not None:
         raise ValueError("image_attention_mask: given to a model of layout 'openflamingo', where <image> tokens "
                          "decide what each token sees; expected None (it is the IDEFICS layout's input)")
-    images_in_row = (lang_x == config.media_token_id).sum(dim=-1)
+    images_in_row = masking.images_per_row(lang_x, config.media_token_id)
     too_many = (images_in_row > num_images).nonzero().flatten().tolist()
     if too_many:
         row = too_many[0]

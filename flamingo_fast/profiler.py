@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from . import masking
 from .config import PRESETS, FlamingoConfig, from_name
 from .reference import Flamingo, build_reference
 from .timing import PhaseTimer, ProgressBar
@@ -203,22 +204,21 @@ def _int_list(value: Any, name: str, minimum: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _prompt_pieces(config: FlamingoConfig | None) -> tuple[list[int], list[int], int]:
+def _prompt_pieces(config: FlamingoConfig) -> tuple[list[int], list[int], int]:
     """(tokens of an image, tokens that end a shot, the first special token id) in the layout's prompts:
     OpenFlamingo `<image>` ... `<|endofchunk|>`; IDEFICS `<fake_token_around_image><image><fake_token_around_image>`
     (the first added row, then `<image>`) with nothing after a shot."""
-    if config is None or config.layout != "idefics":
-        media, eoc = (32001, 32000) if config is None else (config.media_token_id, config.eoc_token_id)
-        return [media], [eoc], eoc
+    if config.layout != "idefics":
+        return [config.media_token_id], [config.eoc_token_id], config.eoc_token_id
     base = config.lm.vocab_size - config.lm.additional_vocab_size
     return [base, config.media_token_id, base], [], base
 
 
 def prompt_length(shots: int, caption_tokens: int, question_tokens: int, config: FlamingoConfig | None = None) -> int:
-    """<bos> + shots * (<image> caption <|endofchunk|>) + <image> question (OpenFlamingo's layout; IDEFICS's
-    wraps each image in two `<fake_token_around_image>` and ends no shot with a token)."""
-    image, end, _ = _prompt_pieces(config)
-    return 1 + shots * (len(image) + caption_tokens + len(end)) + len(image) + question_tokens
+    """<bos> + shots * (<image> caption <|endofchunk|>) + <image> question (OpenFlamingo's layout, also for
+    config None; IDEFICS's wraps each image in two `<fake_token_around_image>` and ends no shot with a token)."""
+    image, end = (1, 1) if config is None else (len(p) for p in _prompt_pieces(config)[:2])
+    return 1 + shots * (image + caption_tokens + end) + image + question_tokens
 
 
 def image_attention_mask(config: FlamingoConfig, lang_x: torch.Tensor, num_images: int) -> torch.Tensor | None:
@@ -226,7 +226,7 @@ def image_attention_mask(config: FlamingoConfig, lang_x: torch.Tensor, num_image
     each token sees the latest `<image>` (these prompts hold no `</s>`, which would reset it)."""
     if config.layout != "idefics":
         return None
-    time = (lang_x == config.media_token_id).cumsum(dim=-1)  # 1-based, 0 = none
+    time = masking.text_time(lang_x, config.media_token_id)  # 1-based, 0 = none
     return torch.nn.functional.one_hot(time, num_images + 1)[..., 1:].long()
 
 
@@ -574,7 +574,7 @@ def build_workload(config: FlamingoConfig, shots: int, batch: int, batches: int,
                    question_tokens: int, seed: int, dtype: torch.dtype, device: str | torch.device):
     """OpenFlamingo's evaluation: one fixed `shots`-shot context (the same demonstrations and images in every
     row), then `batches` batches of queries (`<image>` + question), each row with its own image and question.
-    -> a list of (vision_x, lang_x, attention_mask)."""
+    -> a list of (vision_x, lang_x, attention_mask, image_attention_mask or None: the IDEFICS layout's)."""
     generator = torch.Generator().manual_seed(seed * 7_919 + shots)
     image, end, high = _prompt_pieces(config)
     low = max(config.bos_token_id, config.eos_token_id) + 1

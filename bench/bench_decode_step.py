@@ -16,16 +16,16 @@ the device (default cuda if available).
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
+from common import median_seconds
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.profiler import build_prompt
-from flamingo_fast.reference import ReferenceKVCache, build_reference
+from flamingo_fast.lm import ReferenceKVCache
+from flamingo_fast.prompts import build_prompt
+from flamingo_fast.reference import build_reference
 
 DEVICE = os.environ.get("FLAMINGO_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 PRESET = os.environ.get("FLAMINGO_BENCH_PRESET", "small")
@@ -45,13 +45,7 @@ def _median_ms(step, repeats: int = 10) -> float:
         import triton.testing
 
         return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(step, repeats=repeats, warmup=1)
 
 
 @pytest.fixture(scope="module")

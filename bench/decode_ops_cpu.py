@@ -15,24 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from common import timed
 
 from flamingo_fast.config import from_name
 from flamingo_fast.kernels.decode_attention import decode_attention_ref
 from flamingo_fast.kernels.rotary_kv_write import rotary_kv_write_ref
-from flamingo_fast.reference import apply_rotary, rotary_cos_sin
-
-
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+from flamingo_fast.lm import apply_rotary, rotary_cos_sin
 
 
 def interleaved(a, b, reps: int, rounds: int = 10) -> tuple[list[float], list[float]]:

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import write_results
 
 from flamingo_fast.config import from_name  # noqa: E402
-from flamingo_fast.profiler import build_prompt, default_device  # noqa: E402
+from flamingo_fast.decode import DECODE_PATHS  # noqa: E402
+from flamingo_fast.profiler import default_device  # noqa: E402
+from flamingo_fast.prompts import build_prompt  # noqa: E402
 from flamingo_fast.reference import build_reference  # noqa: E402
-from flamingo_fast.runtime import DECODE_PATHS, FastFlamingo  # noqa: E402
+from flamingo_fast.runtime import FastFlamingo  # noqa: E402
 from flamingo_fast.timing import PhaseTimer  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def measure(model, inputs, paths, args, dtype) -> dict:
     t0 = time.perf_counter()
     fast.generate(vision, lang_x, mask, max_new_tokens=args.new_tokens, eos_token_id=[])  # warm-up
     warmup_s = time.perf_counter() - t0
-    laps, ids = [], None
+    laps, ids = [], None  # every decode lap of every repeat: one median over them all
     for _ in range(args.repeats):
         timer = PhaseTimer(device=args.device)
         ids = fast.generate(vision, lang_x, mask, max_new_tokens=args.new_tokens, eos_token_id=[], timer=timer)
@@ -125,7 +125,7 @@ def write(args, head: str, lines: list[str], rows: list[dict], complete: bool) -
     if args.md:
         args.md.write_text("\n".join(lines + note) + "\n")
     if args.json:
-        args.json.write_text(json.dumps({"header": head, "rows": rows, "complete": complete}, indent=1))
+        write_results(args.json, {"header": head, "rows": rows, "complete": complete}, args.device)
 
 
 if __name__ == "__main__":

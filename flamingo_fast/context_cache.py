@@ -10,14 +10,21 @@ Two kinds of entries share one budget and one recency order:
   left padding never changes them.
 Queries are never inserted (thousands of them would evict the context). Entries are plain tensors; this module
 runs no model code. Not thread-safe by itself: FastFlamingo calls it under its lock.
+
+`plan_contexts` decides, for one call, which rows' contexts hit, which to compute and which to store, and which
+image slots the call reads (ContextPlan); prefill.py carries the plan out.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .masking import PromptImages
 
 
 @dataclass
@@ -114,3 +121,76 @@ class ContextCache:
     def clear(self) -> None:
         self.entries.clear()
         self.stats.bytes = self.stats.contexts = self.stats.images = 0
+
+
+@dataclass
+class ContextPlan:
+    """How one call's rows use the context cache (plan_contexts).
+
+    context_end  per row: where its context ends; == its real start: no context
+    spans        row -> (real start, context key) of each context staged from the cache before the prompt runs
+                 (cached, or computed once, alone, when several rows share it); a key is (token ids, what each
+                 token sees, the keys of the images it sees)
+    cached       context key -> cache entry, for the contexts already cached (computed ones are added)
+    copy_out     row -> context key of a missing context that only this row has: it runs with its prompt and
+                 is copied out of the row afterwards
+    store        image keys to keep in the cache: the contexts' images, never the queries'
+    start        the first column the prompt runs from (columns before it are staged)
+    needed       per row, the image slots this call reads
+    """
+
+    context_end: list[int]
+    spans: dict[int, tuple]
+    cached: dict
+    copy_out: dict[int, tuple]
+    store: set
+    start: int
+    needed: list[list[int]]
+
+
+def plan_contexts(cache: ContextCache, lang_x: torch.Tensor, attention_mask: torch.Tensor, prompt: PromptImages,
+                  image_keys: list[list], reuse: bool, immediate: bool) -> ContextPlan:
+    """With `reuse`, a row's context (every token before the first one that sees its last image: its last
+    `<image>`) is taken from the cache when its tokens, what each of them sees, and its images were seen
+    before; a missing context that several rows share is computed once, alone; one that a single row has runs
+    with its prompt and is copied out afterwards; both are stored. In the `immediate` mode a row whose context
+    was cached needs only the images its remaining tokens see. Looks the contexts up (counted as hits/misses)."""
+    batch, prompt_len = lang_x.shape
+    context_end = [0] * batch  # per row: where its context ends; == real start: no context
+    spans: dict[int, tuple] = {}  # row -> (real start, context key)
+    if reuse:
+        ids, sight = lang_x.tolist(), prompt.image_index.tolist()
+        real_start = (attention_mask.long().cumsum(dim=1) == 0).sum(dim=1).tolist()
+        for b in range(batch):
+            context_end[b] = real_start[b]
+            last = prompt.visible[b][-1] if prompt.visible[b] else None
+            last_image = next((t for t in range(real_start[b], prompt_len) if sight[b][t] == last), None)
+            if last_image is not None and last_image > real_start[b]:
+                context_end[b] = last_image
+                seen = sight[b][real_start[b]:last_image]
+                spans[b] = (real_start[b], (tuple(ids[b][real_start[b]:last_image]), tuple(seen),
+                                            tuple(image_keys[b][:max(seen) + 1])))
+    store = {k for _, key in spans.values() for k in key[2]}  # context images are kept, never queries
+    # Contexts already cached. A missing one that several rows share is computed, once, alone; one that a
+    # single row has runs with the rest of its prompt and is copied out of its row afterwards.
+    cached, rows_of = {}, {}
+    for b, (_, key) in spans.items():
+        rows_of.setdefault(key, []).append(b)
+    for key in rows_of:
+        entry = cache.get("context", key)
+        if entry is not None:
+            cached[key] = entry
+    copy_out = {rows[0]: key for key, rows in rows_of.items() if key not in cached and len(rows) == 1}
+    for b in copy_out:
+        context_end[b] = spans.pop(b)[0]
+    start = min(context_end)
+    # Image slots this call reads: all of them, except that (immediate mode) a row whose context is cached
+    # reads only the images of its tokens from `start` on (the query's).
+    image_index = prompt.image_index[:, start:].tolist() if cached else None
+    needed = []
+    for b in range(batch):
+        if immediate and b in spans and spans[b][1] in cached:
+            needed.append(sorted({i for i in image_index[b] if i >= 0}))
+        else:
+            needed.append(prompt.visible[b])
+    return ContextPlan(context_end, spans, cached, copy_out, store, start, needed)

@@ -3,11 +3,19 @@
 `KernelOps` picks the implementation of the fused ops: the Triton launchers (`backend="triton"`) or
 their pure-torch twins (`backend="torch"`, which runs anywhere and uses the same algorithms: the
 segment-indexed cross-attention, the cached media K/V). The modules wrap the reference modules as children,
-so their parameters are the very same tensors, under the same names.
+so their parameters are the very same tensors, under the same names. This module is the only door to
+kernels/: `check_backend` reads the kernels' head-dim limits here too.
+
+The decoder stack is wired here as well, for prefill and decode alike (`LayerStack`). Each LM family (LLaMA, MPT,
+GPT-NeoX) supplies a small `DecoderLayerOps`: its norms, its q/k/v projection, and what follows the
+self-attention. Every residual add is fused with the norm that reads its result (the post-attention norm, the
+next gated block's attention norm, the next layer's input norm or the final norm), so no norm costs a pass of
+its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_weights import fuse_linear_weights
 from .kernels import decode_attention as _decode_attention
 from .kernels import gated_residual as _gated_residual
 from .kernels import masked_cross_attention as _xattn
 from .kernels import masked_cross_attention_decode as _xattn_decode
 from .kernels import perceiver_attention as _perceiver_attention
 from .kernels import rotary_kv_write as _rotary_kv_write
+from .lm import alibi_slopes, apply_rotary
 
 BACKENDS = ("triton", "torch")
 
@@ -67,6 +77,21 @@ def kernel_ops(backend: str) -> KernelOps:
             _decode_attention.decode_attention_ref, _rotary_kv_write.rotary_kv_write_ref,
         )
     raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+
+
+def check_backend(config, backend: str) -> None:
+    """The Triton kernels' shape limits, checked when the runtime is built rather than at the first call. The
+    perceiver kernel's head dims are a floor, not a list: smaller ones are zero-padded (FastPerceiverResampler)."""
+    if backend != "triton":
+        return
+    supported = _xattn.SUPPORTED_HEAD_DIMS
+    if config.xattn_dim_head not in supported:
+        raise ValueError(f"config.xattn_dim_head={config.xattn_dim_head}: the Triton kernels support head dims "
+                         f"{supported}; expected one of them, or backend='torch'")
+    largest = max(_perceiver_attention.SUPPORTED_HEAD_DIMS)
+    if config.perceiver.dim_head > largest:
+        raise ValueError(f"config.perceiver.dim_head={config.perceiver.dim_head}: the Triton perceiver kernel takes "
+                         f"head dims up to {largest}; expected at most that, or backend='torch'")
 
 
 class FastGatedCrossAttention(nn.Module):
@@ -172,3 +197,169 @@ class FastPerceiverResampler(nn.Module):
             latents = attn.out(out.transpose(1, 2).flatten(2)) + latents
             latents = ff(latents) + latents
         return r.output_norm(latents).view(b, t, -1, d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The per-family piece of a decoder layer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, heads * hd] -> [B, heads, T, hd]."""
+    b, n, _ = t.shape
+    return t.view(b, n, heads, -1).transpose(1, 2)
+
+
+def _rotated(q, k, v, rope):
+    """rope None: q, k unrotated (the decode step's fused rotary + cache-write kernel rotates them)."""
+    return (q, k, v) if rope is None else (apply_rotary(q, *rope), apply_rotary(k, *rope), v)
+
+
+def _llama_qkv(layer, h, rope):
+    attn = layer.self_attn
+    q = _split_heads(attn.q_proj(h), attn.num_heads)
+    k = _split_heads(attn.k_proj(h), attn.num_kv_heads)
+    return _rotated(q, k, _split_heads(attn.v_proj(h), attn.num_kv_heads), rope)
+
+
+def _neox_qkv(layer, h, rope):
+    """The reference's project (rope None: q, k unrotated, for the fused rotary + cache-write kernel)."""
+    attn = layer.attention
+    if rope is not None:
+        return attn.project(h, rope)
+    b, t, _ = h.shape
+    return attn.query_key_value(h).view(b, t, attn.num_heads, 3 * attn.head_dim).transpose(1, 2).chunk(3, dim=-1)
+
+
+# `finish(layer, x, attn_out, add_norm, post_norm, next_norm) -> (x, next_norm(x))`: everything after the
+# self-attention. Every residual add goes through `add_norm(x, y, spec) -> (x + y, spec's norm of it)`, one
+# fused kernel, so the norm that follows an add (the layer's own post-attention norm, then whatever reads the
+# layer's output: the next gated block, the next layer or the final norm) costs no extra pass.
+
+
+def _llama_finish(layer, x, attn_out, add_norm, post_norm, next_norm):
+    x, h = add_norm(x, layer.self_attn.o_proj(attn_out), post_norm)
+    return add_norm(x, layer.mlp(h), next_norm)
+
+
+def _mpt_finish(layer, x, attn_out, add_norm, post_norm, next_norm):
+    x, h = add_norm(x, layer.attn.out_proj(attn_out), post_norm)
+    return add_norm(x, layer.ffn(h), next_norm)
+
+
+def _neox_finish(layer, x, attn_out, add_norm, post_norm, next_norm):
+    attn = layer.attention.dense(attn_out)
+    if layer.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)): ln2 reads the layer's input
+        return add_norm(x, attn + layer.mlp(layer.post_attention_layernorm(x)), next_norm)
+    x, h = add_norm(x, attn, post_norm)
+    return add_norm(x, layer.mlp(h), next_norm)
+
+
+@dataclass(frozen=True)
+class DecoderLayerOps:
+    """One LM family's decoder layer, split around its self-attention:
+
+    input_norm(layer) -> the norm module applied to the layer's input (fused into whatever add precedes it)
+    post_norm(layer) -> the norm between the attention residual and the MLP (fused into that residual add)
+    qkv(layer, h, rope) -> q, k, v [B, H, T, hd] from the normalised input, rotary applied (rope None for ALiBi)
+    finish(layer, x, attn_out, add_norm, post_norm, next_norm) -> (the layer's output, next_norm of it)
+    """
+
+    input_norm: Callable
+    post_norm: Callable
+    qkv: Callable
+    finish: Callable
+
+
+FAMILY_LAYER_OPS = {
+    "llama": DecoderLayerOps(lambda layer: layer.input_layernorm, lambda layer: layer.post_attention_layernorm,
+                             _llama_qkv, _llama_finish),
+    "mpt": DecoderLayerOps(lambda layer: layer.norm_1, lambda layer: layer.norm_2,
+                           lambda layer, h, rope: layer.attn.project(h), _mpt_finish),
+    "gpt_neox": DecoderLayerOps(lambda layer: layer.input_layernorm, lambda layer: layer.post_attention_layernorm,
+                                _neox_qkv, _neox_finish),
+}
+
+
+def _fused_llama_ops(fused: dict) -> DecoderLayerOps:
+    """LLaMA's layer ops with one GEMM for q/k/v and one for gate/up: `fused[layer]` = (qkv weight, gate_up
+    weight), whose row ranges the layer's own q/k/v_proj and gate/up_proj weights are views of."""
+
+    def qkv(layer, h, rope):
+        attn = layer.self_attn
+        kv_rows = attn.num_kv_heads * attn.head_dim
+        q, k, v = F.linear(h, fused[layer][0]).split([attn.num_heads * attn.head_dim, kv_rows, kv_rows], dim=-1)
+        return _rotated(_split_heads(q, attn.num_heads), _split_heads(k, attn.num_kv_heads),
+                        _split_heads(v, attn.num_kv_heads), rope)
+
+    def finish(layer, x, attn_out, add_norm, post_norm, next_norm):
+        x, h = add_norm(x, layer.self_attn.o_proj(attn_out), post_norm)
+        gate, up = F.linear(h, fused[layer][1]).chunk(2, dim=-1)
+        return add_norm(x, layer.mlp.down_proj(F.silu(gate) * up), next_norm)
+
+    return dataclasses.replace(FAMILY_LAYER_OPS["llama"], qkv=qkv, finish=finish)
+
+
+
+class LayerStack:
+    """The decoder stack's wiring, shared by prefill and decode: the LM's modules, its family's layer ops (fused
+    LLaMA projections when asked and possible), the gated block before each of its layers, the norm each fused
+    residual add applies, and the ALiBi slopes (MPT). Built once per runtime over the model's own tensors.
+
+    input_norms[i]  layer i's input norm (the gated block before it normalises for it)
+    post_norms[i]   layer i's post-attention norm
+    next_norms[i]   what reads layer i's output: the next gated block's attention norm, the next layer's input
+                    norm, or the final norm
+    first_norm      the embeddings' reader, by the same rule, as the module itself (no add precedes it)
+    """
+
+    def __init__(self, model: nn.Module, ops: KernelOps, fuse_projections: bool):
+        config = model.config
+        lm = self.lm = config.lm
+        self.lang_encoder, self.ops = model.lang_encoder, ops
+        self.xattn = {int(i): FastGatedCrossAttention(b, ops, config.perceiver.num_latents,
+                                                      config.only_attend_immediate_media,
+                                                      config.openflamingo_pre_image_bug)
+                      for i, b in model.lang_encoder.gated_cross_attn_layers.items()}
+        self.xattn_slot = {idx: slot for slot, idx in enumerate(config.xattn_layer_indices)}
+        self.layer_ops = FAMILY_LAYER_OPS[lm.family]
+        self.fused_projections = False  # whether LLaMA's q/k/v and gate/up run as one GEMM each
+        if lm.family == "llama" and fuse_projections:
+            fused = {layer: (
+                fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj]),
+            ) for layer in model.lang_encoder.layers}
+            if all(w is not None for pair in fused.values() for w in pair):
+                self.layer_ops, self.fused_projections = _fused_llama_ops(fused), True
+            # else a weight another tensor also holds (a view kept elsewhere): fusing would add a copy, not move it
+        layers = model.lang_encoder.layers
+        self.input_norms = [NormSpec.of(self.layer_ops.input_norm(layer), lm.norm) for layer in layers]
+        self.post_norms = [NormSpec.of(self.layer_ops.post_norm(layer), lm.norm) for layer in layers]
+        # What reads each layer's output: the next gated block's attention norm, the next layer's input norm, or
+        # the final norm. The embeddings are read by the same rule, through the module itself (no add precedes).
+        reader = [self.xattn[i].attn_norm if i in self.xattn else self.input_norms[i] for i in range(len(layers))]
+        self.first_norm = self.xattn[0].block.attn_norm if 0 in self.xattn else self.layer_ops.input_norm(layers[0])
+        self.next_norms = reader[1:] + [NormSpec.of(model.lang_encoder.final_norm, lm.norm)]
+        device = model.lang_encoder.output_head.weight.device
+        self.alibi_slopes = alibi_slopes(lm.num_heads, lm.alibi_bias_max, device) if lm.alibi else None
+
+    def layers(self, x, rope, cross, attend) -> torch.Tensor:
+        """The decoder stack, shared by prefill and decode: x [B, T, D] embeddings -> final_norm(output).
+
+        cross(idx, x, normed) runs the gated block before layer idx; attend(idx, q, k, v) -> [B, H, T, hd]
+        writes the layer's keys/values into the cache and attends. Each residual add is fused with the norm
+        that reads its result, so `h` is always the normalised input of what comes next."""
+        ops, h = self.layer_ops, self.first_norm(x)
+        batch, length = x.shape[:2]
+        for idx, layer in enumerate(self.lang_encoder.layers):
+            if idx in self.xattn:
+                x, h = cross(idx, x, h)
+            out = attend(idx, *ops.qkv(layer, h, rope))
+            x, h = ops.finish(layer, x, out.transpose(1, 2).reshape(batch, length, -1), self.add_norm,
+                              self.post_norms[idx], self.next_norms[idx])
+        return h
+
+    def add_norm(self, x: torch.Tensor, y: torch.Tensor, norm: NormSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + y, norm(x + y)) in one fused pass."""
+        return self.ops.gated_residual(x, y, None, norm=norm.kind, norm_weight=norm.weight, norm_bias=norm.bias,
+                                       eps=norm.eps)

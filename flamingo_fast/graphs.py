@@ -1,8 +1,9 @@
 """The decode step's per-call device state, and the CUDA-graph runner that replays the step.
 
-Captured graphs close over the cache buffers they read and write (StaticKVCache, MediaKVCache, TailKVCache):
-a cache is allocated once and written in place, never replaced. Swapping a cache object under a captured
-graph would make every replay silently read the old memory.
+The step takes its state as an argument (decode.decode_step: the layer wiring and the caches), and a graph
+captures the buffers of the state it was captured with (StaticKVCache, MediaKVCache, TailKVCache): a cache is
+allocated once and written in place, never replaced, and every `run` passes a state over the same buffers.
+Swapping a cache object under a captured graph would make every replay silently read the old memory.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -51,7 +53,7 @@ class DecodeGraphs:
     read only the cache columns they can use instead of all `max_seq_len`.
     """
 
-    def __init__(self, step: Callable[[DecodeInputs, int, int, bool], torch.Tensor], max_batch_size: int,
+    def __init__(self, step: Callable[[Any, DecodeInputs, int, int, bool], torch.Tensor], max_batch_size: int,
                  max_seq_len: int, device: torch.device, kv_bucket: int = 256, max_hypotheses: int | None = None):
         self.step, self.max_seq_len, self.kv_bucket, self.device = step, max_seq_len, kv_bucket, device
         self.max_hypotheses = max_hypotheses  # the tail cache's rows: a bucket of hypotheses must fit in them
@@ -68,7 +70,9 @@ class DecodeGraphs:
                 and (not tails or self.max_hypotheses is None or b * per_row <= self.max_hypotheses)]
         return fits[0] if fits else rows
 
-    def run(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool) -> torch.Tensor:
+    def run(self, state, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool) -> torch.Tensor:
+        """step(state, inputs, ...) by replay: captured on first use of its key, with `state` (the caches and
+        wiring every later replay reads in place)."""
         hypotheses = inputs.token.shape[0]
         rows = self.row_bucket(hypotheses // per_row, per_row, tails)
         kv_len = min(-(-kv_len // self.kv_bucket) * self.kv_bucket, self.max_seq_len)
@@ -78,22 +82,23 @@ class DecodeGraphs:
         static.copy_from(inputs)
         key = (rows, per_row, tails, kv_len)
         if key not in self.graphs:
-            self._capture(key, static)
+            self._capture(key, state, static)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:hypotheses]
 
-    def _capture(self, key: tuple[int, int, bool, int], static: DecodeInputs) -> None:
+    def _capture(self, key: tuple[int, int, bool, int], state, static: DecodeInputs) -> None:
         start = time.perf_counter()
         _, per_row, tails, kv_len = key
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self.step(static, kv_len, per_row, tails)  # warm-up; rewrites the same cache column with the same values
+            # warm-up; rewrites the same cache column with the same values
+            self.step(state, static, kv_len, per_row, tails)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.step(static, kv_len, per_row, tails)
+            logits = self.step(state, static, kv_len, per_row, tails)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = (graph, logits)

@@ -33,10 +33,8 @@ import torch
 from torch import nn
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
-from .openflamingo import FlamingoOutput, TimedHFGenerate, build_reference_from_state
-from .reference import Flamingo
-from .search import HFGenerateDefaults, hf_generate, hf_generation_defaults
-from .timing import PhaseTimer
+from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults
+from .reference import Flamingo, build_reference_from_state
 from .validation import check_eval_mode
 
 PREFIXES = (  # transformers prefix -> ours
@@ -210,13 +208,11 @@ class IdeficsRuntime:
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, **options):
-        """IdeficsForVisionText2Text's call with Hugging Face's options (search.hf_generate says how each is taken);
+        """IdeficsForVisionText2Text's call with Hugging Face's options (hf.hf_generate says how each is taken);
         the default stop token is the model's eos (`</s>`)."""
         vision_x = self._vision(pixel_values)  # other image inputs: hf_generate accepts them only at ACCEPTED
         mask = self._mask(image_attention_mask, input_ids, vision_x)
-        return hf_generate(
-            lambda **kw: self.engine.generate(vision_x, input_ids, attention_mask, image_attention_mask=mask, **kw),
-            self.defaults, self.config.lm.vocab_size, **options)
+        return hf_generate(self.engine, self.defaults, vision_x, input_ids, attention_mask, mask, **options)
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
@@ -250,77 +246,8 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     config = config_from_idefics(model)
     reference = build_reference_from_state(config, reference_state_dict(model, config))
     runner = reference if engine == "reference" else FastFlamingo.from_reference(reference, **runtime_options)
-    generation = getattr(model, "generation_config", None)
-    defaults = generation.to_diff_dict() if hasattr(generation, "to_diff_dict") else {}
+    generation, defaults = generation_config_of(model)
     eos = getattr(generation, "eos_token_id", None)
     eos = model.config.eos_token_id if eos is None else eos
     pad = getattr(generation, "pad_token_id", None)
     return IdeficsRuntime(runner, reference, eos, model.config.pad_token_id if pad is None else pad, defaults)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The baseline: transformers' own IDEFICS on the reference's tensors (profiler, tests)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def hf_idefics_config(config: FlamingoConfig):
-    """transformers' IdeficsConfig for a FlamingoConfig of the IDEFICS layout."""
-    import transformers
-
-    if config.layout != "idefics":
-        raise ValueError(f"config.layout={config.layout!r}: expected 'idefics'")
-    v, p, lm = config.vision, config.perceiver, config.lm
-    return transformers.IdeficsConfig(
-        vocab_size=lm.vocab_size - lm.additional_vocab_size, additional_vocab_size=lm.additional_vocab_size,
-        hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
-        num_attention_heads=lm.num_heads, rms_norm_eps=lm.rms_norm_eps, hidden_act="silu",
-        cross_layer_interval=config.cross_attn_every_n_layers, qk_layer_norms=config.xattn_qk_norm,
-        alpha_type="vector" if config.xattn_gate_per_channel else "float", use_resampler=True,
-        tie_word_embeddings=lm.tie_word_embeddings, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        vision_config=dict(embed_dim=v.width, image_size=v.image_size, patch_size=v.patch_size,
-                           num_hidden_layers=v.layers, num_attention_heads=v.heads, intermediate_size=v.mlp_width,
-                           hidden_act=v.act, layer_norm_eps=v.layer_norm_eps, num_channels=v.in_channels),
-        perceiver_config=dict(use_resampler=True, resampler_n_latents=p.num_latents, resampler_depth=p.depth,
-                              resampler_n_heads=p.heads, resampler_head_dim=p.dim_head,
-                              qk_layer_norms_perceiver=p.qk_norm),
-    )
-
-
-@torch.no_grad()
-def to_idefics(reference: Flamingo) -> nn.Module:
-    """The same model as `reference` (IDEFICS layout) as transformers' IdeficsForVisionText2Text, its parameters
-    the reference's own tensors (the unused `post_layernorm` keeps its fresh LayerNorm init). Needs transformers;
-    builds nothing from the network."""
-    import transformers
-
-    config = reference.config
-    weight = reference.lang_encoder.output_head.weight
-    with torch.device(weight.device):
-        model = transformers.IdeficsForVisionText2Text(hf_idefics_config(config))
-    ours = reference.state_dict(keep_vars=True)
-    theirs = {name: ours[our_name(name, config)] for name in model.state_dict() if our_name(name, config)}
-    model.load_state_dict(theirs, strict=False, assign=True)
-    return model.to(dtype=weight.dtype).eval()
-
-
-class IdeficsBaseline(TimedHFGenerate):
-    """transformers' IdeficsForVisionText2Text.generate on the reference's weights, behind the profiler's call
-    (vision_x [B, N, 1, C, H, W], lang_x, attention_mask, image_attention_mask) with flamingo_fast's phase timer
-    (TimedHFGenerate): "vision" is the vision tower and perceiver of the first forward, timed by a hook on the
-    perceiver; a perceiver that transformers re-runs at every step, as 5.x does, counts as decode."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        model.model.perceiver_resampler.register_forward_hook(lambda *args: self._lap_vision())
-
-    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
-                 timer: PhaseTimer | None = None, num_beams: int = 1,
-                 image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._timed(
-            lambda **options: self.model.generate(
-                input_ids=lang_x, attention_mask=attention_mask, pixel_values=vision_x[:, :, 0],
-                image_attention_mask=image_attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                do_sample=False, **options),
-            max_new_tokens, eos_token_id, timer)

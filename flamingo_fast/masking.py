@@ -68,9 +68,11 @@ class PromptImages:
         return [row[-1] + 1 if row else 0 for row in self.visible]
 
     @classmethod
-    def from_media_tokens(cls, lang_x: torch.Tensor, media_token_id: int) -> PromptImages:
-        """OpenFlamingo: a token sees the image of the latest `<image>`; generated tokens the row's last."""
-        counts = images_per_row(lang_x, media_token_id)
+    def from_media_tokens(cls, lang_x: torch.Tensor, media_token_id: int,
+                          counts: torch.Tensor | None = None) -> PromptImages:
+        """OpenFlamingo: a token sees the image of the latest `<image>`; generated tokens the row's last.
+        `counts`: images_per_row(lang_x, media_token_id) when the caller has already counted them (validation)."""
+        counts = images_per_row(lang_x, media_token_id) if counts is None else counts
         return cls(image_index(lang_x, media_token_id), (counts - 1).to(torch.int32),
                    [list(range(c)) for c in counts.tolist()])
 

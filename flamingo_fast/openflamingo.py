@@ -44,9 +44,8 @@ import torch
 from torch import nn
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
-from .reference import Flamingo
-from .search import HFGenerateDefaults, hf_generate, hf_generation_defaults
-from .timing import PhaseTimer
+from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults
+from .reference import Flamingo, build_reference_from_state
 
 # The decoder layers' attribute in each source layout (OpenFlamingo's `decoder_layers_attr_name`).
 LAYERS_ATTR = {"llama": "model.layers", "mpt": "transformer.blocks", "mosaic_gpt": "transformer.blocks",
@@ -409,24 +408,9 @@ def _fill_output_rows(weight: torch.Tensor, rows: int, name: str, how: str) -> t
     return torch.cat([weight, extra])
 
 
-def build_reference_from_state(config: FlamingoConfig, tensors: Mapping[str, torch.Tensor]) -> Flamingo:
-    """A reference Flamingo whose parameters ARE `tensors` (assigned, not copied): built on the meta device."""
-    with torch.device("meta"):
-        model = Flamingo(config)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The drop-in
 # ----------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class FlamingoOutput:
-    """What the drop-in's forward returns: OpenFlamingo's callers read `.logits`."""
-
-    logits: torch.Tensor
 
 
 class OpenFlamingoRuntime:
@@ -464,10 +448,9 @@ class OpenFlamingoRuntime:
         return self.fast.capture_seconds
 
     def generate(self, vision_x, lang_x, attention_mask=None, **options):
-        """OpenFlamingo's call with Hugging Face's options (search.hf_generate says how each is taken); the
+        """OpenFlamingo's call with Hugging Face's options (hf.hf_generate says how each is taken); the
         default stop token is `<|endofchunk|>`."""
-        return hf_generate(lambda **kw: self.fast.generate(vision_x, lang_x, attention_mask, **kw), self.defaults,
-                           self.config.lm.vocab_size, **options)
+        return hf_generate(self.fast, self.defaults, vision_x, lang_x, attention_mask, None, **options)
 
     def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
               normalize_length: bool = False, progress: bool | None = None) -> torch.Tensor:
@@ -514,9 +497,8 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     tensors = to_reference_state_dict(state, config, layout)
     reference = build_reference_from_state(config, tensors)
     fast = FastFlamingo.from_reference(reference, **runtime_options)
-    generation = getattr(model.lang_encoder, "generation_config", None)
+    generation, defaults = generation_config_of(model.lang_encoder)
     hf_pad = getattr(generation, "pad_token_id", None)
-    defaults = generation.to_diff_dict() if hasattr(generation, "to_diff_dict") else {}
     return OpenFlamingoRuntime(fast, reference, pad_token_id if pad_token_id is not None else hf_pad, defaults)
 
 
@@ -669,175 +651,3 @@ def load_openflamingo(
     generation_file = lm_dir / "generation_config.json"
     defaults = _read_json(generation_file, f"lm_path={str(lm_path)!r}") if generation_file.is_file() else {}
     return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad, defaults)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The other direction: OpenFlamingo running our weights (the profiler's baseline)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _hf_lm(lm: LMConfig, config: FlamingoConfig):
-    import transformers
-
-    tokens = dict(vocab_size=lm.vocab_size, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                  pad_token_id=config.pad_token_id, max_position_embeddings=lm.max_position_embeddings)
-    if lm.family == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
-            num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads, rms_norm_eps=lm.rms_norm_eps,
-            rope_theta=lm.rope_theta, tie_word_embeddings=lm.tie_word_embeddings, **tokens))
-    if lm.family == "gpt_neox":
-        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-            hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
-            num_attention_heads=lm.num_heads, layer_norm_eps=lm.layer_norm_eps, rotary_pct=lm.rotary_pct,
-            rotary_emb_base=lm.rope_theta, use_parallel_residual=lm.parallel_residual,
-            tie_word_embeddings=lm.tie_word_embeddings, **tokens))
-    if lm.qk_ln or lm.bias or lm.intermediate_size != 4 * lm.hidden_size:
-        raise ValueError("lm: transformers' MptForCausalLM has no qk_ln, no biases and a 4x MLP; this MPT "
-                         "(MosaicGPT-style) has no OpenFlamingo baseline without its remote code")
-    max_len = tokens.pop("max_position_embeddings")
-    return transformers.MptForCausalLM(transformers.MptConfig(
-        d_model=lm.hidden_size, n_heads=lm.num_heads, n_layers=lm.num_layers, max_seq_len=max_len,
-        layer_norm_epsilon=lm.layer_norm_eps, attn_config={"alibi": True, "alibi_bias_max": lm.alibi_bias_max,
-                                                           "clip_qkv": lm.clip_qkv}, **tokens))
-
-
-@torch.no_grad()
-def to_openflamingo(reference: Flamingo) -> nn.Module:
-    """The same model as `reference` as an open_flamingo `Flamingo` (open_clip ViT, Hugging Face LM extended
-    with FlamingoLMMixin), its parameters the reference's own tensors. Needs open_flamingo, open_clip and
-    transformers (`make setup-openflamingo`); builds nothing from the network."""
-    import types
-
-    from open_clip.transformer import QuickGELU, VisionTransformer
-    from open_flamingo.src.flamingo import Flamingo as OpenFlamingo
-    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-    from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
-    from open_flamingo.src.utils import extend_instance
-
-    config = reference.config
-    p = config.perceiver
-    v, lm = config.vision, config.lm
-    device = reference.lang_encoder.output_head.weight.device
-    layout = lm.family
-    with torch.device(device):
-        vit = VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
-                                heads=v.heads, mlp_ratio=v.mlp_ratio,
-                                act_layer=QuickGELU if v.act == "quick_gelu" else nn.GELU, output_tokens=True)
-        lang = _hf_lm(lm, config)
-        extend_instance(lang, FlamingoLMMixin)
-        lang.set_decoder_layers_attr_name(LAYERS_ATTR[layout])
-        model = OpenFlamingo(types.SimpleNamespace(visual=vit), lang, config.eoc_token_id, config.media_token_id,
-                             vis_dim=v.width, cross_attn_every_n_layers=config.cross_attn_every_n_layers)
-        # OpenFlamingo's Flamingo fixes the resampler and blocks at their released shapes; our presets may not
-        model.perceiver = PerceiverResampler(dim=v.width, depth=p.depth, dim_head=p.dim_head, heads=p.heads,
-                                             num_latents=p.num_latents, ff_mult=p.ff_mult)
-        lang.gated_cross_attn_layers = nn.ModuleList(
-            GatedCrossAttentionBlock(dim=lm.hidden_size, dim_visual=v.width, dim_head=config.xattn_dim_head,
-                                     heads=config.xattn_heads, ff_mult=config.xattn_ff_mult,
-                                     only_attend_immediate_media=config.only_attend_immediate_media)
-            if i in config.xattn_layer_indices else None for i in range(lm.num_layers))
-        lang.init_flamingo_layers(False)  # OpenFlamingo's way to re-wire changed gated blocks into its layers
-    ours = reference.state_dict(keep_vars=True)
-    ignored = [re.compile(p) for p in IGNORED]
-    theirs = {}
-    for name in model.state_dict():
-        source = canonical_name(name, layout)
-        if source in ours:
-            theirs[name] = ours[source]
-        elif not any(p.match(source) for p in ignored):
-            raise ValueError(f"{name}: no tensor of the reference maps to this OpenFlamingo parameter")
-    model.load_state_dict(theirs, strict=False, assign=True)
-    return model.to(dtype=reference.lang_encoder.output_head.weight.dtype).eval()
-
-
-class TimedHFGenerate:
-    """A Hugging Face generate behind flamingo_fast's phase timer: "vision" (lapped by a forward hook of the
-    baseline's, on the first forward only), "prefill" (the first token) and "decode" (each later token), these two
-    lapped by a stopping criterion that never stops. `eos_token_id=[]` (never stop) becomes
-    `min_new_tokens=max_new_tokens`, which Hugging Face implements by suppressing the eos tokens."""
-
-    def __init__(self) -> None:
-        self._timer: PhaseTimer | None = None
-        self._laps = 0
-
-    def _lap_vision(self) -> None:
-        if self._timer is not None and self._laps == 0:
-            self._timer.lap("vision")
-
-    def _timed(self, generate, max_new_tokens: int, eos_token_id, timer: PhaseTimer | None) -> torch.Tensor:
-        """generate(stopping_criteria=..., **eos options) -> ids, timed."""
-        import transformers
-
-        baseline = self
-
-        class LapPerToken(transformers.StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                if baseline._timer is not None:
-                    baseline._timer.lap("prefill" if baseline._laps == 0 else "decode")
-                baseline._laps += 1
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-        options = {}
-        if eos_token_id is not None and list(eos_token_id if not isinstance(eos_token_id, int) else [0]) == []:
-            options["min_new_tokens"] = max_new_tokens
-        elif eos_token_id is not None:
-            options["eos_token_id"] = eos_token_id
-        self._timer, self._laps = timer, 0
-        if timer is not None:
-            timer.start()
-        try:
-            with torch.no_grad():
-                return generate(stopping_criteria=transformers.StoppingCriteriaList([LapPerToken()]), **options)
-        finally:
-            self._timer = None
-
-
-class OpenFlamingoBaseline(TimedHFGenerate):
-    """OpenFlamingo's own `generate` on the same weights, with flamingo_fast's phase timer (TimedHFGenerate;
-    "vision" is open_clip + the perceiver, timed by a hook on the perceiver)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        model.perceiver.register_forward_hook(lambda *args: self._lap_vision())
-
-    @torch.no_grad()
-    def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
-              normalize_length: bool = False) -> torch.Tensor:
-        """OpenFlamingo's `get_rank_classifications` with `use_cache=True`, as its evaluation code runs it
-        (open_flamingo/eval/models/open_flamingo.py): cache the media, one forward over the prompt that keeps
-        its past_key_values, then one cached forward per candidate over the candidate's tokens, and the sum (or
-        mean) of their log-softmax. -> [B, C] float32. The prompt's cache is copied for each candidate: the
-        evaluation code was written for the tuple caches of older transformers, which a forward never changed;
-        transformers 4.57's Cache objects grow in place."""
-        import copy
-
-        model = self.model
-        batch = lang_x.shape[0]
-        mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
-        model.uncache_media()
-        model.cache_media(input_ids=lang_x, vision_x=vision_x)
-        try:
-            prompt = model(vision_x=None, lang_x=lang_x, attention_mask=mask, clear_conditioned_layers=False,
-                           use_cache=True)
-            out = []
-            for candidate in candidates:
-                tokens = torch.tensor(candidate, device=lang_x.device).expand(batch, -1)
-                step = model(vision_x=None, lang_x=tokens, attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1),
-                             clear_conditioned_layers=False, past_key_values=copy.deepcopy(prompt.past_key_values),
-                             use_cache=True)
-                log_probs = torch.log_softmax(torch.cat([prompt.logits, step.logits], dim=1), dim=-1)
-                n = len(candidate)
-                picked = log_probs[:, -n - 1:-1].gather(2, tokens[:, :, None]).squeeze(-1)
-                out.append(picked.sum(dim=1) / n if normalize_length else picked.sum(dim=1))
-        finally:
-            model.uncache_media()
-        return torch.stack(out, dim=1).float()
-
-    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
-                 timer: PhaseTimer | None = None, num_beams: int = 1) -> torch.Tensor:
-        return self._timed(
-            lambda **options: self.model.generate(vision_x, lang_x, attention_mask=attention_mask,
-                                                  max_new_tokens=max_new_tokens, num_beams=num_beams, **options),
-            max_new_tokens, eos_token_id, timer)

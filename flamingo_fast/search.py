@@ -16,6 +16,8 @@ hypotheses to the row's prompt as one matrix-matrix product.
 - `sample_search`: greedy and sampled decoding (one hypothesis per row).
 - `beam_search`: Hugging Face's beam search, vectorised over rows and beams on the device.
 - `beam_search_ref`: the same semantics written plainly, one hypothesis at a time: its twin in tests.
+- `generation_options`, `generate_ids`: the generate call shared by the reference and the runtime (Hugging
+  Face's generate options are translated to GenerationOptions in hf.py).
 
 Beam search follows Hugging Face transformers 4.57 (`GenerationMixin._beam_search`, the vectorised rewrite of
 4.50 that OpenFlamingo's evaluation runs on with that release):
@@ -36,8 +38,8 @@ included) with `early_stopping=False`, and so stopped at other steps; they are n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -397,6 +399,61 @@ def generation_options(config, *, max_new_tokens=20, min_new_tokens=0, do_sample
     )
 
 
+class KeywordGenerate:
+    """`generate(...)` with keyword options, shared by the reference (Flamingo) and the runtime (FastFlamingo): the
+    options are checked and translated once into GenerationOptions, then run by the class's own
+    `generate_from_options(vision_x, lang_x, attention_mask, options, *, generator, timer, return_logits,
+    image_attention_mask)` (which the Hugging Face drop-ins call directly with the options they built)."""
+
+    config: object  # FlamingoConfig
+
+    def generate(
+        self,
+        vision_x: torch.Tensor | None,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        timer=None,
+        return_logits: bool = False,
+        min_new_tokens: int = 0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
+        image_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Greedy, sampled or beam-searched continuation -> ids [B * num_return_sequences, T + new].
+
+        Greedy and sampling (num_beams=1): a row stops at its first stop token (default: `<|endofchunk|>` or the
+        LM's eos; `eos_token_id=[]` never stops) and is then filled with `pad_token_id`; generation ends when
+        every row has stopped. The first `min_new_tokens` tokens are never stop tokens. With
+        `return_logits=True` returns `(ids, logits)`, logits [B, new, vocab] float32: the scores each new token
+        was chosen from. Sampling options are ignored when `do_sample=False`.
+        Beam search (num_beams > 1): Hugging Face's, with `length_penalty`, `early_stopping` and
+        `num_return_sequences` (this module's docstring says exactly which release it follows): the reference
+        searches plainly, one hypothesis at a time (`beam_search_ref`: the ground truth the fast path's vectorised
+        `beam_search` is tested against); FastFlamingo encodes and prefills each row's prompt once, and its beams
+        share that KV with private tails. Each row's best sequences come best first, padded with `pad_token_id`.
+        Every generated token attends to the last image of its row's prompt (IDEFICS: to what the last prompt
+        token sees). `timer` records phase times.
+        """
+        options = generation_options(
+            self.config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+            early_stopping=early_stopping, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        return self.generate_from_options(vision_x, lang_x, attention_mask, options, generator=generator, timer=timer,
+                                          return_logits=return_logits, image_attention_mask=image_attention_mask)
+
+
 def generate_ids(prefill, lang_x: torch.Tensor, options: GenerationOptions, vocab_size: int, *, generator=None,
                  timer=None, return_logits: bool = False, stop_check_interval: int = 1, plain: bool = False):
     """prefill() -> (decoder, first_logits [B, vocab]); then the search the options ask for (`plain`: beams
@@ -425,83 +482,3 @@ def generate_ids(prefill, lang_x: torch.Tensor, options: GenerationOptions, voca
     else:
         result = beam_search(decoder, first_logits, options, stop_check_interval, timer)
     return torch.cat([prompt, result.tokens], dim=1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Hugging Face's generate call, as the drop-ins (openflamingo.py, idefics.py) take it
-# ----------------------------------------------------------------------------------------------------------
-
-# The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults.
-HF_SUPPORTED = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
-                "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
-                "num_return_sequences": 1}
-# generation_config entries that change nothing here: the drop-ins read eos and pad themselves, max_length is
-# overridden by max_new_tokens, the cache never changes results; and what transformers 5 writes at its defaults.
-HF_IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
-              "decoder_start_token_id", "max_length", "use_cache"}
-HF_IGNORED_WHEN_OFF = {"output_attentions", "output_hidden_states", "output_scores", "output_logits",
-                       "return_dict_in_generate"}
-# Hugging Face options that are not implemented: accepted only at their default.
-HF_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
-
-
-def hf_generation_defaults(generation_config: Mapping | None) -> dict:
-    """A model's `generation_config.to_diff_dict()` -> the entries that matter to a drop-in's generate."""
-    return {k: v for k, v in (generation_config or {}).items()
-            if k not in HF_IGNORED and not (k in HF_IGNORED_WHEN_OFF and not v)}
-
-
-@dataclass(frozen=True)
-class HFGenerateDefaults:
-    """What a drop-in's model says about generate: its generation_config entries (hf_generation_defaults), the
-    stop tokens and pad it uses when the call gives none, where the config came from (for errors) and call
-    keywords the model takes that are accepted at their defaults only."""
-
-    generation_config: Mapping
-    eos_token_id: int | Sequence[int] | None
-    pad_token_id: int | None
-    where: str
-    accepted: Mapping = field(default_factory=dict)
-
-
-def hf_generate(run, defaults: HFGenerateDefaults, vocab_size: int, *, max_new_tokens: int | None = None,
-                num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
-                top_k: int | None = None, top_p: float | None = None,
-                eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
-                pad_token_id: int | None = None, length_penalty: float | None = None,
-                early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
-                generator=None, timer=None, return_logits: bool = False, use_cache: bool = True, **hf_options):
-    """A drop-in's generate call, Hugging Face's options -> `run(**FastFlamingo.generate keywords)`.
-
-    Each option left at None takes the model's generation_config value, else Hugging Face's default (top_k 50
-    when sampling); an unsupported generation_config entry is an error naming `defaults.where` unless the call
-    passes that option's default; any other keyword is accepted only at its default (HF_DEFAULTS and
-    `defaults.accepted`). Finished rows are filled as Hugging Face fills them: the call's pad, else the model's,
-    else the first stop token; beam search with `pad_token_id or eos_token_id[0]`. use_cache changes how
-    Hugging Face computes, never what: flamingo_fast always caches."""
-    known = {**HF_DEFAULTS, **defaults.accepted}
-    unsupported = {k: v for k, v in hf_options.items() if known.get(k, object()) != v}
-    if unsupported:
-        raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
-                         f"supported: {', '.join(HF_SUPPORTED)}, eos_token_id, pad_token_id")
-    config = defaults.generation_config
-    from_config = sorted(k for k in config if k not in HF_SUPPORTED and k not in hf_options)
-    if from_config:
-        shown = ", ".join(f"{k}={config[k]!r}" for k in from_config)
-        raise ValueError(f"{defaults.where}: {shown} not supported by flamingo_fast; expected the defaults (pass "
-                         f"them explicitly to override, e.g. repetition_penalty=1.0)")
-    given = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
-                 top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-                 early_stopping=early_stopping, num_return_sequences=num_return_sequences)
-    options = {k: v if v is not None else config.get(k, HF_SUPPORTED[k]) for k, v in given.items()}
-    if not options["do_sample"]:
-        options["top_k"] = 0  # Hugging Face's top_k 50 applies only when sampling
-    if eos_token_id is None:
-        eos_token_id = defaults.eos_token_id
-    stops = stop_token_ids(eos_token_id, (), vocab_size) if eos_token_id is not None else ()
-    if pad_token_id is None:
-        pad_token_id = defaults.pad_token_id if defaults.pad_token_id is not None else (stops or (0,))[0]
-    if options["num_beams"] > 1 and not pad_token_id and stops:
-        pad_token_id = stops[0]
-    return run(generator=generator, eos_token_id=list(stops), pad_token_id=pad_token_id, timer=timer,
-               return_logits=return_logits, **options)

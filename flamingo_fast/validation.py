@@ -1,5 +1,8 @@
 """Input checks shared by the reference and the fast runtime. Every error names the argument, the value
-and what was expected; nothing is silently coerced."""
+and what was expected; nothing is silently coerced.
+
+`check_prompt` is `check_inputs` that also hands back which image each token sees (masking.PromptImages), from
+the same count of `<image>` tokens the check makes: a call counts them once."""
 
 from __future__ import annotations
 
@@ -9,15 +12,26 @@ from . import masking
 from .config import FlamingoConfig
 
 
-def check_inputs(
+def check_inputs(config: FlamingoConfig, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
+                 attention_mask: torch.Tensor | None, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Validate a forward/generate call; returns the attention mask (all ones when none was given).
+    `image_attention_mask` [B, T, images] 0/1 is the IDEFICS layout's (required there, refused otherwise)."""
+    return check_prompt(config, vision_x, lang_x, attention_mask, image_attention_mask, images=False)[0]
+
+
+def check_prompt(
     config: FlamingoConfig,
     vision_x: torch.Tensor | None,
     lang_x: torch.Tensor,
     attention_mask: torch.Tensor | None,
     image_attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Validate a forward/generate call; returns the attention mask (all ones when none was given).
-    `image_attention_mask` [B, T, images] 0/1 is the IDEFICS layout's (required there, refused otherwise)."""
+    *,
+    images: bool = True,
+) -> tuple[torch.Tensor, masking.PromptImages | None]:
+    """check_inputs -> (the attention mask, masking.PromptImages by the layout's rule; None when not `images`).
+    The OpenFlamingo layout's `<image>` tokens are counted once, for the check and the PromptImages both. The
+    IDEFICS layout's mask must also give each token at most one image (PromptImages.from_image_attention_mask:
+    the fast path's limit)."""
     if not isinstance(lang_x, torch.Tensor) or lang_x.dim() != 2:
         got = tuple(lang_x.shape) if isinstance(lang_x, torch.Tensor) else type(lang_x).__name__
         raise ValueError(f"lang_x: got shape {got}; expected a rank-2 tensor of token ids [batch, seq]")
@@ -70,7 +84,9 @@ def check_inputs(
         num_images = vision_x.shape[1]
     if config.layout == "idefics":
         _check_image_attention_mask(image_attention_mask, batch, seq, num_images)
-        return attention_mask
+        if not images:
+            return attention_mask, None
+        return attention_mask, masking.PromptImages.from_image_attention_mask(image_attention_mask)
     if image_attention_mask is not None:
         raise ValueError("image_attention_mask: given to a model of layout 'openflamingo', where <image> tokens "
                          "decide what each token sees; expected None (it is the IDEFICS layout's input)")
@@ -82,7 +98,9 @@ def check_inputs(
             f"lang_x: row {row} has {int(images_in_row[row])} <image> tokens but vision_x holds {num_images} "
             f"images per row; expected at most {num_images} <image> tokens per row"
         )
-    return attention_mask
+    if not images:
+        return attention_mask, None
+    return attention_mask, masking.PromptImages.from_media_tokens(lang_x, config.media_token_id, images_in_row)
 
 
 def _check_image_attention_mask(mask: torch.Tensor | None, batch: int, seq: int, num_images: int) -> None:

@@ -10,7 +10,8 @@ import torch
 from helpers import assert_close, random_batch
 
 from flamingo_fast.config import LMConfig, from_name
-from flamingo_fast.reference import alibi_slopes, build_reference
+from flamingo_fast.lm import alibi_slopes
+from flamingo_fast.reference import build_reference
 from flamingo_fast.runtime import FastFlamingo
 
 TINY = from_name("tiny")

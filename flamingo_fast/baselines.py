@@ -1,0 +1,272 @@
+"""The baselines: the same weights run by the libraries flamingo_fast replaces, for the profiler and the tests.
+
+- `to_openflamingo`: a reference Flamingo -> an open_flamingo `Flamingo` (open_clip ViT, Hugging Face LM with
+  FlamingoLMMixin) whose parameters are the reference's own tensors; `OpenFlamingoBaseline` runs its generate
+  (and its evaluation's scoring loop) behind flamingo_fast's phase timer.
+- `to_idefics`: a reference of the IDEFICS layout -> transformers' IdeficsForVisionText2Text on the same
+  tensors; `IdeficsBaseline` runs its generate behind the same timer.
+- `TimedHFGenerate`: the timing both share.
+
+Needs open_flamingo / open_clip / transformers only when called (imported inside the functions).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .config import FlamingoConfig, LMConfig
+from .idefics import our_name
+from .openflamingo import IGNORED, LAYERS_ATTR, canonical_name
+from .reference import Flamingo
+from .timing import PhaseTimer
+
+# ----------------------------------------------------------------------------------------------------------
+# OpenFlamingo running our weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _hf_lm(lm: LMConfig, config: FlamingoConfig):
+    import transformers
+
+    tokens = dict(vocab_size=lm.vocab_size, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                  pad_token_id=config.pad_token_id, max_position_embeddings=lm.max_position_embeddings)
+    if lm.family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
+            num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads, rms_norm_eps=lm.rms_norm_eps,
+            rope_theta=lm.rope_theta, tie_word_embeddings=lm.tie_word_embeddings, **tokens))
+    if lm.family == "gpt_neox":
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
+            num_attention_heads=lm.num_heads, layer_norm_eps=lm.layer_norm_eps, rotary_pct=lm.rotary_pct,
+            rotary_emb_base=lm.rope_theta, use_parallel_residual=lm.parallel_residual,
+            tie_word_embeddings=lm.tie_word_embeddings, **tokens))
+    if lm.qk_ln or lm.bias or lm.intermediate_size != 4 * lm.hidden_size:
+        raise ValueError("lm: transformers' MptForCausalLM has no qk_ln, no biases and a 4x MLP; this MPT "
+                         "(MosaicGPT-style) has no OpenFlamingo baseline without its remote code")
+    max_len = tokens.pop("max_position_embeddings")
+    return transformers.MptForCausalLM(transformers.MptConfig(
+        d_model=lm.hidden_size, n_heads=lm.num_heads, n_layers=lm.num_layers, max_seq_len=max_len,
+        layer_norm_epsilon=lm.layer_norm_eps, attn_config={"alibi": True, "alibi_bias_max": lm.alibi_bias_max,
+                                                           "clip_qkv": lm.clip_qkv}, **tokens))
+
+
+@torch.no_grad()
+def to_openflamingo(reference: Flamingo) -> nn.Module:
+    """The same model as `reference` as an open_flamingo `Flamingo` (open_clip ViT, Hugging Face LM extended
+    with FlamingoLMMixin), its parameters the reference's own tensors. Needs open_flamingo, open_clip and
+    transformers (`make setup-openflamingo`); builds nothing from the network."""
+    import types
+
+    from .compat import import_torchvision
+
+    import_torchvision()  # open_clip imports it; beside a CPU torch it needs compat's help
+    from open_clip.transformer import QuickGELU, VisionTransformer
+    from open_flamingo.src.flamingo import Flamingo as OpenFlamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
+    from open_flamingo.src.utils import extend_instance
+
+    config = reference.config
+    p = config.perceiver
+    v, lm = config.vision, config.lm
+    device = reference.lang_encoder.output_head.weight.device
+    layout = lm.family
+    with torch.device(device):
+        vit = VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                                heads=v.heads, mlp_ratio=v.mlp_ratio,
+                                act_layer=QuickGELU if v.act == "quick_gelu" else nn.GELU, output_tokens=True)
+        lang = _hf_lm(lm, config)
+        extend_instance(lang, FlamingoLMMixin)
+        lang.set_decoder_layers_attr_name(LAYERS_ATTR[layout])
+        model = OpenFlamingo(types.SimpleNamespace(visual=vit), lang, config.eoc_token_id, config.media_token_id,
+                             vis_dim=v.width, cross_attn_every_n_layers=config.cross_attn_every_n_layers)
+        # OpenFlamingo's Flamingo fixes the resampler and blocks at their released shapes; our presets may not
+        model.perceiver = PerceiverResampler(dim=v.width, depth=p.depth, dim_head=p.dim_head, heads=p.heads,
+                                             num_latents=p.num_latents, ff_mult=p.ff_mult)
+        lang.gated_cross_attn_layers = nn.ModuleList(
+            GatedCrossAttentionBlock(dim=lm.hidden_size, dim_visual=v.width, dim_head=config.xattn_dim_head,
+                                     heads=config.xattn_heads, ff_mult=config.xattn_ff_mult,
+                                     only_attend_immediate_media=config.only_attend_immediate_media)
+            if i in config.xattn_layer_indices else None for i in range(lm.num_layers))
+        lang.init_flamingo_layers(False)  # OpenFlamingo's way to re-wire changed gated blocks into its layers
+    ours = reference.state_dict(keep_vars=True)
+    ignored = [re.compile(p) for p in IGNORED]
+    theirs = {}
+    for name in model.state_dict():
+        source = canonical_name(name, layout)
+        if source in ours:
+            theirs[name] = ours[source]
+        elif not any(p.match(source) for p in ignored):
+            raise ValueError(f"{name}: no tensor of the reference maps to this OpenFlamingo parameter")
+    model.load_state_dict(theirs, strict=False, assign=True)
+    return model.to(dtype=reference.lang_encoder.output_head.weight.dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers' own IDEFICS on the reference's tensors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def hf_idefics_config(config: FlamingoConfig):
+    """transformers' IdeficsConfig for a FlamingoConfig of the IDEFICS layout."""
+    import transformers
+
+    if config.layout != "idefics":
+        raise ValueError(f"config.layout={config.layout!r}: expected 'idefics'")
+    v, p, lm = config.vision, config.perceiver, config.lm
+    return transformers.IdeficsConfig(
+        vocab_size=lm.vocab_size - lm.additional_vocab_size, additional_vocab_size=lm.additional_vocab_size,
+        hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_heads, rms_norm_eps=lm.rms_norm_eps, hidden_act="silu",
+        cross_layer_interval=config.cross_attn_every_n_layers, qk_layer_norms=config.xattn_qk_norm,
+        alpha_type="vector" if config.xattn_gate_per_channel else "float", use_resampler=True,
+        tie_word_embeddings=lm.tie_word_embeddings, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        vision_config=dict(embed_dim=v.width, image_size=v.image_size, patch_size=v.patch_size,
+                           num_hidden_layers=v.layers, num_attention_heads=v.heads, intermediate_size=v.mlp_width,
+                           hidden_act=v.act, layer_norm_eps=v.layer_norm_eps, num_channels=v.in_channels),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=p.num_latents, resampler_depth=p.depth,
+                              resampler_n_heads=p.heads, resampler_head_dim=p.dim_head,
+                              qk_layer_norms_perceiver=p.qk_norm),
+    )
+
+
+@torch.no_grad()
+def to_idefics(reference: Flamingo) -> nn.Module:
+    """The same model as `reference` (IDEFICS layout) as transformers' IdeficsForVisionText2Text, its parameters
+    the reference's own tensors (the unused `post_layernorm` keeps its fresh LayerNorm init). Needs transformers;
+    builds nothing from the network."""
+    import transformers
+
+    config = reference.config
+    weight = reference.lang_encoder.output_head.weight
+    with torch.device(weight.device):
+        model = transformers.IdeficsForVisionText2Text(hf_idefics_config(config))
+    ours = reference.state_dict(keep_vars=True)
+    theirs = {name: ours[our_name(name, config)] for name in model.state_dict() if our_name(name, config)}
+    model.load_state_dict(theirs, strict=False, assign=True)
+    return model.to(dtype=weight.dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The timed baselines
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TimedHFGenerate:
+    """A Hugging Face generate behind flamingo_fast's phase timer: "vision" (lapped by a forward hook of the
+    baseline's, on the first forward only), "prefill" (the first token) and "decode" (each later token), these two
+    lapped by a stopping criterion that never stops. `eos_token_id=[]` (never stop) becomes
+    `min_new_tokens=max_new_tokens`, which Hugging Face implements by suppressing the eos tokens."""
+
+    def __init__(self) -> None:
+        self._timer: PhaseTimer | None = None
+        self._laps = 0
+
+    def _lap_vision(self) -> None:
+        if self._timer is not None and self._laps == 0:
+            self._timer.lap("vision")
+
+    def _timed(self, generate, max_new_tokens: int, eos_token_id, timer: PhaseTimer | None) -> torch.Tensor:
+        """generate(stopping_criteria=..., **eos options) -> ids, timed."""
+        import transformers
+
+        baseline = self
+
+        class LapPerToken(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                if baseline._timer is not None:
+                    baseline._timer.lap("prefill" if baseline._laps == 0 else "decode")
+                baseline._laps += 1
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        options = {}
+        if eos_token_id is not None and list(eos_token_id if not isinstance(eos_token_id, int) else [0]) == []:
+            options["min_new_tokens"] = max_new_tokens
+        elif eos_token_id is not None:
+            options["eos_token_id"] = eos_token_id
+        self._timer, self._laps = timer, 0
+        if timer is not None:
+            timer.start()
+        try:
+            with torch.no_grad():
+                return generate(stopping_criteria=transformers.StoppingCriteriaList([LapPerToken()]), **options)
+        finally:
+            self._timer = None
+
+
+class OpenFlamingoBaseline(TimedHFGenerate):
+    """OpenFlamingo's own `generate` on the same weights, with flamingo_fast's phase timer (TimedHFGenerate;
+    "vision" is open_clip + the perceiver, timed by a hook on the perceiver)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        model.perceiver.register_forward_hook(lambda *args: self._lap_vision())
+
+    @torch.no_grad()
+    def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
+              normalize_length: bool = False) -> torch.Tensor:
+        """OpenFlamingo's `get_rank_classifications` with `use_cache=True`, as its evaluation code runs it
+        (open_flamingo/eval/models/open_flamingo.py): cache the media, one forward over the prompt that keeps
+        its past_key_values, then one cached forward per candidate over the candidate's tokens, and the sum (or
+        mean) of their log-softmax. -> [B, C] float32. The prompt's cache is copied for each candidate: the
+        evaluation code was written for the tuple caches of older transformers, which a forward never changed;
+        transformers 4.57's Cache objects grow in place."""
+        import copy
+
+        model = self.model
+        batch = lang_x.shape[0]
+        mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
+        model.uncache_media()
+        model.cache_media(input_ids=lang_x, vision_x=vision_x)
+        try:
+            prompt = model(vision_x=None, lang_x=lang_x, attention_mask=mask, clear_conditioned_layers=False,
+                           use_cache=True)
+            out = []
+            for candidate in candidates:
+                tokens = torch.tensor(candidate, device=lang_x.device).expand(batch, -1)
+                step = model(vision_x=None, lang_x=tokens, attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1),
+                             clear_conditioned_layers=False, past_key_values=copy.deepcopy(prompt.past_key_values),
+                             use_cache=True)
+                log_probs = torch.log_softmax(torch.cat([prompt.logits, step.logits], dim=1), dim=-1)
+                n = len(candidate)
+                picked = log_probs[:, -n - 1:-1].gather(2, tokens[:, :, None]).squeeze(-1)
+                out.append(picked.sum(dim=1) / n if normalize_length else picked.sum(dim=1))
+        finally:
+            model.uncache_media()
+        return torch.stack(out, dim=1).float()
+
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
+                 timer: PhaseTimer | None = None, num_beams: int = 1) -> torch.Tensor:
+        return self._timed(
+            lambda **options: self.model.generate(vision_x, lang_x, attention_mask=attention_mask,
+                                                  max_new_tokens=max_new_tokens, num_beams=num_beams, **options),
+            max_new_tokens, eos_token_id, timer)
+
+
+class IdeficsBaseline(TimedHFGenerate):
+    """transformers' IdeficsForVisionText2Text.generate on the reference's weights, behind the profiler's call
+    (vision_x [B, N, 1, C, H, W], lang_x, attention_mask, image_attention_mask) with flamingo_fast's phase timer
+    (TimedHFGenerate): "vision" is the vision tower and perceiver of the first forward, timed by a hook on the
+    perceiver; a perceiver that transformers re-runs at every step, as 5.x does, counts as decode."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        model.model.perceiver_resampler.register_forward_hook(lambda *args: self._lap_vision())
+
+    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens: int = 20, *, eos_token_id=None,
+                 timer: PhaseTimer | None = None, num_beams: int = 1,
+                 image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._timed(
+            lambda **options: self.model.generate(
+                input_ids=lang_x, attention_mask=attention_mask, pixel_values=vision_x[:, :, 0],
+                image_attention_mask=image_attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                do_sample=False, **options),
+            max_new_tokens, eos_token_id, timer)

@@ -1,0 +1,111 @@
+"""Hugging Face's conventions, shared by the drop-ins (openflamingo.py, idefics.py).
+
+- The generate-option adapter: Hugging Face's generate options, the model's generation_config defaults
+  (HF_SUPPORTED, HF_IGNORED, HF_IGNORED_WHEN_OFF, HF_DEFAULTS, hf_generation_defaults, HFGenerateDefaults) ->
+  one GenerationOptions (search.generation_options) -> the runner (hf_generate). Options are translated here
+  once; the runner's `generate_from_options` does not translate them again.
+- Config reading: a transformers model's generation_config (generation_config_of).
+- Output types: FlamingoOutput, what a drop-in's forward returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .search import generation_options, stop_token_ids
+
+# The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults.
+HF_SUPPORTED = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
+                "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
+                "num_return_sequences": 1}
+# generation_config entries that change nothing here: the drop-ins read eos and pad themselves, max_length is
+# overridden by max_new_tokens, the cache never changes results; and what transformers 5 writes at its defaults.
+HF_IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
+              "decoder_start_token_id", "max_length", "use_cache"}
+HF_IGNORED_WHEN_OFF = {"output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                       "return_dict_in_generate"}
+# Hugging Face options that are not implemented: accepted only at their default.
+HF_DEFAULTS = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+
+
+def hf_generation_defaults(generation_config: Mapping | None) -> dict:
+    """A model's `generation_config.to_diff_dict()` -> the entries that matter to a drop-in's generate."""
+    return {k: v for k, v in (generation_config or {}).items()
+            if k not in HF_IGNORED and not (k in HF_IGNORED_WHEN_OFF and not v)}
+
+
+@dataclass(frozen=True)
+class HFGenerateDefaults:
+    """What a drop-in's model says about generate: its generation_config entries (hf_generation_defaults), the
+    stop tokens and pad it uses when the call gives none, where the config came from (for errors) and call
+    keywords the model takes that are accepted at their defaults only."""
+
+    generation_config: Mapping
+    eos_token_id: int | Sequence[int] | None
+    pad_token_id: int | None
+    where: str
+    accepted: Mapping = field(default_factory=dict)
+
+
+def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attention_mask=None,
+                image_attention_mask=None, /, *, max_new_tokens: int | None = None,
+                num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                top_k: int | None = None, top_p: float | None = None,
+                eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
+                pad_token_id: int | None = None, length_penalty: float | None = None,
+                early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
+                generator=None, timer=None, return_logits: bool = False, use_cache: bool = True, **hf_options):
+    """A drop-in's generate call, Hugging Face's options -> GenerationOptions (search.generation_options, the
+    one translation) -> `runner.generate_from_options(...)` (a FastFlamingo, or the reference Flamingo).
+
+    Each option left at None takes the model's generation_config value, else Hugging Face's default (top_k 50
+    when sampling); an unsupported generation_config entry is an error naming `defaults.where` unless the call
+    passes that option's default; any other keyword is accepted only at its default (HF_DEFAULTS and
+    `defaults.accepted`). Finished rows are filled as Hugging Face fills them: the call's pad, else the model's,
+    else the first stop token; beam search with `pad_token_id or eos_token_id[0]`. use_cache changes how
+    Hugging Face computes, never what: flamingo_fast always caches. The inputs are positional-only, so a
+    keyword of the same name (e.g. image_attention_mask to a drop-in that takes none) is an unsupported option."""
+    known = {**HF_DEFAULTS, **defaults.accepted}
+    unsupported = {k: v for k, v in hf_options.items() if known.get(k, object()) != v}
+    if unsupported:
+        raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
+                         f"supported: {', '.join(HF_SUPPORTED)}, eos_token_id, pad_token_id")
+    config = defaults.generation_config
+    from_config = sorted(k for k in config if k not in HF_SUPPORTED and k not in hf_options)
+    if from_config:
+        shown = ", ".join(f"{k}={config[k]!r}" for k in from_config)
+        raise ValueError(f"{defaults.where}: {shown} not supported by flamingo_fast; expected the defaults (pass "
+                         f"them explicitly to override, e.g. repetition_penalty=1.0)")
+    given = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
+                 top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+                 early_stopping=early_stopping, num_return_sequences=num_return_sequences)
+    options = {k: v if v is not None else config.get(k, HF_SUPPORTED[k]) for k, v in given.items()}
+    if not options["do_sample"]:
+        options["top_k"] = 0  # Hugging Face's top_k 50 applies only when sampling
+    if eos_token_id is None:
+        eos_token_id = defaults.eos_token_id
+    stops = stop_token_ids(eos_token_id, (), runner.config.lm.vocab_size) if eos_token_id is not None else ()
+    if pad_token_id is None:
+        pad_token_id = defaults.pad_token_id if defaults.pad_token_id is not None else (stops or (0,))[0]
+    if options["num_beams"] > 1 and not pad_token_id and stops:
+        pad_token_id = stops[0]
+    generation = generation_options(runner.config, eos_token_id=list(stops), pad_token_id=pad_token_id, **options)
+    return runner.generate_from_options(vision_x, lang_x, attention_mask, generation, generator=generator, timer=timer,
+                                        return_logits=return_logits, image_attention_mask=image_attention_mask)
+
+
+def generation_config_of(model) -> tuple[object | None, dict]:
+    """A transformers model's (or LM's) `generation_config` and its `to_diff_dict()` (None and {} when it has
+    none): the entries that differ from Hugging Face's defaults, as Hugging Face merges them into generate."""
+    generation = getattr(model, "generation_config", None)
+    return generation, generation.to_diff_dict() if hasattr(generation, "to_diff_dict") else {}
+
+
+@dataclass
+class FlamingoOutput:
+    """What the drop-in's forward returns: OpenFlamingo's callers read `.logits`."""
+
+    logits: torch.Tensor

@@ -17,11 +17,10 @@ decode kernels vs their twins. The same cases, with correctness checks, run as a
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
+from common import median_seconds
 
 from flamingo_fast.kernels.masked_cross_attention import masked_cross_attention_ref
 
@@ -65,17 +64,6 @@ def xattn_prompt(shots: int, heads: int = 8, head_dim: int = 64, batch: int = 1,
     v = torch.randn(batch, heads, shots * NUM_LATENTS, head_dim, generator=g)
     to = lambda t: t.to(device, dtype)
     return to(q), to(k), to(v), index.expand(batch, T).contiguous().to(device)
-
-
-def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------------- CPU

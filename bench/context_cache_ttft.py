@@ -3,7 +3,7 @@
     .venv/bin/python bench/context_cache_ttft.py [--preset small --shots 32 --batch 4 --repeats 3]
 
 One FastFlamingo (torch backend on the CPU, CUDA graphs and Triton on a GPU), one `shots`-shot context shared by
-the `batch` rows (profiler.build_workload), and per row its own query (`<image>` + 6 tokens). In one run, the
+the `batch` rows (prompts.build_workload), and per row its own query (`<image>` + 6 tokens). In one run, the
 median TTFT (vision + media K/V + prefill + first token) of:
   0-shot   the queries alone (their image and question, no context)
   cold     context + queries with the context cache cleared before each call
@@ -19,7 +19,8 @@ import statistics
 import torch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.profiler import build_workload, default_device, prompt_length
+from flamingo_fast.profiler import default_device
+from flamingo_fast.prompts import build_workload, prompt_length
 from flamingo_fast.reference import build_reference
 from flamingo_fast.runtime import FastFlamingo
 from flamingo_fast.timing import PhaseTimer

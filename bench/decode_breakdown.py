@@ -15,13 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from flamingo_fast.config import from_name  # noqa: E402
-from flamingo_fast.profiler import build_prompt  # noqa: E402
-from flamingo_fast.reference import build_reference  # noqa: E402
-from flamingo_fast.runtime import FastFlamingo  # noqa: E402
+from common import build_models
 
 
 @torch.no_grad()
@@ -36,11 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("decode_breakdown: needs a CUDA GPU (none visible to torch)")
         return 0
-    config = from_name(args.preset)
-    model = build_reference(config, dtype=torch.bfloat16, device="cuda")
-    vision, lang_x, mask = build_prompt(config, args.shots, 1, 12, 6, seed=0, dtype=torch.bfloat16, device="cuda")
-    fast = FastFlamingo.from_reference(model, max_batch_size=1, max_seq_len=lang_x.shape[1] + args.steps + 2,
-                                       cuda_graphs=False)
+    _, fast, (vision, lang_x, mask) = build_models(args.preset, args.shots, 1, args.steps + 2, "cuda",
+                                                   cuda_graphs=False)
     fast.generate(vision, lang_x, mask, max_new_tokens=args.steps + 1, eos_token_id=[])  # warm-up, compiles
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -116,7 +116,8 @@ env_report() {
 copy_install() {
     rm -rf "$OUT/pylib" && mkdir -p "$OUT/pylib" &&
         cp -r flamingo_fast "$OUT/pylib/flamingo_fast" && rm -rf "$OUT/pylib/flamingo_fast/kernels" &&
-        cp -r kernels "$OUT/pylib/flamingo_fast/kernels"
+        cp -r kernels "$OUT/pylib/flamingo_fast/kernels" &&
+        cp bench/common.py "$OUT/pylib/common.py"  # PYTHONSAFEPATH drops bench/ from a script's sys.path
 }
 
 run_step env 20 env_report
@@ -243,7 +244,7 @@ write_summary() {
             echo "## Profile $(basename "$P")"
             echo
             "$PY" -c 'import json, sys
-from flamingo_fast.profiler import format_table, load_json
+from flamingo_fast.report import format_table, load_json
 print(format_table(load_json(sys.argv[1])))
 if not json.load(open(sys.argv[1]))["complete"]:
     print("\n(partial: the step stopped before every row was measured)")' "$P" 2>&1

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ if "--dry-run" in sys.argv:  # before any kernel module is imported: @triton.jit
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+from common import median_seconds  # noqa: E402
 
 from flamingo_fast.kernels.gated_residual import gated_residual, gated_residual_ref  # noqa: E402
 from flamingo_fast.kernels.masked_cross_attention import (  # noqa: E402
@@ -53,13 +53,7 @@ DEVICE = "cpu" if DRY else "cuda"
 def bench_ms(fn, graph: bool = False) -> float:
     """Median ms. GPU: do_bench (launch overhead included) or do_bench_cudagraph (kernel time alone)."""
     if DRY:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+        return median_seconds(fn, repeats=3, warmup=1) * 1e3
     if graph:
         return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")

@@ -10,17 +10,15 @@ error is at most twice the bf16 reference's (the error of plain torch at that dt
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import write_results
 
 from flamingo_fast.config import from_name  # noqa: E402
-from flamingo_fast.profiler import build_prompt  # noqa: E402
+from flamingo_fast.prompts import build_prompt  # noqa: E402
 from flamingo_fast.reference import build_reference  # noqa: E402
 from flamingo_fast.runtime import FastFlamingo  # noqa: E402
 
@@ -84,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fast bf16 within 2 x reference bf16 + {ATOL_REL}: {result['fast_bf16_ok']} (bound {bound:.2e}); "
           f"fast fp32 greedy ids == reference fp32: {result['fast_fp32_greedy_ids_equal']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_results(args.json, result, args.device)
     return 0 if result["fast_bf16_ok"] and result["fast_fp32_greedy_ids_equal"] else 1
 
 

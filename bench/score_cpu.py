@@ -2,7 +2,7 @@
 
     .venv-openflamingo/bin/python bench/score_cpu.py --candidates 200,1000      (needs `make setup-openflamingo`)
 
-Per row count of candidates: a `small`-preset random model, a 4-shot prompt per row (profiler.build_prompt),
+Per row count of candidates: a `small`-preset random model, a 4-shot prompt per row (prompts.build_prompt),
 batch 4, candidates of 1-5 random text tokens (seeded). Times, on the same weights:
   openflamingo   OpenFlamingo's get_rank_classifications loop (OpenFlamingoBaseline.score: cached prompt, one
                  cached forward per candidate)
@@ -14,16 +14,13 @@ row's argmax agrees. --json writes the rows.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from common import build_models, write_results
 
+from flamingo_fast.baselines import OpenFlamingoBaseline, to_openflamingo
 from flamingo_fast.config import from_name
-from flamingo_fast.openflamingo import OpenFlamingoBaseline, to_openflamingo
-from flamingo_fast.profiler import build_prompt
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
 
 
 def random_candidates(count: int, low: int, high: int, seed: int) -> list[list[int]]:
@@ -50,13 +47,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = from_name(args.preset)
-    model = build_reference(config, seed=0)
-    vision, lang_x, mask = build_prompt(config, args.shots, args.batch, 12, 6, seed=0, dtype=torch.float32,
-                                        device="cpu")
+    model, fast, (vision, lang_x, mask) = build_models(args.preset, args.shots, args.batch, 8, "cpu",
+                                                       backend="torch", max_images=args.shots + 1,
+                                                       max_hypotheses=args.max_hypotheses, max_tail_len=4)
     baseline = OpenFlamingoBaseline(to_openflamingo(model))
-    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=args.batch,
-                                       max_seq_len=lang_x.shape[1] + 8, max_images=args.shots + 1,
-                                       max_hypotheses=args.max_hypotheses, max_tail_len=4)
     rows = []
     print(f"preset {args.preset}, {args.shots}-shot prompt ({lang_x.shape[1]} tokens), batch {args.batch}, "
           f"candidates of 1-5 tokens, CPU float32, {torch.get_num_threads()} threads")
@@ -73,8 +67,7 @@ def main() -> None:
                          max_rel_diff=rel, same_argmax=same))
         print(f"| {count} | {base_s:.2f} | {fast_s:.2f} | {base_s / fast_s:.1f}x | {rel:.1e} | {same} |", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+        write_results(args.json, dict(args=vars(args), rows=rows))
 
 
 if __name__ == "__main__":

@@ -17,12 +17,10 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_kernels import dense_masked_cross_attention, xattn_prompt
+from common import median_seconds
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_kernels import dense_masked_cross_attention, median_seconds, xattn_prompt  # noqa: E402
-
-from flamingo_fast.kernels import masked_cross_attention as mca  # noqa: E402
+from flamingo_fast.kernels import masked_cross_attention as mca
 
 
 def main(argv=None) -> int:

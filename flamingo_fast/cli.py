@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import profiler
+from . import profiler, report
 from .config import PRESETS
 
 
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int("seed", 0), default=0, help="weights and prompts")
     p.add_argument("--json", metavar="PATH", help="every field + metadata (rewritten after each row)")
     p.add_argument("--csv", metavar="PATH", help="one line per row")
-    p.add_argument("--plot", metavar="PATH", help="PNG: prefill and decode per token vs shots (needs matplotlib)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="PNG: cold and warm TTFT, prefill and decode per token vs shots (needs matplotlib)")
     p.add_argument("--trace", metavar="DIR", help="torch.profiler chrome traces at the largest shot count")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--workload", type=_non_negative_int("workload", 1), default=None, metavar="N",
@@ -119,27 +120,27 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except (ValueError, NotImplementedError) as error:
             print(f"flamingo-fast profile: error: {error}", file=sys.stderr)
             return 2
-        print(profiler.format_workload(rows, options))
+        print(report.format_workload(rows, options))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"metadata": profiler.metadata(options), "workload": [vars(r) for r in rows]}, f, indent=2)
+                json.dump({"metadata": report.metadata(options), "workload": [vars(r) for r in rows]}, f, indent=2)
             print(f"wrote {args.json}", file=sys.stderr)
         return 0
-    on_row = (lambda result: profiler.write_json(result, args.json, complete=False)) if args.json else None
+    on_row = (lambda result: report.write_json(result, args.json, complete=False)) if args.json else None
     try:
         result = profiler.profile(options, progress=not args.no_progress, on_row=on_row)
     except (ValueError, NotImplementedError) as error:
         print(f"flamingo-fast profile: error: {error}", file=sys.stderr)
         return 2
-    print(profiler.format_table(result))
+    print(report.format_table(result))
     if args.json:
-        profiler.write_json(result, args.json)
+        report.write_json(result, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.csv:
-        profiler.write_csv(result, args.csv)
+        report.write_csv(result, args.csv)
         print(f"wrote {args.csv}", file=sys.stderr)
     if args.plot:
-        if profiler.write_plot(result, args.plot):
+        if report.write_plot(result, args.plot):
             print(f"wrote {args.plot}", file=sys.stderr)
         else:
             print(f"--plot {args.plot}: not written: matplotlib is not installed "

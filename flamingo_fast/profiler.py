@@ -5,8 +5,10 @@ For every batch size, shot count and implementation (the first one is the baseli
 and then `repeats` timed calls with a `PhaseTimer`, decoding a fixed number of tokens (`eos_token_id=[]`:
 random models rarely emit an end token). Reported per row:
 
-    vision_ms        encoder + resampler (+ the fast path's cross-attention K/V), median over repeats
-    prefill_ms       the prompt through the LM, first token chosen; ttft_ms = vision_ms + prefill_ms
+    vision_ms        encoder + resampler, median over repeats
+    media_kv_ms      the fast path's cross-attention K/V of the new images, the context cache's image look-up and
+                     the media cache write (the reference projects its K/V inside prefill: 0 there)
+    prefill_ms       the prompt through the LM, first token chosen; ttft_ms = vision + media_kv + prefill
     decode_ms_p50/90 per generated token after the first, over every decode lap of every repeat
     ttft_warm_ms     the same prompt right after, its context and images in the context cache (fast only);
                      ttft_ms is cold: the cache is cleared before each timed call
@@ -19,34 +21,30 @@ random models rarely emit an end token). Reported per row:
     speedup_*        baseline time / this time, from the same run (> 1: faster than the baseline)
 
 Prompt for k shots, per row: `<bos>` then k times `<image>` + caption + `<|endofchunk|>`, then the query
-`<image>` + question; so k shots use k + 1 images and 0 shots is one query image. Text tokens are random ids
-of the base vocabulary (below `<|endofchunk|>`, above bos/eos); images are `torch.randn` at the preset's size.
+`<image>` + question; so k shots use k + 1 images and 0 shots is one query image (prompts.py builds them; the
+result types and their writers are in report.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import importlib.util
 import inspect
-import json
 import math
 import os
-import platform
 import resource
-import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from . import masking
 from .config import PRESETS, FlamingoConfig, from_name
+from .prompts import build_prompt, build_workload, image_attention_mask, prompt_length
 from .reference import Flamingo, build_reference
+from .report import RATIOS, ProfileResult, ProfileRow, WorkloadRow, metadata
 from .timing import PhaseTimer, ProgressBar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,62 +198,8 @@ def _int_list(value: Any, name: str, minimum: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompts and implementations
+# Implementations
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _prompt_pieces(config: FlamingoConfig) -> tuple[list[int], list[int], int]:
-    """(tokens of an image, tokens that end a shot, the first special token id) in the layout's prompts:
-    OpenFlamingo `<image>` ... `<|endofchunk|>`; IDEFICS `<fake_token_around_image><image><fake_token_around_image>`
-    (the first added row, then `<image>`) with nothing after a shot."""
-    if config.layout != "idefics":
-        return [config.media_token_id], [config.eoc_token_id], config.eoc_token_id
-    base = config.lm.vocab_size - config.lm.additional_vocab_size
-    return [base, config.media_token_id, base], [], base
-
-
-def prompt_length(shots: int, caption_tokens: int, question_tokens: int, config: FlamingoConfig | None = None) -> int:
-    """<bos> + shots * (<image> caption <|endofchunk|>) + <image> question (OpenFlamingo's layout, also for
-    config None; IDEFICS's wraps each image in two `<fake_token_around_image>` and ends no shot with a token)."""
-    image, end = (1, 1) if config is None else (len(p) for p in _prompt_pieces(config)[:2])
-    return 1 + shots * (image + caption_tokens + end) + image + question_tokens
-
-
-def image_attention_mask(config: FlamingoConfig, lang_x: torch.Tensor, num_images: int) -> torch.Tensor | None:
-    """The IDEFICS processor's mask for the profiler's prompts, [B, T, num_images] long (None for OpenFlamingo):
-    each token sees the latest `<image>` (these prompts hold no `</s>`, which would reset it)."""
-    if config.layout != "idefics":
-        return None
-    time = masking.text_time(lang_x, config.media_token_id)  # 1-based, 0 = none
-    return torch.nn.functional.one_hot(time, num_images + 1)[..., 1:].long()
-
-
-def build_prompt(config: FlamingoConfig, shots: int, batch: int, caption_tokens: int, question_tokens: int,
-                 seed: int, dtype: torch.dtype, device: str | torch.device):
-    """-> vision_x [batch, shots + 1, 1, C, H, W], lang_x [batch, T] (long), attention_mask [batch, T] (ones).
-
-    Drawn on the CPU from a generator seeded by (seed, shots, batch), so every implementation, device and
-    order of rows sees the same prompt."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + shots)
-    image, end, high = _prompt_pieces(config)  # the base vocabulary: special tokens sit from `high` up
-    low = max(config.bos_token_id, config.eos_token_id) + 1
-    if not low < high:
-        low = 0
-
-    def text(n: int) -> torch.Tensor:
-        return torch.randint(low, high, (batch, n), generator=generator)
-
-    def tokens(ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, dtype=torch.long).expand(batch, -1)
-
-    pieces = [tokens([config.bos_token_id])]
-    for _ in range(shots):
-        pieces += [tokens(image), text(caption_tokens), tokens(end)]
-    pieces += [tokens(image), text(question_tokens)]
-    lang_x = torch.cat(pieces, dim=1)
-    v = config.vision
-    vision_x = torch.randn(batch, shots + 1, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
-    return vision_x.to(device=device, dtype=dtype), lang_x.to(device), torch.ones_like(lang_x, device=device)
 
 
 def check_available(impls: Sequence[str]) -> None:
@@ -284,7 +228,7 @@ def build_openflamingo(model: Flamingo, *, max_batch_size: int, max_seq_len: int
     if importlib.util.find_spec("open_flamingo") is None:
         raise ValueError("impl='openflamingo': the openflamingo baseline needs the open_flamingo package "
                          "(make setup-openflamingo, then run with .venv-openflamingo/bin/python)")
-    from .openflamingo import OpenFlamingoBaseline, to_openflamingo
+    from .baselines import OpenFlamingoBaseline, to_openflamingo
 
     return OpenFlamingoBaseline(to_openflamingo(model))
 
@@ -292,7 +236,7 @@ def build_openflamingo(model: Flamingo, *, max_batch_size: int, max_seq_len: int
 def build_idefics(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
                   backend: str = "auto") -> GenerateImpl:
     """transformers' own IdeficsForVisionText2Text.generate on the reference's tensors."""
-    from .idefics import IdeficsBaseline, to_idefics
+    from .baselines import IdeficsBaseline, to_idefics
 
     return IdeficsBaseline(to_idefics(model))
 
@@ -361,66 +305,6 @@ class PeakMemory:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ProfileRow:
-    impl: str
-    batch: int
-    shots: int
-    images: int
-    prompt_tokens: int
-    new_tokens: int
-    repeats: int
-    warmup_s: list[float]
-    vision_ms: float  # encoder + resampler + media K/V (fast), median over repeats
-    encoder_ms: float  # the "vision" lap alone
-    media_kv_ms: float  # the "media_kv" lap (0 for the reference)
-    prefill_ms: float
-    ttft_ms: float  # cold: an implementation with a context cache has it cleared before each timed call
-    decode_ms_p50: float
-    decode_ms_p90: float
-    decode_tokens_per_s: float
-    total_ms: float
-    peak_mem_mib: float
-    peak_mem_kind: str
-    ttft_warm_ms: float | None = None  # the same prompt again right after, its context cached (fast only)
-    tokens_match_baseline: float | None = None  # fraction of generated ids equal to the baseline's
-    # ||logits - baseline logits|| / ||baseline logits|| for the first new token (same prompt, untimed call).
-    # With random weights logits are nearly tied, so at bf16 one flipped argmax changes every later id: this
-    # is the number that says whether two implementations compute the same function.
-    first_logits_rel_err: float | None = None
-    speedup_vision: float | None = None
-    speedup_prefill: float | None = None
-    speedup_ttft: float | None = None
-    speedup_ttft_warm: float | None = None  # baseline (cold) TTFT / this warm TTFT
-    speedup_decode_p50: float | None = None
-    speedup_decode_p90: float | None = None
-    speedup_total: float | None = None
-    mem_ratio: float | None = None  # this peak / the baseline's peak
-
-
-RATIOS = {  # ratio field -> the timing it compares (baseline / this)
-    "speedup_vision": "vision_ms",
-    "speedup_prefill": "prefill_ms",
-    "speedup_ttft": "ttft_ms",
-    "speedup_decode_p50": "decode_ms_p50",
-    "speedup_decode_p90": "decode_ms_p90",
-    "speedup_total": "total_ms",
-}
-FIELDS = [f.name for f in dataclasses.fields(ProfileRow)]
-
-
-@dataclass
-class ProfileResult:
-    metadata: dict[str, Any]
-    rows: list[ProfileRow] = field(default_factory=list)
-
-    def to_json(self, complete: bool = True) -> dict[str, Any]:
-        """Plain JSON (a missing measurement is null, never NaN)."""
-        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
-                 for k, v in dataclasses.asdict(r).items()} for r in self.rows]
-        return {"metadata": self.metadata, "complete": complete, "rows": rows}
-
-
 def _median(values: Sequence[float]) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
@@ -451,17 +335,16 @@ def _first_logits(impl: GenerateImpl, inputs, num_beams: int = 1) -> torch.Tenso
 
 def _row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: ProfileOptions,
          warmup_s: list[float], timers: list[PhaseTimer], peak_mib: float, peak_kind: str) -> ProfileRow:
-    encoder = [t.total("vision") for t in timers]
+    vision = [t.total("vision") for t in timers]
     media_kv = [t.total("media_kv") for t in timers]
     prefill = [t.total("prefill") for t in timers]
-    vision = [e + m for e, m in zip(encoder, media_kv, strict=True)]
-    ttft = [v + p for v, p in zip(vision, prefill, strict=True)]
+    ttft = [v + m + p for v, m, p in zip(vision, media_kv, prefill, strict=True)]
     decode = [lap for t in timers for lap in t.laps.get("decode", [])]
     total = [sum(sum(laps) for laps in t.laps.values()) for t in timers]
     return ProfileRow(
         impl=impl_name, batch=batch, shots=shots, images=shots + 1, prompt_tokens=prompt_tokens,
         new_tokens=options.new_tokens, repeats=options.repeats, warmup_s=[round(w, 4) for w in warmup_s],
-        vision_ms=1e3 * _median(vision), encoder_ms=1e3 * _median(encoder), media_kv_ms=1e3 * _median(media_kv),
+        vision_ms=1e3 * _median(vision), media_kv_ms=1e3 * _median(media_kv),
         prefill_ms=1e3 * _median(prefill), ttft_ms=1e3 * _median(ttft),
         decode_ms_p50=1e3 * float(np.percentile(decode, 50)) if decode else float("nan"),
         decode_ms_p90=1e3 * float(np.percentile(decode, 90)) if decode else float("nan"),
@@ -566,49 +449,8 @@ def profile(options: ProfileOptions, progress: bool = True,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Metadata and output
+# The evaluation workload
 # ----------------------------------------------------------------------------------------------------------
-
-
-def build_workload(config: FlamingoConfig, shots: int, batch: int, batches: int, caption_tokens: int,
-                   question_tokens: int, seed: int, dtype: torch.dtype, device: str | torch.device):
-    """OpenFlamingo's evaluation: one fixed `shots`-shot context (the same demonstrations and images in every
-    row), then `batches` batches of queries (`<image>` + question), each row with its own image and question.
-    -> a list of (vision_x, lang_x, attention_mask, image_attention_mask or None: the IDEFICS layout's)."""
-    generator = torch.Generator().manual_seed(seed * 7_919 + shots)
-    image, end, high = _prompt_pieces(config)
-    low = max(config.bos_token_id, config.eos_token_id) + 1
-    v = config.vision
-    context = [config.bos_token_id]
-    for _ in range(shots):
-        context += image + torch.randint(low, high, (caption_tokens,), generator=generator).tolist() + end
-    demos = torch.randn(shots, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
-    out = []
-    for _ in range(batches):
-        questions = torch.randint(low, high, (batch, question_tokens), generator=generator)
-        lang_x = torch.cat([torch.tensor(context + image).expand(batch, -1), questions], dim=1)
-        queries = torch.randn(batch, 1, 1, v.in_channels, v.image_size, v.image_size, generator=generator)
-        vision_x = torch.cat([demos.expand(batch, -1, -1, -1, -1, -1), queries], dim=1)
-        lang_x = lang_x.to(device)
-        out.append((vision_x.to(device=device, dtype=dtype), lang_x, torch.ones_like(lang_x, device=device),
-                    image_attention_mask(config, lang_x, shots + 1)))
-    return out
-
-
-@dataclass
-class WorkloadRow:
-    impl: str
-    shots: int
-    batch: int
-    batches: int
-    num_beams: int
-    new_tokens: int
-    total_s: float  # every batch, the first (cold context) included
-    queries_per_s: float
-    ttft_ms_p50: float
-    ttft_ms_p90: float
-    speedup_queries: float | None = None  # this queries/s / the baseline's
-    speedup_ttft_p50: float | None = None  # baseline TTFT p50 / this
 
 
 def workload(options: ProfileOptions, batches: int, progress: bool = True) -> list[WorkloadRow]:
@@ -654,176 +496,3 @@ def workload(options: ProfileOptions, batches: int, progress: bool = True) -> li
                 row.speedup_ttft_p50 = baseline.ttft_ms_p50 / row.ttft_ms_p50
                 rows.append(row)
     return rows
-
-
-def format_workload(rows: Sequence[WorkloadRow], options: ProfileOptions) -> str:
-    lines = [f"evaluation workload: preset {options.preset}, {options.torch_dtype}, {options.new_tokens} new tokens, "
-             f"{rows[0].num_beams if rows else 1} beam(s); queries/s over every batch, the cold first one included",
-             "", "| impl | shots | batch | batches | queries/s | TTFT p50 ms | TTFT p90 ms | queries/s x | TTFT x |",
-             "| --- " + "| ---: " * 8 + "|"]
-    for r in rows:
-        lines.append(f"| {r.impl} | {r.shots} | {r.batch} | {r.batches} | {_fmt(r.queries_per_s, 2)} "
-                     f"| {_fmt(r.ttft_ms_p50)} | {_fmt(r.ttft_ms_p90)} | {_fmt(r.speedup_queries, 2)} "
-                     f"| {_fmt(r.speedup_ttft_p50, 2)} |")
-    return "\n".join(lines)
-
-
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _device_name(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def metadata(options: ProfileOptions) -> dict[str, Any]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "preset": options.preset,
-        "device": options.device,
-        "device_name": _device_name(options.device),
-        "dtype": options.dtype,
-        "impls": list(options.impls),
-        "baseline": options.impls[0],
-        "shots": list(options.shots),
-        "batch": list(options.batch),
-        "new_tokens": options.new_tokens,
-        "num_beams": options.num_beams,
-        "repeats": options.repeats,
-        "warmup": options.warmup,
-        "seed": options.seed,
-        "caption_tokens": options.caption_tokens,
-        "question_tokens": options.question_tokens,
-        "prompt": "<bos> + shots x (<image> caption <|endofchunk|>) + <image> question; shots + 1 images",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "setup_s": {},
-    }
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def format_table(result: ProfileResult) -> str:
-    """Markdown: one row per (batch, shots, impl); speed-ups are baseline time / this time."""
-    meta = result.metadata
-    lines = [
-        f"preset {meta['preset']}, {meta['device_name']}, {meta['dtype']}, {meta['new_tokens']} new tokens, "
-        f"{meta.get('num_beams', 1)} beam(s) (decode ms: one step of batch x beams), "
-        f"median of {meta['repeats']} repeats after {meta['warmup']} warm-up; baseline: {meta['baseline']}",
-        "",
-        "| impl | batch | shots | prompt tok | vision ms | prefill ms | TTFT ms | warm TTFT ms | decode ms/tok p50 "
-        "| p90 | tok/s | generate ms | peak MiB | warm-up s | TTFT x | warm TTFT x | decode x | generate x | same ids "
-        "| logits rel err |",
-        "| --- " + "| ---: " * 19 + "|",
-    ]
-    for r in result.rows:
-        same = "-" if r.tokens_match_baseline is None else f"{100 * r.tokens_match_baseline:.0f}%"
-        rel_err = "-" if r.first_logits_rel_err is None else f"{r.first_logits_rel_err:.1e}"
-        lines.append(
-            f"| {r.impl} | {r.batch} | {r.shots} | {r.prompt_tokens} | {_fmt(r.vision_ms)} | {_fmt(r.prefill_ms)} "
-            f"| {_fmt(r.ttft_ms)} | {_fmt(r.ttft_warm_ms)} | {_fmt(r.decode_ms_p50, 2)} | {_fmt(r.decode_ms_p90, 2)} "
-            f"| {_fmt(r.decode_tokens_per_s)} | {_fmt(r.total_ms)} | {_fmt(r.peak_mem_mib, 0)} "
-            f"| {_fmt(sum(r.warmup_s), 2)} | {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_ttft_warm, 2)} "
-            f"| {_fmt(r.speedup_decode_p50, 2)} "
-            f"| {_fmt(r.speedup_total, 2)} | {same} | {rel_err} |"
-        )
-    kinds = sorted({r.peak_mem_kind for r in result.rows})
-    lines += ["", f"peak MiB: {', '.join(kinds)}. x: speed-up over {meta['baseline']} (its time / this time)."]
-    return "\n".join(lines)
-
-
-def write_json(result: ProfileResult, path: str | Path, complete: bool = True) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result.to_json(complete), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-
-
-def load_json(path: str | Path) -> ProfileResult:
-    """A result written by `write_json` (complete or partial) back as a ProfileResult."""
-    data = json.loads(Path(path).read_text())
-    return ProfileResult(data["metadata"], [ProfileRow(**row) for row in data["rows"]])
-
-
-def write_csv(result: ProfileResult, path: str | Path) -> None:
-    import csv
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta_fields = ["preset", "device_name", "dtype", "git_commit", "date"]
-    with path.open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(FIELDS + meta_fields)
-        for r in result.rows:
-            values = [getattr(r, name) for name in FIELDS]
-            values = [";".join(f"{v:g}" for v in v) if isinstance(v, list) else ("" if v is None else v)
-                      for v in values]
-            writer.writerow(values + [result.metadata[name] for name in meta_fields])
-
-
-def write_plot(result: ProfileResult, path: str | Path) -> bool:
-    """Latency vs shots (prefill, decode per token), one line per impl (and batch). False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    several_batches = len({r.batch for r in result.rows}) > 1
-    series: dict[str, list[ProfileRow]] = {}
-    for r in result.rows:
-        series.setdefault(f"{r.impl} (batch {r.batch})" if several_batches else r.impl, []).append(r)
-    for label, rows in series.items():
-        rows = sorted(rows, key=lambda r: r.shots)
-        shots = [r.shots for r in rows]
-        axes[0].plot(shots, [r.prefill_ms for r in rows], marker="o", label=label)
-        axes[1].plot(shots, [r.decode_ms_p50 for r in rows], marker="o", label=label)
-    meta = result.metadata
-    for ax, title in zip(axes, ("prefill (prompt -> first token)", "decode per token (p50)"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("shots")
-        ax.set_ylabel("ms")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xticks(sorted({r.shots for r in result.rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{meta['preset']} on {meta['device_name']}, {meta['dtype']}, {meta['date'][:10]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

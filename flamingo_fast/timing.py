@@ -2,7 +2,8 @@
 
 When a `PhaseTimer` is passed, generate() calls `lap(phase)` at each phase boundary; the timer synchronises
 the device there (so a GPU phase is really finished) and records the wall time since the previous lap.
-Phases: "vision" (encoder + resampler), "media_kv" (cross-attention K/V, fast path only), "prefill"
+Phases: "vision" (encoder + resampler), "media_kv" (the new images' cross-attention K/V, the context cache's
+image look-up and the media cache write: fast path only; the reference projects its K/V in prefill), "prefill"
 (prompt through the LM, first token chosen), "decode" (one per generated token after the first).
 """
 

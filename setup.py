@@ -21,7 +21,7 @@ setup(
     # safetensors (no torch dependency) reads the LM's and open_clip's weight files (load_openflamingo).
     install_requires=["torch>=2.1", "triton>=3.0,<4", "numpy", "safetensors"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "ruff", "matplotlib"],
         "gpu": ["flash-attn"],
         "plot": ["matplotlib"],
         # Only what does not touch torch: open-flamingo's own pins (torch 2.0.1, an unpinned transformers that

@@ -7,7 +7,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One torch thread (the Makefile also sets OMP_NUM_THREADS=1): with two threads on two shared cores, tiny ops
+# stall whenever another process holds a core (a small LayerNorm: 16.9 ms with 2 threads under load, 6.7 us
+# with 1; test_runtime + test_context_cache: 215 s against 18 s). A test about threads sets its own.
+torch.set_num_threads(1)
+
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
+
+if importlib.util.find_spec("torchvision") is not None:  # .venv-openflamingo: before open_clip imports it
+    from flamingo_fast.compat import import_torchvision
+
+    import_torchvision()
 
 
 @pytest.fixture(autouse=True)

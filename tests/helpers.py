@@ -130,10 +130,16 @@ def image_layout(T: int, num_images: int, before_first: int, generator: torch.Ge
     return marks.cumsum(0).to(torch.int32) - 1
 
 
+# The marks of a test (or of one parameter, `pytest.param(..., marks=INTERPRETER_MARKS)`) that runs Triton kernels
+# on CPU tensors: `pytest -m interpreter` selects it. It needs TRITON_INTERPRET=1, which conftest.py sets on a
+# machine without CUDA; on a GPU machine it skips (the `cuda` tests run the same checks there on GPU tensors).
+INTERPRETER_MARKS = (pytest.mark.interpreter,
+                     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                        reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1"))
+
+
 def interpreter(test):
-    """Mark a test that runs Triton kernels on CPU tensors (`pytest -m interpreter` selects it). It needs
-    TRITON_INTERPRET=1, which conftest.py sets on a machine without CUDA; on a GPU machine it skips (the
-    `cuda` tests run the same checks there on GPU tensors)."""
-    test = pytest.mark.interpreter(test)
-    return pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                              reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")(test)
+    """Mark a whole test with INTERPRETER_MARKS."""
+    for mark in INTERPRETER_MARKS:
+        test = mark(test)
+    return test

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
-from helpers import random_batch
+from helpers import INTERPRETER_MARKS, random_batch
 
 from flamingo_fast.config import from_name
 from flamingo_fast.reference import build_reference
@@ -81,9 +82,9 @@ def test_returned_logits_are_float32_for_both_at_bf16():
             assert logits.dtype == torch.float32 and logits.shape == (1, new, model.config.lm.vocab_size)
 
 
-def test_generated_image_flag_fast_matches_reference():
-    import pytest
-
+def _generated_image_case():
+    """A model whose greedy continuation of row 0 generates `<image>` (its third new token), with
+    openflamingo_generated_image_bug=True -> (model, (vision, lang_x, mask), the reference's ids)."""
     config = TINY.replace(openflamingo_generated_image_bug=True)
     model = build_reference(config, seed=5)
     vision, lang_x, mask = random_batch(config, [([0, 4, 8], 12), ([1], 6)], num_images=3)
@@ -93,14 +94,19 @@ def test_generated_image_flag_fast_matches_reference():
         head[config.media_token_id] = 1.5 * head[int(free[0, 2])]
     expected = model.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[])
     assert config.media_token_id in expected[:, 12:-1]
-    for backend in ("torch", "triton"):
-        if backend == "triton":
-            import os
+    return model, (vision, lang_x, mask), expected
 
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                continue
-        fast = FastFlamingo.from_reference(model, backend=backend, max_batch_size=2, max_seq_len=32)
-        assert torch.equal(fast.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[]), expected)
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=INTERPRETER_MARKS)])
+def test_generated_image_flag_fast_matches_reference(backend):
+    model, (vision, lang_x, mask), expected = _generated_image_case()
+    fast = FastFlamingo.from_reference(model, backend=backend, max_batch_size=2, max_seq_len=32)
+    assert torch.equal(fast.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[]), expected)
+
+
+def test_generated_image_flag_changes_logits_only_after_the_generated_image():
+    model, (vision, lang_x, mask), expected = _generated_image_case()
+    config = model.config
     default = build_reference(TINY, seed=5)
     default.load_state_dict(model.state_dict())
     _, flag_logits = model.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[], return_logits=True)

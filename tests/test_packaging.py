@@ -41,8 +41,12 @@ def test_regular_install_provides_flamingo_fast_kernels(tmp_path):
 
 
 def test_editable_install_maps_kernels_folder(tmp_path):
+    """The installed flamingo_fast.kernels is the `kernels/` folder beside the installed package, in whichever
+    checkout the environment was installed from (a clone may reuse another checkout's environment)."""
     found = _probe(dict(os.environ), cwd=tmp_path)
-    assert Path(found["kernels"]).parent == REPO / "kernels"
+    checkout = Path(found["pkg"]).parent.parent
+    assert Path(found["kernels"]).parent == checkout / "kernels"
+    assert (checkout / "setup.py").is_file(), f"{checkout} is not a checkout: expected an editable install"
     assert not found["top_level_kernels"], "a top-level 'kernels' module is importable outside the repo root"
 
 

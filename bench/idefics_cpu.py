@@ -35,7 +35,11 @@ import sys
 import time
 
 import torch
-import transformers
+
+from flamingo_fast.compat import import_torchvision
+
+import_torchvision()  # transformers' IDEFICS imports torchvision, which beside the CPU torch needs compat's help
+import transformers  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from idefics_fixtures import build_idefics_from_config, expected_image_index  # noqa: E402

@@ -5,6 +5,7 @@
   (and its evaluation's scoring loop) behind flamingo_fast's phase timer.
 - `to_idefics`: a reference of the IDEFICS layout -> transformers' IdeficsForVisionText2Text on the same
   tensors; `IdeficsBaseline` runs its generate behind the same timer.
+- `EvalModelCalls`: OpenFlamingo's evaluation's model calls (EvalModel), on either model.
 - `TimedHFGenerate`: the timing both share.
 
 Needs open_flamingo / open_clip / transformers only when called (imported inside the functions).
@@ -13,6 +14,7 @@ Needs open_flamingo / open_clip / transformers only when called (imported inside
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Sequence
 
 import torch
@@ -48,11 +50,14 @@ def _hf_lm(lm: LMConfig, config: FlamingoConfig):
     if lm.qk_ln or lm.bias or lm.intermediate_size != 4 * lm.hidden_size:
         raise ValueError("lm: transformers' MptForCausalLM has no qk_ln, no biases and a 4x MLP; this MPT "
                          "(MosaicGPT-style) has no OpenFlamingo baseline without its remote code")
+    if not float(lm.alibi_bias_max).is_integer():
+        raise ValueError(f"lm.alibi_bias_max={lm.alibi_bias_max}: transformers' MptConfig takes an integer")
     max_len = tokens.pop("max_position_embeddings")
     return transformers.MptForCausalLM(transformers.MptConfig(
         d_model=lm.hidden_size, n_heads=lm.num_heads, n_layers=lm.num_layers, max_seq_len=max_len,
-        layer_norm_epsilon=lm.layer_norm_eps, attn_config={"alibi": True, "alibi_bias_max": lm.alibi_bias_max,
-                                                           "clip_qkv": lm.clip_qkv}, **tokens))
+        layer_norm_epsilon=lm.layer_norm_eps, attn_config={"alibi": True, "clip_qkv": lm.clip_qkv,
+                                                           # an int, as transformers 5's config checks
+                                                           "alibi_bias_max": int(lm.alibi_bias_max)}, **tokens))
 
 
 @torch.no_grad()
@@ -96,9 +101,12 @@ def to_openflamingo(reference: Flamingo) -> nn.Module:
         lang.init_flamingo_layers(False)  # OpenFlamingo's way to re-wire changed gated blocks into its layers
     ours = reference.state_dict(keep_vars=True)
     ignored = [re.compile(p) for p in IGNORED]
+    head = next(n for n, m in lang.named_children() if m is lang.get_output_embeddings())
     theirs = {}
     for name in model.state_dict():
         source = canonical_name(name, layout)
+        if layout == "gpt_neox" and name == f"lang_encoder.{head}.weight":
+            source = "lang_encoder.embed_out.weight"  # the head by its role: transformers 5 names it lm_head
         if source in ours:
             theirs[name] = ours[source]
         elif not any(p.match(source) for p in ignored):
@@ -270,3 +278,91 @@ class IdeficsBaseline(TimedHFGenerate):
                 image_attention_mask=image_attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                 do_sample=False, **options),
             max_new_tokens, eos_token_id, timer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OpenFlamingo's evaluation calls
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """What OpenFlamingo's `unwrap_model` returns: a DataParallel / DistributedDataParallel's module."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+class EvalModelCalls:
+    """The model calls of OpenFlamingo's evaluation (open_flamingo/eval/models/open_flamingo.py, `EvalModel`),
+    in its order and with its arguments, on token ids instead of strings (no tokenizer) and in float32 (its
+    autocast is a no-op then). `model`: OpenFlamingo's Flamingo, the drop-in, or either wrapped in DDP, as
+    `EvalModel.model` may be; like EvalModel, `__call__` calls `model` itself and the rest `unwrap_model(model)`.
+    For tests and bench/score_cpu.py."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def get_outputs(self, vision_x, lang_x, attention_mask, min_generation_length: int, max_generation_length: int,
+                    num_beams: int, length_penalty: float) -> torch.Tensor:
+        """Captioning and VQA: beam search inside inference mode -> the new tokens only [B, n]."""
+        with torch.inference_mode():
+            out = _unwrapped(self.model).generate(vision_x, lang_x, attention_mask,
+                                                  min_new_tokens=min_generation_length,
+                                                  max_new_tokens=max_generation_length, num_beams=num_beams,
+                                                  length_penalty=length_penalty)
+        return out[:, lang_x.shape[1]:]
+
+    def get_rank_classifications(self, vision_x, lang_x, attention_mask, class_ids: Sequence[Sequence[int]],
+                                 use_cache: bool, normalize_length: bool) -> torch.Tensor:
+        """ImageNet / Hateful Memes: every class name's log-likelihood after every row -> [B, C]. With use_cache:
+        cache_media, one forward over the prompt that keeps its past_key_values, then per class `__call__`'s
+        one-token-per-call loop from that same precomputed state; without: one full forward per class."""
+        batch = lang_x.shape[0]
+        if use_cache:
+            self.cache_media(input_ids=lang_x, vision_x=vision_x)
+            precomputed = self(vision_x=None, lang_x=lang_x, attention_mask=attention_mask,
+                               clear_conditioned_layers=False, use_cache=True)
+            precomputed_logits, precomputed_pkvs = precomputed.logits, precomputed.past_key_values
+        else:
+            precomputed_pkvs = None
+        overall = []
+        for class_name in class_ids:
+            tokens = torch.tensor([list(class_name)], device=lang_x.device).repeat(batch, 1)
+            count = tokens.shape[1]
+            if use_cache:
+                call_ids, call_mask, call_vision = tokens, None, None
+            else:
+                call_ids = torch.cat([lang_x, tokens], dim=1)
+                call_mask = torch.cat([attention_mask, torch.ones_like(tokens).bool()], dim=1)
+                call_vision = vision_x
+            outputs = self(vision_x=call_vision, lang_x=call_ids, attention_mask=call_mask,
+                           clear_conditioned_layers=not use_cache, past_key_values=precomputed_pkvs)
+            logits = torch.cat([precomputed_logits, outputs.logits], dim=1) if use_cache else outputs.logits
+            picked = torch.log_softmax(logits, dim=-1)[:, -count - 1:-1].gather(2, tokens[:, :, None]).squeeze(-1)
+            overall.append(picked.mean(dim=1) if normalize_length else picked.sum(dim=1))
+        self.uncache_media()
+        return torch.vstack(overall).T.cpu()
+
+    def __call__(self, lang_x, vision_x, attention_mask, past_key_values=None, clear_conditioned_layers=False,
+                 use_cache=False):
+        """One forward; with past_key_values, one call per token of lang_x, each extending the previous call's
+        past_key_values (attention_mask sliced per token, or None)."""
+        if past_key_values is None:
+            with torch.inference_mode():
+                return self.model(vision_x=vision_x, lang_x=lang_x, attention_mask=attention_mask,
+                                  clear_conditioned_layers=clear_conditioned_layers, past_key_values=None,
+                                  use_cache=use_cache)
+        logits = []
+        for index in range(lang_x.shape[1]):
+            mask = None if attention_mask is None else attention_mask[:, index:index + 1]
+            with torch.inference_mode():
+                outputs = self.model(vision_x=vision_x, lang_x=lang_x[:, index:index + 1], attention_mask=mask,
+                                     clear_conditioned_layers=False, past_key_values=past_key_values,
+                                     use_cache=True)
+            past_key_values = outputs.past_key_values
+            logits.append(outputs.logits)
+        return types.SimpleNamespace(logits=torch.cat(logits, dim=1), past_key_values=past_key_values)
+
+    def cache_media(self, input_ids, vision_x) -> None:
+        _unwrapped(self.model).cache_media(input_ids=input_ids, vision_x=vision_x)
+
+    def uncache_media(self) -> None:
+        _unwrapped(self.model).uncache_media()

@@ -4,7 +4,8 @@
   (HF_SUPPORTED, HF_IGNORED, HF_IGNORED_WHEN_OFF, HF_DEFAULTS, hf_generation_defaults, HFGenerateDefaults) ->
   one GenerationOptions (search.generation_options) -> the runner (hf_generate). Options are translated here
   once; the runner's `generate_from_options` does not translate them again.
-- Config reading: a transformers model's generation_config (generation_config_of).
+- Config reading: a transformers model's generation_config (generation_config_of); its rotary parameters as
+  transformers 4.x and 5.x write them (rope_of).
 - Output types: FlamingoOutput, what a drop-in's forward returns.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -104,8 +106,58 @@ def generation_config_of(model) -> tuple[object | None, dict]:
     return generation, generation.to_diff_dict() if hasattr(generation, "to_diff_dict") else {}
 
 
+class Rope(NamedTuple):
+    """A transformers config's rotary embedding: base and the fraction of each head's dims that is rotated."""
+
+    theta: float
+    partial_rotary_factor: float
+
+
+def rope_of(hf: Mapping, where: str, *, theta_keys: Sequence[str] = ("rope_theta",),
+            fraction_keys: Sequence[str] = (), default_fraction: float = 1.0,
+            scaling_key: str | None = "rope_scaling") -> Rope:
+    """A config (`config.to_dict()`, or config.json as a dict) -> its Rope, read the way the transformers that
+    wrote it reads it; anything but plain RoPE is an error naming `where`, the key, its value and the expectation.
+
+    transformers 5 keeps `rope_theta`, `partial_rotary_factor` and `rope_type` in one dict, `rope_parameters`;
+    a key missing there falls back to the top-level keys (as 5.x's config classes fill it), then to the defaults.
+    transformers 4.x has top-level keys, the first of `theta_keys` / `fraction_keys` present wins (GPT-NeoX:
+    `rotary_emb_base` before `rope_theta`, `rotary_pct` before `partial_rotary_factor`: 4.57 writes both and its
+    model reads the first), and scaling in `scaling_key` (`rope_scaling`: None, or a dict whose `rope_type`, or
+    legacy `type`, is "default"). theta_keys=() and scaling_key=None: a 4.x model that reads neither (IDEFICS:
+    base 10000 whatever its config says). fraction_keys=(): a model that rotates every dim and ignores
+    partial_rotary_factor in either version (LLaMA, IDEFICS)."""
+
+    def first(mapping: Mapping, keys: Sequence[str], default):
+        return next((mapping[k] for k in keys if mapping.get(k) is not None), default)
+
+    def rope_type(parameters: Mapping) -> str:
+        return parameters.get("rope_type", parameters.get("type", "default"))
+
+    parameters = hf.get("rope_parameters")
+    scaling = hf.get(scaling_key) if scaling_key else None
+    if scaling and rope_type(scaling) != "default":
+        raise ValueError(f"{where}: {scaling_key}={dict(scaling)!r} is not supported; expected None (plain RoPE: "
+                         f"flamingo_fast implements no RoPE scaling)")
+    theta = float(first(hf, theta_keys, 10000.0))
+    fraction = float(first(hf, fraction_keys, default_fraction))
+    if not parameters:
+        return Rope(theta, fraction)
+    if not isinstance(parameters, Mapping) or any(isinstance(v, Mapping) for v in parameters.values()):
+        raise ValueError(f"{where}: rope_parameters={parameters!r} is not supported; expected one dict with "
+                         f"rope_type 'default' (not one per layer type)")
+    if rope_type(parameters) != "default":
+        raise ValueError(f"{where}: rope_parameters['rope_type']={rope_type(parameters)!r} is not supported "
+                         f"(rope_parameters={dict(parameters)!r}); expected 'default' (plain RoPE: flamingo_fast "
+                         f"implements no RoPE scaling)")
+    return Rope(float(parameters.get("rope_theta", theta)),
+                float(parameters.get("partial_rotary_factor", fraction)) if fraction_keys else fraction)
+
+
 @dataclass
 class FlamingoOutput:
-    """What the drop-in's forward returns: OpenFlamingo's callers read `.logits`."""
+    """What the drop-in's forward returns: OpenFlamingo's callers read `.logits`, and with use_cache
+    `.past_key_values`: a handle to the runtime's state of the sequence (prefix_state.PrefixState), None without."""
 
     logits: torch.Tensor
+    past_key_values: object | None = None

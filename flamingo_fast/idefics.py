@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
-from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults
+from .dropin import DropInModule
+from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults, rope_of
+from .modes import runtime_mode
 from .reference import Flamingo, build_reference_from_state
 from .validation import check_eval_mode
 
@@ -51,6 +53,16 @@ ENGINES = ("fast", "reference")
 
 def _unsupported(name: str, value, expected: str) -> ValueError:
     return ValueError(f"model.config.{name}={value!r}: not supported by flamingo_fast; expected {expected}")
+
+
+def _rope_theta(model: nn.Module) -> float:
+    """transformers 4.x's IdeficsEmbedding has its own base (10000) and reads nothing from the config, not even
+    the rope_parameters a config.json written by 5.x brings; 5.x's rotary reads config.rope_parameters."""
+    rotary = model.model.layers[0].self_attn.rotary_emb
+    if hasattr(rotary, "base"):
+        return float(rotary.base)
+    return rope_of({"rope_parameters": getattr(model.config, "rope_parameters", None)}, "model.config",
+                   theta_keys=(), scaling_key=None).theta
 
 
 def config_from_idefics(model: nn.Module) -> FlamingoConfig:
@@ -94,9 +106,9 @@ def config_from_idefics(model: nn.Module) -> FlamingoConfig:
     lm = LMConfig(family="llama", vocab_size=base + added, additional_vocab_size=added, hidden_size=hf.hidden_size,
                   num_layers=layers, num_heads=hf.num_attention_heads, num_kv_heads=hf.num_attention_heads,
                   intermediate_size=hf.intermediate_size, rms_norm_eps=hf.rms_norm_eps,
-                  rope_theta=10000.0,  # transformers' IdeficsEmbedding: base 10000, whatever the config says
-                  # IdeficsConfig has no such field (transformers grows its rotary table on demand); IDEFICS was
-                  # trained on 2048-token sequences
+                  rope_theta=_rope_theta(model),
+                  # 4.x's IdeficsConfig has no such field (transformers grows its rotary table on demand); IDEFICS
+                  # was trained on 2048-token sequences
                   max_position_embeddings=getattr(hf, "max_position_embeddings", 2048),
                   tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)))
     alpha = state["model.gated_cross_attn_layers.0.alpha_cross_attn"]
@@ -148,8 +160,11 @@ def reference_state_dict(model: nn.Module, config: FlamingoConfig) -> dict[str, 
     return out
 
 
-class IdeficsRuntime:
-    """A FastFlamingo (or the reference, engine="reference") behind IdeficsForVisionText2Text's call.
+class IdeficsRuntime(DropInModule):
+    """A FastFlamingo (or the reference, engine="reference") behind IdeficsForVisionText2Text's call, as a
+    `torch.nn.Module` over the live model's own tensors (dropin.py: `.to`, `.eval`, `state_dict`, DDP). Every call
+    computes in the runtime's construction dtype, whatever autocast region it is in, and is safe in and out of
+    `torch.inference_mode()` (modes.py).
 
     generate(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, max_new_tokens=20,
              num_beams=1, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, eos_token_id=</s>,
@@ -166,15 +181,12 @@ class IdeficsRuntime:
     ACCEPTED = {"interpolate_pos_encoding": False, "image_encoder_embeddings": None, "perceiver_embeddings": None}
 
     def __init__(self, engine, reference: Flamingo, eos_token_id, pad_token_id: int | None,
-                 generation_config: Mapping | None = None):
-        self.engine, self.reference, self.config = engine, reference, reference.config
+                 generation_config: Mapping | None = None, model: nn.Module | None = None):
+        """model: the live IdeficsForVisionText2Text whose tensors the engine shares (registered: the drop-in's
+        parameters are its parameters, under its names)."""
+        super().__init__(engine, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), eos_token_id, pad_token_id,
                                            "model.generation_config", self.ACCEPTED)
-
-    @property
-    def fast(self):
-        """The FastFlamingo (None with engine="reference")."""
-        return None if self.engine is self.reference else self.engine
 
     def _vision(self, pixel_values):
         """The processor's pixel_values [B, N, C, H, W] -> vision_x [B, N, 1, C, H, W] (one frame per image)."""
@@ -185,7 +197,7 @@ class IdeficsRuntime:
             raise ValueError(f"pixel_values: got {got}; expected the processor's [batch, images, C, H, W] tensor")
         return pixel_values[:, :, None]
 
-    @torch.no_grad()
+    @runtime_mode
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
                 **hf_options) -> FlamingoOutput:
         """Other keywords of transformers' forward are accepted only at their defaults (ACCEPTED): precomputed
@@ -198,15 +210,13 @@ class IdeficsRuntime:
         mask = self._mask(image_attention_mask, input_ids, vision_x)
         return FlamingoOutput(logits=self.engine.forward(vision_x, input_ids, attention_mask, mask).float())
 
-    __call__ = forward
-
     def _mask(self, image_attention_mask, input_ids, vision_x):
         """The processor's mask; with no images (pixel_values=None) an empty [B, T, 0] one is the same thing."""
         if image_attention_mask is None and vision_x is None and isinstance(input_ids, torch.Tensor):
             return torch.zeros(*input_ids.shape, 0, dtype=torch.long, device=input_ids.device)
         return image_attention_mask
 
-    @torch.no_grad()
+    @runtime_mode
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, **options):
         """IdeficsForVisionText2Text's call with Hugging Face's options (hf.hf_generate says how each is taken);
         the default stop token is the model's eos (`</s>`)."""
@@ -214,7 +224,7 @@ class IdeficsRuntime:
         mask = self._mask(image_attention_mask, input_ids, vision_x)
         return hf_generate(self.engine, self.defaults, vision_x, input_ids, attention_mask, mask, **options)
 
-    @torch.no_grad()
+    @runtime_mode
     def score(self, input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None,
               candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False) -> torch.Tensor:
         """[B, C] float32 log-likelihoods of the candidates (token-id lists) after every row; candidate tokens
@@ -229,7 +239,7 @@ class IdeficsRuntime:
         return getattr(self.engine, "capture_seconds", 0.0)
 
 
-@torch.no_grad()
+@runtime_mode
 def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> IdeficsRuntime:
     """A transformers IdeficsForVisionText2Text -> the same model behind its own call, run by FastFlamingo
     (engine="fast") or by the eager reference (engine="reference"). The tensors are shared with `model`
@@ -250,4 +260,4 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     eos = getattr(generation, "eos_token_id", None)
     eos = model.config.eos_token_id if eos is None else eos
     pad = getattr(generation, "pad_token_id", None)
-    return IdeficsRuntime(runner, reference, eos, model.config.pad_token_id if pad is None else pad, defaults)
+    return IdeficsRuntime(runner, reference, eos, model.config.pad_token_id if pad is None else pad, defaults, model)

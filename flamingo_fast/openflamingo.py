@@ -34,7 +34,6 @@ on differences of positions within a row, so the two agree up to rounding.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -44,8 +43,13 @@ import torch
 from torch import nn
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
-from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults
+from .dropin import DropInModule
+from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults, rope_of
+from .modes import runtime_mode
+from .prefix_state import MediaSession
 from .reference import Flamingo, build_reference_from_state
+from .validation import check_prompt
+from .weights_files import common_dtype, load_tensors, read_json
 
 # The decoder layers' attribute in each source layout (OpenFlamingo's `decoder_layers_attr_name`).
 LAYERS_ATTR = {"llama": "model.layers", "mpt": "transformer.blocks", "mosaic_gpt": "transformer.blocks",
@@ -101,8 +105,7 @@ def _lm_config_from_hf(hf: Mapping, vocab_size: int) -> tuple[LMConfig, str]:
     if family == "llama":
         if hf.get("hidden_act", "silu") != "silu":
             unsupported("hidden_act", hf["hidden_act"], "'silu'")
-        if hf.get("rope_scaling"):
-            unsupported("rope_scaling", hf["rope_scaling"], "None")
+        rope = rope_of(hf, "lang_encoder config")  # transformers' LLaMA rotates every dim of a head
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 unsupported(flag, hf[flag], "False")
@@ -113,25 +116,23 @@ def _lm_config_from_hf(hf: Mapping, vocab_size: int) -> tuple[LMConfig, str]:
             family="llama", vocab_size=vocab_size, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
             num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
             intermediate_size=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope_theta=rope.theta, max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         ), layout
     if family == "gpt_neox":
         if hf.get("hidden_act", "gelu") != "gelu":
             unsupported("hidden_act", hf["hidden_act"], "'gelu'")
-        if hf.get("rope_scaling"):
-            unsupported("rope_scaling", hf["rope_scaling"], "None")
         if hf.get("attention_bias") is False:
             unsupported("attention_bias", False, "True")
-        rotary_pct = hf.get("rotary_pct", hf.get("partial_rotary_factor", 1.0))
-        theta = hf.get("rotary_emb_base", hf.get("rope_theta", 10000.0))
+        # GPTNeoXConfig's defaults (4.x and 5.x) when config.json names neither: rotary_pct 0.25, base 10000
+        rope = rope_of(hf, "lang_encoder config", theta_keys=("rotary_emb_base", "rope_theta"),
+                       fraction_keys=("rotary_pct", "partial_rotary_factor"), default_fraction=0.25)
         return LMConfig(
             family="gpt_neox", vocab_size=vocab_size, hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
             num_kv_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=float(theta),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048), rotary_pct=float(rotary_pct),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=rope.theta,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048), rotary_pct=rope.partial_rotary_factor,
             parallel_residual=bool(hf.get("use_parallel_residual", True)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         ), layout
@@ -156,14 +157,6 @@ def _lm_config_from_hf(hf: Mapping, vocab_size: int) -> tuple[LMConfig, str]:
         tie_word_embeddings=True, bias=not hf.get("no_bias", True), qk_ln=bool(attn.get("qk_ln", False)),
         clip_qkv=attn.get("clip_qkv"), alibi=True, alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
     ), layout
-
-
-def _common_dtype(files: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.dtype | None:
-    """None when every file's floating-point tensors share one dtype (it is kept); float32 when they differ
-    (MPT-7B ships bf16 weights beside float32 checkpoints and CLIP): the dtype OpenFlamingo computes in when it
-    loads the same files (Hugging Face's from_pretrained loads float32 unless told otherwise)."""
-    dtypes = {t.dtype for tensors in files.values() for t in tensors.values() if t.is_floating_point()}
-    return torch.float32 if len(dtypes) > 1 else None
 
 
 def _every_n(indices: Sequence[int], num_layers: int) -> int:
@@ -240,7 +233,7 @@ def _open_clip_vision_heads(vision_path: Path) -> int | None:
     config_file = folder / "open_clip_config.json"
     if not config_file.is_file():
         return None
-    config = _read_json(config_file, "vision_path")
+    config = read_json(config_file, "vision_path")
     vision_cfg = (config.get("model_cfg") or config).get("vision_cfg")
     if not isinstance(vision_cfg, dict) or "width" not in vision_cfg:
         raise ValueError(f"vision_path: {str(config_file)!r} has no vision_cfg with a width; expected open_clip's "
@@ -250,16 +243,6 @@ def _open_clip_vision_heads(vision_path: Path) -> int | None:
         raise ValueError(f"vision_path: {str(config_file)!r}: vision_cfg width={width!r}, head_width={head_width!r}; "
                          f"expected integers, the width a multiple of head_width")
     return width // head_width
-
-
-def _read_json(path: Path, argument: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{argument}: {str(path)!r} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{argument}: {str(path)!r} holds a JSON {type(data).__name__}; expected an object")
-    return data
 
 
 def config_from_openflamingo(model: nn.Module, pad_token_id: int | None = None) -> tuple[FlamingoConfig, str]:
@@ -413,8 +396,11 @@ def _fill_output_rows(weight: torch.Tensor, rows: int, name: str, how: str) -> t
 # ----------------------------------------------------------------------------------------------------------
 
 
-class OpenFlamingoRuntime:
-    """A FastFlamingo behind OpenFlamingo's `generate` call (and `forward` for logits).
+class OpenFlamingoRuntime(DropInModule):
+    """A FastFlamingo behind OpenFlamingo's `generate` call (and `forward` for logits), as a `torch.nn.Module`
+    over the live model's own tensors (dropin.py: `.to`, `.eval`, `state_dict`, DDP). Every call computes in the
+    runtime's construction dtype, whatever autocast region it is in, and is safe in and out of
+    `torch.inference_mode()` (modes.py).
 
     generate(vision_x, lang_x, attention_mask=None, max_new_tokens=20, num_beams=1, do_sample=False,
              temperature=1.0, top_k=50, top_p=1.0, eos_token_id=<|endofchunk|>, min_new_tokens=0,
@@ -427,31 +413,92 @@ class OpenFlamingoRuntime:
     """
 
     def __init__(self, fast, reference: Flamingo, hf_pad_token_id: int | None,
-                 generation_config: Mapping | None = None):
+                 generation_config: Mapping | None = None, model: nn.Module | None = None):
         """generation_config: the LM's own generate defaults (Hugging Face's `generation_config.to_diff_dict()`,
         or generation_config.json): its supported entries become this drop-in's defaults, as Hugging Face
         merges them; an unsupported entry that is not at its default makes every generate call an error that
-        names it, unless the call passes that option's default explicitly."""
-        self.fast, self.reference, self.config = fast, reference, reference.config
+        names it, unless the call passes that option's default explicitly. model: the live open_flamingo model
+        whose tensors `fast` shares (registered: the drop-in's parameters are its parameters, under its names)."""
+        super().__init__(fast, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), self.config.eoc_token_id,
                                            hf_pad_token_id, "lang_encoder.generation_config")
 
-    def forward(self, vision_x, lang_x, attention_mask=None) -> FlamingoOutput:
-        """-> an object with `.logits` [B, T, vocab], as OpenFlamingo's forward returns (Hugging Face's
-        CausalLMOutputWithPast); FastFlamingo.forward returns the bare tensor."""
-        return FlamingoOutput(logits=self.fast.forward(vision_x, lang_x, attention_mask))
+    _media_session: MediaSession | None = None  # what cache_media() holds until uncache_media()
 
-    __call__ = forward
+    @runtime_mode
+    def forward(self, vision_x, lang_x, attention_mask=None, labels=None, clear_conditioned_layers: bool = True,
+                past_key_values=None, use_cache: bool = False) -> FlamingoOutput:
+        """OpenFlamingo's forward -> `.logits` [B, T, vocab] and `.past_key_values` (as Hugging Face's
+        CausalLMOutputWithPast; FastFlamingo.forward returns the bare tensor).
+
+        - use_cache=True: `.past_key_values` is a handle to the sequence's state (prefix_state.py: any number may
+          be alive, each owns its memory; another model's, a stale one or anything else is an error naming
+          past_key_values).
+        - past_key_values=handle: lang_x holds only the new tokens [B, n] (attention_mask None, theirs or the
+          whole sequence's); they run over the handle's sequence, which stays unchanged, and see its prompt's
+          last image; the result's handle extends it. So OpenFlamingo's per-class loop (EvalModel's
+          get_rank_classifications with use_cache=True) gets the values of use_cache=False; `score` computes
+          the same in batched passes, much faster.
+        - vision_x=None after cache_media(): lang_x (a prompt with its `<image>` tokens) runs with the cached
+          images. clear_conditioned_layers=True (the default, as in OpenFlamingo) then releases them, as
+          OpenFlamingo clears its conditioned layers; nothing else is kept between calls.
+        - labels: not supported (inference only)."""
+        if labels is not None:
+            raise ValueError("labels: not supported; flamingo_fast computes no loss (expected None)")
+        session = self._media_session
+        if session is not None and past_key_values is None:
+            if vision_x is not None:
+                raise ValueError("vision_x: media are cached (cache_media()); expected None, or uncache_media() "
+                                 "first")
+            if isinstance(lang_x, torch.Tensor) and not bool((lang_x == self.config.media_token_id).any()):
+                raise ValueError("lang_x: no <image> token with media cached by cache_media(); expected the prompt "
+                                 "with its <image> tokens (continuations go through past_key_values)")
+            vision_x = session.vision_x
+        if past_key_values is not None or use_cache:
+            logits, state = self.fast.forward_with_state(vision_x, lang_x, attention_mask, past_key_values,
+                                                         session if past_key_values is None else None)
+        else:
+            logits, state = self.fast.forward(vision_x, lang_x, attention_mask), None
+        if clear_conditioned_layers and session is not None:
+            self.uncache_media()
+        return FlamingoOutput(logits=logits, past_key_values=state)
+
+    def cache_media(self, input_ids: torch.Tensor, vision_x: torch.Tensor) -> None:
+        """OpenFlamingo's cache_media: later forwards with vision_x=None run with these images (a copy: the
+        caller may refill its buffer), until uncache_media(). input_ids: the prompt they go with (checked)."""
+        check_prompt(self.config, vision_x, input_ids, None)
+        self.uncache_media()
+        self._media_session = MediaSession(vision_x.detach().clone())
+
+    def uncache_media(self) -> None:
+        """Release what cache_media() holds; the handles made with those media become stale."""
+        if self._media_session is not None:
+            self._media_session.alive = False
+        self._media_session = None
+
+    @runtime_mode
+    def _encode_vision_x(self, vision_x: torch.Tensor) -> torch.Tensor:
+        """OpenFlamingo's image encoding: vision_x [B, T_img, F=1, C, H, W] -> the resampled latents
+        [B, T_img, latents, D]. Returned, never stored: forward reads images only from its vision_x or
+        cache_media() (OpenFlamingo instead conditions its layers on them)."""
+        if not isinstance(vision_x, torch.Tensor) or vision_x.dim() != 6 or vision_x.shape[2] != 1:
+            got = tuple(vision_x.shape) if isinstance(vision_x, torch.Tensor) else type(vision_x).__name__
+            raise ValueError(f"vision_x: got {got}; expected [B, T_img, 1, C, H, W] (single frames)")
+        fast = self.fast
+        patch_tokens = fast.model.vision_encoder(vision_x.flatten(0, 2).to(device=fast.device, dtype=fast.dtype))
+        return fast.perceiver(patch_tokens.view(*vision_x.shape[:3], *patch_tokens.shape[1:]))
 
     @property
     def capture_seconds(self) -> float:
         return self.fast.capture_seconds
 
+    @runtime_mode
     def generate(self, vision_x, lang_x, attention_mask=None, **options):
         """OpenFlamingo's call with Hugging Face's options (hf.hf_generate says how each is taken); the
         default stop token is `<|endofchunk|>`."""
         return hf_generate(self.fast, self.defaults, vision_x, lang_x, attention_mask, None, **options)
 
+    @runtime_mode
     def score(self, vision_x, lang_x, attention_mask=None, candidates: Sequence[Sequence[int]] = (),
               normalize_length: bool = False, progress: bool | None = None) -> torch.Tensor:
         """[B, C] float32 log-likelihoods of the candidates (token-id lists, as the tokenizer gives each class
@@ -479,7 +526,7 @@ def _output_head_by_role(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-@torch.no_grad()
+@runtime_mode
 def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
                       openflamingo_generated_image_bug: bool = False, **runtime_options) -> OpenFlamingoRuntime:
     """An open_flamingo `Flamingo` (open_clip vision tower, perceiver, FlamingoLMMixin LM) -> the same model
@@ -499,7 +546,8 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     fast = FastFlamingo.from_reference(reference, **runtime_options)
     generation, defaults = generation_config_of(model.lang_encoder)
     hf_pad = getattr(generation, "pad_token_id", None)
-    return OpenFlamingoRuntime(fast, reference, pad_token_id if pad_token_id is not None else hf_pad, defaults)
+    return OpenFlamingoRuntime(fast, reference, pad_token_id if pad_token_id is not None else hf_pad, defaults,
+                               model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,53 +555,17 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_tensors(path: str | os.PathLike, argument: str = "path") -> dict[str, torch.Tensor]:
-    """One weights file (safetensors, or a torch pickle read with weights_only=True) or a Hugging Face
-    directory (all its *.safetensors shards, else all its *.bin shards). `argument` is the caller's name for
-    `path`: every error names it, the file and the cause (not a weights file, empty, truncated, a value that is
-    not a tensor). An OpenFlamingo training checkpoint's `model_state_dict` is unwrapped, and the `module.`
-    prefix of its multi-GPU (DDP / FSDP) training stripped, as OpenFlamingo's evaluation does."""
-    path = Path(path)
-    where = f"{argument}={str(path)!r}"
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-        if not files:
-            raise ValueError(f"{where}: no *.safetensors or pytorch_model*.bin weights in this directory")
-        out: dict[str, torch.Tensor] = {}
-        for file in files:
-            out.update(load_tensors(file, argument))
-        return out
-    if not path.is_file():
-        raise ValueError(f"{where}: no such file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{where}: the file is empty; expected a weights file (safetensors or a torch checkpoint)")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as error:
-            raise ValueError(f"{where}: not a readable safetensors file (truncated or corrupt?): {error}") from error
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types here: UnpicklingError, RuntimeError, KeyError, EOFError
-        cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        raise ValueError(f"{where}: not a readable torch checkpoint (not a weights file, truncated or corrupt?): "
-                         f"{cause}") from error
-    if isinstance(data, dict) and "model_state_dict" in data:  # OpenFlamingo's training checkpoint
-        data = data["model_state_dict"]
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: holds a {type(data).__name__}; expected a state dict (names -> tensors)")
-    data = {k.removeprefix("module.") if isinstance(k, str) else k: v for k, v in data.items()}
-    for name, value in data.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{where}: {name!r} holds a {type(value).__name__}; expected a tensor (a state dict "
-                             f"of weights)")
-    return data
+def _trainable_as_openflamingo(reference: Flamingo) -> None:
+    """requires_grad as OpenFlamingo's create_model_and_transforms leaves it: the perceiver, the gated blocks and
+    the input embeddings trainable, the rest frozen. What DDP sees on the drop-in then matches the original
+    (DDP refuses a model with nothing trainable, and allocates gradient buckets for everything that is)."""
+    reference.requires_grad_(False)
+    reference.perceiver.requires_grad_(True)
+    reference.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    reference.lang_encoder.embed_tokens.requires_grad_(True)
 
 
-@torch.no_grad()
+@runtime_mode
 def load_openflamingo(
     checkpoint_path: str | os.PathLike,
     lm_path: str | os.PathLike,
@@ -598,7 +610,7 @@ def load_openflamingo(
     config_file = lm_dir / "config.json"
     if not config_file.is_file():
         raise ValueError(f"lm_path={str(lm_path)!r}: no config.json; expected a Hugging Face model directory")
-    hf = _read_json(config_file, f"lm_path={str(lm_path)!r}")
+    hf = read_json(config_file, f"lm_path={str(lm_path)!r}")
 
     visual = load_tensors(vision_path, "vision_path")
     if any(k.startswith("visual.") for k in visual):
@@ -607,7 +619,7 @@ def load_openflamingo(
     checkpoint = load_tensors(checkpoint_path, "checkpoint_path")
     files = {"checkpoint_path": checkpoint, "lm_path": lm_tensors, "vision_path": visual}
     if dtype is None:
-        dtype = _common_dtype(files)
+        dtype = common_dtype(files)
     state = {"vision_encoder." + k: v for k, v in visual.items()}
     state.update({"lang_encoder." + k: v for k, v in lm_tensors.items()})
     state.update(checkpoint)  # the checkpoint's resized embeddings replace the LM's
@@ -646,8 +658,9 @@ def load_openflamingo(
     config = _with_weight_shapes(config, canonical)
     tensors = to_reference_state_dict(canonical, config, layout, missing_output_rows)
     reference = build_reference_from_state(config, tensors).to(device=device, dtype=dtype)
+    _trainable_as_openflamingo(reference)
     from .runtime import FastFlamingo
 
     generation_file = lm_dir / "generation_config.json"
-    defaults = _read_json(generation_file, f"lm_path={str(lm_path)!r}") if generation_file.is_file() else {}
+    defaults = read_json(generation_file, f"lm_path={str(lm_path)!r}") if generation_file.is_file() else {}
     return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad, defaults)

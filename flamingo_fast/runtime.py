@@ -46,14 +46,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import masking
+from . import masking, prefix_state
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
 from .decode import DecodeState, decode_step, resolve_decode_paths
 from .fast_modules import FastPerceiverResampler, LayerStack, check_backend, kernel_ops
 from .graphs import DecodeGraphs, DecodeInputs
+from .modes import runtime_mode
 from .prefill import PromptPrefill
-from .scoring import check_candidates, score_candidates
+from .prefix_state import MediaSession, PrefixState
+from .scoring import DEFAULT_SCORE_BYTES, check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
 from .search import GenerationOptions, KeywordGenerate, generate_ids
 from .timing import PhaseTimer
 from .validation import check_dtype, check_eval_mode, check_generate_options, check_model, check_prompt
@@ -87,13 +89,20 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
     construction and reused by every call; calls are independent (each prompt overwrites what it reads). One
     call runs at a time per instance: concurrent calls from several threads wait for each other on a lock.
     Prefill is its base class PromptPrefill (prefill.py); the decode step is decode.decode_step over
-    `decode_state` (the caches and the layer wiring `stack`).
+    `decode_state` (the caches and the layer wiring `stack`). Every entry point runs under modes.runtime_mode: it
+    computes in the construction dtype inside any autocast region (build with dtype=torch.bfloat16 for bf16),
+    and caches allocated inside `torch.inference_mode()` serve calls outside it and the other way round. The
+    reference model's tensors must stay where they were at construction; the drop-ins (dropin.py) rebuild their
+    FastFlamingo after `.to`.
     """
 
+    @runtime_mode
     def __init__(self, model: Flamingo, backend: str = "auto", max_batch_size: int = 8,
                  max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
                  stop_check_interval: int = 8, max_hypotheses: int | None = None, max_tail_len: int = 64,
-                 context_cache_bytes: int = 1 << 30, decode_paths=None):
+                 context_cache_bytes: int = 1 << 30, decode_paths=None, score_bytes: int = DEFAULT_SCORE_BYTES):
+        # the options as given ("auto", None), so that a drop-in rebuilt after `.to` resolves them again
+        self.options = {k: v for k, v in locals().items() if k not in ("self", "model", "__class__")}
         config = model.config
         check_model(model)
         param = model.lang_encoder.output_head.weight
@@ -130,17 +139,22 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
         self.max_hypotheses, self.max_tail_len = max_hypotheses, max_tail_len
         self.tail_cache: TailKVCache | None = None  # allocated by the first beam search, then kept (graphs read it)
+        self.staged_prefix = None  # prefix_state.Staged: which past_key_values chain the caches hold
         self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths)
         if isinstance(context_cache_bytes, bool) or not isinstance(context_cache_bytes, int) or context_cache_bytes < 0:
             raise ValueError(f"context_cache_bytes={context_cache_bytes!r}: expected an integer >= 0 (0 disables it)")
         self.context_cache = ContextCache(context_cache_bytes)
+        if isinstance(score_bytes, bool) or not isinstance(score_bytes, int) or score_bytes < 1:
+            raise ValueError(f"score_bytes={score_bytes!r}: expected an integer >= 1 (the bytes one scoring pass may "
+                             f"hold)")
+        self.score_bytes = score_bytes
         self.lock = threading.Lock()
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(decode_step, max_batch_size, max_seq_len, self.device,
                                    max_hypotheses=max_hypotheses) if use_graphs else None
 
     @classmethod
-    @torch.no_grad()
+    @runtime_mode
     def from_reference(cls, model: Flamingo, backend: str = "auto", dtype: torch.dtype | None = None,
                        **options) -> FastFlamingo:
         """Share `model`'s parameters (no copy). With a different `dtype` (float32, float16 or bfloat16), a
@@ -150,7 +164,8 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         objects, same values, no extra memory (fused_weights.py). Options: max_batch_size, max_seq_len,
         max_images, cuda_graphs, stop_check_interval, max_hypotheses (beams x rows, default 4 x
         max_batch_size), max_tail_len (the most new tokens a beam search may ask for, default 64),
-        decode_paths (which of decode.DECODE_PATHS to use; default decode.DEFAULT_DECODE_PATHS of the backend)."""
+        decode_paths (which of decode.DECODE_PATHS to use; default decode.DEFAULT_DECODE_PATHS of the backend),
+        score_bytes (the memory one pass of `score` may hold, default 512 MiB: FastFlamingo.score)."""
         check_eval_mode(model)
         if dtype is not None:
             check_dtype(dtype)
@@ -160,7 +175,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
 
     # ------------------------------------------------------------------------------------------ public API
 
-    @torch.no_grad()
+    @runtime_mode
     def forward(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,7 +188,20 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
 
     __call__ = forward
 
-    @torch.no_grad()
+    @runtime_mode
+    def forward_with_state(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
+                           attention_mask: torch.Tensor | None = None, past: PrefixState | None = None,
+                           session: MediaSession | None = None) -> tuple[torch.Tensor, PrefixState]:
+        """forward that keeps the sequence's state -> (logits [B, T, vocab], a handle: prefix_state.PrefixState).
+        With `past` (a handle), lang_x holds only the new tokens [B, n]: they run over past's stored sequence,
+        which stays unchanged, and see the prompt's last image; vision_x must be None. `session`: the drop-in's
+        cached media the prompt was run with (its handles go stale when they are released)."""
+        if past is not None and vision_x is not None:
+            raise ValueError("vision_x: expected None with past_key_values (the handle holds its prompt's images)")
+        with self.lock:
+            return prefix_state.forward_with_state(self, vision_x, lang_x, attention_mask, past, session)
+
+    @runtime_mode
     def generate_from_options(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
                               attention_mask: torch.Tensor | None, options: GenerationOptions, *,
                               generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
@@ -192,32 +220,36 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
                                 options, config.lm.vocab_size, generator=generator, timer=timer,
                                 return_logits=return_logits, stop_check_interval=self.stop_check_interval)
 
-    @torch.no_grad()
+    @runtime_mode
     def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
               candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False,
               progress: bool | None = None, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Log-likelihood of every candidate continuation after every row -> [B, C] float32 (scoring.py).
 
         Each row's prompt is prefilled once; the candidates run as a trie, all rows at once, their hypotheses
-        sharing the row's prompt KV and media K/V. A pass holds at most max_hypotheses // B hypotheses per row
-        (the tail cache is the memory budget: max_hypotheses x max_tail_len); candidates may be at most
-        max_tail_len + 1 tokens long."""
+        sharing the row's prompt KV and media K/V. Passes are sized per call from the candidates and
+        `score_bytes` (the constructor's option, default scoring.DEFAULT_SCORE_BYTES = 512 MiB): a pass holds as
+        many hypotheses per row as that budget holds (scoring.hypothesis_bytes each: its tail of up to the longest
+        candidate's length - 1 tokens, its logits), at most the trie's widest level, so lists that fit run in one
+        pass. The tail cache is allocated for the call and freed after it; max_hypotheses and max_tail_len (beam
+        search's) do not apply. A budget too small for one hypothesis per row is an error naming score_bytes."""
         with self.lock:
             attention_mask, prompt = check_prompt(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
             tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
             longest = max(len(t) for t in tokens)
             check_generate_options(self.config, lang_x, attention_mask, longest)  # left padding, max positions
-            if longest - 1 > self.max_tail_len:
-                raise ValueError(f"candidates: the longest has {longest} tokens; this FastFlamingo scores at most "
-                                 f"max_tail_len + 1 = {self.max_tail_len + 1}")
+            rows = lang_x.shape[0]
+            per_row = hypotheses_per_row(tokens, rows, self.score_bytes,
+                                         hypothesis_bytes(self.config, self.dtype, longest - 1))
             prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
             self._check_capacity(lang_x, prompt, None)
-            per_row = self.max_hypotheses // lang_x.shape[0]
             decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask, prompt)
             decoder.graphs = False  # the hypothesis count changes level by level: eager beats a capture per shape
-            return score_candidates(decoder, first_logits, tokens, per_row, normalize_length, progress)
+            if per_row:  # this call's tails, never the beams' cache (which CUDA graphs read)
+                decoder.tail = TailKVCache.allocate(self.config, rows * per_row, longest - 1, self.dtype, self.device)
+            return score_candidates(decoder, first_logits, tokens, max(per_row, 1), normalize_length, progress)
 
-    @torch.no_grad()
+    @runtime_mode
     def prefill(self, vision_x, lang_x, attention_mask, prompt: masking.PromptImages,
                 timer: PhaseTimer | None = None) -> tuple[FastDecoder, torch.Tensor]:
         """Encode the images each row uses, prefill the prompts -> (decoder over the cached prompts, float32
@@ -294,8 +326,11 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
                              f"max_images={self.media_cache.max_images} of this FastFlamingo")
 
     def _run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool,
-                         graphs: bool = True) -> torch.Tensor:
-        """decode.decode_step over this instance's state: replayed as a CUDA graph when there are graphs."""
+                         graphs: bool = True, tail: TailKVCache | None = None) -> torch.Tensor:
+        """decode.decode_step over this instance's state: replayed as a CUDA graph when there are graphs. `tail`: a
+        tail cache other than the instance's (score's, for one call: always eager)."""
+        if tail is not None and tail is not self.tail_cache:
+            return decode_step(dataclasses.replace(self.decode_state, tail=tail), inputs, kv_len, per_row, tails)
         if self.graphs is not None and graphs:
             return self.graphs.run(self.decode_state, inputs, kv_len, per_row, tails)
         return decode_step(self.decode_state, inputs, kv_len, per_row, tails)
@@ -316,7 +351,8 @@ class FastDecoder:
     (`fork(n)` with n > 1, or `shared=True`): the row's hypotheses read its prompt KV and media K/V in place;
     each one's new tokens go to its own TailKVCache row, and `reorder` gathers tails only (the count per row may
     change, as scoring's trie levels do). Each `step` is one decode step (a CUDA-graph replay on a GPU unless
-    `graphs` is off) with no host sync."""
+    `graphs` is off) with no host sync. `tail`: the tail cache, the instance's (allocated on the first shared
+    fork: beams) unless the caller set one for the call (score)."""
 
     def __init__(self, runtime: FastFlamingo, prompt_len: int, last_position: torch.Tensor,
                  image_index: torch.Tensor, row_images: torch.Tensor):
@@ -324,6 +360,7 @@ class FastDecoder:
         self.last_position, self.image_index, self.row_images = last_position, image_index, row_images
         self.per_row, self.shared, self.tail_len, self.inputs = 1, False, 0, None
         self.graphs = True
+        self.tail: TailKVCache | None = None
 
     @property
     def rows(self) -> int:
@@ -334,7 +371,7 @@ class FastDecoder:
         self.per_row, self.tail_len = per_row, 0
         self.shared = per_row > 1 if shared is None else shared
         if self.shared:
-            self.runtime._ensure_tail_cache()
+            self.tail = self.tail or self.runtime._ensure_tail_cache()
             self._check_hypotheses(self.rows * per_row)
         elif per_row != 1:
             raise ValueError(f"fork: per_row={per_row} needs shared=True (rows own their segment only alone)")
@@ -349,9 +386,9 @@ class FastDecoder:
         )
 
     def _check_hypotheses(self, hypotheses: int) -> None:
-        if hypotheses > self.runtime.max_hypotheses:
-            raise ValueError(f"{hypotheses} hypotheses exceed max_hypotheses={self.runtime.max_hypotheses} of this "
-                             f"FastFlamingo")
+        if hypotheses > self.tail.max_hypotheses:
+            raise ValueError(f"{hypotheses} hypotheses exceed the {self.tail.max_hypotheses} rows of the tail cache "
+                             f"(max_hypotheses of this FastFlamingo, or score's pass)")
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs = self.inputs
@@ -362,11 +399,12 @@ class FastDecoder:
         inputs.rope_position = inputs.rope_position + 1
         inputs.kv_column = inputs.kv_column + 1
         self.tail_len += 1
-        if self.shared and self.tail_len > self.runtime.max_tail_len:
-            raise ValueError(f"step: tail of {self.tail_len} tokens exceeds max_tail_len="
-                             f"{self.runtime.max_tail_len} of this FastFlamingo")
+        if self.shared and self.tail_len > self.tail.max_tail_len:
+            raise ValueError(f"step: tail of {self.tail_len} tokens exceeds the tail cache's {self.tail.max_tail_len} "
+                             f"(max_tail_len of this FastFlamingo, or score's longest candidate)")
         kv_len = self.prompt_len if self.shared else self.prompt_len + self.tail_len
-        return self.runtime._run_decode_step(inputs, kv_len, self.per_row, self.shared, self.graphs).float()
+        return self.runtime._run_decode_step(inputs, kv_len, self.per_row, self.shared, self.graphs,
+                                             self.tail if self.shared else None).float()
 
     def reorder(self, index: torch.Tensor) -> None:
         """Hypothesis h continues old hypothesis index[h], which must belong to the same row; len(index) may
@@ -374,7 +412,7 @@ class FastDecoder:
         if not self.shared:
             raise ValueError("reorder: rows that own their segment cannot reorder; fork(per_row, shared=True) first")
         self._check_hypotheses(index.shape[0])
-        self.runtime.tail_cache.reorder(index, self.tail_len)
+        self.tail.reorder(index, self.tail_len)
         inputs = self.inputs
         inputs.rope_position, inputs.image_index = inputs.rope_position[index], inputs.image_index[index]
         inputs.row_images = inputs.row_images[index]

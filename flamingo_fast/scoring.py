@@ -13,9 +13,17 @@ trie over their tokens: one decode step per trie level, for all rows and all nod
   leading tokens share those steps; duplicates cost nothing.
 - Hypotheses share their row's prompt KV and media K/V (the decoder's shared mode); level d+1 reorders the
   tails of level d to its nodes' parents.
-- Chunks: the candidates are taken in sorted order and cut so that no level of a chunk's trie holds more than
-  `per_row` nodes; that bounds the tail memory (per_row x rows x longest candidate). Each chunk forks again
-  from the prompt.
+- Passes: the candidates are taken in sorted order and cut into chunks so that no level of a chunk's trie
+  holds more than `per_row` nodes; each chunk is one pass, forked again from the prompt. FastFlamingo sizes
+  `per_row` from a byte budget (`score_bytes`, hypotheses_per_row): as many hypotheses as the budget holds, at
+  most the widest level of the whole trie, so that candidate lists that fit take one pass.
+
+Why wide passes (measured on the `small` preset, CPU, 1 thread, 2026-12-04): a step costs a fixed part (every
+weight read once, ~70-85 ms) plus a part per hypothesis (its GEMM rows, 3-5 ms from 16 to 4,096 hypotheses per
+step, 86% of it in mm: compute-bound, so wider never got slower per hypothesis). 200 random candidates at batch 4
+make 404 trie nodes per row whatever the pass size, so only the number of steps changes; one process, budgets
+alternated, median of 5 (load 3-4 on 2 cores): 8.4 s at 8 hypotheses per row (80 steps, the old default
+max_hypotheses // B), 7.5 s at 24 (28 steps), 6.2 s at 49 (16), 5.2 s at 98 (8), 4.1 s at 162 (one pass, 4 steps).
 """
 
 from __future__ import annotations
@@ -25,8 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import FlamingoConfig
 from .search import Decoder
 from .timing import ProgressBar
+
+# FastFlamingo(score_bytes=...)'s default: the memory one scoring pass may hold (hypothesis_bytes each). 512 MiB is
+# one pass for 200 candidates at batch 4 on the `small` preset (648 hypotheses of 0.65 MiB, float32): 4.1 s against
+# 5.2 s at 256 MiB and 8.4 s with the old 8 per row (module docstring); the process's RSS rose by 312 MiB during
+# such a call (the bound counts 421). 1,000 candidates at 512 MiB take 4 passes (16 steps): 19.4 s, against 19.1 s in
+# one pass at 2 GiB (one call each, same process): 4x the memory for 1.5%. bench/RESULTS.md: the ratio to OpenFlamingo.
+DEFAULT_SCORE_BYTES = 512 << 20
 
 
 def check_candidates(candidates, vocab_size: int, media_token_id: int) -> list[tuple[int, ...]]:
@@ -89,7 +105,7 @@ def chunks(candidates: list[tuple[int, ...]], per_row: int) -> list[list[tuple[i
     for i in order:
         tokens = candidates[i]
         new = [tokens[:d] for d in range(1, len(tokens))]
-        fits = all(len(nodes[d - 1] | {p}) <= per_row if d - 1 < len(nodes) else True
+        fits = all(d - 1 >= len(nodes) or p in nodes[d - 1] or len(nodes[d - 1]) < per_row
                    for d, p in enumerate(new, start=1))
         if current and not fits:
             out.append(current)
@@ -101,6 +117,35 @@ def chunks(candidates: list[tuple[int, ...]], per_row: int) -> list[list[tuple[i
             nodes[d - 1].add(prefix)
     out.append(current)
     return out
+
+
+def widest_level(candidates: list[tuple[int, ...]]) -> int:
+    """The most nodes any level d >= 1 of the candidates' trie holds: the widest step of one pass over them all
+    (0 when every candidate is one token, which needs no step)."""
+    longest = max(len(tokens) for tokens in candidates)
+    return max((len({tokens[:d] for tokens in candidates if len(tokens) > d}) for d in range(1, longest)), default=0)
+
+
+def hypothesis_bytes(config: FlamingoConfig, dtype: torch.dtype, tail_len: int) -> int:
+    """An upper bound of the memory one scoring hypothesis holds during a step: its tail's keys and values
+    (TailKVCache, `tail_len` columns) and as much again (a reorder gathers into a temporary), its logits in
+    `dtype` and two float32 copies (the float logits, their log-softmax), and its MLP activations."""
+    lm, itemsize = config.lm, dtype.itemsize
+    tail = 2 * lm.num_layers * lm.num_kv_heads * tail_len * lm.head_dim * itemsize
+    return 2 * tail + lm.vocab_size * (itemsize + 8) + 4 * lm.intermediate_size * itemsize
+
+
+def hypotheses_per_row(candidates: list[tuple[int, ...]], rows: int, score_bytes: int, per_hypothesis: int) -> int:
+    """A pass's hypotheses per row: as many as `score_bytes` holds for `rows` rows (`per_hypothesis` bytes each),
+    at most the trie's widest level (no more than one pass needs); 0 when no candidate needs a step."""
+    widest = widest_level(candidates)
+    fit = score_bytes // (rows * per_hypothesis)
+    if widest and fit < 1:
+        longest = max(len(tokens) for tokens in candidates)
+        raise ValueError(f"score_bytes={score_bytes}: a scoring pass needs at least one hypothesis per row, "
+                         f"{rows} rows x {per_hypothesis} bytes (candidates of up to {longest} tokens); expected at "
+                         f"least {rows * per_hypothesis}")
+    return min(widest, fit)
 
 
 def score_candidates(decoder: Decoder, first_logits: torch.Tensor, candidates: list[tuple[int, ...]],

@@ -2,7 +2,7 @@
 `IdeficsForVisionText2Text`: tiny models built offline from configs with EVERY parameter random (the default zero
 alphas would switch the gated blocks off), prompts through the real `IdeficsProcessor` with a tokenizer built
 locally (tests/idefics_fixtures.py). Runs where transformers is installed (`make test-openflamingo`'s
-.venv-openflamingo, transformers 4.57); skipped elsewhere.
+.venv-openflamingo, transformers 4.57, and `make test-transformers5`'s .venv-transformers5, 5.24); skipped elsewhere.
 
 Conventions:
 - logits are compared at real tokens only (a padding position's output is unused; transformers gives pads the
@@ -318,6 +318,24 @@ def test_without_resampler_is_supported_or_a_clear_error(batches):
         return
     compare_logits(model, runtime, batches["mixed"])
     compare_generate(model, runtime, batches["mixed"], max_new_tokens=4, do_sample=False)
+
+
+@pytest.mark.parametrize("rope_type", ["default", "linear"])
+def test_rope_parameters_as_the_installed_transformers_reads_them(rope_type, batches):
+    """A config with rope_parameters (base 500, not the usual 10000), as transformers 5 writes it: 5.x's IDEFICS
+    rotates with them, and a scaled type there is a named error; 4.x's ignores them (its base is 10000 whatever
+    the config says: a config.json saved by 5.x, loaded by 4.x). The drop-in computes the live model's logits."""
+    scaling = {"factor": 2.0} if rope_type == "linear" else {}
+    model = build_idefics(seed=8, rope_parameters={"rope_theta": 500.0, "rope_type": rope_type, **scaling})
+    reads_config = not hasattr(model.model.layers[0].self_attn.rotary_emb, "base")  # transformers 5
+    if reads_config and rope_type != "default":
+        with pytest.raises(ValueError, match=r"model.config: rope_parameters\['rope_type'\]='linear' is not "
+                                             r"supported .*; expected 'default'"):
+            runtime_for(model, "fast")
+        return
+    runtime = runtime_for(model, "fast")
+    assert runtime.config.lm.rope_theta == (500.0 if reads_config else 10000.0)
+    compare_logits(model, runtime, batches["mixed"])
 
 
 def test_unknown_alpha_shape_is_a_clear_error():

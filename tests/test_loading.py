@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 import flamingo_fast
 from flamingo_fast.config import from_name
-from flamingo_fast.openflamingo import load_tensors
 from flamingo_fast.reference import build_reference
+from flamingo_fast.weights_files import load_tensors
 
 TINY = from_name("tiny")
 # What OpenFlamingo fixes and the loader therefore assumes: QuickGELU (OpenAI's CLIP), 8 heads in the resampler

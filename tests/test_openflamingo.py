@@ -1,7 +1,7 @@
 """FastFlamingo against the real open_flamingo package: tiny random models built from configs (an open_clip
 ViT, a Hugging Face LM from its config, OpenFlamingo's FlamingoLMMixin and Flamingo), nonzero gates, per LM
-family and cross-attention cadence. Runs in .venv-openflamingo (`make test-openflamingo`); skipped where
-open_flamingo is not installed. No downloads.
+family and cross-attention cadence. Runs in .venv-openflamingo (`make test-openflamingo`, transformers 4.57) and
+.venv-transformers5 (`make test-transformers5`, 5.24); skipped where open_flamingo is not installed. No downloads.
 
 Position convention: under OpenFlamingo a left-padded row's rotary positions count its padding (its
 FlamingoLMMixin.forward hides `position_ids` from Hugging Face's generate); flamingo_fast counts real tokens.
@@ -58,6 +58,15 @@ def hf_lm(family: str, vocab: int = VOCAB):
     return transformers.GPTNeoXForCausalLM(config)
 
 
+class OptionalMaskMixin:
+    """transformers 5's generate passes no attention_mask when the mask is all ones (4.57 passes it), and
+    OpenFlamingo's FlamingoLMMixin.forward requires one, so its generate fails on every unpadded batch under 5.x.
+    To Hugging Face None means all ones: the model computes the same thing. Mixed in over FlamingoLMMixin."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return FlamingoLMMixin.forward(self, input_ids, attention_mask, **kwargs)
+
+
 def open_clip_vit() -> VisionTransformer:
     return VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=2, mlp_ratio=4.0,
                              output_dim=16, act_layer=QuickGELU, output_tokens=True)
@@ -68,6 +77,7 @@ def build_openflamingo(family: str, every: int, seed: int, lm=None) -> OpenFlami
     torch.manual_seed(seed)
     lm = hf_lm(family) if lm is None else lm
     extend_instance(lm, FlamingoLMMixin)
+    extend_instance(lm, OptionalMaskMixin)
     lm.set_decoder_layers_attr_name(LAYERS_ATTR[family])
     model = OpenFlamingo(types.SimpleNamespace(visual=open_clip_vit()), lm, EOC, MEDIA, vis_dim=48,
                          cross_attn_every_n_layers=every)
@@ -193,9 +203,15 @@ def test_checkpoint_round_trip(family, tmp_path):
     base_head = lm.get_output_embeddings().weight.detach().clone()
     lm.resize_token_embeddings(VOCAB)
     lm.config.pad_token_id = lm.generation_config.pad_token_id = PAD
-    if family == "llama":  # untied head: rows for the new tokens exist nowhere; make OpenFlamingo's the mean
+    # The checkpoint holds the head's new rows only where the head is the embedding (MPT) or is named like one
+    # (GPT-NeoX's `embed_out` in transformers 4.x; 5.x names it `lm_head`, as LLaMA's): elsewhere they exist
+    # nowhere, so make OpenFlamingo's the mean
+    head = lm.get_output_embeddings().weight
+    head_saved = head is lm.get_input_embeddings().weight or any(
+        p is head for name, p in lm.named_parameters() if "embed" in name)
+    if not head_saved:
         with torch.no_grad():
-            lm.lm_head.weight[BASE_VOCAB:] = base_head.mean(dim=0)
+            head[BASE_VOCAB:] = base_head.mean(dim=0)
     of_model = build_openflamingo(family, 2, seed=21, lm=lm)
     torch.save(_trainable_state_dict(of_model), tmp_path / "checkpoint.pt")
     visual = {"visual." + k: v.contiguous() for k, v in of_model.vision_encoder.state_dict().items()}
@@ -206,8 +222,9 @@ def test_checkpoint_round_trip(family, tmp_path):
     vision = flamingo_fast.VisionConfig(image_size=32, patch_size=8, width=48, layers=2, heads=2, act="quick_gelu")
     options = dict(eoc_token_id=EOC, media_token_id=MEDIA, vision=vision, backend="torch", max_batch_size=2,
                    max_seq_len=96)
-    if family == "llama":
-        with pytest.raises(ValueError, match=r"lang_encoder.lm_head.weight: 96 rows but the embedding has 99"):
+    if not head_saved:
+        ours = {"llama": "lm_head", "gpt_neox": "embed_out"}[family]  # the reference's name of the head
+        with pytest.raises(ValueError, match=rf"lang_encoder.{ours}.weight: 96 rows but the embedding has 99"):
             flamingo_fast.load_openflamingo(*files, **options)
         options["missing_output_rows"] = "mean"
     fast = flamingo_fast.load_openflamingo(*files, **options)
@@ -319,21 +336,22 @@ def test_evaluation_call_with_greedy_and_sampling_leftovers():
 
 def test_output_head_is_found_by_role_as_transformers_5_names_it():
     """transformers 5 names GPT-NeoX's output head `lm_head` (4.x: `embed_out`): rename it on a live model the
-    way 5.x lays it out and convert both; the tokens must not change."""
+    way the other version lays it out and convert both; the tokens must not change."""
     of_model = build_openflamingo("gpt_neox", 1, seed=60)
     vision, ids, mask = shots_prompt(1)
     with torch.no_grad():
         expected = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8)
-    v4 = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
+    as_built = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
     lang = of_model.lang_encoder
-    head = lang.embed_out
-    del lang.embed_out
-    lang.lm_head = head
-    lang.get_output_embeddings = lambda: lang.lm_head
-    assert "lang_encoder.lm_head.weight" in of_model.state_dict()
-    v5 = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
-    assert v5.reference.lang_encoder.output_head.weight is head.weight
-    for fast in (v4, v5):
+    own, other = ("embed_out", "lm_head") if hasattr(lang, "embed_out") else ("lm_head", "embed_out")
+    head = getattr(lang, own)
+    delattr(lang, own)
+    setattr(lang, other, head)
+    lang.get_output_embeddings = lambda: getattr(lang, other)
+    assert f"lang_encoder.{other}.weight" in of_model.state_dict()
+    renamed = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
+    assert renamed.reference.lang_encoder.output_head.weight is head.weight
+    for fast in (as_built, renamed):
         assert torch.equal(fast.generate(vision, ids, mask, max_new_tokens=8, eos_token_id=[]), expected)
 
 
@@ -408,3 +426,35 @@ def test_score_matches_openflamingo_rank_classification(family):
         assert got.shape == expected.shape == (2, len(candidates))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
         assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
+
+
+def test_drop_in_is_a_module_over_the_live_models_tensors(tmp_path):
+    """from_openflamingo's drop-in registers the live model's own modules: OpenFlamingo's parameter names and
+    objects, its trainable set as its factory leaves it (so DDP accepts the drop-in as it accepts the model),
+    and DDP's CPU form (gloo, one process) wraps it without changing a result."""
+    import torch.distributed as dist
+
+    of_model = build_openflamingo("llama", 2, seed=120)
+    of_model.requires_grad_(False)  # create_model_and_transforms: the perceiver, the gated blocks, the embeddings
+    of_model.perceiver.requires_grad_(True)
+    of_model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    of_model.lang_encoder.get_input_embeddings().requires_grad_(True)
+    drop_in = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96)
+    ours, theirs = dict(drop_in.named_parameters()), dict(of_model.named_parameters())
+    assert ours.keys() == theirs.keys() and all(ours[n] is theirs[n] for n in ours)
+    assert drop_in.state_dict().keys() == of_model.state_dict().keys()
+    assert [n for n, p in ours.items() if p.requires_grad] == [n for n, p in theirs.items() if p.requires_grad]
+    vision, ids, mask = batch([([0, 6], 12), ([1], 7)], num_images=2)
+    expected = drop_in.generate(vision, ids, mask, max_new_tokens=5, num_beams=3)
+    logits = drop_in(vision, ids, mask).logits
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(drop_in)
+        assert ddp.module is drop_in
+        assert torch.equal(ddp.module.generate(vision, ids, mask, max_new_tokens=5, num_beams=3), expected)
+        assert torch.equal(ddp.module(vision, ids, mask).logits, logits)
+    finally:
+        dist.destroy_process_group()
+    with torch.no_grad():
+        real = mask.bool()  # the padding's own logits are not compared (positions counted differently)
+        assert_close(logits[real], of_model(vision, ids, attention_mask=mask).logits[real], dtype=FP32)

@@ -1,0 +1,98 @@
+"""What makes a drop-in (OpenFlamingoRuntime, IdeficsRuntime) a `torch.nn.Module` over the live model's tensors.
+
+    drop_in = flamingo_fast.from_openflamingo(model)
+    drop_in.to(device).eval()                          # moves the live model's tensors; the runtime follows
+    ddp = DistributedDataParallel(drop_in)             # .module is drop_in; state_dict() has the model's names
+
+The drop-in registers the children (and direct parameters and buffers) of the module whose tensors the runtime
+computes with: the live model itself when the runtime shares its tensors (so `named_parameters()`,
+`state_dict()` and `load_state_dict` use the original's names and Parameter objects, requires_grad flags
+included: DDP finds the same trainable parameters as on the original), or the converted copy when a `dtype`
+was asked for at construction (then the live model is not used and is not registered). Nothing is copied.
+
+`.to()`, `.cuda()`, `.half()` ... (Module._apply) move or convert those tensors in place of the originals'
+(the Parameter objects stay the same), and the runtime's own state (caches sized and typed for the old device,
+fused LLaMA q/k/v and gate/up weights, which `.to` splits back into one tensor per Linear, CUDA graphs, the
+context cache) is dropped then and rebuilt from the moved model, with the options it was built with, on first
+use: the rebuilt runtime fuses the moved weights again (fused_weights.py); what belonged to the old runtime (its
+context cache, past_key_values handles) does not carry over. `load_state_dict` copies into the
+same tensors (fused views included) and empties the context cache, whose entries were computed with the old
+weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+from torch import nn
+
+from .modes import runtime_mode
+
+
+def _signature(model: nn.Module) -> list[tuple]:
+    """Where each tensor of `model` lives: a change means the runtime built over it is stale."""
+    return [(t.data_ptr(), t.dtype, t.device) for t in (*model.parameters(), *model.buffers())]
+
+
+class DropInModule(nn.Module):
+    """Base of the drop-ins. `engine`: a FastFlamingo, or the reference Flamingo itself (IDEFICS's
+    engine="reference"); `reference`: the reference model the drop-in was built from (its config, and the
+    engine's model unless a dtype conversion made a copy); `live`: the caller's model whose tensors the engine
+    shares (None: there is none, e.g. load_openflamingo)."""
+
+    def __init__(self, engine, reference: nn.Module, live: nn.Module | None = None):
+        super().__init__()
+        computed = engine if isinstance(engine, nn.Module) else engine.model  # the model whose tensors run
+        shared = live is not None and {id(p) for p in computed.parameters()} <= {id(p) for p in live.parameters()}
+        source = live if shared else computed
+        for name, child in source.named_children():
+            self.add_module(name, child)
+        for name, param in source.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in source.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+        self.training = source.training  # the model's own modes are left as they are
+        # plain attributes, not submodules (the registered children above are the only ones): _apply moves
+        # `_computed` itself
+        self.__dict__.update(reference=reference, config=reference.config, _computed=computed, _engine=engine,
+                             _rebuild=None, _rebuild_lock=threading.Lock())
+
+    @property
+    def engine(self):
+        """The engine; after `.to` moved its tensors, rebuilt here on first use."""
+        if self._engine is None:
+            with self._rebuild_lock:  # threads calling at once after a move build it once
+                if self._engine is None:
+                    self.__dict__.update(_engine=self._rebuild(), _rebuild=None)
+        return self._engine
+
+    @property
+    def fast(self):
+        """The FastFlamingo (None when the engine is the reference)."""
+        engine = self.engine
+        return None if isinstance(engine, nn.Module) else engine
+
+    def _apply(self, fn, recurse: bool = True):
+        before = _signature(self._computed)
+        super()._apply(fn, recurse)
+        self._computed._apply(fn, recurse)  # what the live model does not hold (nothing today; a no-op then)
+        engine = self._engine
+        if engine is not None and not isinstance(engine, nn.Module) and _signature(self._computed) != before:
+            rebuild = functools.partial(type(engine), engine.model, **engine.options)
+            # the old engine (caches, fused weights, graphs) is released now, before the new one allocates
+            self.__dict__.update(_engine=None, _rebuild=rebuild)
+        return self
+
+    @runtime_mode
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Module.load_state_dict, copying into the shared tensors; then the context cache is emptied (its
+        entries were computed with the old weights). `assign=True` would replace the Parameter objects the
+        runtime shares: refused."""
+        if assign:
+            raise ValueError("load_state_dict(assign=True): would replace the tensors the runtime shares with the "
+                             "model; expected assign=False (the values are copied into them)")
+        result = super().load_state_dict(state_dict, strict=strict)
+        if self.fast is not None:
+            self.fast.clear_context_cache()
+        return result

@@ -1,0 +1,253 @@
+"""The drop-ins as torch.nn.Modules (dropin.py) and the modes every call runs in (modes.py), in the main environment:
+OpenFlamingoRuntime over a tiny reference and IdeficsRuntime over the idefics-tiny layout (no transformers needed).
+
+- the drop-in's parameters and state dict are the model's own tensors; `.to` rebuilds the runtime over the moved
+  tensors (fused weights included); `load_state_dict` copies into them; DDP (CPU form: gloo, no device_ids)
+  wraps it without changing a result;
+- results inside autocast regions (CPU and CUDA, bf16 and fp16) equal those outside, for greedy and beam
+  generate, score and forward, on FastFlamingo and both drop-ins;
+- inference_mode, no_grad and plain calls in either order (and a runtime built inside inference_mode) give
+  the same results and no error.
+The real open_flamingo model (its names, its trainable parameters under DDP) is at the end of
+test_openflamingo.py."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_idefics_layout import idefics_batch
+from test_loading import OPTIONS as LOADING_OPTIONS
+from test_loading import TINY as LOADING_TINY
+from test_loading import write_files
+
+import flamingo_fast
+from flamingo_fast.config import from_name
+from flamingo_fast.fused_weights import _already_fused
+from flamingo_fast.idefics import IdeficsRuntime
+from flamingo_fast.openflamingo import OpenFlamingoRuntime
+from flamingo_fast.reference import build_reference
+from flamingo_fast.runtime import FastFlamingo
+
+TINY, IDEFICS = from_name("tiny"), from_name("idefics-tiny")
+KINDS = ("fast", "openflamingo", "idefics")
+DROP_INS = ("openflamingo", "idefics")
+OPTIONS = dict(backend="auto", max_batch_size=2, max_seq_len=64, max_tail_len=8)
+CANDIDATES = [[5], [7, 8], [9, 10, 11], [7, 12]]
+CALLS = ("greedy", "beams", "score", "forward")
+
+
+def build(kind: str, seed: int = 1, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A fresh tiny model of `kind` ("fast": a bare FastFlamingo) on `device`; the same seed, the same weights."""
+    config = IDEFICS if kind == "idefics" else TINY
+    reference = build_reference(config, seed=seed).to(device)
+    if dtype is not None:
+        reference = reference.to(dtype)
+    fast = FastFlamingo.from_reference(reference, **OPTIONS)
+    if kind == "fast":
+        return fast
+    if kind == "openflamingo":
+        return OpenFlamingoRuntime(fast, reference, None, {})
+    return IdeficsRuntime(fast, reference, config.eos_token_id, config.pad_token_id, {})
+
+
+def inputs(kind: str, device: str = "cpu") -> tuple:
+    """The positional inputs of `kind`'s calls: (vision_x, lang_x, mask), or IDEFICS's (input_ids, mask,
+    pixel_values, image_attention_mask); text before the first image, left padding, 2 and 1 images."""
+    if kind == "idefics":
+        vision, ids, mask, image_mask = idefics_batch([[("text", 3), "image", ("text", 4), "image", ("text", 2)],
+                                                       ["image", ("text", 5)]], num_images=2)
+        batch = (ids, mask, vision[:, :, 0], image_mask)
+    else:
+        from helpers import random_batch
+
+        batch = random_batch(TINY, [([2, 7], 12), ([0], 8)], num_images=2)
+    return tuple(t.to(device) for t in batch)
+
+
+def call(runner, name: str, batch: tuple) -> torch.Tensor:
+    if name == "greedy":
+        return runner.generate(*batch, max_new_tokens=6)
+    if name == "beams":
+        return runner.generate(*batch, max_new_tokens=6, num_beams=3)
+    if name == "score":
+        return runner.score(*batch, candidates=CANDIDATES)
+    out = runner(*batch)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def run_all(runner, batch: tuple) -> dict[str, torch.Tensor]:
+    return {name: call(runner, name, batch) for name in CALLS}
+
+
+def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    for name in CALLS:
+        a, e = got[name], expected[name]
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what}, {name}: {a.dtype} {tuple(a.shape)} vs " \
+                                                          f"{e.dtype} {tuple(e.shape)}"
+        assert torch.equal(a, e), f"{what}, {name}: max difference {(a.double() - e.double()).abs().max()}"
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group (DDP's CPU form), destroyed after the test."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ the module
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_parameters_and_state_dict_are_the_models_own(kind):
+    drop_in = build(kind)
+    reference = drop_in.reference
+    assert isinstance(drop_in, torch.nn.Module) and not drop_in.training
+    ours, theirs = dict(drop_in.named_parameters()), dict(reference.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert all(ours[name] is theirs[name] for name in ours)  # registered, never copied
+    state = drop_in.state_dict()
+    assert state.keys() == reference.state_dict().keys()
+    assert all(state[k].data_ptr() == v.data_ptr() for k, v in reference.state_dict().items())
+    assert drop_in.eval() is drop_in and not drop_in.training
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_to_a_dtype_rebuilds_the_runtime_over_the_moved_tensors(kind):
+    """`.to(bfloat16)` converts the shared tensors (each fused LLaMA weight splits into one tensor per Linear);
+    the rebuilt runtime fuses them again and gives what a runtime built on the converted model gives."""
+    drop_in = build(kind)
+    engine = drop_in.fast
+    assert drop_in.to("cpu") is drop_in and drop_in.fast is engine  # nothing moved: nothing rebuilt
+    batch = inputs(kind)
+    run_all(drop_in, batch)  # caches, tail cache and context cache in use before the move
+    drop_in.to(torch.bfloat16)
+    expected = run_all(build(kind, dtype=torch.bfloat16), batch)
+    assert_same(run_all(drop_in, batch), expected, ".to(bfloat16)")
+    fast = drop_in.fast
+    assert fast is not engine and fast.dtype == torch.bfloat16 and fast.stack.fused_projections
+    attn = drop_in.reference.lang_encoder.layers[0].self_attn
+    assert _already_fused([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_cuda_moves_the_runtime(kind):
+    drop_in = build(kind)
+    drop_in.cuda()
+    expected = run_all(build(kind, device="cuda"), inputs(kind, "cuda"))
+    assert_same(run_all(drop_in, inputs(kind, "cuda")), expected, ".cuda()")
+    assert drop_in.fast.device.type == "cuda" and drop_in.fast.backend == "triton"
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_load_state_dict_copies_into_the_shared_tensors(kind):
+    drop_in = build(kind, seed=1)
+    batch = inputs(kind)
+    run_all(drop_in, batch)  # fills the context cache with the old weights' keys/values
+    other = build(kind, seed=2)
+    drop_in.load_state_dict(other.state_dict())
+    assert drop_in.fast.context_cache_stats().bytes == 0
+    assert_same(run_all(drop_in, batch), run_all(other, batch), "after load_state_dict")
+    with pytest.raises(ValueError, match="assign=True"):
+        drop_in.load_state_dict(other.state_dict(), assign=True)
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_ddp_cpu_form_wraps_without_changing_a_result(kind, process_group):
+    drop_in = build(kind)
+    batch = inputs(kind)
+    expected = run_all(drop_in, batch)
+    ddp = torch.nn.parallel.DistributedDataParallel(drop_in)
+    assert ddp.module is drop_in
+    assert_same(run_all(ddp.module, batch), expected, "through DDP(...).module")
+    with torch.no_grad():
+        assert torch.equal(ddp(*batch).logits, expected["forward"])  # DDP's own forward
+
+
+def test_load_openflamingo_trains_what_openflamingo_trains(tmp_path, process_group):
+    """OpenFlamingo's factory leaves the perceiver, the gated blocks and the input embeddings trainable and
+    freezes the rest; DDP (which refuses a model with nothing trainable) sees the same on the loaded drop-in."""
+    files = write_files(build_reference(LOADING_TINY, seed=3), tmp_path)
+    drop_in = flamingo_fast.load_openflamingo(*files, **LOADING_OPTIONS)
+    trainable = {n for n, p in drop_in.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in drop_in.named_parameters()
+                if n.startswith(("perceiver.", "lang_encoder.gated_cross_attn_layers.",
+                                 "lang_encoder.model.embed_tokens."))}
+    assert trainable == expected and expected
+    ddp = torch.nn.parallel.DistributedDataParallel(drop_in)
+    assert ddp.module is drop_in
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_ddp_gpu_form_wraps_without_changing_a_result(kind, tmp_path):
+    drop_in = build(kind).cuda()
+    batch = inputs(kind, "cuda")
+    expected = run_all(drop_in, batch)
+    backend = "nccl" if dist.is_nccl_available() else "gloo"
+    dist.init_process_group(backend, store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(drop_in, device_ids=[torch.cuda.current_device()])
+        assert ddp.module is drop_in
+        assert_same(run_all(ddp.module, batch), expected, "through DDP(..., device_ids).module")
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ autocast
+
+
+AUTOCAST = [("cpu", torch.bfloat16), ("cpu", torch.float16),
+            pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda),
+            pytest.param("cuda", torch.float16, marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("device, dtype", AUTOCAST)
+def test_an_autocast_region_changes_no_result(kind, device, dtype):
+    """The runtime computes in its construction dtype (float32 here) inside any autocast region."""
+    runner, batch = build(kind, device=device), inputs(kind, device)
+    expected = run_all(runner, batch)
+    with torch.autocast(device, dtype=dtype):
+        got = run_all(runner, batch)
+    assert_same(got, expected, f"inside autocast({device!r}, {dtype})")
+    fresh = build(kind, device=device)  # and when the region holds an instance's first calls
+    with torch.autocast(device, dtype=dtype):
+        got = run_all(fresh, batch)
+    assert_same(got, expected, f"first calls inside autocast({device!r}, {dtype})")
+
+
+# ------------------------------------------------------------------------------------------ inference mode
+
+
+MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "plain": contextlib.nullcontext}
+ORDERS = {"inference_mode first": ("inference_mode", "no_grad", "plain"),
+          "plain first": ("plain", "no_grad", "inference_mode"),
+          "built in inference_mode": ("plain", "inference_mode")}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("order", ORDERS)
+def test_inference_mode_and_no_grad_in_either_order(kind, order):
+    """Each call runs in each mode in turn on one instance, so that whatever a call allocates first (the tail
+    cache on the first beam search, context-cache entries) is allocated in the first mode and reused in the
+    others; every result equals a fresh instance's, called plainly."""
+    batch = inputs(kind)
+    expected = run_all(build(kind), batch)
+    if order == "built in inference_mode":
+        with torch.inference_mode():
+            runner = build(kind)
+    else:
+        runner = build(kind)
+    for name in CALLS:
+        for mode in ORDERS[order]:
+            with MODES[mode]():
+                got = call(runner, name, batch)
+            assert torch.equal(got, expected[name]), f"{name} under {mode} ({order})"
+            assert not got.is_inference()

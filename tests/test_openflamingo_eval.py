@@ -1,0 +1,215 @@
+"""OpenFlamingo's own evaluation calls on the drop-in (issue 18): `EvalModel`'s model calls, in its order and with
+its arguments (flamingo_fast.baselines.EvalModelCalls, written from open_flamingo/eval/models/open_flamingo.py),
+on tiny random LLaMA, MPT and GPT-NeoX OpenFlamingo models, against the original model. Runs in
+.venv-openflamingo; skipped where open_flamingo is not installed.
+
+- get_outputs (captioning and VQA: beams 3, length_penalty -2, inside inference mode): the same token ids.
+- get_rank_classifications with use_cache True and False: the log-likelihoods of OpenFlamingo's use_cache=False,
+  within the float32 tolerance. OpenFlamingo's own use_cache=True path is wrong on these prompts (its cache grows
+  from one class to the next; class tokens get no attention mask, so left-padded rows attend to their padding);
+  a test shows it is, so that a drop-in copying it would fail here.
+- torchrun: two gloo ranks run the evaluation data-parallel through DDP and gather; equal to one process.
+- past_key_values handles: never changed by extending them, any number alive, restaged after other calls;
+  foreign and stale handles are errors naming past_key_values.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TOLERANCE, assert_close
+
+pytest.importorskip("open_flamingo", reason="needs the open_flamingo package (make test-openflamingo)")
+from test_openflamingo import EOC, batch, build_openflamingo  # noqa: E402
+
+import flamingo_fast  # noqa: E402
+from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
+
+FAMILIES = ["llama", "mpt", "gpt_neox"]
+FP32 = torch.float32
+
+
+def few_shot(rows, num_images):
+    """Left-padded rows, each `<image> text <|endofchunk|>` demonstrations then `<image>` and a question."""
+    vision, ids, mask = batch(rows, num_images)
+    pads = (~mask.bool()).sum(dim=1)
+    for b, (positions, _) in enumerate(rows):
+        for p in positions[1:]:
+            ids[b, pads[b] + p - 1] = EOC  # the token before each later `<image>` closes the previous chunk
+    return vision, ids, mask.bool()
+
+
+def prompts():
+    """Three left-padded rows: 2, 1 and 0 demonstrations."""
+    return few_shot([([0, 6, 12], 16), ([0, 7], 11), ([0], 5)], num_images=3)
+
+
+def class_names(seed: int):
+    """Class names of 1-4 tokens, two sharing their first tokens (as "golden retriever" and "golden eagle")."""
+    g = torch.Generator().manual_seed(seed)
+    names = [torch.randint(3, EOC, (n,), generator=g).tolist() for n in (1, 3, 2, 4, 1)]
+    return names + [names[1][:2] + [names[3][0]]]
+
+
+def models(family: str, seed: int):
+    of_model = build_openflamingo(family, 2, seed=seed)
+    drop_in = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=4, max_seq_len=64)
+    return of_model, drop_in
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_get_outputs_captions_and_vqa_same_tokens(family):
+    of_model, drop_in = models(family, seed=40 + FAMILIES.index(family))
+    vision, ids, mask = prompts()
+    for min_len, max_len in ((0, 20), (0, 5)):  # evaluate.py: captioning, then VQA
+        expected = EvalModelCalls(of_model).get_outputs(vision, ids, mask, min_len, max_len, 3, -2.0)
+        got = EvalModelCalls(drop_in).get_outputs(vision, ids, mask, min_len, max_len, 3, -2.0)
+        assert torch.equal(got, expected), f"tokens differ:\n{got}\n{expected}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rank_classifications_equal_openflamingo_uncached(family):
+    """Both of the drop-in's paths give OpenFlamingo's use_cache=False values, plain and length-normalised."""
+    of_model, drop_in = models(family, seed=50 + FAMILIES.index(family))
+    vision, ids, mask = prompts()
+    names = class_names(FAMILIES.index(family))
+    for normalize_length in (False, True):
+        expected = EvalModelCalls(of_model).get_rank_classifications(vision, ids, mask, names, False,
+                                                                      normalize_length)
+        assert expected.shape == (3, len(names))
+        for use_cache in (True, False):
+            got = EvalModelCalls(drop_in).get_rank_classifications(vision, ids, mask, names, use_cache,
+                                                                     normalize_length)
+            assert_close(got, expected, dtype=FP32)
+    score = drop_in.score(vision, ids, mask, candidates=names)
+    assert_close(score, EvalModelCalls(of_model).get_rank_classifications(vision, ids, mask, names, False, False),
+                 dtype=FP32)
+
+
+def test_openflamingo_cached_path_is_wrong_on_these_prompts():
+    """The reason the drop-in is compared with use_cache=False: OpenFlamingo's cached loop, as EvalModel runs it,
+    is far outside the tolerance on the same left-padded prompts and multi-token classes."""
+    of_model, _ = models("llama", seed=60)
+    vision, ids, mask = prompts()
+    names = class_names(7)
+    calls = EvalModelCalls(of_model)
+    cached = calls.get_rank_classifications(vision, ids, mask, names, True, False)
+    uncached = calls.get_rank_classifications(vision, ids, mask, names, False, False)
+    tol = TOLERANCE[FP32]
+    assert ((cached - uncached).abs() > tol["atol"] + tol["rtol"] * uncached.abs()).any()
+
+
+def test_encode_vision_x_gives_openflamingo_latents():
+    of_model, drop_in = models("mpt", seed=61)
+    vision = torch.randn(2, 3, 1, 3, 32, 32)
+    with torch.no_grad():
+        of_model._encode_vision_x(vision)
+    layers = of_model.lang_encoder._get_decoder_layers()
+    layer = next(x for x in layers if x.gated_cross_attn_layer is not None)
+    expected = layer.vis_x
+    of_model.lang_encoder.clear_conditioned_layers()
+    assert_close(drop_in._encode_vision_x(vision), expected, dtype=FP32)
+    with pytest.raises(ValueError, match=r"vision_x: got \(2, 3, 3, 32, 32\)"):
+        drop_in._encode_vision_x(vision[:, :, 0])
+
+
+def extend(drop_in, handle, tokens):
+    out = drop_in(vision_x=None, lang_x=tokens, attention_mask=None, clear_conditioned_layers=False,
+                  past_key_values=handle, use_cache=True)
+    return out.logits, out.past_key_values
+
+
+def test_handles_never_change_many_alive_and_survive_other_calls():
+    """Two prompts' handles and their extensions, interleaved with generate and score (which overwrite the
+    runtime's caches): every extension equals the uncached forward over the whole sequence, however often and
+    in whatever order it runs."""
+    of_model, drop_in = models("gpt_neox", seed=62)
+    (vision_a, ids_a, mask_a), (vision_b, ids_b, mask_b) = prompts(), few_shot([([0, 4], 9), ([1], 6)], 2)
+    first = drop_in(vision_a, ids_a, mask_a, use_cache=True)
+    assert first.past_key_values.nbytes > 0
+    second = drop_in(vision_b, ids_b, mask_b, use_cache=True)
+    tokens_a, tokens_b = torch.randint(3, EOC, (3, 2)), torch.randint(3, EOC, (2, 3))
+
+    def expected(vision, ids, mask, tokens):
+        whole = torch.cat([ids, tokens], dim=1)
+        with torch.no_grad():
+            logits = of_model(vision, whole, attention_mask=torch.cat([mask, torch.ones_like(tokens).bool()], 1))
+        return logits.logits[:, -tokens.shape[1]:]
+
+    want_a, want_b = expected(vision_a, ids_a, mask_a, tokens_a), expected(vision_b, ids_b, mask_b, tokens_b)
+    for _ in range(2):
+        got_a, handle_a = extend(drop_in, first.past_key_values, tokens_a)
+        assert_close(got_a, want_a, dtype=FP32)
+        drop_in.generate(vision_b, ids_b, mask_b, max_new_tokens=3, num_beams=2)
+        assert_close(extend(drop_in, first.past_key_values, tokens_a)[0], want_a, dtype=FP32)  # same handle after
+        got_b, _ = extend(drop_in, second.past_key_values, tokens_b)
+        assert_close(got_b, want_b, dtype=FP32)
+        drop_in.score(vision_a, ids_a, mask_a, candidates=[[5, 6], [7]])
+        # one token at a time from the same handle, after another handle ran: the same values
+        step_1, handle_1 = extend(drop_in, first.past_key_values, tokens_a[:, :1])
+        step_2, _ = extend(drop_in, handle_1, tokens_a[:, 1:])
+        assert_close(torch.cat([step_1, step_2], dim=1), want_a, dtype=FP32)
+        # the whole sequence's mask is accepted too (Hugging Face's convention)
+        whole_mask = torch.cat([mask_a, torch.ones_like(tokens_a).bool()], dim=1)
+        out = drop_in(None, tokens_a, whole_mask, past_key_values=first.past_key_values, use_cache=True)
+        assert_close(out.logits, want_a, dtype=FP32)
+    assert handle_a.parent is first.past_key_values
+
+
+def test_handle_errors_name_past_key_values():
+    of_model, drop_in = models("llama", seed=63)
+    _, other = models("llama", seed=63)
+    vision, ids, mask = prompts()
+    tokens = torch.randint(3, EOC, (3, 1))
+    with torch.no_grad():
+        hf_cache = of_model(vision, ids, attention_mask=mask, use_cache=True).past_key_values
+    for foreign in (hf_cache, ((torch.zeros(1),),)):
+        with pytest.raises(ValueError, match=r"past_key_values: got .*; expected the handle"):
+            extend(drop_in, foreign, tokens)
+    handle = other(vision, ids, mask, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"past_key_values: a handle made by another model"):
+        extend(drop_in, handle, tokens)
+    # made from cached media: stale once uncache_media() released them
+    drop_in.cache_media(input_ids=ids, vision_x=vision)
+    cached = drop_in(None, ids, mask, clear_conditioned_layers=False, use_cache=True).past_key_values
+    extend(drop_in, cached, tokens)
+    with pytest.raises(ValueError, match=r"vision_x: media are cached"):
+        drop_in(vision, ids, mask)
+    drop_in.uncache_media()
+    with pytest.raises(ValueError, match=r"past_key_values: stale"):
+        extend(drop_in, cached, tokens)
+    fresh = drop_in(vision, ids, mask, use_cache=True).past_key_values  # not from cached media: never stale
+    drop_in.cache_media(input_ids=ids, vision_x=vision)
+    drop_in.uncache_media()
+    extend(drop_in, fresh, tokens)
+    with pytest.raises(ValueError, match=r"vision_x: expected None with past_key_values"):
+        drop_in(vision, tokens, None, past_key_values=fresh, use_cache=True)
+    with pytest.raises(ValueError, match=r"lang_x: holds <image>"):
+        extend(drop_in, fresh, torch.full((3, 1), of_model.media_token_id))
+    with pytest.raises(ValueError, match=r"attention_mask: a new token is masked"):
+        drop_in(None, tokens, torch.zeros_like(tokens), past_key_values=fresh, use_cache=True)
+    with pytest.raises(ValueError, match=r"lang_x: got \(2, 1\) with past_key_values"):
+        extend(drop_in, fresh, tokens[:2])
+    with pytest.raises(ValueError, match=r"past_key_values: .* exceed max_seq_len=64"):
+        extend(drop_in, fresh, torch.randint(3, EOC, (3, 64 - ids.shape[1] + 1)))
+    with pytest.raises(ValueError, match=r"labels: not supported"):
+        drop_in(vision, ids, mask, labels=ids)
+    assert drop_in(vision, ids, mask).past_key_values is None  # use_cache=False, as Hugging Face returns
+
+
+def test_torchrun_data_parallel_evaluation_equals_one_process():
+    """tests/torchrun_eval.py under `torchrun --standalone --nproc_per_node 2` (gloo on the loopback interface):
+    sharded as evaluate.py shards, called through DDP, gathered with all_gather_object; it checks the merged
+    results against one process's and prints OK. ~20 s on two busy cores."""
+    script = Path(__file__).with_name("torchrun_eval.py")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=240, env=env,
+                         cwd=script.parent.parent)
+    assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    assert "torchrun_eval: OK (2 ranks, 5 queries)" in run.stdout

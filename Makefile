@@ -5,6 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE_OUT ?= profile_out
 
+# pip installs with --no-compile: it would byte-compile every installed module up front (torch alone installs in
+# 7 s instead of 21 s without it, 2026-12-04), most of which is never imported; Python compiles what is imported on first use
+# and keeps it, so the bytecode is written (PYTHONDONTWRITEBYTECODE, set on some machines, is not passed on).
+PIP_INSTALL = -m pip install -q --no-compile
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup setup-openflamingo setup-transformers5 test test-openflamingo test-transformers5 test-fast profile bench lint compile-report clean
 
 # On a machine without a CUDA GPU torch must be the CPU build: torch==2.13.0 installs from local disk here,
@@ -12,13 +18,13 @@ PROFILE_OUT ?= profile_out
 # the triton it pins; on the CPU triton comes from setup.py's range.
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel
+	$(PY) $(PIP_INSTALL) --upgrade pip "setuptools>=64" wheel
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(PY) -m pip install -q torch; \
+		$(PY) $(PIP_INSTALL) torch; \
 	else \
-		$(PY) -m pip install -q torch==2.13.0; \
+		$(PY) $(PIP_INSTALL) torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) $(PIP_INSTALL) -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,10 +37,10 @@ OF_STAMP := $(OF_VENV)/.installed
 
 $(OF_STAMP): requirements-openflamingo.txt setup.py
 	test -x $(OF_PY) || python3 -m venv $(OF_VENV)
-	$(OF_PY) -m pip install -q --upgrade pip "setuptools>=64" wheel
-	$(OF_PY) -m pip install -q -r requirements-openflamingo.txt
-	$(OF_PY) -m pip install -q --no-deps open-flamingo==2.0.1
-	$(OF_PY) -m pip install -q --no-deps -e .
+	$(OF_PY) $(PIP_INSTALL) --upgrade pip "setuptools>=64" wheel
+	$(OF_PY) $(PIP_INSTALL) -r requirements-openflamingo.txt
+	$(OF_PY) $(PIP_INSTALL) --no-deps open-flamingo==2.0.1
+	$(OF_PY) $(PIP_INSTALL) --no-deps -e .
 	touch $(OF_STAMP)
 
 setup-openflamingo: $(OF_STAMP)
@@ -58,7 +64,7 @@ $(T5_STAMP): $(OF_STAMP) requirements-transformers5.txt
 		open(os.path.join(own, "openflamingo-base.pth"), "w").write("import os, site, sys; " \
 		f"site.addsitedir(os.path.normpath(os.path.join(sys.prefix, {os.path.relpath(base, sys.prefix)!r})))\n")' \
 		"$$($(OF_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
-	$(T5_PY) -m pip install -q --no-warn-conflicts -r requirements-transformers5.txt
+	$(T5_PY) $(PIP_INSTALL) --no-warn-conflicts -r requirements-transformers5.txt
 	touch $(T5_STAMP)
 
 setup-transformers5: $(T5_STAMP)
@@ -84,8 +90,12 @@ COMPARISON_TESTS := tests/test_openflamingo.py tests/test_openflamingo_eval.py t
 test-openflamingo: $(OF_STAMP)
 	$(TEST_ENV) $(OF_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS)
 
+# The torchrun test (two gloo ranks, DDP over the drop-in) runs once, under 4.57: what it checks (sharding, DDP's
+# wrap and broadcast, all_gather_object) does not go through transformers; under 5.24 the same EvalModel calls
+# run in one process (tests/test_openflamingo_eval.py's other tests).
+TORCHRUN_TEST := tests/test_openflamingo_eval.py::test_torchrun_data_parallel_evaluation_equals_one_process
 test-transformers5: $(T5_STAMP)
-	$(TEST_ENV) $(T5_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS)
+	$(TEST_ENV) $(T5_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS) --deselect $(TORCHRUN_TEST)
 
 # Skips the interpreter-heavy kernel tests: for a quick loop while editing.
 test-fast: $(STAMP)

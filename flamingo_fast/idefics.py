@@ -245,7 +245,7 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     (engine="fast") or by the eager reference (engine="reference"). The tensors are shared with `model`
     (nothing is copied unless `dtype` asks for a conversion); `model` must be in eval mode. `runtime_options`
     go to FastFlamingo.from_reference: backend, dtype, max_batch_size, max_seq_len, max_images, cuda_graphs,
-    stop_check_interval, max_hypotheses, max_tail_len, context_cache_bytes."""
+    stop_check_interval, max_hypotheses, max_tail_len, context_cache_bytes, score_bytes."""
     from .runtime import FastFlamingo
 
     if engine not in ENGINES:

@@ -534,7 +534,8 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     conversion). The LM's `generation_config` gives the drop-in's generate defaults, as in Hugging Face.
     `openflamingo_generated_image_bug=True`: what OpenFlamingo does once the model generates `<image>`, for bit
     parity (FlamingoConfig says what). `runtime_options` go to FastFlamingo.from_reference: backend, dtype,
-    max_batch_size, max_seq_len, max_images, cuda_graphs, stop_check_interval, max_hypotheses, max_tail_len."""
+    max_batch_size, max_seq_len, max_images, cuda_graphs, stop_check_interval, max_hypotheses, max_tail_len,
+    context_cache_bytes, score_bytes, decode_paths."""
     from .runtime import FastFlamingo
 
     config, layout = config_from_openflamingo(model, pad_token_id)

@@ -39,6 +39,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from flamingo_fast.kernels import decode_attention as da  # noqa: E402
 from flamingo_fast.kernels import gated_residual as gr  # noqa: E402
+from flamingo_fast.kernels import int8_matmul as i8  # noqa: E402
 from flamingo_fast.kernels import masked_cross_attention as mca  # noqa: E402
 from flamingo_fast.kernels import masked_cross_attention_decode as mcad  # noqa: E402
 from flamingo_fast.kernels import perceiver_attention as pa  # noqa: E402
@@ -196,6 +197,34 @@ def _rotary_kv_write_configs(dname: str, dt) -> list[Config]:
     return out
 
 
+def _int8_matmul_configs(dname: str, dt) -> list[Config]:
+    """The weight-only int8 matmul at the 9B shapes: decode (M 1 / 17 / 64 -> 16 / 32 / 64-row blocks) split
+    over K 4096 and K 11008 (the down projection), unsplit for the fused gate/up (N 22016), and the prefill
+    tile; the split-K combine. The shapes are runtime arguments: they only pick the constexprs here."""
+    out = []
+    for label, M, N, K in (("decode M1 K4096", 1, 4096, 4096), ("decode M1 K11008", 1, 4096, 11008),
+                           ("decode M1 N22016", 1, 22016, 4096), ("decode M17 K4096", 17, 4096, 4096),
+                           ("decode M64 K4096", 64, 4096, 4096),
+                           ("prefill M512 K4096", 512, 4096, 4096)):
+        block_m, block_n, block_k, num_warps, num_stages = i8.launch_params(dt, M)
+        split = i8.num_k_splits(M, N, K, block_m, block_n, block_k) > 1
+        args = dict(x_ptr=_ptr(dt), w_ptr=_ptr("*i8"), s_ptr=_ptr(dt), out_ptr=_ptr(dt),
+                    part_ptr=_ptr(torch.float32) if split else _ptr(dt), M=_I32, N=_I32_16, K=_I32_16,
+                    k_chunk=_I32_16, stride_xm=_I32_16, stride_xk=_ONE, stride_wn=_I32_16, stride_wk=_ONE,
+                    stride_sn=_ONE, stride_om=_I32_16, stride_on=_ONE, stride_ps=_I32_16, stride_pm=_I32_16,
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                    DOT_DTYPE=dot_dtype(dt, interpreted=False), OUT_DTYPE=tl_dtype(dt))
+        out.append(Config("int8_weight_matmul", f"{dname} {label}{' split-K' if split else ''} "
+                          f"M{block_m}xN{block_n}xK{block_k}", i8._int8_weight_matmul_kernel, args, num_warps,
+                          num_stages))
+    args = dict(part_ptr=_ptr(torch.float32), s_ptr=_ptr(dt), out_ptr=_ptr(dt), N=_I32_16, splits=_I32,
+                stride_ps=_I32_16, stride_pm=_I32_16, stride_sn=_ONE, stride_om=_I32_16, stride_on=_ONE,
+                BLOCK_N=i8.COMBINE_BLOCK_N, OUT_DTYPE=tl_dtype(dt))
+    out.append(Config("int8_weight_matmul_combine", dname, i8._int8_weight_matmul_combine_kernel, args,
+                      i8.COMBINE_WARPS))
+    return out
+
+
 def configs(quick: bool = False) -> list[Config]:
     """What the runtime launches: d 64, 64 latents, the launchers' block sizes, every dtype and mode (and
     bf16 at d 128, which the launchers accept too)."""
@@ -234,6 +263,7 @@ def configs(quick: bool = False) -> list[Config]:
         # decode step (issue 12): the 9B head dim in every variant for bf16, the main launch for the rest
         out += _decode_attention_configs(dname, dt, 128, full=dt == torch.bfloat16)
         out += _rotary_kv_write_configs(dname, dt)
+        out += _int8_matmul_configs(dname, dt)
     if not quick:
         out += _attention_configs("bf16", torch.bfloat16, 128, {"immediate": MODES["immediate"]})
         out += _decode_attention_configs("bf16", torch.bfloat16, 64, full=True)

@@ -16,6 +16,7 @@ its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,11 +27,13 @@ from torch import nn
 from .fused_weights import fuse_linear_weights
 from .kernels import decode_attention as _decode_attention
 from .kernels import gated_residual as _gated_residual
+from .kernels import int8_matmul as _int8_matmul
 from .kernels import masked_cross_attention as _xattn
 from .kernels import masked_cross_attention_decode as _xattn_decode
 from .kernels import perceiver_attention as _perceiver_attention
 from .kernels import rotary_kv_write as _rotary_kv_write
 from .lm import alibi_slopes, apply_rotary
+from .quantize import Int8Linear, fused_int8_linear
 
 BACKENDS = ("triton", "torch")
 
@@ -61,6 +64,7 @@ class KernelOps:
     perceiver_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     rotary_kv_write: Callable[..., torch.Tensor]
+    int8_linear: Callable[..., torch.Tensor]  # x [..., K] @ (int8 weight [N, K] * scales[:, None]).T
 
 
 def kernel_ops(backend: str) -> KernelOps:
@@ -69,12 +73,14 @@ def kernel_ops(backend: str) -> KernelOps:
             "triton", _xattn.masked_cross_attention, _xattn_decode.masked_cross_attention_decode,
             _gated_residual.gated_residual, _perceiver_attention.perceiver_attention,
             _decode_attention.decode_attention, _rotary_kv_write.rotary_kv_write,
+            _int8_matmul.int8_weight_matmul,
         )
     if backend == "torch":
         return KernelOps(
             "torch", _xattn.masked_cross_attention_ref, _xattn_decode.masked_cross_attention_decode_ref,
             _gated_residual.gated_residual_ref, _perceiver_attention.perceiver_attention_ref,
             _decode_attention.decode_attention_ref, _rotary_kv_write.rotary_kv_write_ref,
+            _int8_matmul.int8_weight_matmul_ref,
         )
     raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
 
@@ -282,23 +288,32 @@ FAMILY_LAYER_OPS = {
 
 
 def _fused_llama_ops(fused: dict) -> DecoderLayerOps:
-    """LLaMA's layer ops with one GEMM for q/k/v and one for gate/up: `fused[layer]` = (qkv weight, gate_up
-    weight), whose row ranges the layer's own q/k/v_proj and gate/up_proj weights are views of."""
+    """LLaMA's layer ops with one GEMM for q/k/v and one for gate/up: `fused[layer]` = (qkv projection, gate_up
+    projection), callables over fused weights whose row ranges the layer's own q/k/v_proj and gate/up_proj
+    weights are views of (float: F.linear over the fused tensor; int8: an Int8Linear over the fused rows)."""
 
     def qkv(layer, h, rope):
         attn = layer.self_attn
         kv_rows = attn.num_kv_heads * attn.head_dim
-        q, k, v = F.linear(h, fused[layer][0]).split([attn.num_heads * attn.head_dim, kv_rows, kv_rows], dim=-1)
+        q, k, v = fused[layer][0](h).split([attn.num_heads * attn.head_dim, kv_rows, kv_rows], dim=-1)
         return _rotated(_split_heads(q, attn.num_heads), _split_heads(k, attn.num_kv_heads),
                         _split_heads(v, attn.num_kv_heads), rope)
 
     def finish(layer, x, attn_out, add_norm, post_norm, next_norm):
         x, h = add_norm(x, layer.self_attn.o_proj(attn_out), post_norm)
-        gate, up = F.linear(h, fused[layer][1]).chunk(2, dim=-1)
+        gate, up = fused[layer][1](h).chunk(2, dim=-1)
         return add_norm(x, layer.mlp.down_proj(F.silu(gate) * up), next_norm)
 
     return dataclasses.replace(FAMILY_LAYER_OPS["llama"], qkv=qkv, finish=finish)
 
+
+def _fused_projection(linears) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """h -> the concatenated outputs of `linears` in one GEMM (None: they cannot share one weight without a
+    copy). Int8 projections (quantize.py) already are row views of one matrix; float ones are fused here."""
+    if isinstance(linears[0], Int8Linear):
+        return fused_int8_linear(linears)
+    weight = fuse_linear_weights(linears)
+    return None if weight is None else functools.partial(F.linear, weight=weight)
 
 
 class LayerStack:
@@ -326,8 +341,8 @@ class LayerStack:
         self.fused_projections = False  # whether LLaMA's q/k/v and gate/up run as one GEMM each
         if lm.family == "llama" and fuse_projections:
             fused = {layer: (
-                fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                _fused_projection([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                _fused_projection([layer.mlp.gate_proj, layer.mlp.up_proj]),
             ) for layer in model.lang_encoder.layers}
             if all(w is not None for pair in fused.values() for w in pair):
                 self.layer_ops, self.fused_projections = _fused_llama_ops(fused), True

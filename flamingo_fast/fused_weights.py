@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 
-def _already_fused(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+def already_fused(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The fused tensor when `weights` are consecutive, contiguous row ranges of one storage; else None."""
     first = weights[0]
     if not all(w.is_contiguous() for w in weights):
@@ -76,7 +76,7 @@ def fuse_linear_weights(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
         if w.dim() != 2 or w.shape[1] != first.shape[1] or w.dtype != first.dtype or w.device != first.device:
             raise ValueError(f"linears[{i}]: weight {tuple(w.shape)} {w.dtype} on {w.device}, expected "
                              f"[*, {first.shape[1]}] {first.dtype} on {first.device} like linears[0]")
-    fused = _already_fused([w.data for w in weights])
+    fused = already_fused([w.data for w in weights])
     if fused is not None:
         return fused
     if not all(sole_owner(w) for w in weights):

@@ -55,6 +55,7 @@ from .graphs import DecodeGraphs, DecodeInputs
 from .modes import runtime_mode
 from .prefill import PromptPrefill
 from .prefix_state import MediaSession, PrefixState
+from .quantize import bind_int8_linears, check_weights, quantize_linears
 from .scoring import DEFAULT_SCORE_BYTES, check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
 from .search import GenerationOptions, KeywordGenerate, generate_ids
 from .timing import PhaseTimer
@@ -105,7 +106,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         self.options = {k: v for k, v in locals().items() if k not in ("self", "model", "__class__")}
         config = model.config
         check_model(model)
-        param = model.lang_encoder.output_head.weight
+        param = model.lang_encoder.embed_tokens.weight  # never quantized (an int8 output head is not the dtype)
         self.device, self.dtype = param.device, param.dtype
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
@@ -129,6 +130,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         self.stop_check_interval = stop_check_interval
         self.pre_image_bug = config.openflamingo_pre_image_bug and not config.only_attend_immediate_media
         self.ops = kernel_ops(backend)
+        bind_int8_linears(model, self.ops.int8_linear)  # a model from from_reference(weights="int8")
         self.perceiver = FastPerceiverResampler(model.perceiver, self.ops, config.perceiver.dim_head)
         self.decode_paths = resolve_decode_paths(backend, decode_paths)
         fuse = "fused_projections" in self.decode_paths
@@ -156,7 +158,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
     @classmethod
     @runtime_mode
     def from_reference(cls, model: Flamingo, backend: str = "auto", dtype: torch.dtype | None = None,
-                       **options) -> FastFlamingo:
+                       weights: str | None = None, **options) -> FastFlamingo:
         """Share `model`'s parameters (no copy). With a different `dtype` (float32, float16 or bfloat16), a
         converted copy is made once, tensor by tensor, and the reference keeps its own dtype. `model` must be in
         eval mode (it is checked, never changed). With the "fused_projections" decode path (LLaMA), the
@@ -165,13 +167,43 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         max_images, cuda_graphs, stop_check_interval, max_hypotheses (beams x rows, default 4 x
         max_batch_size), max_tail_len (the most new tokens a beam search may ask for, default 64),
         decode_paths (which of decode.DECODE_PATHS to use; default decode.DEFAULT_DECODE_PATHS of the backend),
-        score_bytes (the memory one pass of `score` may hold, default 512 MiB: FastFlamingo.score)."""
+        score_bytes (the memory one pass of `score` may hold, default 512 MiB: FastFlamingo.score).
+
+        weights: None or "bf16" (the weights stay in the activation dtype, as above) or "int8": symmetric int8
+        with one scale per output row (quantize.py) for the LM's linear layers (LLaMA: q/k/v and gate/up
+        quantized as the fused matrices), the gated cross-attention blocks' projections and the output head;
+        the vision encoder, the perceiver, norms, gates and embeddings stay in the activation dtype (`dtype`, or
+        the model's). With "int8" the runtime always works from its own copy, made like a dtype conversion and
+        then quantized module by module: it holds only the int8 weights and their float32 scales for what it
+        quantized (the float copies are freed as they are replaced), and `model` keeps its own float weights,
+        untouched; free them (`del model`) if only the runtime is needed. Building holds, for a moment, `model`
+        plus one float copy in the activation dtype (nothing layer by layer yet). `weight_bytes()` counts what it
+        holds. A tied output head (MPT) is quantized, and the embedding keeps its float table for the token lookup."""
         check_eval_mode(model)
         if dtype is not None:
             check_dtype(dtype)
-        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in model.state_dict().values()):
+        model_dtype = model.lang_encoder.embed_tokens.weight.dtype
+        check_weights(weights, dtype or model_dtype)
+        if weights == "int8":
+            model = _converted(model, dtype or model_dtype)
+            quantize_linears(model)
+        elif dtype is not None and any(t.is_floating_point() and t.dtype != dtype
+                                       for t in model.state_dict().values()):
             model = _converted(model, dtype)
         return cls(model, backend=backend, **options)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """The bytes of the weights (parameters and buffers of the model this runtime executes: int8 weights and
+        their scales included) by dtype name, e.g. {"int8": ..., "float32": ..., "bfloat16": ...}; a tensor held
+        under several names (tied embeddings, views of one fused matrix) is counted once, by its storage."""
+        storages = {}  # the storage's C++ object: one per storage, on the meta device too
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            storage = tensor.untyped_storage()
+            storages[storage._cdata] = (str(tensor.dtype).removeprefix("torch."), storage.nbytes())
+        totals: dict[str, int] = {}
+        for dtype_name, nbytes in storages.values():
+            totals[dtype_name] = totals.get(dtype_name, 0) + nbytes
+        return totals
 
     # ------------------------------------------------------------------------------------------ public API
 

@@ -4,7 +4,8 @@ the sm_90 code of the bf16/fp16 attention kernels uses Hopper's matrix instructi
 
 It runs bench/compile_report.py in a subprocess: under TRITON_INTERPRET=1 (set by conftest.py on a CPU)
 `@triton.jit` returns an interpreter object, so the kernels must be imported fresh with it unset. Measured on
-2 cores (2026-12-04, 226 compiles): about 98 s with a cold Triton cache, 7 s warm (the cache is ~/.triton/cache);
+2 cores (2026-12-04, 226 compiles, before the int8 matmul added 42): about 98 s with a cold Triton cache, 7 s
+warm (the cache is ~/.triton/cache);
 cuobjdump dumps the SASS only where HGMMA is asserted (it was 150 s of the gate)."""
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90_without_spills(tm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kernels = {c["kernel"] for c in configs}
     assert kernels == {"masked_cross_attention", "masked_cross_attention_decode", "gated_residual",
-                       "perceiver_attention", "decode_attention", "decode_attention_combine", "rotary_kv_write"}
+                       "perceiver_attention", "decode_attention", "decode_attention_combine", "rotary_kv_write",
+                       "int8_weight_matmul", "int8_weight_matmul_combine"}
     hopper_mma = [c for c in configs if c["kernel"] in ("masked_cross_attention", "perceiver_attention")
                   and not c["config"].startswith("fp32")]
     assert hopper_mma and all(c["results"]["90"]["hgmma"] for c in hopper_mma)

@@ -25,7 +25,7 @@ from test_loading import write_files
 
 import flamingo_fast
 from flamingo_fast.config import from_name
-from flamingo_fast.fused_weights import _already_fused
+from flamingo_fast.fused_weights import already_fused
 from flamingo_fast.idefics import IdeficsRuntime
 from flamingo_fast.openflamingo import OpenFlamingoRuntime
 from flamingo_fast.reference import build_reference
@@ -132,7 +132,7 @@ def test_to_a_dtype_rebuilds_the_runtime_over_the_moved_tensors(kind):
     fast = drop_in.fast
     assert fast is not engine and fast.dtype == torch.bfloat16 and fast.stack.fused_projections
     attn = drop_in.reference.lang_encoder.layers[0].self_attn
-    assert _already_fused([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None
+    assert already_fused([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None
 
 
 @pytest.mark.cuda

@@ -10,6 +10,16 @@ computes with: the live model itself when the runtime shares its tensors (so `na
 included: DDP finds the same trainable parameters as on the original), or the converted copy when a `dtype`
 was asked for at construction (then the live model is not used and is not registered). Nothing is copied.
 
+With `weights="int8"` the runtime always works from its own converted, quantized copy (runtime.py,
+FastFlamingo.from_reference), which the drop-in registers, as for a dtype conversion; the drop-in (its
+`reference` included) then holds no tensor of the live model but those the copy shares because they were already
+in the activation dtype (vision encoder, perceiver, embeddings, norms: `.to(dtype)` does not copy them). The live
+model's float weights of the quantized layers are held only by the caller: `del model` (and, on a GPU,
+`torch.cuda.empty_cache()`) frees them. `.to(device)` moves the int8 copy and rebuilds the runtime over it with
+the same options (still int8); a dtype conversion (`.to(dtype)`, `.half()` ...) of an int8 drop-in is an error
+raised before anything moves (its float32 scales would be converted too, even by `.to` to the activation dtype);
+build a new drop-in with `dtype=`.
+
 `.to()`, `.cuda()`, `.half()` ... (Module._apply) move or convert those tensors in place of the originals'
 (the Parameter objects stay the same), and the runtime's own state (caches sized and typed for the old device,
 fused LLaMA q/k/v and gate/up weights, which `.to` splits back into one tensor per Linear, CUDA graphs, the
@@ -25,9 +35,11 @@ from __future__ import annotations
 import functools
 import threading
 
+import torch
 from torch import nn
 
 from .modes import runtime_mode
+from .quantize import Int8Linear
 
 
 def _signature(model: nn.Module) -> list[tuple]:
@@ -37,8 +49,9 @@ def _signature(model: nn.Module) -> list[tuple]:
 
 class DropInModule(nn.Module):
     """Base of the drop-ins. `engine`: a FastFlamingo, or the reference Flamingo itself (IDEFICS's
-    engine="reference"); `reference`: the reference model the drop-in was built from (its config, and the
-    engine's model unless a dtype conversion made a copy); `live`: the caller's model whose tensors the engine
+    engine="reference"); `reference`: the reference model the drop-in was built from (its config), or the
+    engine's own copy when a dtype conversion or `weights="int8"` made one (so the drop-in holds no float copy
+    the engine does not compute with); `live`: the caller's model whose tensors the engine
     shares (None: there is none, e.g. load_openflamingo)."""
 
     def __init__(self, engine, reference: nn.Module, live: nn.Module | None = None):
@@ -55,6 +68,7 @@ class DropInModule(nn.Module):
         self.training = source.training  # the model's own modes are left as they are
         # plain attributes, not submodules (the registered children above are the only ones): _apply moves
         # `_computed` itself
+        reference = reference if shared else computed  # without a copy, computed is reference
         self.__dict__.update(reference=reference, config=reference.config, _computed=computed, _engine=engine,
                              _rebuild=None, _rebuild_lock=threading.Lock())
 
@@ -74,6 +88,14 @@ class DropInModule(nn.Module):
         return None if isinstance(engine, nn.Module) else engine
 
     def _apply(self, fn, recurse: bool = True):
+        float_tensor = next((t for t in self._computed.parameters() if t.is_floating_point()), None)
+        if float_tensor is not None and any(isinstance(m, Int8Linear) for m in self._computed.modules()):
+            for dtype in (float_tensor.dtype, torch.float32):  # the activations' and the scales' dtype
+                probe = fn(torch.empty(0, dtype=dtype, device=float_tensor.device))  # what fn does to dtypes
+                if probe.dtype != dtype:
+                    raise ValueError(f"converting a drop-in built with weights='int8' ({float_tensor.dtype} "
+                                     f"activations, float32 scales) to {probe.dtype}: not supported; expected a device "
+                                     f"move only, or a new drop-in built with dtype={probe.dtype}")
         before = _signature(self._computed)
         super()._apply(fn, recurse)
         self._computed._apply(fn, recurse)  # what the live model does not hold (nothing today; a no-op then)

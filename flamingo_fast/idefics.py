@@ -245,7 +245,11 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     (engine="fast") or by the eager reference (engine="reference"). The tensors are shared with `model`
     (nothing is copied unless `dtype` asks for a conversion); `model` must be in eval mode. `runtime_options`
     go to FastFlamingo.from_reference: backend, dtype, max_batch_size, max_seq_len, max_images, cuda_graphs,
-    stop_check_interval, max_hypotheses, max_tail_len, context_cache_bytes, score_bytes."""
+    stop_check_interval, max_hypotheses, max_tail_len, context_cache_bytes, score_bytes, weights. With
+    `weights="int8"` the runtime works from its own converted, quantized copy, which the drop-in registers instead
+    of `model`: the float weights of the layers it quantized stay only in `model` (tensors already in the activation
+    dtype that it keeps unquantized are shared, not copied); free them with `del model` (and
+    `torch.cuda.empty_cache()` on a GPU). `.to(device)` rebuilds it, still int8; a dtype conversion is refused."""
     from .runtime import FastFlamingo
 
     if engine not in ENGINES:

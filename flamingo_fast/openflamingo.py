@@ -535,7 +535,12 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     `openflamingo_generated_image_bug=True`: what OpenFlamingo does once the model generates `<image>`, for bit
     parity (FlamingoConfig says what). `runtime_options` go to FastFlamingo.from_reference: backend, dtype,
     max_batch_size, max_seq_len, max_images, cuda_graphs, stop_check_interval, max_hypotheses, max_tail_len,
-    context_cache_bytes, score_bytes, decode_paths."""
+    context_cache_bytes, score_bytes, decode_paths, weights. With `weights="int8"` the runtime works from its own
+    converted, quantized copy, which the drop-in registers instead of `model` (as with a dtype conversion): the
+    float weights of the layers it quantized stay only in `model` (tensors already in the activation dtype that it
+    keeps unquantized are shared, not copied); free them with `del model` (and `torch.cuda.empty_cache()` on a
+    GPU). Such a drop-in moves between devices (`.to(device)` rebuilds it, still int8) but refuses a dtype
+    conversion (dropin.py)."""
     from .runtime import FastFlamingo
 
     config, layout = config_from_openflamingo(model, pad_token_id)
@@ -603,6 +608,9 @@ def load_openflamingo(
     dtype            None: the files' own dtype when they agree, float32 when they differ (as OpenFlamingo loads
                      them: e.g. MPT-7B's bf16 weights with a float32 checkpoint and CLIP); else every tensor is
                      converted to `dtype`
+    weights          None, "bf16" or "int8" (FastFlamingo.from_reference): with "int8" the drop-in holds only the
+                     quantized copy; the float model read from the files is freed once it is built (all of it is
+                     held for a moment: no layer-by-layer loading yet)
 
     Torch pickles are read with weights_only=True. Missing or unexpected keys are an error that lists them; a
     file that cannot be read is an error naming its argument, the file and the cause.

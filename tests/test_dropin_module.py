@@ -251,3 +251,102 @@ def test_inference_mode_and_no_grad_in_either_order(kind, order):
                 got = call(runner, name, batch)
             assert torch.equal(got, expected[name]), f"{name} under {mode} ({order})"
             assert not got.is_inference()
+
+
+# ------------------------------------------------------------------------------------------ weights="int8"
+
+
+def build_int8(kind: str, live: torch.nn.Module, with_live: bool = True, **options):
+    """The drop-in over `live` (the caller's float model, standing in for the open_flamingo / transformers one)
+    with weights="int8": as from_openflamingo and from_idefics build it (`with_live`: `live` passed as the model
+    to register), or over a bare FastFlamingo.from_reference(live, weights="int8")."""
+    config = live.config
+    fast = FastFlamingo.from_reference(live, **{"weights": "int8", **OPTIONS, **options})
+    model = live if with_live else None
+    if kind == "openflamingo":
+        return OpenFlamingoRuntime(fast, live, None, {}, model)
+    return IdeficsRuntime(fast, live, config.eos_token_id, config.pad_token_id, {}, model)
+
+
+def live_model(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return build_reference(IDEFICS if kind == "idefics" else TINY, seed=4).to(dtype)
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_int8_drop_in_equals_the_int8_runtime_and_holds_no_live_float_weight(kind):
+    live = live_model(kind)
+    live_ptrs = {t.untyped_storage().data_ptr() for t in [*live.parameters(), *live.buffers()]}
+    drop_in = build_int8(kind, live, dtype=torch.bfloat16)
+    batch = inputs(kind)
+    if kind == "openflamingo":  # a bare FastFlamingo takes OpenFlamingo's inputs
+        expected = run_all(FastFlamingo.from_reference(live, weights="int8", dtype=torch.bfloat16, **OPTIONS), batch)
+    else:
+        expected = run_all(build_int8(kind, live, with_live=False, dtype=torch.bfloat16), batch)
+    assert_same(run_all(drop_in, batch), expected, "int8 drop-in")
+    held = [*drop_in.parameters(), *drop_in.buffers(), *drop_in.reference.parameters(),
+            *drop_in.reference.buffers(), *drop_in.fast.model.parameters(), *drop_in.fast.model.buffers()]
+    assert not [t for t in held if t.untyped_storage().data_ptr() in live_ptrs], "a live model's tensor is held"
+    assert {t.dtype for t in drop_in.state_dict().values()} == {torch.int8, torch.bfloat16}
+    float_build = FastFlamingo.from_reference(live, dtype=torch.bfloat16, **OPTIONS).weight_bytes()
+    int8_bytes = drop_in.fast.weight_bytes()
+    assert int8_bytes["int8"] > 0 and sum(int8_bytes.values()) < sum(float_build.values())
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_int8_drop_in_lets_the_live_model_go(kind):
+    """Same dtype: the copy keeps the unquantized tensors (no copy made), but nothing holds the live model or
+    the float weights of the layers it quantized: `del model` frees them."""
+    import gc
+    import weakref
+
+    live = live_model(kind, torch.bfloat16)
+    quantized = [m.weight for m in live.lang_encoder.modules() if type(m) is torch.nn.Linear]
+    quantized_ptrs = {w.untyped_storage().data_ptr() for w in quantized}
+    live_ref, weight_ref = weakref.ref(live), weakref.ref(quantized[0])
+    drop_in = build_int8(kind, live)
+    del live, quantized
+    gc.collect()
+    assert live_ref() is None and weight_ref() is None
+    held = [*drop_in.parameters(), *drop_in.buffers(), *drop_in.reference.parameters(), *drop_in.reference.buffers()]
+    assert not [t for t in held if t.untyped_storage().data_ptr() in quantized_ptrs]
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_int8_drop_in_rebuilds_after_a_move_and_refuses_a_dtype_conversion(kind):
+    live = live_model(kind)
+    drop_in = build_int8(kind, live, dtype=torch.bfloat16)
+    batch = inputs(kind)
+    expected = run_all(drop_in, batch)
+    engine = drop_in.fast
+    assert drop_in.to("cpu") is drop_in and drop_in.fast is engine  # nothing moved: nothing rebuilt
+    for convert in (lambda m: m.to(torch.float16), lambda m: m.float(), lambda m: m.to("cpu", torch.float32),
+                    lambda m: m.to(torch.bfloat16)):  # the last would convert the float32 scales
+        with pytest.raises(ValueError, match="weights='int8'"):
+            convert(drop_in)
+    assert drop_in.fast is engine and {t.dtype for t in drop_in.state_dict().values()} == {torch.int8, torch.bfloat16}
+    drop_in.share_memory()  # moves every storage (a CPU stand-in for `.to(device)`): the runtime is rebuilt
+    fast = drop_in.fast
+    assert fast is not engine and fast.options == engine.options and fast.weight_bytes() == engine.weight_bytes()
+    assert_same(run_all(drop_in, batch), expected, "after share_memory()")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_int8_drop_in_moves_to_cuda(kind):
+    live = live_model(kind)
+    drop_in = build_int8(kind, live, dtype=torch.bfloat16, backend="torch").cuda()
+    expected = run_all(build_int8(kind, live.cuda(), dtype=torch.bfloat16, backend="torch"), inputs(kind, "cuda"))
+    got = run_all(drop_in, inputs(kind, "cuda"))
+    for name in CALLS:
+        torch.testing.assert_close(got[name].float(), expected[name].float(), atol=0, rtol=0)
+
+
+def test_load_openflamingo_passes_weights_on_and_keeps_no_float_copy(tmp_path):
+    files = write_files(build_reference(LOADING_TINY, seed=3), tmp_path)
+    drop_in = flamingo_fast.load_openflamingo(*files, **LOADING_OPTIONS, weights="int8")
+    assert drop_in.reference is drop_in.fast.model  # the float model built from the files is not kept
+    assert torch.int8 in {t.dtype for t in drop_in.state_dict().values()}
+    with pytest.raises(ValueError, match="weights='int3'"):
+        flamingo_fast.load_openflamingo(*files, **LOADING_OPTIONS, weights="int3")
+    with pytest.raises(ValueError, match="weights='int3'"):
+        build_int8("openflamingo", live_model("openflamingo"), weights="int3")

@@ -3,6 +3,7 @@
     python bench/bandwidth.py measure --out OUT/bandwidth.json [--device cuda] [--gib 4]
     python bench/bandwidth.py floor --bandwidth OUT/bandwidth.json --profile OUT/profile_b1.json ... \\
         --json OUT/floor.json --md OUT/floor.md
+    python bench/bandwidth.py weights [--preset openflamingo-9b-v1 idefics-80b] [--format bf16 int8]
 
 measure: a device-to-device copy of `--gib` GiB, timed with CUDA events (perf_counter on the CPU), median of
 `--repeats` copies after warm-up; bandwidth = (bytes read + bytes written) / time.
@@ -14,6 +15,11 @@ floor: a decode step must at least read, once each:
                         (the mean over the decode steps)
     media K/V           2 x xattn layers x batch x 64 latents x inner dim: the current image only in immediate
                         mode, every image up to it otherwise
+With int8 weights (a profile row whose `weights` is "int8": FastFlamingo.from_reference(weights="int8")) every
+nn.Linear weight of the LM, the gated blocks and the output head counts 1 byte per element + a float32 scale
+per output row (quantize.py); biases, norms and gates stay in the activation dtype.
+weights: the bytes FastFlamingo.weight_bytes() counts per preset and weight format, for runtimes built on the
+meta device (no memory, no random init; bfloat16 activations), and what is left of a 141 GB H200 and a 24 GB card.
 floor_ms = bytes / measured bandwidth; `pct_of_floor` = decode_ms_p50 / floor_ms x 100 (100 % = at the floor)
 and `bandwidth_util` = floor_ms / decode_ms_p50.
 """
@@ -28,11 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from flamingo_fast.config import FlamingoConfig, from_name
 from flamingo_fast.reference import Flamingo
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+INT8_PARTS = ("lm_layers", "xattn_read", "lm_head")  # where weights="int8" quantizes the matrices
 
 
 def measure_copy_bandwidth(device: str, nbytes: int, repeats: int = 20, warmup: int = 3) -> dict:
@@ -65,12 +73,22 @@ def measure_copy_bandwidth(device: str, nbytes: int, repeats: int = 20, warmup: 
 
 
 def parameter_counts(config: FlamingoConfig) -> dict[str, int]:
-    """Elements per part of the model, counted on the meta device (no memory, no init cost)."""
+    """Elements per part of the model, counted on the meta device (no memory, no init cost); `linear_<part>` and
+    `rows_<part>` (part: lm_layers, xattn_read, lm_head): the elements and output rows of the matrices that
+    weights="int8" quantizes (every nn.Linear weight there, and the whole output head)."""
     with torch.device("meta"):
         model = Flamingo(config)
     counts = {"lm_layers": 0, "lm_norm": 0, "lm_head": 0, "embed": 0, "xattn_read": 0, "xattn_to_kv": 0, "other": 0}
+    counts |= {f"{kind}_{part}": 0 for kind in ("linear", "rows") for part in INT8_PARTS}
+    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Linear}
     for name, param in model.named_parameters():
         n = param.numel()
+        xattn = name.startswith("lang_encoder.gated_cross_attn_layers.") and ".attn.to_kv." not in name
+        part = ("lm_layers" if name.startswith("lang_encoder.model.layers.") else "xattn_read" if xattn else
+                "lm_head" if name.startswith("lang_encoder.lm_head.") else None)
+        if part and (name in linear_weights or part == "lm_head" and param.dim() == 2):
+            counts[f"linear_{part}"] += n
+            counts[f"rows_{part}"] += param.shape[0]
         if name.startswith("lang_encoder.model.layers."):
             counts["lm_layers"] += n
         elif name.startswith("lang_encoder.model.norm."):
@@ -85,12 +103,14 @@ def parameter_counts(config: FlamingoConfig) -> dict[str, int]:
             counts["other"] += n  # vision encoder and perceiver: not read by a decode step
     if config.lm.tie_word_embeddings:
         counts["lm_head"] = config.lm.vocab_size * config.lm.hidden_size  # shared with the embedding, read whole
+        counts["linear_lm_head"], counts["rows_lm_head"] = counts["lm_head"], config.lm.vocab_size
     return counts
 
 
 def decode_bytes_per_step(config: FlamingoConfig, batch: int, context: float, images: int, dtype_bytes: int,
-                          counts: dict[str, int] | None = None) -> dict[str, float]:
-    """Bytes a decode step must read at least (see the module docstring), by part."""
+                          counts: dict[str, int] | None = None, weights: str | None = None) -> dict[str, float]:
+    """Bytes a decode step must read at least (see the module docstring), by part; `weights="int8"`: the
+    quantized matrices at 1 byte per element + 4 per output row."""
     counts = counts or parameter_counts(config)
     lm = config.lm
     xattn_layers = len(config.xattn_layer_indices)
@@ -103,6 +123,9 @@ def decode_bytes_per_step(config: FlamingoConfig, batch: int, context: float, im
         "media_kv": 2 * xattn_layers * batch * media_images * config.perceiver.num_latents * inner,
     }
     parts = {k: v * dtype_bytes for k, v in parts.items()}
+    if weights == "int8":
+        for part, key in (("lm_layers", "lm_weights"), ("lm_head", "lm_weights"), ("xattn_read", "xattn_weights")):
+            parts[key] += counts[f"linear_{part}"] * (1 - dtype_bytes) + 4 * counts[f"rows_{part}"]
     parts["total"] = sum(parts.values())
     return parts
 
@@ -115,11 +138,13 @@ def floor_rows(profile: dict, bandwidth_GBps: float) -> list[dict]:
     rows = []
     for row in profile["rows"]:
         context = row["prompt_tokens"] + row["new_tokens"] / 2
-        parts = decode_bytes_per_step(config, row["batch"], context, row["images"], dtype_bytes, counts)
+        parts = decode_bytes_per_step(config, row["batch"], context, row["images"], dtype_bytes, counts,
+                                      weights=row.get("weights"))
         floor_ms = parts["total"] / (bandwidth_GBps * 1e9) * 1e3
         decode = row["decode_ms_p50"]
         rows.append({
-            "impl": row["impl"], "batch": row["batch"], "shots": row["shots"], "prompt_tokens": row["prompt_tokens"],
+            "impl": row["impl"], "weights": row.get("weights"), "batch": row["batch"], "shots": row["shots"],
+            "prompt_tokens": row["prompt_tokens"],
             "decode_ms_p50": decode, "floor_ms": floor_ms, "bytes_per_step": parts["total"],
             "bytes_parts": parts, "pct_of_floor": 100 * decode / floor_ms if floor_ms > 0 else None,
             "bandwidth_util": floor_ms / decode if decode and decode > 0 else None,
@@ -127,6 +152,28 @@ def floor_rows(profile: dict, bandwidth_GBps: float) -> list[dict]:
             "speedup_decode_p50": row.get("speedup_decode_p50"),
         })
     return rows
+
+
+CARDS_GB = {"H200 (141 GB)": 141, "24 GB card": 24}  # nominal memory, 1e9 bytes
+
+
+def weight_bytes_table(presets: list[str], formats: list[str]) -> str:
+    """Markdown: FastFlamingo.weight_bytes() by dtype per preset and weight format (runtimes on the meta device,
+    bfloat16 activations) and the GB each card keeps after the weights (negative: the weights do not fit)."""
+    from flamingo_fast.reference import build_reference
+    from flamingo_fast.runtime import FastFlamingo
+
+    lines = ["| preset | weights | int8 GB | float GB | total GB | " + " | ".join(f"left on {c}" for c in CARDS_GB)
+             + " |", "| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(CARDS_GB)]
+    for preset in presets:
+        model = build_reference(from_name(preset), device="meta")
+        for weights in formats:
+            counted = FastFlamingo.from_reference(model, weights=weights, dtype=torch.bfloat16).weight_bytes()
+            total = sum(counted.values()) / 1e9
+            int8 = counted.get("int8", 0) / 1e9
+            lines.append(f"| {preset} | {weights} | {int8:.2f} | {total - int8:.2f} | {total:.2f} | "
+                         + " | ".join(f"{gb - total:.1f}" for gb in CARDS_GB.values()) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -166,7 +213,14 @@ def main(argv=None) -> int:
     f.add_argument("--profile", nargs="+", required=True, help="JSON written by `flamingo-fast profile --json`")
     f.add_argument("--json", help="output JSON path")
     f.add_argument("--md", help="output markdown path")
+    w = commands.add_parser("weights", help="weight bytes per preset and format (FastFlamingo.weight_bytes)")
+    w.add_argument("--preset", nargs="+", default=["openflamingo-9b-v1", "idefics-80b"])
+    w.add_argument("--format", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     args = parser.parse_args(argv)
+
+    if args.command == "weights":
+        print(weight_bytes_table(args.preset, args.format))
+        return 0
 
     if args.command == "measure":
         gib = args.gib if args.gib is not None else (4.0 if torch.device(args.device).type == "cuda" else 0.25)

@@ -27,6 +27,13 @@ def _int_list_type(name: str, minimum: int):
     return parse
 
 
+def _weights_list(text: str) -> list[str]:
+    try:
+        return profiler.parse_weights(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _impl_list(text: str) -> list[str]:
     impls = [item.strip() for item in text.split(",") if item.strip()]
     for impl in impls:
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "need their packages and a preset of their layout")
     p.add_argument("--backend", default="auto", choices=profiler.FAST_BACKENDS,
                    help="the fast runtime's backend: auto, triton or torch")
+    p.add_argument("--weights", type=_weights_list, default=["none"],
+                   help="the fast runtime's weight format: none, bf16 (both: the activation dtype) or int8; a "
+                        "comma-separated list (e.g. bf16,int8) gives one fast row per format (default: none)")
     p.add_argument("--repeats", type=_non_negative_int("repeats", 1), default=3, help="timed calls (default 3)")
     p.add_argument("--warmup", type=_non_negative_int("warmup", 0), default=1,
                    help="untimed calls first, reported as warm-up seconds (default 1)")
@@ -107,7 +117,7 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             preset=args.preset, shots=args.shots, batch=args.batch, new_tokens=args.new_tokens, dtype=args.dtype,
             device=args.device, impls=args.impl, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
             caption_tokens=args.caption_tokens, question_tokens=args.question_tokens, trace_dir=args.trace,
-            fast_backend=args.backend, num_beams=args.num_beams,
+            fast_backend=args.backend, num_beams=args.num_beams, weights=args.weights,
         )
         for option in ("json", "csv", "plot"):  # checked now, not after a sweep that may take an hour
             if getattr(args, option) is not None:

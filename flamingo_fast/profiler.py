@@ -52,6 +52,9 @@ IMPLEMENTATIONS = ("reference", "fast", "openflamingo", "idefics")
 BASELINE_LAYOUT = {"openflamingo": "openflamingo", "idefics": "idefics"}  # each package runs one model family
 FAST_BACKENDS = ("auto", "triton", "torch")  # FastFlamingo's (fast_modules.BACKENDS, imported only when profiled)
 DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
+# --weights: the fast runtime's weight format (FastFlamingo.from_reference's `weights`; "none" and "bf16" keep
+# the weights in the activation dtype, "int8" quantizes them); several formats give one fast row each
+WEIGHT_FORMATS = ("none", "bf16", "int8")
 
 
 class GenerateImpl(Protocol):
@@ -123,6 +126,7 @@ class ProfileOptions:
     question_tokens: int = 6
     trace_dir: str | None = None
     fast_backend: str = "auto"  # auto, triton or torch
+    weights: Sequence[str] = ("none",)  # WEIGHT_FORMATS, one fast row per format (a str: comma-separated)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -146,6 +150,7 @@ class ProfileOptions:
         if self.num_beams > 1 and self.new_tokens > 64:
             raise ValueError(f"new_tokens={self.new_tokens} with num_beams={self.num_beams}: expected at most 64 "
                              f"(FastFlamingo's default max_tail_len)")
+        self.weights = parse_weights(self.weights)
         if self.fast_backend not in FAST_BACKENDS:
             raise ValueError(f"backend={self.fast_backend!r}: unknown fast runtime backend; expected one of "
                              f"{list(FAST_BACKENDS)}")
@@ -185,6 +190,15 @@ class ProfileOptions:
         return DTYPES[self.dtype]
 
 
+def parse_weights(value: str | Sequence[str]) -> list[str]:
+    """'bf16,int8' (or a list) -> ['bf16', 'int8']; a ValueError names the option, the value and the formats."""
+    formats = [w.strip() for w in value.split(",")] if isinstance(value, str) else list(value)
+    if not formats or any(w not in WEIGHT_FORMATS for w in formats) or len(set(formats)) != len(formats):
+        raise ValueError(f"weights={value!r}: expected one or more of {list(WEIGHT_FORMATS)}, comma-separated, "
+                         f"each once")
+    return formats
+
+
 def _int_list(value: Any, name: str, minimum: int) -> list[int]:
     if isinstance(value, str):
         return parse_int_list(value, name, minimum)
@@ -215,11 +229,12 @@ def check_available(impls: Sequence[str]) -> None:
 
 
 def build_fast(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
-               backend: str = "auto") -> GenerateImpl:
+               backend: str = "auto", weights: str = "none") -> GenerateImpl:
     from .runtime import FastFlamingo  # imported only when the fast path is profiled
 
     return FastFlamingo.from_reference(model, backend=backend, max_batch_size=max_batch_size,
-                                       max_seq_len=max_seq_len, max_images=max_images)
+                                       max_seq_len=max_seq_len, max_images=max_images,
+                                       weights=None if weights == "none" else weights)
 
 
 def build_openflamingo(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
@@ -241,13 +256,44 @@ def build_idefics(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max
     return IdeficsBaseline(to_idefics(model))
 
 
-# name -> builder(model, *, max_batch_size, max_seq_len, max_images, backend); tests may swap in a stand-in.
+# name -> builder(model, *, max_batch_size, max_seq_len, max_images, backend) (+ weights for "fast"); tests may
+# swap in a stand-in.
 BUILDERS: dict[str, Callable[..., GenerateImpl]] = {
     "reference": lambda model, **capacity: model,
     "fast": build_fast,
     "openflamingo": build_openflamingo,
     "idefics": build_idefics,
 }
+
+
+def _variants(options: ProfileOptions) -> list[tuple[str, str, str | None]]:
+    """(row label, builder name, weight format) per row of a shot count: "fast" once per `options.weights`
+    (labelled fast, fast-bf16, fast-int8; the format is None for the other implementations)."""
+    variants = []
+    for name in options.impls:
+        if name != "fast":
+            variants.append((name, name, None))
+            continue
+        variants += [("fast" if w == "none" else f"fast-{w}", name, w) for w in options.weights]
+    return variants
+
+
+def _build(builder: str, weights: str | None, model: Flamingo, options: ProfileOptions, **capacity) -> GenerateImpl:
+    extra = {"weights": weights} if weights not in (None, "none") else {}  # stand-ins need not know `weights`
+    return BUILDERS[builder](model, max_images=max(options.shots) + 1, backend=options.fast_backend, **capacity,
+                             **extra)
+
+
+def weight_mib(impl: GenerateImpl) -> float | None:
+    """MiB of the weights `impl` holds: FastFlamingo.weight_bytes(), or an nn.Module's parameters and buffers
+    (each storage once: tied and fused tensors share one); None when neither can say."""
+    if hasattr(impl, "weight_bytes"):
+        return sum(impl.weight_bytes().values()) / 2**20
+    if not isinstance(impl, torch.nn.Module):
+        return None
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                for t in [*impl.parameters(), *impl.buffers()]}
+    return sum(storages.values()) / 2**20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,15 +432,16 @@ def profile(options: ProfileOptions, progress: bool = True,
     setup_s["model"] = round(time.perf_counter() - started, 3)
     max_seq_len = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens, config)
     max_seq_len += options.new_tokens
-    calls = len(options.batch) * len(options.shots) * len(options.impls) * (options.warmup + options.repeats)
+    variants = _variants(options)
+    calls = len(options.batch) * len(options.shots) * len(variants) * (options.warmup + options.repeats)
     bar = ProgressBar(calls, enabled=progress)
     memory = PeakMemory(torch.device(device))
     for batch in options.batch:
-        impls = {}
-        for name in options.impls:
+        impls, weight_formats = {}, {}
+        for name, builder, weights in variants:
             started = time.perf_counter()
-            impls[name] = BUILDERS[name](model, max_batch_size=batch, max_seq_len=max_seq_len,
-                                         max_images=max(options.shots) + 1, backend=options.fast_backend)
+            impls[name] = _build(builder, weights, model, options, max_batch_size=batch, max_seq_len=max_seq_len)
+            weight_formats[name] = weights
             setup_s[f"{name}_b{batch}"] = round(time.perf_counter() - started, 3)
         for shots in options.shots:
             inputs = build_prompt(config, shots, batch, options.caption_tokens, options.question_tokens,
@@ -426,6 +473,7 @@ def profile(options: ProfileOptions, progress: bool = True,
                 row = _row(name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(),
                            memory.kind)
                 row.ttft_warm_ms = 1e3 * _median(warm_ttft) if warm_ttft else None
+                row.weights, row.weight_mib = weight_formats[name], weight_mib(impl)
                 logits = _first_logits(impl, inputs, options.num_beams)
                 if baseline_row is None:
                     baseline_row, baseline_ids, baseline_logits = row, first_ids, logits
@@ -462,14 +510,14 @@ def workload(options: ProfileOptions, batches: int, progress: bool = True) -> li
     device, dtype = options.device, options.torch_dtype
     model = build_reference(config, seed=options.seed, dtype=dtype, device=device)
     rows: list[WorkloadRow] = []
-    calls = len(options.batch) * len(options.shots) * len(options.impls) * (options.warmup + batches)
+    variants = _variants(options)
+    calls = len(options.batch) * len(options.shots) * len(variants) * (options.warmup + batches)
     bar = ProgressBar(calls, enabled=progress)
     longest = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens, config)
     longest += options.new_tokens
     for batch in options.batch:
-        impls = {name: BUILDERS[name](model, max_batch_size=batch, max_seq_len=longest,
-                                      max_images=max(options.shots) + 1, backend=options.fast_backend)
-                 for name in options.impls}
+        impls = {name: _build(builder, weights, model, options, max_batch_size=batch, max_seq_len=longest)
+                 for name, builder, weights in variants}
         for shots in options.shots:
             work = build_workload(config, shots, batch, batches, options.caption_tokens, options.question_tokens,
                                   options.seed, dtype, device)

@@ -41,6 +41,8 @@ class ProfileRow:
     total_ms: float
     peak_mem_mib: float
     peak_mem_kind: str
+    weights: str | None = None  # the fast runtime's weight format (profiler.WEIGHT_FORMATS); None: not a fast row
+    weight_mib: float | None = None  # the weights held (FastFlamingo.weight_bytes(), else parameters + buffers)
     ttft_warm_ms: float | None = None  # the same prompt again right after, its context cached (fast only)
     tokens_match_baseline: float | None = None  # fraction of generated ids equal to the baseline's
     # ||logits - baseline logits|| / ||baseline logits|| for the first new token (same prompt, untimed call).
@@ -168,6 +170,7 @@ def metadata(options: Any) -> dict[str, Any]:
         "batch": list(options.batch),
         "new_tokens": options.new_tokens,
         "num_beams": options.num_beams,
+        "weights": list(getattr(options, "weights", ["none"])),  # the fast rows' weight formats
         "repeats": options.repeats,
         "warmup": options.warmup,
         "seed": options.seed,
@@ -194,9 +197,9 @@ def format_table(result: ProfileResult) -> str:
         f"median of {meta['repeats']} repeats after {meta['warmup']} warm-up; baseline: {meta['baseline']}",
         "",
         "| impl | batch | shots | prompt tok | vision ms | media K/V ms | prefill ms | TTFT ms | warm TTFT ms "
-        "| decode ms/tok p50 | p90 | tok/s | generate ms | peak MiB | warm-up s | TTFT x | warm TTFT x | decode x "
-        "| generate x | same ids | logits rel err |",
-        "| --- " + "| ---: " * 20 + "|",
+        "| decode ms/tok p50 | p90 | tok/s | generate ms | weight MiB | peak MiB | warm-up s | TTFT x | warm TTFT x "
+        "| decode x | generate x | same ids | logits rel err |",
+        "| --- " + "| ---: " * 21 + "|",
     ]
     for r in result.rows:
         same = "-" if r.tokens_match_baseline is None else f"{100 * r.tokens_match_baseline:.0f}%"
@@ -205,8 +208,9 @@ def format_table(result: ProfileResult) -> str:
             f"| {r.impl} | {r.batch} | {r.shots} | {r.prompt_tokens} | {_fmt(r.vision_ms)} | {_fmt(r.media_kv_ms)} "
             f"| {_fmt(r.prefill_ms)} "
             f"| {_fmt(r.ttft_ms)} | {_fmt(r.ttft_warm_ms)} | {_fmt(r.decode_ms_p50, 2)} | {_fmt(r.decode_ms_p90, 2)} "
-            f"| {_fmt(r.decode_tokens_per_s)} | {_fmt(r.total_ms)} | {_fmt(r.peak_mem_mib, 0)} "
-            f"| {_fmt(sum(r.warmup_s), 2)} | {_fmt(r.speedup_ttft, 2)} | {_fmt(r.speedup_ttft_warm, 2)} "
+            f"| {_fmt(r.decode_tokens_per_s)} | {_fmt(r.total_ms)} | {_fmt(r.weight_mib)} "
+            f"| {_fmt(r.peak_mem_mib, 0)} | {_fmt(sum(r.warmup_s), 2)} | {_fmt(r.speedup_ttft, 2)} "
+            f"| {_fmt(r.speedup_ttft_warm, 2)} "
             f"| {_fmt(r.speedup_decode_p50, 2)} "
             f"| {_fmt(r.speedup_total, 2)} | {same} | {rel_err} |"
         )

@@ -142,6 +142,8 @@ def test_plot_missing_matplotlib_keeps_table(tmp_path, capsys, monkeypatch):
         (["--new-tokens", "1"], "new_tokens=1: expected an integer >= 2"),
         (["--batch", "0"], "batch='0': 0 is below 1"),
         (["--preset", "tiny", "--shots", "32"], "preset 'tiny' allows 256"),
+        (["--weights", "int4"], "weights='int4': expected one or more of ['none', 'bf16', 'int8']"),
+        (["--weights", "bf16,bf16"], "weights='bf16,bf16'"),
     ],
 )
 def test_bad_arguments_are_clear_errors(args, message, capsys):
@@ -220,7 +222,8 @@ def test_progress_bar_counts_to_total():
     assert len(lines) == 3 and lines[-1].startswith("[" + "#" * 24 + "] 3/3") and "call 2" in lines[-1]
 
 
-def test_bandwidth_floor_bytes_match_the_9b_shapes():
+def _bench_bandwidth():
+    """bench/bandwidth.py as a module (bench/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
@@ -228,6 +231,11 @@ def test_bandwidth_floor_bytes_match_the_9b_shapes():
     spec = importlib.util.spec_from_file_location("bench_bandwidth", path)
     bandwidth = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bandwidth)
+    return bandwidth
+
+
+def test_bandwidth_floor_bytes_match_the_9b_shapes():
+    bandwidth = _bench_bandwidth()
     config = from_name("openflamingo-9b-v1")  # LLaMA-7B: 32 layers, 4096 wide, MLP 11008; xattn every 4th layer
     counts = bandwidth.parameter_counts(config)
     d, ff, inner = 4096, 11008, 512
@@ -239,6 +247,42 @@ def test_bandwidth_floor_bytes_match_the_9b_shapes():
     assert parts["self_kv"] == 2 * 2 * 32 * 2 * d * 100  # K and V, bf16, 32 layers, 2 rows, 100 positions
     assert parts["media_kv"] == 2 * 2 * 8 * 2 * 64 * inner  # only the current image's 64 latents per row
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    # int8 (FastFlamingo weights="int8"): each Linear's matrix 1 byte per weight + a float32 scale per output row
+    # (LM: q, k, v, o 4d rows, gate and up 2 x ff, down d; gated block: to_q inner, to_out d, ff 4d and d; head:
+    # the vocabulary); the RMSNorm / LayerNorm weights, biases and gates stay bf16
+    int8 = bandwidth.decode_bytes_per_step(config, batch=2, context=100, images=5, dtype_bytes=2, counts=counts,
+                                           weights="int8")
+    lm_int8 = 32 * (4 * d * d + 3 * d * ff) + 4 * 32 * (5 * d + 2 * ff) + 32003 * d + 4 * 32003
+    assert int8["lm_weights"] == lm_int8 + 2 * (32 * 2 * d + d + 2 * d)  # + layer norms, final norm, 2 embed rows
+    xattn_int8 = 8 * (2 * d * inner + 8 * d * d) + 4 * 8 * (inner + 6 * d)
+    assert int8["xattn_weights"] == xattn_int8 + 2 * 8 * (4 * d + 2)
+    assert int8["self_kv"] == parts["self_kv"] and int8["media_kv"] == parts["media_kv"]
+    assert int8["total"] == sum(v for k, v in int8.items() if k != "total")
+    rows = bandwidth.floor_rows({"metadata": {"preset": "openflamingo-9b-v1", "dtype": "bfloat16"}, "rows": [
+        {"impl": impl, "weights": weights, "batch": 2, "shots": 4, "images": 5, "prompt_tokens": 90, "new_tokens": 20,
+         "decode_ms_p50": 5.0} for impl, weights in (("fast-bf16", "bf16"), ("fast-int8", "int8"))]}, 1000.0)
+    assert [r["bytes_per_step"] for r in rows] == [parts["total"], int8["total"]]
+
+
+def test_floor_int8_counts_match_what_the_runtime_quantizes():
+    """At the 9B shapes on the meta device: the int8 bytes FastFlamingo.weight_bytes() holds are the matrices the
+    floor counts at 1 byte (plus the gated blocks' to_kv, quantized but not read when decoding), and its float32
+    bytes the scales, one per output row; `bench/bandwidth.py weights` prints the same totals."""
+    from flamingo_fast.reference import build_reference
+    from flamingo_fast.runtime import FastFlamingo
+
+    bandwidth = _bench_bandwidth()
+    config = from_name("openflamingo-9b-v1")
+    counts = bandwidth.parameter_counts(config)
+    runtime = FastFlamingo.from_reference(build_reference(config, device="meta"), weights="int8",
+                                          dtype=torch.bfloat16)
+    held = runtime.weight_bytes()
+    matrices = sum(counts[f"linear_{part}"] for part in bandwidth.INT8_PARTS)
+    assert held["int8"] == matrices + counts["xattn_to_kv"]
+    assert held["float32"] == 4 * (sum(counts[f"rows_{part}"] for part in bandwidth.INT8_PARTS) + 8 * 1024)
+    table = bandwidth.weight_bytes_table(["openflamingo-9b-v1"], ["int8"])
+    assert f"| openflamingo-9b-v1 | int8 | {held['int8'] / 1e9:.2f} |" in table
+    assert f"| {sum(held.values()) / 1e9:.2f} |" in table
 
 
 def test_cold_and_warm_ttft_with_the_real_fast_path(capsys):
@@ -255,6 +299,21 @@ def test_cold_and_warm_ttft_with_the_real_fast_path(capsys):
     # the reference projects its cross-attention K/V inside prefill; the fast path in its own media K/V phase
     assert reference.media_kv_ms == 0 and fast.media_kv_ms > 0
     assert "warm TTFT ms" in report.format_table(report.ProfileResult(report.metadata(options), rows))
+
+
+def test_weights_give_one_fast_row_per_format_with_its_weight_bytes(tmp_path, capsys):
+    """--weights bf16,int8: the reference row, then a fast row per format, each with the MiB of the weights it
+    holds; int8 (1 byte per quantized weight + a float32 scale per row) holds fewer than the float32 bf16 row."""
+    path = tmp_path / "p.json"
+    assert cli.main(["profile", *TINY, "--shots", "0", "--backend", "torch", "--weights", "bf16,int8",
+                     "--json", str(path)]) == 0
+    rows = {r.impl: r for r in report.load_json(path).rows}
+    assert list(rows) == ["reference", "fast-bf16", "fast-int8"]
+    assert [rows[n].weights for n in rows] == [None, "bf16", "int8"]
+    model = rows["reference"]
+    assert model.weight_mib == pytest.approx(rows["fast-bf16"].weight_mib, rel=1e-6)  # shares the reference's
+    assert 0 < rows["fast-int8"].weight_mib < 0.6 * rows["fast-bf16"].weight_mib
+    assert "| weight MiB |" in capsys.readouterr().out
 
 
 def test_workload_mode(capsys):

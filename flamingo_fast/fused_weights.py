@@ -88,3 +88,16 @@ def fuse_linear_weights(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
         w.data = fused[row:row + rows]
         row += rows
     return fused
+
+
+def bytes_by_dtype(module: nn.Module) -> dict[str, int]:
+    """The bytes of `module`'s parameters and buffers by dtype name ({"int8": ..., "bfloat16": ...}); a storage
+    held under several names (tied embeddings, views of one fused matrix) is counted once. Works on meta too."""
+    storages = {}  # the storage's C++ object: one per storage
+    for tensor in [*module.parameters(), *module.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage._cdata] = (str(tensor.dtype).removeprefix("torch."), storage.nbytes())
+    totals: dict[str, int] = {}
+    for dtype_name, nbytes in storages.values():
+        totals[dtype_name] = totals.get(dtype_name, 0) + nbytes
+    return totals

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, FlamingoConfig, from_name
+from .fused_weights import bytes_by_dtype
 from .prompts import build_prompt, build_workload, image_attention_mask, prompt_length
 from .reference import Flamingo, build_reference
 from .report import RATIOS, ProfileResult, ProfileRow, WorkloadRow, metadata
@@ -291,9 +292,7 @@ def weight_mib(impl: GenerateImpl) -> float | None:
         return sum(impl.weight_bytes().values()) / 2**20
     if not isinstance(impl, torch.nn.Module):
         return None
-    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-                for t in [*impl.parameters(), *impl.buffers()]}
-    return sum(storages.values()) / 2**20
+    return sum(bytes_by_dtype(impl).values()) / 2**20
 
 
 # ----------------------------------------------------------------------------------------------------------

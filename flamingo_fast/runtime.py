@@ -51,6 +51,7 @@ from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
 from .decode import DecodeState, decode_step, resolve_decode_paths
 from .fast_modules import FastPerceiverResampler, LayerStack, check_backend, kernel_ops
+from .fused_weights import bytes_by_dtype
 from .graphs import DecodeGraphs, DecodeInputs
 from .modes import runtime_mode
 from .prefill import PromptPrefill
@@ -196,14 +197,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         """The bytes of the weights (parameters and buffers of the model this runtime executes: int8 weights and
         their scales included) by dtype name, e.g. {"int8": ..., "float32": ..., "bfloat16": ...}; a tensor held
         under several names (tied embeddings, views of one fused matrix) is counted once, by its storage."""
-        storages = {}  # the storage's C++ object: one per storage, on the meta device too
-        for tensor in [*self.model.parameters(), *self.model.buffers()]:
-            storage = tensor.untyped_storage()
-            storages[storage._cdata] = (str(tensor.dtype).removeprefix("torch."), storage.nbytes())
-        totals: dict[str, int] = {}
-        for dtype_name, nbytes in storages.values():
-            totals[dtype_name] = totals.get(dtype_name, 0) + nbytes
-        return totals
+        return bytes_by_dtype(self.model)
 
     # ------------------------------------------------------------------------------------------ public API
 

@@ -244,7 +244,7 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     """A transformers IdeficsForVisionText2Text -> the same model behind its own call, run by FastFlamingo
     (engine="fast") or by the eager reference (engine="reference"). The tensors are shared with `model`
     (nothing is copied unless `dtype` asks for a conversion); `model` must be in eval mode. `runtime_options`
-    go to FastFlamingo.from_reference: backend, dtype, max_batch_size, max_seq_len, max_images, cuda_graphs,
+    go to FastFlamingo.from_reference: backend, dtype, device, max_batch_size, max_seq_len, max_images, cuda_graphs,
     stop_check_interval, max_hypotheses, max_tail_len, context_cache_bytes, score_bytes, weights. With
     `weights="int8"` the runtime works from its own converted, quantized copy, which the drop-in registers instead
     of `model`: the float weights of the layers it quantized stay only in `model` (tensors already in the activation

@@ -45,8 +45,10 @@ from torch import nn
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
 from .dropin import DropInModule
 from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults, rope_of
+from .model_copy import converted_copy
 from .modes import runtime_mode
 from .prefix_state import MediaSession
+from .quantize import check_weights
 from .reference import Flamingo, build_reference_from_state
 from .validation import check_prompt
 from .weights_files import common_dtype, load_tensors, read_json
@@ -533,7 +535,7 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     run by FastFlamingo. The tensors are shared with `model` (nothing is copied unless `dtype` asks for a
     conversion). The LM's `generation_config` gives the drop-in's generate defaults, as in Hugging Face.
     `openflamingo_generated_image_bug=True`: what OpenFlamingo does once the model generates `<image>`, for bit
-    parity (FlamingoConfig says what). `runtime_options` go to FastFlamingo.from_reference: backend, dtype,
+    parity (FlamingoConfig says what). `runtime_options` go to FastFlamingo.from_reference: backend, dtype, device,
     max_batch_size, max_seq_len, max_images, cuda_graphs, stop_check_interval, max_hypotheses, max_tail_len,
     context_cache_bytes, score_bytes, decode_paths, weights. With `weights="int8"` the runtime works from its own
     converted, quantized copy, which the drop-in registers instead of `model` (as with a dtype conversion): the
@@ -608,9 +610,12 @@ def load_openflamingo(
     dtype            None: the files' own dtype when they agree, float32 when they differ (as OpenFlamingo loads
                      them: e.g. MPT-7B's bf16 weights with a float32 checkpoint and CLIP); else every tensor is
                      converted to `dtype`
-    weights          None, "bf16" or "int8" (FastFlamingo.from_reference): with "int8" the drop-in holds only the
-                     quantized copy; the float model read from the files is freed once it is built (all of it is
-                     held for a moment: no layer-by-layer loading yet)
+    device           where the model is built; the files are memory-mapped and converted block by block
+                     (model_copy.py) into the model on `device`: one decoder layer (or gated block) at a time is
+                     read in full, so neither the CPU nor the device holds the files' whole model beside it
+    weights          None, "bf16" or "int8" (FastFlamingo.from_reference): with "int8" each block is quantized as
+                     soon as it is converted, so the peak on `device` is the int8 model plus one block in `dtype`
+                     (measured: tests/test_loading.py, the memory probe)
 
     Torch pickles are read with weights_only=True. Missing or unexpected keys are an error that lists them; a
     file that cannot be read is an error naming its argument, the file and the cause.
@@ -621,11 +626,11 @@ def load_openflamingo(
         raise ValueError(f"lm_path={str(lm_path)!r}: no config.json; expected a Hugging Face model directory")
     hf = read_json(config_file, f"lm_path={str(lm_path)!r}")
 
-    visual = load_tensors(vision_path, "vision_path")
+    visual = load_tensors(vision_path, "vision_path", mapped=True)
     if any(k.startswith("visual.") for k in visual):
         visual = {k[len("visual."):]: v for k, v in visual.items() if k.startswith("visual.")}
-    lm_tensors = load_tensors(lm_dir, "lm_path")
-    checkpoint = load_tensors(checkpoint_path, "checkpoint_path")
+    lm_tensors = load_tensors(lm_dir, "lm_path", mapped=True)
+    checkpoint = load_tensors(checkpoint_path, "checkpoint_path", mapped=True)
     files = {"checkpoint_path": checkpoint, "lm_path": lm_tensors, "vision_path": visual}
     if dtype is None:
         dtype = common_dtype(files)
@@ -666,7 +671,12 @@ def load_openflamingo(
     )
     config = _with_weight_shapes(config, canonical)
     tensors = to_reference_state_dict(canonical, config, layout, missing_output_rows)
-    reference = build_reference_from_state(config, tensors).to(device=device, dtype=dtype)
+    mapped = build_reference_from_state(config, tensors)  # over the memory-mapped files
+    del tensors, canonical, state, lm_tensors, checkpoint, visual, files
+    check_weights(runtime_options.get("weights"), dtype or mapped.lang_encoder.embed_tokens.weight.dtype)
+    reference = converted_copy(mapped, dtype or mapped.lang_encoder.embed_tokens.weight.dtype, device,
+                               quantize=runtime_options.get("weights") == "int8", fresh=True)
+    del mapped
     _trainable_as_openflamingo(reference)
     from .runtime import FastFlamingo
 

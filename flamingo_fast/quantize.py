@@ -4,8 +4,9 @@
     q, scales = quantize_per_channel(weight)        # weight [N, K] float -> int8 [N, K], float32 [N]
     weight ~= q * scales[:, None]                   # |weight - q * s| <= s / 2 elementwise
 
-`quantize_linears(model)` replaces, in place, the LM's nn.Linear modules (every decoder layer's, the gated
-cross-attention blocks') and its output head by `Int8Linear`; the vision encoder and the perceiver keep the
+`quantize_block(block, ...)` replaces, in place, the nn.Linear modules of one decoder layer or gated
+cross-attention block by `Int8Linear`, and `quantize_output_head(model)` the LM's output head;
+model_copy.converted_copy calls them block by block as it converts. The vision encoder and the perceiver keep the
 activation dtype (they run once per image). LLaMA's q/k/v and gate/up are quantized as one matrix each and the
 separate projections become row views of it (`fused_int8_linear` recognises them, so LayerStack runs one GEMM
 each without a copy): each row keeps its own scale, so this equals quantizing them apart. FastFlamingo binds the
@@ -43,7 +44,7 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     w = weight.float()
     scales = w.abs().amax(dim=1) / 127
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.div(w, scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # one float temporary
     return q, scales
 
 
@@ -77,8 +78,12 @@ class Int8Linear(nn.Module):
 
 
 def _row_views(linears: Sequence[nn.Linear]) -> list[Int8Linear]:
-    """Quantize bias-free Linears as one matrix; -> one Int8Linear per Linear over its rows of it."""
-    q, scales = quantize_per_channel(torch.cat([m.weight for m in linears]))
+    """Quantize bias-free Linears into one int8 matrix (each row has its own scale, so quantizing them apart and
+    concatenating the int8 rows is the same as quantizing the concatenation, without a float copy of it); -> one
+    Int8Linear per Linear over its rows of it."""
+    parts = [quantize_per_channel(m.weight) for m in linears]
+    q, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    del parts
     out, row = [], 0
     for m in linears:
         rows = m.weight.shape[0]
@@ -88,7 +93,7 @@ def _row_views(linears: Sequence[nn.Linear]) -> list[Int8Linear]:
 
 
 def fused_int8_linear(linears: Sequence[Int8Linear]) -> Int8Linear | None:
-    """One Int8Linear over consecutive row views (as `quantize_linears` leaves LLaMA's q/k/v and gate/up) without
+    """One Int8Linear over consecutive row views (as `quantize_block` leaves LLaMA's q/k/v and gate/up) without
     copying; None when they are not such views or have a bias."""
     if any(m.bias is not None for m in linears):
         return None
@@ -100,23 +105,28 @@ def fused_int8_linear(linears: Sequence[Int8Linear]) -> Int8Linear | None:
 
 
 @torch.no_grad()
-def quantize_linears(model: nn.Module) -> None:
-    """Replace, in place, the nn.Linear modules of `model.lang_encoder` (decoder layers, gated blocks) and its
-    output head by Int8Linear. The float weights go with the modules (freed unless held elsewhere); a head tied to
-    the embedding leaves the embedding its float table (token lookup reads it)."""
+def quantize_output_head(model: nn.Module) -> None:
+    """Replace the LM's output head by an Int8Linear (a decoupled head's two matrices as one); a head tied to the
+    embedding leaves the embedding its float table (token lookup reads it)."""
     lm = model.lang_encoder
-    if model.config.lm.family == "llama":
-        for layer in lm.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.q_proj, attn.k_proj, attn.v_proj = _row_views([attn.q_proj, attn.k_proj, attn.v_proj])
-            mlp.gate_proj, mlp.up_proj = _row_views([mlp.gate_proj, mlp.up_proj])
     head = lm.output_head
     weight = head.weight
     if isinstance(head, DecoupledLinear):  # logits of [weight; additional_fc.weight]: one matrix, one GEMM
         weight = torch.cat([weight, head.additional_fc.weight])
     setattr(lm, "embed_out" if model.config.lm.family == "gpt_neox" else "lm_head",
             Int8Linear(*quantize_per_channel(weight)))
-    for parent in list(lm.modules()):
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, family: str, decoder_layer: bool) -> None:
+    """Replace, in place, the nn.Linear modules of one decoder layer or gated cross-attention block by
+    Int8Linear (LLaMA's q/k/v and gate/up as one matrix each, left as row views of it). The float weights go
+    with the modules (freed unless held elsewhere)."""
+    if decoder_layer and family == "llama":
+        attn, mlp = block.self_attn, block.mlp
+        attn.q_proj, attn.k_proj, attn.v_proj = _row_views([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp.gate_proj, mlp.up_proj = _row_views([mlp.gate_proj, mlp.up_proj])
+    for parent in list(block.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear.of(child))

@@ -44,7 +44,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from . import masking, prefix_state
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
@@ -53,10 +52,11 @@ from .decode import DecodeState, decode_step, resolve_decode_paths
 from .fast_modules import FastPerceiverResampler, LayerStack, check_backend, kernel_ops
 from .fused_weights import bytes_by_dtype
 from .graphs import DecodeGraphs, DecodeInputs
+from .model_copy import converted_copy
 from .modes import runtime_mode
 from .prefill import PromptPrefill
 from .prefix_state import MediaSession, PrefixState
-from .quantize import bind_int8_linears, check_weights, quantize_linears
+from .quantize import Int8Linear, bind_int8_linears, check_weights
 from .scoring import DEFAULT_SCORE_BYTES, check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
 from .search import GenerationOptions, KeywordGenerate, generate_ids
 from .timing import PhaseTimer
@@ -64,24 +64,6 @@ from .validation import check_dtype, check_eval_mode, check_generate_options, ch
 
 if TYPE_CHECKING:
     from .reference import Flamingo
-
-
-def _converted(model: Flamingo, dtype: torch.dtype) -> Flamingo:
-    """A copy of `model` in `dtype`, converted tensor by tensor into a skeleton built on the meta device: the
-    peak is the converted copy (+1x), never a full copy before converting. Tied tensors stay tied."""
-    with torch.device("meta"):
-        copy = type(model)(model.config)
-    converted: dict[int, torch.Tensor] = {}
-    state = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in converted:
-            new = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach().clone()
-            if isinstance(tensor, nn.Parameter):
-                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
-            converted[id(tensor)] = new
-        state[name] = converted[id(tensor)]
-    copy.load_state_dict(state, strict=True, assign=True)
-    return copy.eval()
 
 
 class FastFlamingo(PromptPrefill, KeywordGenerate):
@@ -159,12 +141,13 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
     @classmethod
     @runtime_mode
     def from_reference(cls, model: Flamingo, backend: str = "auto", dtype: torch.dtype | None = None,
-                       weights: str | None = None, **options) -> FastFlamingo:
-        """Share `model`'s parameters (no copy). With a different `dtype` (float32, float16 or bfloat16), a
-        converted copy is made once, tensor by tensor, and the reference keeps its own dtype. `model` must be in
-        eval mode (it is checked, never changed). With the "fused_projections" decode path (LLaMA), the
-        model's q/k/v_proj and gate/up_proj weights become views of one fused tensor per layer: same Parameter
-        objects, same values, no extra memory (fused_weights.py). Options: max_batch_size, max_seq_len,
+                       weights: str | None = None, device: torch.device | str | None = None,
+                       **options) -> FastFlamingo:
+        """Share `model`'s parameters (no copy). With a different `dtype` (float32, float16 or bfloat16) or
+        `device`, a converted copy is made, block by block (model_copy.py), and the reference keeps its own.
+        `model` must be in eval mode (it is checked, never changed). With the "fused_projections" decode path
+        (LLaMA), the model's q/k/v_proj and gate/up_proj weights become views of one fused tensor per layer: same
+        Parameter objects, same values, no extra memory (fused_weights.py). Options: max_batch_size, max_seq_len,
         max_images, cuda_graphs, stop_check_interval, max_hypotheses (beams x rows, default 4 x
         max_batch_size), max_tail_len (the most new tokens a beam search may ask for, default 64),
         decode_paths (which of decode.DECODE_PATHS to use; default decode.DEFAULT_DECODE_PATHS of the backend),
@@ -174,23 +157,31 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         with one scale per output row (quantize.py) for the LM's linear layers (LLaMA: q/k/v and gate/up
         quantized as the fused matrices), the gated cross-attention blocks' projections and the output head;
         the vision encoder, the perceiver, norms, gates and embeddings stay in the activation dtype (`dtype`, or
-        the model's). With "int8" the runtime always works from its own copy, made like a dtype conversion and
-        then quantized module by module: it holds only the int8 weights and their float32 scales for what it
-        quantized (the float copies are freed as they are replaced), and `model` keeps its own float weights,
-        untouched; free them (`del model`) if only the runtime is needed. Building holds, for a moment, `model`
-        plus one float copy in the activation dtype (nothing layer by layer yet). `weight_bytes()` counts what it
-        holds. A tied output head (MPT) is quantized, and the embedding keeps its float table for the token lookup."""
+        the model's). With "int8" the runtime always works from its own copy, converted and quantized block by
+        block: the target device never holds more than the finished part of the copy plus one decoder layer (or
+        gated block) in the activation dtype, e.g. `from_reference(model_on_cpu, device="cuda", weights="int8")`.
+        The runtime holds only the int8 weights and their float32 scales for what it quantized; `model` keeps its
+        own float weights, untouched (tensors already in the activation dtype on the target device that stay
+        unquantized are shared with it): free them (`del model`) if only the runtime is needed. A model that
+        already holds int8 layers (the runtime's own `model`) is used as it is. `weight_bytes()` counts what the
+        runtime holds. A tied output head (MPT) is quantized, and the embedding keeps its float table for the
+        token lookup."""
         check_eval_mode(model)
         if dtype is not None:
             check_dtype(dtype)
-        model_dtype = model.lang_encoder.embed_tokens.weight.dtype
-        check_weights(weights, dtype or model_dtype)
-        if weights == "int8":
-            model = _converted(model, dtype or model_dtype)
-            quantize_linears(model)
-        elif dtype is not None and any(t.is_floating_point() and t.dtype != dtype
-                                       for t in model.state_dict().values()):
-            model = _converted(model, dtype)
+        param = model.lang_encoder.embed_tokens.weight
+        check_weights(weights, dtype or param.dtype)
+        target = param.device if device is None else torch.empty(0, device=device).device
+        moves = target != param.device
+        converts = dtype is not None and any(t.is_floating_point() and t.dtype != dtype
+                                             for t in model.state_dict().values())
+        if any(isinstance(m, Int8Linear) for m in model.modules()):  # already quantized: nothing to do
+            if moves or converts:
+                raise ValueError(f"dtype={dtype} / device={device!r}: a model with int8 layers is converted only "
+                                 f"when it is quantized; build from the float model (or move the drop-in with "
+                                 f"`.to(device)`)")
+        elif weights == "int8" or moves or converts:
+            model = converted_copy(model, dtype or param.dtype, target, quantize=weights == "int8")
         return cls(model, backend=backend, **options)
 
     def weight_bytes(self) -> dict[str, int]:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +38,8 @@ OPTIONS = dict(eoc_token_id=TINY.eoc_token_id, media_token_id=TINY.media_token_i
                max_batch_size=2, max_seq_len=64)
 
 
-def write_files(model, folder, lm_dtype=torch.float32, checkpoint_wrap=lambda state: state, clip_config=True):
+def write_files(model, folder, lm_dtype=torch.float32, checkpoint_wrap=lambda state: state, clip_config=True,
+                lm_config=None):
     """The reference's tensors as OpenFlamingo's files: the perceiver and the gated blocks (under the name its
     training script saves them) in checkpoint.pt; the LM's own weights and config.json in lm/; the ViT, as a
     full CLIP file's `visual.*`, in clip/open_clip_model.safetensors (with open_clip's config beside it)."""
@@ -50,7 +55,7 @@ def write_files(model, folder, lm_dtype=torch.float32, checkpoint_wrap=lambda st
         else:
             checkpoint[name] = tensor
     (folder / "lm").mkdir()
-    (folder / "lm" / "config.json").write_text(json.dumps(LM_CONFIG))
+    (folder / "lm" / "config.json").write_text(json.dumps(lm_config or LM_CONFIG))
     save_file(lm, str(folder / "lm" / "model.safetensors"))
     (folder / "clip").mkdir()
     save_file(visual, str(folder / "clip" / "open_clip_model.safetensors"))
@@ -176,3 +181,62 @@ def test_unusable_files_name_the_argument_and_the_cause(tiny_model, tmp_path, ar
 def test_load_tensors_reads_safetensors_in_the_main_environment(tmp_path):
     save_file({"a": torch.arange(3.0)}, str(tmp_path / "w.safetensors"))
     assert torch.equal(load_tensors(tmp_path / "w.safetensors")["a"], torch.arange(3.0))
+
+
+# ---------------------------------------------------------------------------------------------- memory, measured
+
+# A LLaMA big enough for the probe to see a layer (7.1 M parameters: 14 MB in bf16) against the whole float model
+# (57 M in its layers); the rest as TINY.
+PROBE_LM = {**LM_CONFIG, "hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 12,
+            "num_key_value_heads": 12, "intermediate_size": 2048}
+PROBE = TINY.replace(lm=dataclasses.replace(TINY.lm, hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=12,
+                                            intermediate_size=2048))
+
+
+def probe(folder, mode: str, **options) -> dict:
+    """tests/memory_probe.py in its own process -> {"peak": bytes, "weight_bytes": {dtype: bytes}}."""
+    options = {**options, "eoc_token_id": TINY.eoc_token_id, "media_token_id": TINY.media_token_id}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).with_name("memory_probe.py")
+    done = subprocess.run([sys.executable, str(script), str(folder), mode, json.dumps(options)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def probe_files(tmp_path_factory):
+    """PROBE written as OpenFlamingo's files, the LM in bf16 (as the 9B's MPT-7B ships)."""
+    folder = tmp_path_factory.mktemp("probe")
+    write_files(build_reference(PROBE, seed=41), folder, lm_dtype=torch.bfloat16, lm_config=PROBE_LM)
+    return folder
+
+
+def layer_bytes(config, dtype: torch.dtype) -> int:
+    """One decoder layer's weights in `dtype`."""
+    lm = config.lm
+    head_dim = lm.hidden_size // lm.num_heads
+    attn = lm.hidden_size * head_dim * (2 * lm.num_heads + 2 * lm.num_kv_heads)
+    return (attn + 3 * lm.hidden_size * lm.intermediate_size) * dtype.itemsize
+
+
+@pytest.mark.parametrize("mode", ["load", "convert"])
+def test_int8_loading_peaks_at_one_layer_beside_the_int8_model(probe_files, mode):
+    """The CPU memory probe (tests/memory_probe.py: peak anonymous memory of its own process, sampled): building
+    the int8 runtime in bf16 from the checkpoint files (load_openflamingo(weights="int8")) or from a live float32
+    model (from_reference(weights="int8")) allocates at most what the runtime keeps (weight_bytes: int8 matrices,
+    scales and the bf16 rest) plus two decoder layers in bf16 (the block being converted and the quantization's
+    float32 temporaries of its largest matrix) plus 8 MiB (caches, bookkeeping). The whole LM in bf16 (or float32)
+    at once, as a convert-then-quantize load would hold it, is 8 layers."""
+    options = dict(dtype="bfloat16", weights="int8", backend="torch", max_batch_size=1, max_seq_len=16,
+                   max_images=1, context_cache_bytes=1)
+    measured = probe(probe_files, mode, **options)
+    kept = sum(measured["weight_bytes"].values())
+    layer = layer_bytes(PROBE, torch.bfloat16)
+    bound = kept + 2 * layer + (8 << 20)
+    print(f"{mode}: peak {measured['peak'] / 2**20:.1f} MiB; kept {kept / 2**20:.1f} MiB "
+          f"({ {k: round(v / 2**20, 1) for k, v in measured['weight_bytes'].items()} }); one layer in bf16 "
+          f"{layer / 2**20:.1f} MiB; bound {bound / 2**20:.1f} MiB; whole LM in bf16 "
+          f"{PROBE.lm.num_layers * layer / 2**20:.1f} MiB")
+    assert measured["weight_bytes"]["int8"] > PROBE.lm.num_layers * layer / 2  # the layers are int8
+    assert measured["peak"] <= bound

@@ -97,6 +97,51 @@ def test_dtype_conversion_peak_memory_is_one_converted_copy():
     assert found["peak_mib"] < 1.5 * found["converted_mib"], found
 
 
+def test_device_option_copies_block_by_block_and_shares_otherwise():
+    """`device`: a different device makes the runtime's own copy (here the meta device: built, nothing allocated),
+    the same device shares the caller's tensors; the caller's model is never moved."""
+    model = build_reference(TINY, seed=3)
+    on_meta = FastFlamingo.from_reference(model, backend="torch", device="meta", max_batch_size=1, max_seq_len=32)
+    assert on_meta.device.type == "meta" and all(t.device.type == "meta" for t in on_meta.model.state_dict().values())
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    same = FastFlamingo.from_reference(model, backend="torch", device="cpu", max_batch_size=1, max_seq_len=32)
+    assert same.model is model
+
+
+def test_an_int8_model_is_used_as_it_is_and_not_converted_again():
+    model = build_reference(TINY, seed=4)
+    options = dict(backend="torch", max_batch_size=1, max_seq_len=32)
+    fast = FastFlamingo.from_reference(model, weights="int8", **options)
+    again = FastFlamingo.from_reference(fast.model, weights="int8", **options)  # e.g. load_openflamingo's copy
+    assert again.model is fast.model
+    with pytest.raises(ValueError, match=r"dtype=torch.float16 / device=None: a model with int8 layers is "
+                                         r"converted only when it is quantized"):
+        FastFlamingo.from_reference(fast.model, dtype=torch.float16, **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory: needs a CUDA device")
+def test_int8_from_cpu_model_to_cuda_peaks_at_one_layer_beside_the_int8_model():
+    """from_reference(model_on_cpu, device="cuda", weights="int8"): the device's peak is what the runtime keeps
+    plus two decoder layers in bf16 (the block being converted, the quantization's float32 temporaries of its
+    largest matrix) plus the runtime's caches; the whole LM in bf16 would be num_layers layers."""
+    lm = dataclasses.replace(TINY.lm, hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=12,
+                             intermediate_size=2048)
+    config = TINY.replace(lm=lm)
+    model = build_reference(config, seed=5)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fast = FastFlamingo.from_reference(model, device="cuda", weights="int8", dtype=torch.bfloat16, backend="torch",
+                                       max_batch_size=1, max_seq_len=16, max_images=1, context_cache_bytes=1)
+    peak = torch.cuda.max_memory_allocated() - before
+    kept = sum(fast.weight_bytes().values())
+    layer = (4 * lm.hidden_size ** 2 + 3 * lm.hidden_size * lm.intermediate_size) * 2
+    caches = torch.cuda.memory_allocated() - before - kept
+    print(f"peak {peak / 2**20:.1f} MiB, kept {kept / 2**20:.1f} MiB, caches {caches / 2**20:.1f} MiB, "
+          f"layer {layer / 2**20:.1f} MiB")
+    assert peak <= kept + max(caches, 0) + 2 * layer + (8 << 20)
+
+
 def test_triton_backend_refuses_unsupported_head_dims_at_construction():
     model = build_reference(TINY.replace(xattn_dim_head=48), seed=3)
     with pytest.raises(ValueError, match=r"config.xattn_dim_head=48: the Triton kernels support head dims "

@@ -51,10 +51,12 @@ def _storage_users(t: torch.Tensor) -> int:
 
 
 def sole_owner(t: torch.Tensor) -> bool:
-    """True when `t` (a Parameter) is the only tensor over its storage: as many users as a fresh parameter has."""
+    """True when `t` (a Parameter, or a plain tensor such as a buffer) is the only tensor over its storage: as
+    many users as a fresh one of its kind has."""
     if not hasattr(torch._C, "_storage_Use_Count"):
         return False  # cannot tell: never risk a second copy
-    return _storage_users(t) <= _storage_users(nn.Parameter(torch.empty(1, device=t.device)))
+    fresh = torch.empty(1, device=t.device)
+    return _storage_users(t) <= _storage_users(nn.Parameter(fresh) if isinstance(t, nn.Parameter) else fresh)
 
 
 @torch.no_grad()

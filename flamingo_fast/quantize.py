@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .fused_weights import already_fused
+from .fused_weights import already_fused, sole_owner
 from .lm import DecoupledLinear
 
 WEIGHT_FORMATS = (None, "bf16", "int8")
@@ -92,15 +92,27 @@ def _row_views(linears: Sequence[nn.Linear]) -> list[Int8Linear]:
     return out
 
 
+@torch.no_grad()
 def fused_int8_linear(linears: Sequence[Int8Linear]) -> Int8Linear | None:
-    """One Int8Linear over consecutive row views (as `quantize_block` leaves LLaMA's q/k/v and gate/up) without
-    copying; None when they are not such views or have a bias."""
+    """One Int8Linear over the rows of `linears` (LLaMA's q/k/v or gate/up): without copying when they are
+    consecutive row views of one matrix (as `quantize_block` leaves them); else (e.g. after `.to(device)` moved
+    each buffer on its own) their int8 weights and scales are concatenated once and each module's buffers
+    re-pointed at its rows, as fused_weights.py does for float weights, provided nothing else holds them. None
+    when they have a bias or a buffer is held elsewhere (fusing would add a copy)."""
     if any(m.bias is not None for m in linears):
         return None
     weight = already_fused([m.weight for m in linears])
     scales = already_fused([m.scales[:, None] for m in linears])
     if weight is None or scales is None:
-        return None
+        if not all(sole_owner(t) for m in linears for t in (m.weight, m.scales)):
+            return None
+        weight = torch.cat([m.weight for m in linears])
+        scales = torch.cat([m.scales for m in linears])[:, None]
+        row = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight, m.scales = weight[row:row + rows], scales[row:row + rows, 0]
+            row += rows
     return Int8Linear(weight, scales[:, 0], None, linears[0].matmul)
 
 

@@ -330,6 +330,22 @@ def test_int8_drop_in_rebuilds_after_a_move_and_refuses_a_dtype_conversion(kind)
     assert_same(run_all(drop_in, batch), expected, "after share_memory()")
 
 
+def test_int8_drop_in_joins_llama_projections_again_after_a_move():
+    """`.to(device)` moves each buffer on its own, so the q/k/v (and gate/up) row views of one int8 matrix come
+    apart; the rebuilt runtime joins them again (one GEMM each, as a build on that device has). The meta device
+    stands in for CUDA: a move of every tensor, nothing computed."""
+    drop_in = build_int8("openflamingo", live_model("openflamingo"), dtype=torch.bfloat16)
+    assert drop_in.fast.stack.fused_projections
+    drop_in.to("meta")
+    fast = drop_in.fast
+    assert fast.device.type == "meta" and fast.stack.fused_projections
+    for layer in fast.model.lang_encoder.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            assert already_fused([m.weight for m in group]) is not None
+            assert already_fused([m.scales[:, None] for m in group]) is not None
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", DROP_INS)
 def test_int8_drop_in_moves_to_cuda(kind):

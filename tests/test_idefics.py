@@ -18,6 +18,7 @@ Conventions:
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -40,6 +41,7 @@ from idefics_fixtures import (  # noqa: E402
 )
 
 import flamingo_fast  # noqa: E402
+from flamingo_fast.quantize import quantize_per_channel  # noqa: E402
 
 FP32 = torch.float32
 NEW_TOKENS = 8
@@ -377,15 +379,9 @@ def test_eval_mode_and_config_are_read_from_the_model():
     assert training.training
 
 
-def test_score_and_warm_context_match_transformers(batches):
-    """Rank classification: each candidate's log-likelihood after every row equals what transformers' forward
-    gives over prompt + candidate (the candidate's tokens see what the last prompt token sees, as generated tokens
-    do); and a second generate, its contexts now cached, still gives transformers' tokens."""
-    model = hf_model("every2-noqk-vector-5lat")
-    runtime = runtime_for(model, "fast")
-    inputs = batches["mixed"]
-    candidates = [[5], [7, 9], [11, FAKE, 12]]
-    scores = runtime.score(**inputs, candidates=candidates)
+def hf_scores(model, inputs, candidates) -> torch.Tensor:
+    """[B, C]: each candidate's log-likelihood after every row from transformers' forward over prompt + candidate (the
+    candidate's tokens see what the last prompt token sees, as generated tokens do)."""
     batch = inputs["input_ids"].shape[0]
     expected = torch.empty(batch, len(candidates))
     for c, candidate in enumerate(candidates):
@@ -397,7 +393,19 @@ def test_score_and_warm_context_match_transformers(batches):
                                                         inputs["image_attention_mask"][:, -1:].expand(-1, n, -1)], 1))
         log_probs = torch.log_softmax(hf_logits(model, extended).float(), dim=-1)[:, -n - 1:-1]
         expected[:, c] = log_probs.gather(2, tokens[:, :, None]).squeeze(-1).sum(dim=1)
-    assert_close(scores, expected, dtype=FP32)
+    return expected
+
+
+def test_score_and_warm_context_match_transformers(batches):
+    """Rank classification: each candidate's log-likelihood after every row equals what transformers' forward
+    gives over prompt + candidate (the candidate's tokens see what the last prompt token sees, as generated tokens
+    do); and a second generate, its contexts now cached, still gives transformers' tokens."""
+    model = hf_model("every2-noqk-vector-5lat")
+    runtime = runtime_for(model, "fast")
+    inputs = batches["mixed"]
+    candidates = [[5], [7, 9], [11, FAKE, 12]]
+    scores = runtime.score(**inputs, candidates=candidates)
+    assert_close(scores, hf_scores(model, inputs, candidates), dtype=FP32)
     for _ in range(2):  # cold, then with every row's context cached
         compare_generate(model, runtime, inputs, "mixed", max_new_tokens=NEW_TOKENS, do_sample=False)
     assert runtime.fast.context_cache_stats().context_hits > 0
@@ -433,3 +441,127 @@ def test_unsupported_call_options_are_named(batches):
         runtime.generate(**inputs, image_encoder_embeddings=latents, max_new_tokens=2)
     runtime(**inputs, perceiver_embeddings=None, interpolate_pos_encoding=False)
     runtime.generate(**inputs, perceiver_embeddings=None, max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------------------------- weights="int8"
+# The int8 drop-ins against the real models (here transformers' IDEFICS; test_openflamingo.py imports these helpers
+# for OpenFlamingo's). The int8 bound is derived as tests/test_int8_weights.py derives it (its module docstring), on
+# the real model and prompt: the relative error of the same outputs when the weights int8 quantizes are rounded to
+# bf16 instead (fp32 activations), times the ratio of those weights' int8 and bf16 relative rounding errors, times 2.
+# The wiring is checked apart: with fp32 activations an int8 drop-in computes the real model whose quantized weights
+# are replaced by q * scale, to the fp32 table.
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    q, scales = quantize_per_channel(weight)
+    return (q.float() * scales[:, None]).to(weight.dtype)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def with_rounded_weights(model, linears, rounding):
+    """A copy of `model` whose `linears(copy)` have the weights `rounding(weight)` (a head tied to the input
+    embedding is cut from it: the runtime keeps the embedding's float table) -> (the copy, ||w - rounding(w)|| / ||w||
+    over all of them)."""
+    copied = copy.deepcopy(model)
+    err = norm = 0.0
+    for module in linears(copied):
+        weight = module.weight.detach()
+        rounded = rounding(weight)
+        err += (weight.double() - rounded.double()).square().sum().item()
+        norm += weight.double().square().sum().item()
+        module.weight = torch.nn.Parameter(rounded, requires_grad=False)
+    return copied, (err / norm) ** 0.5
+
+
+def int8_bound(model, linears, outputs):
+    """`outputs(model)`: the compared values as one float tensor. -> (the derived bound on the int8 outputs' relative
+    error, the weights' int8 relative error, outputs(model), a copy of `model` with the weights dequantized)."""
+    with torch.no_grad():
+        expected = outputs(model)
+        bf16_model, eps_bf16 = with_rounded_weights(model, linears, lambda w: w.to(torch.bfloat16).to(w.dtype))
+        dequant_model, eps_int8 = with_rounded_weights(model, linears, dequantized)
+        rel_bf16 = relative_error(outputs(bf16_model), expected)
+    return 2 * eps_int8 / eps_bf16 * rel_bf16, eps_int8, expected, dequant_model
+
+
+def margin_safe_steps(new: torch.Tensor, ref_new: torch.Tensor, ref_logits: torch.Tensor, bound: float):
+    """Greedy steps whose int8 token must equal the reference's (tests/test_int8_weights.py's greedy test): after the
+    same prefix, with a reference margin (top-1 minus top-2 logit) over 4 sigma of the difference of two logits'
+    errors, sigma = sqrt(2) x bound x RMS(logits). new, ref_new [B, n]; ref_logits [B, n, V] -> [B, n] bool."""
+    equal_so_far = (new == ref_new).cummin(dim=1).values
+    same_prefix = torch.cat([torch.ones_like(equal_so_far[:, :1]), equal_so_far[:, :-1]], dim=1)
+    logits = ref_logits.double()
+    top2 = logits.topk(2, dim=-1).values
+    return same_prefix & (top2[..., 0] - top2[..., 1] > 4 * 2 ** 0.5 * bound * logits.square().mean(dim=-1).sqrt())
+
+
+def held_tensors(drop_in) -> list[torch.Tensor]:
+    """Every tensor the drop-in holds: its own, its reference's, its runtime model's."""
+    return [t for module in (drop_in, drop_in.reference, drop_in.fast.model)
+            for t in (*module.parameters(), *module.buffers())]
+
+
+
+def quantized_linears(model) -> list[torch.nn.Linear]:
+    """The layers from_idefics(weights="int8") quantizes, on transformers' IDEFICS: every Linear of its decoder layers
+    and gated cross-attention blocks, and the output head's two parts (quantized as one matrix, one scale per row:
+    the same as apart)."""
+    found = [m for part in (model.model.layers, model.model.gated_cross_attn_layers) for m in part.modules()
+             if type(m) is torch.nn.Linear]
+    head = model.lm_head
+    return [*found, head, *([head.additional_fc] if head.out_additional_features > 0 else [])]
+
+
+@pytest.mark.parametrize("name", ["every1-qk-float-3lat", "every4-qk-vector-3rows"])
+def test_int8_drop_in_against_transformers(name, batches):
+    """from_idefics(model, weights="int8"), fp32 activations: the live model left as it was and none of its quantized
+    weights held; over every batch, the logits equal transformers' model on the dequantized weights (fp32 table) and
+    are within the derived int8 bound of the original's; greedy tokens equal the original's where the margin allows
+    (agreement over all new tokens printed); score gives the dequantized model's log-likelihoods; beam search
+    (num_beams=3, length_penalty=-2.0, as IDEFICS' evaluation) gives transformers' tokens on the dequantized
+    weights."""
+    model = build_idefics(**CONFIGS[name])  # not hf_model's: a broken build must not reach the other tests
+    before = {n: (t, t.untyped_storage().data_ptr(), t.detach().clone())
+              for n, t in model.state_dict(keep_vars=True).items()}
+    drop_in = runtime_for(model, "fast", weights="int8")
+    after = model.state_dict(keep_vars=True)
+    changed = [n for n, t in after.items() if t is not before[n][0] or t.untyped_storage().data_ptr() != before[n][1]
+               or not torch.equal(t, before[n][2])]
+    assert after.keys() == before.keys() and not changed, f"the live model changed: {changed[:5]}"
+    linears = quantized_linears(model)
+    assert drop_in.fast.weight_bytes()["int8"] == sum(m.weight.numel() for m in linears)  # the list is the right one
+    quantized = {m.weight.untyped_storage().data_ptr() for m in linears}
+    assert not [t for t in held_tensors(drop_in) if t.untyped_storage().data_ptr() in quantized]
+
+    names = ("mixed", "single", "text_only", "eod_last")
+    bound, eps_int8, expected, dequant_model = int8_bound(
+        model, quantized_linears,
+        lambda m: torch.cat([m(**batches[b]).logits[batches[b]["attention_mask"].bool()] for b in names]))
+    logits = torch.cat([drop_in(**batches[b]).logits[batches[b]["attention_mask"].bool()] for b in names])
+    with torch.no_grad():
+        assert_close(logits, torch.cat([dequant_model(**batches[b]).logits[batches[b]["attention_mask"].bool()]
+                                        for b in names]), dtype=FP32)
+    rel = relative_error(logits, expected)
+    print(f"{name}: logits rel err int8 {rel:.3g} (bound {bound:.3g}); weights rel err int8 {eps_int8:.3g}")
+    assert rel <= bound
+
+    inputs = batches["mixed"]
+    prompt = inputs["input_ids"].shape[1]
+    out = hf_generate(model, inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[], output_logits=True,
+                      return_dict_in_generate=True)
+    new = drop_in.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[])[:, prompt:]
+    ref_new = out.sequences[:, prompt:]
+    sure = margin_safe_steps(new, ref_new, torch.stack(out.logits, dim=1), bound)
+    print(f"{name}: greedy agreement {(new == ref_new).float().mean().item():.3f} over {new.numel()} tokens; "
+          f"{int(sure.sum())} steps with a safe margin")
+    assert sure.any()  # else the prompts assert nothing
+    assert torch.equal(new[sure], ref_new[sure])
+
+    candidates = [[5], [7, 9], [11, FAKE, 12]]
+    assert_close(drop_in.score(**inputs, candidates=candidates), hf_scores(dequant_model, inputs, candidates),
+                 dtype=FP32)
+    compare_generate(dequant_model, drop_in, inputs, max_new_tokens=6, num_beams=3, length_penalty=-2.0,
+                     do_sample=False)

@@ -24,6 +24,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
 from open_flamingo.src.flamingo import Flamingo as OpenFlamingo  # noqa: E402
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from open_flamingo.src.utils import extend_instance  # noqa: E402
+from test_idefics import held_tensors, int8_bound, margin_safe_steps, relative_error  # noqa: E402
 
 import flamingo_fast  # noqa: E402
 
@@ -458,3 +459,98 @@ def test_drop_in_is_a_module_over_the_live_models_tensors(tmp_path):
     with torch.no_grad():
         real = mask.bool()  # the padding's own logits are not compared (positions counted differently)
         assert_close(logits[real], of_model(vision, ids, attention_mask=mask).logits[real], dtype=FP32)
+
+
+# --------------------------------------------------------------------------------------------- weights="int8"
+# The int8 drop-in against OpenFlamingo's model, with the int8 bound derived on that model and prompt
+# (test_idefics.int8_bound: tests/test_int8_weights.py's derivation for a model from another package), and the
+# wiring checked apart: with fp32 activations the int8 drop-in computes OpenFlamingo's model whose quantized weights
+# are replaced by q * scale, to the fp32 table.
+
+INT8_OPTIONS = dict(backend="torch", weights="int8", max_batch_size=2, max_seq_len=96)
+
+
+def quantized_linears(of_model) -> list[torch.nn.Linear]:
+    """The layers weights="int8" quantizes, found on OpenFlamingo's model: every Linear of its LM (decoder layers,
+    gated cross-attention blocks, output head). LLaMA's q/k/v and gate/up are quantized as one matrix each, one scale
+    per row: the same as quantizing them apart."""
+    return [m for m in of_model.lang_encoder.modules() if type(m) is torch.nn.Linear]
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])
+def test_int8_drop_in_against_openflamingo(family):
+    """from_openflamingo(model, weights="int8"), fp32 activations, on a left-padded batch with 3 and 1 images: the
+    live model is left as it was (same values, same storage) and none of its quantized weights is held; the logits
+    equal OpenFlamingo's on the dequantized weights (fp32 table) and are within the derived int8 bound of the
+    original's; greedy tokens equal the original's where the margin allows (all 12 new tokens' agreement printed);
+    beam search as EvalModel calls it (num_beams=3, length_penalty=-2.0) gives OpenFlamingo's tokens on the
+    dequantized weights."""
+    of_model = build_openflamingo(family, 2, seed=210 + len(family))
+    # (tensor, its storage, its values): a non-int8 LLaMA drop-in would move the live q/k/v into one fused storage
+    before = {name: (t, t.untyped_storage().data_ptr(), t.detach().clone())
+              for name, t in of_model.state_dict(keep_vars=True).items()}
+    drop_in = flamingo_fast.from_openflamingo(of_model, **INT8_OPTIONS)
+    after = of_model.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    changed = [n for n, t in after.items() if t is not before[n][0] or t.untyped_storage().data_ptr() != before[n][1]
+               or not torch.equal(t, before[n][2])]
+    assert not changed, f"the live model changed: {changed[:5]}"
+    linears = quantized_linears(of_model)
+    assert drop_in.fast.weight_bytes()["int8"] == sum(m.weight.numel() for m in linears)  # the fixture's list is right
+    embedding = of_model.lang_encoder.get_input_embeddings().weight  # MPT's tied head: kept as the float embedding
+    quantized = {m.weight.untyped_storage().data_ptr() for m in linears if m.weight is not embedding}
+    assert not [t for t in held_tensors(drop_in) if t.untyped_storage().data_ptr() in quantized]
+
+    vision, ids, mask = batch([([0, 6, 12], 18), ([1], 7)], num_images=3)
+    real = mask.bool()
+    bound, eps_int8, expected, dequant_model = int8_bound(
+        of_model, quantized_linears, lambda m: m(vision, ids, attention_mask=mask).logits[real])
+    logits = drop_in(vision, ids, mask).logits[real]
+    with torch.no_grad():
+        assert_close(logits, dequant_model(vision, ids, attention_mask=mask).logits[real], dtype=FP32)
+    rel = relative_error(logits, expected)
+    print(f"{family}: logits rel err int8 {rel:.3g} (bound {bound:.3g}); weights rel err int8 {eps_int8:.3g}")
+    assert rel <= bound
+
+    with torch.no_grad():
+        out = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], num_beams=1,
+                                output_logits=True, return_dict_in_generate=True)
+    prompt = ids.shape[1]
+    new = drop_in.generate(vision, ids, mask, max_new_tokens=12, eos_token_id=[])[:, prompt:]
+    ref_new = out.sequences[:, prompt:]
+    sure = margin_safe_steps(new, ref_new, torch.stack(out.logits, dim=1), bound)
+    print(f"{family}: greedy agreement {(new == ref_new).float().mean().item():.3f} over {new.numel()} tokens; "
+          f"{int(sure.sum())} steps with a safe margin")
+    assert sure.any()  # else the prompt asserts nothing
+    assert torch.equal(new[sure], ref_new[sure])
+
+    beams = compare_beams(dequant_model, drop_in, vision, ids, mask, max_new_tokens=6, num_beams=3,
+                          length_penalty=-2.0)
+    assert beams.shape[0] == 2 and prompt < beams.shape[1] <= prompt + 6
+
+
+def test_int8_with_bf16_activations_against_openflamingo():
+    """weights="int8" with dtype=torch.bfloat16 (the aten int8 path), MPT (ALiBi): the drop-in holds no tensor of the
+    live model (everything is a bf16 or int8 copy); its error against OpenFlamingo's fp32 logits is at most twice the
+    sum of int8's at fp32 activations and the plain bf16 drop-in's (tests/test_int8_weights.py's rule); greedy and
+    beam search return the prompt and the new tokens."""
+    of_model = build_openflamingo("mpt", 2, seed=240)
+    live = {t.untyped_storage().data_ptr() for t in of_model.state_dict().values()}
+    int8_bf16 = flamingo_fast.from_openflamingo(of_model, **{**INT8_OPTIONS, "dtype": torch.bfloat16})
+    assert not [t for t in held_tensors(int8_bf16) if t.untyped_storage().data_ptr() in live]
+    assert {t.dtype for t in int8_bf16.state_dict().values()} == {torch.int8, torch.bfloat16}
+    int8_fp32 = flamingo_fast.from_openflamingo(of_model, **INT8_OPTIONS)
+    bf16 = flamingo_fast.from_openflamingo(of_model, **{**INT8_OPTIONS, "weights": None, "dtype": torch.bfloat16})
+    vision, ids, mask = batch([([0, 6, 12], 18), ([1], 7)], num_images=3)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = of_model(vision, ids, attention_mask=mask).logits[real]
+    rel = relative_error(int8_bf16(vision, ids, mask).logits[real], expected)
+    parts = [relative_error(m(vision, ids, mask).logits[real], expected) for m in (int8_fp32, bf16)]
+    print(f"int8+bf16 rel err {rel:.3g}; int8+fp32 {parts[0]:.3g}; bf16 {parts[1]:.3g}")
+    assert rel <= 2 * sum(parts)
+    prompt = ids.shape[1]
+    greedy = int8_bf16.generate(vision, ids, mask, max_new_tokens=5, eos_token_id=[])
+    assert greedy.shape == (2, prompt + 5) and torch.equal(greedy[:, :prompt], ids)
+    beams = int8_bf16.generate(vision, ids, mask, max_new_tokens=5, num_beams=3, length_penalty=-2.0)
+    assert beams.shape[0] == 2 and prompt < beams.shape[1] <= prompt + 5 and torch.equal(beams[:, :prompt], ids)

@@ -25,7 +25,15 @@ import torch
 from helpers import TOLERANCE, assert_close
 
 pytest.importorskip("open_flamingo", reason="needs the open_flamingo package (make test-openflamingo)")
-from test_openflamingo import EOC, batch, build_openflamingo  # noqa: E402
+from test_openflamingo import (  # noqa: E402
+    EOC,
+    MEDIA,
+    batch,
+    build_openflamingo,
+    int8_bound,
+    quantized_linears,
+    relative_error,
+)
 
 import flamingo_fast  # noqa: E402
 from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
@@ -213,3 +221,68 @@ def test_torchrun_data_parallel_evaluation_equals_one_process():
                          cwd=script.parent.parent)
     assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     assert "torchrun_eval: OK (2 ranks, 5 queries)" in run.stdout
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_drop_in_runs_the_evaluation_calls(family):
+    """EvalModel's calls, unchanged, on from_openflamingo(model, weights="int8") (fp32 activations). Rank
+    classification, both paths (use_cache: forward with past_key_values), plain and length-normalised: the
+    log-likelihoods of OpenFlamingo's model on the dequantized weights (fp32 table). Against the original model: the
+    logits rank classification reads (each class's forward after the prompt, at the positions that predict its
+    tokens) within the derived int8 bound (test_idefics.int8_bound), and each row's best class the original's
+    wherever its margin over the second exceeds 4 sigma of the two sums' error difference (a log-prob's error at
+    most sqrt(2) x a logit's, bound x RMS(logits); up to 2 x 4 tokens). VQA: OpenFlamingo's beam-search tokens on
+    the dequantized weights; captioning runs (its beams: test_openflamingo's int8 test)."""
+    of_model = build_openflamingo(family, 2, seed=70 + FAMILIES.index(family))
+    drop_in = flamingo_fast.from_openflamingo(of_model, backend="torch", weights="int8", max_batch_size=4,
+                                              max_seq_len=64)
+    vision, ids, mask = prompts()
+    names = class_names(10 + FAMILIES.index(family))
+    rows = ids.shape[0]
+
+    def read_logits(model):  # get_rank_classifications' forwards (use_cache=False): [sum of rows x len(name), V]
+        read = []
+        for name in names:
+            tokens = torch.tensor([name]).expand(rows, -1)
+            call_mask = torch.cat([mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+            logits = model(vision, torch.cat([ids, tokens], dim=1), attention_mask=call_mask).logits
+            read.append(logits[:, -len(name) - 1:-1].flatten(0, 1))
+        return torch.cat(read)
+
+    def scores(read, normalize_length):  # EvalModelCalls' log-likelihoods from read_logits -> [rows, classes]
+        per_class = read.split([rows * len(name) for name in names])
+        picked = [torch.log_softmax(logits.view(rows, len(name), -1), dim=-1)
+                  .gather(2, torch.tensor([name]).expand(rows, -1)[:, :, None])[:, :, 0]
+                  for logits, name in zip(per_class, names, strict=True)]
+        return torch.stack([p.mean(1) if normalize_length else p.sum(1) for p in picked], dim=1)
+
+    bound, eps_int8, expected, dequant_model = int8_bound(of_model, quantized_linears, read_logits)
+    rel = relative_error(read_logits(drop_in), expected)
+    calls = EvalModelCalls(drop_in)
+    with torch.no_grad():
+        dequant_read = read_logits(dequant_model)
+    got = {(normalize_length, use_cache): calls.get_rank_classifications(vision, ids, mask, names, use_cache,
+                                                                          normalize_length)
+           for normalize_length in (False, True) for use_cache in (True, False)}
+    for (normalize_length, _), values in got.items():
+        assert_close(values, scores(dequant_read, normalize_length), dtype=FP32)
+    best = got[False, True].argmax(dim=1)
+    ref_scores = scores(expected, False)
+    sigma = bound * expected.double().square().mean().sqrt().item()
+    top2 = ref_scores.topk(2, dim=1).values
+    sure = top2[:, 0] - top2[:, 1] > 4 * 2 * max(map(len, names)) ** 0.5 * sigma
+    print(f"{family}: class logits rel err int8 {rel:.3g} (bound {bound:.3g}); weights rel err int8 {eps_int8:.3g}; "
+          f"best class agrees in {int((best == ref_scores.argmax(1)).sum())} of {rows} rows, {int(sure.sum())} with "
+          f"a safe margin")
+    assert rel <= bound
+    assert sure.any()  # else the prompts assert nothing
+    assert torch.equal(best[sure], ref_scores.argmax(1)[sure])
+
+    with torch.no_grad():  # use_cache=False: see test_openflamingo.compare_beams
+        expected_tokens = dequant_model.generate(vision, ids, attention_mask=mask, min_new_tokens=0, max_new_tokens=5,
+                                                 num_beams=3, length_penalty=-2.0, use_cache=False)[:, ids.shape[1]:]
+    assert MEDIA not in expected_tokens, "OpenFlamingo generated <image>: pick another seed"
+    for min_len, max_len in ((0, 20), (0, 5)):  # evaluate.py: captioning, then VQA
+        tokens = calls.get_outputs(vision, ids, mask, min_len, max_len, 3, -2.0)
+        assert tokens.shape[0] == rows and 0 < tokens.shape[1] <= max_len and tokens.dtype == torch.long
+    assert torch.equal(tokens, expected_tokens), f"VQA tokens differ:\n{tokens}\n{expected_tokens}"

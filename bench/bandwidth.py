@@ -19,7 +19,8 @@ With int8 weights (a profile row whose `weights` is "int8": FastFlamingo.from_re
 nn.Linear weight of the LM, the gated blocks and the output head counts 1 byte per element + a float32 scale
 per output row (quantize.py); biases, norms and gates stay in the activation dtype.
 weights: the bytes FastFlamingo.weight_bytes() counts per preset and weight format, for runtimes built on the
-meta device (no memory, no random init; bfloat16 activations), and what is left of a 141 GB H200 and a 24 GB card.
+meta device (no memory, no random init; bfloat16 activations), and what is left of each card in report.CARDS_GB
+(an H200's 141 GB, an 80 GB and a 24 GB card).
 floor_ms = bytes / measured bandwidth; `pct_of_floor` = decode_ms_p50 / floor_ms x 100 (100 % = at the floor)
 and `bandwidth_util` = floor_ms / decode_ms_p50.
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flamingo_fast import report
 from flamingo_fast.config import FlamingoConfig, from_name
 from flamingo_fast.reference import Flamingo
 
@@ -154,7 +156,7 @@ def floor_rows(profile: dict, bandwidth_GBps: float) -> list[dict]:
     return rows
 
 
-CARDS_GB = {"H200 (141 GB)": 141, "24 GB card": 24}  # nominal memory, 1e9 bytes
+CARDS_GB = report.CARDS_GB  # nominal memory, 1e9 bytes: the cards `profile --device meta` reports too
 
 
 def weight_bytes_table(presets: list[str], formats: list[str]) -> str:

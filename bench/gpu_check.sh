@@ -22,6 +22,14 @@
 #              transformers' own IDEFICS generate first when transformers is importable
 #   openflamingo  OpenFlamingo's own generate vs fast at the preset's shape, batch 1, when bench/gpu_wheels.sh's
 #              wheels were carried (.whl/)
+#   int8_matmul   issue 19: the int8 weight matmul at the 9B decode shapes, M 1-32: Triton kernel and aten's op vs
+#              bf16 F.linear, GB/s as % of the measured copy bandwidth; goal: the Triton kernel's decode-step matmuls
+#              at M <= 8 at >= 80% of it, PASS / FAIL (bench/int8_matmul.py; the CPU form: tiny shapes, no Triton)
+#   profile_int8  issue 19: 9B (GPU_CHECK_INT8_PRESET, default openflamingo-9b-v2: MPT-7B) batch-1 decode with bf16
+#              and int8 weights through the profiler, its floor table, and the goal: int8 at most 4.0 ms/token
+#   int8_80b   issue 19: IDEFICS-80B's weight bytes in bf16 and int8 and what an H200 keeps after weights + caches,
+#              counted on the meta device (`profile --device meta`): a random-weight 80B cannot be built on the
+#              machine (bf16: 160 GB, more than the H200's 141 GB and the host's 128 GiB), so nothing is allocated
 #   floor      decode ms per token vs the memory-bandwidth floor (bench/bandwidth.py floor)
 # then OUTDIR/summary.md, whose short form (steps + floor table) is printed last.
 #
@@ -34,6 +42,7 @@
 # GPU_CHECK_INSTALL=copy (skip pip: the package copied under OUTDIR/pylib, on PYTHONPATH),
 # GPU_CHECK_TRACE=1 (chrome traces of the batch-1 profile under OUTDIR/traces),
 # GPU_CHECK_DECODE_PATHS_ARGS (extra arguments of bench/decode_paths.py, e.g. "--new-tokens 8"),
+# GPU_CHECK_INT8_PRESET (profile_int8 and int8_matmul's shapes; default openflamingo-9b-v2), GPU_CHECK_INT8_GOAL_MS (4.0),
 # GPU_CHECK_STEPS (a comma-separated subset of the steps to run, e.g. "tests,decode_paths,profile_b1"; env,
 # install and import always run, floor when the bandwidth and the profiles were measured): the steps' caps add up
 # to more than one 600 s device call, so a session splits the check into two calls.
@@ -117,7 +126,7 @@ copy_install() {
     rm -rf "$OUT/pylib" && mkdir -p "$OUT/pylib" &&
         cp -r flamingo_fast "$OUT/pylib/flamingo_fast" && rm -rf "$OUT/pylib/flamingo_fast/kernels" &&
         cp -r kernels "$OUT/pylib/flamingo_fast/kernels" &&
-        cp bench/common.py "$OUT/pylib/common.py"  # PYTHONSAFEPATH drops bench/ from a script's sys.path
+        cp bench/common.py bench/bandwidth.py "$OUT/pylib/"  # PYTHONSAFEPATH drops bench/ from a script's sys.path
 }
 
 run_step env 20 env_report
@@ -148,6 +157,64 @@ else
 fi
 
 run_step bandwidth 30 "$PY" bench/bandwidth.py measure --out "$OUT/bandwidth.json" --gib "$BW_GIB"
+
+# Issue 19, weight-only int8. Time estimates from the H200 run of 2026-11-28 (bench/results/2026-11-28-h200-38f5836:
+# a 9B bf16 model random-initialised in 0.25 s, profile_b1's 10 rows in 19 s, import 3 s, do_bench cases in the
+# kernels step well under 1 s each); none of these three steps has run on a GPU yet:
+#   int8_matmul   ~90 s: ~10 s imports and the 9B meta build (shapes), ~10 s Triton compiles (4-6 variants), 7
+#                 shapes x 6 M x 4 timings (3 do_bench_cudagraph + 1 do_bench, ~0.2-0.4 s each) ~60 s, float64
+#                 checks at M 8 ~2 s. Its own --budget-s 75 starts no new M after 75 s (16 and 32 are last); cap 120.
+#   profile_int8  ~45 s: the bf16 9B random init ~0.3 s, the int8 copy (quantized block by block on the GPU) ~5 s,
+#                 Triton compiles + CUDA-graph capture in the warm-up calls ~20 s, 2 shot counts x 2 formats x 3
+#                 calls of 16 tokens ~5 s, the floor table ~10 s (its 9B meta parameter count); cap 120.
+#   int8_80b      ~25 s, CPU only: two meta builds of the 80B (bf16 and int8) per batch size, ~5-10 s each; cap 60.
+# About 160 s in all: with the machine's start, one call of `GPU_CHECK_STEPS=bandwidth,int8_matmul,profile_int8,
+# int8_80b` takes about 4 minutes (bench/RESULTS.md, "What the GPU run must measure (issue 19)").
+if [ "$DEVICE" = cuda ]; then
+    INT8_PRESET=${GPU_CHECK_INT8_PRESET:-openflamingo-9b-v2}; INT8_M=1,2,4,8,16,32; INT8_ARGS=(--budget-s 75)
+else  # the dry run: tiny shapes, the CPU's implementations (no Triton timing), the tiny preset's decode on torch
+    INT8_PRESET=tiny; INT8_M=1,2,4,8; INT8_ARGS=(--repeats 1 --rotate-mib 4)
+fi
+if [ -f "$OUT/bandwidth.json" ]; then INT8_ARGS+=(--bandwidth "$OUT/bandwidth.json"); else INT8_ARGS+=(--gib "$BW_GIB"); fi
+run_step int8_matmul 120 "$PY" bench/int8_matmul.py --preset "$INT8_PRESET" --m "$INT8_M" --goal-pct 80 \
+    --json "$OUT/int8_matmul.json" --md "$OUT/int8_matmul.md" "${INT8_ARGS[@]}"
+
+# The 9B's batch-1 decode with bf16 and with int8 weights (one fast row each, fast-bf16 the baseline), its floor
+# table, and the goal line (issue 19: at most INT8_GOAL_MS per token with int8 weights).
+INT8_GOAL_MS=${GPU_CHECK_INT8_GOAL_MS:-4.0}
+int8_profile() {
+    set -o pipefail  # the goal line goes through tee: keep python's status
+    "$PY" -m flamingo_fast profile --preset "$INT8_PRESET" --shots 0,4 --batch 1 --impl fast --weights bf16,int8 \
+        --device "$DEVICE" --dtype bfloat16 --new-tokens 16 --repeats 2 --warmup 1 --no-progress \
+        --json "$OUT/profile_int8.json" || return $?
+    if [ -f "$OUT/bandwidth.json" ]; then
+        "$PY" bench/bandwidth.py floor --bandwidth "$OUT/bandwidth.json" --profile "$OUT/profile_int8.json" \
+            --md "$OUT/floor_int8.md" >/dev/null || echo "floor table for the int8 profile: failed"
+    fi
+    "$PY" -c 'import json, sys
+rows, goal, device = json.load(open(sys.argv[1]))["rows"], float(sys.argv[2]), sys.argv[3]
+fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
+bf16 = {r["shots"]: r for r in rows if r["impl"] == "fast-bf16"}
+int8 = [r for r in rows if r["impl"] == "fast-int8"]
+for r in int8:
+    b = bf16.get(r["shots"], {})
+    shots, ms, b_ms, mib, b_mib, peak = (r["shots"], r["decode_ms_p50"], b.get("decode_ms_p50"), r["weight_mib"],
+                                         b.get("weight_mib"), r["peak_mem_mib"])
+    print(f"fast-int8 batch 1, {shots} shots: decode p50 {fmt(ms)} ms/token (fast-bf16 {fmt(b_ms)}), weights "
+          f"{fmt(mib, 0)} MiB (bf16 {fmt(b_mib, 0)}), peak {fmt(peak, 0)} MiB")
+times = [r["decode_ms_p50"] for r in int8]
+worst = max(times) if times and None not in times else None
+verdict = "not measured" if worst is None else ("PASS" if worst <= goal else "FAIL") if device == "cuda" else \
+    "not checked (a CPU dry run)"
+print(f"goal (issue 19): int8 batch-1 decode at most {goal:g} ms/token: slowest p50 {fmt(worst)} ms -> {verdict}")' \
+        "$OUT/profile_int8.json" "$INT8_GOAL_MS" "$DEVICE" | tee "$OUT/int8_goal.txt"
+}
+export OUT INT8_PRESET INT8_GOAL_MS DEVICE
+run_step profile_int8 120 int8_profile
+
+# IDEFICS-80B: bytes per weight format and the fit, on the meta device (see the header: no 80B can be built here).
+run_step int8_80b 60 "$PY" -m flamingo_fast profile --preset idefics-80b --impl fast --weights bf16,int8 \
+    --dtype bfloat16 --device meta --shots 0,32 --batch 1,8 --new-tokens 16 --json "$OUT/int8_80b.json"
 
 # Issue 12: decode before and after each change, in one process (the model is built once).
 ALL_OLD=fused_projections,rotary_kv_write,decode_attention
@@ -283,6 +350,28 @@ if not json.load(open(sys.argv[1]))["complete"]:
             echo
             sed 's/^# /## /' "$OUT/kernels/kernels_gpu.md"
         fi
+        if [ -f "$OUT/int8_matmul.md" ]; then
+            echo
+            echo "## int8 weight matmul (bench/int8_matmul.py)"
+            echo
+            cat "$OUT/int8_matmul.md"
+        fi
+        if [ -f "$OUT/profile_int8.json" ]; then
+            echo
+            echo "## int8 decode ($INT8_PRESET, batch 1, bf16 vs int8 weights)"
+            echo
+            "$PY" -c 'import sys
+from flamingo_fast.report import format_table, load_json
+print(format_table(load_json(sys.argv[1])))' "$OUT/profile_int8.json" 2>&1
+            if [ -f "$OUT/floor_int8.md" ]; then echo; cat "$OUT/floor_int8.md"; fi
+            if [ -f "$OUT/int8_goal.txt" ]; then echo; cat "$OUT/int8_goal.txt"; fi
+        fi
+        if [ -f "$OUT/logs/int8_80b.log" ]; then
+            echo
+            echo "## IDEFICS-80B weights by format, counted on the meta device (nothing allocated)"
+            echo
+            cat "$OUT/logs/int8_80b.log"
+        fi
     } >"$OUT/summary.md"
 }
 write_summary
@@ -293,4 +382,6 @@ column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
 echo
 if [ -f "$OUT/floor.md" ]; then cat "$OUT/floor.md"; else echo "no floor table (see logs/floor.log)"; fi
 if [ -f "$OUT/decode_paths.md" ]; then echo; cat "$OUT/decode_paths.md"; fi
+if [ -f "$OUT/int8_matmul.md" ]; then echo; grep -E '^goal' "$OUT/int8_matmul.md"; fi
+if [ -f "$OUT/int8_goal.txt" ]; then cat "$OUT/int8_goal.txt"; fi
 echo "total $(($(date +%s) - START)) s"

@@ -4,6 +4,10 @@
         --new-tokens 16 --repeats 3 --warmup 1 --json out/profile.json --csv out/profile.csv --plot out/profile.png
 
 prints a markdown table (one row per batch x shot count x implementation) and writes the files asked for.
+
+    flamingo-fast profile --preset idefics-80b --impl fast --weights bf16,int8 --device meta
+
+runs nothing: builds on the meta device (no memory) and prints each row's weight bytes, caches and what a card keeps.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import torch
 
 from . import profiler, report
 from .config import PRESETS
@@ -80,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beam search with N beams (default 1: greedy); decode rows time one step of batch x N")
     p.add_argument("--dtype", choices=sorted(profiler.DTYPES), default=None,
                    help="weights and activations (default: bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda[:N] (default: cuda if available); meta: build on the meta device and print the "
+                        "weight bytes per row and what fits where, running nothing (seconds, even for an 80B model)")
     p.add_argument("--impl", type=_impl_list, default=["reference", "fast"],
                    help="comma-separated implementations, the first is the baseline (default: reference,fast); "
                         "openflamingo (OpenFlamingo's own generate) and idefics (transformers' IDEFICS generate) "
@@ -124,6 +133,8 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 profiler.check_output_path(option, getattr(args, option))
     except ValueError as error:
         parser.error(str(error))
+    if torch.device(options.device).type == "meta":
+        return _count_weights(args, parser, options)
     if args.workload is not None:
         try:
             rows = profiler.workload(options, args.workload, progress=not args.no_progress)
@@ -156,6 +167,27 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"--plot {args.plot}: not written: matplotlib is not installed "
                   "(pip install matplotlib, or the [plot] extra); the table, JSON and CSV are complete",
                   file=sys.stderr)
+    return 0
+
+
+def _count_weights(args: argparse.Namespace, parser: argparse.ArgumentParser, options: profiler.ProfileOptions) -> int:
+    """--device meta: the weight table, and --json; nothing runs, so the options of a run are errors."""
+    for option in ("csv", "plot", "trace", "workload"):
+        if getattr(args, option) is not None:
+            parser.error(f"--{option} with --device meta: nothing runs on the meta device (it counts the weights "
+                         f"only); expected no --{option}, or --device cpu / cuda")
+    try:
+        rows = profiler.count_weights(options)
+    except (ValueError, NotImplementedError) as error:
+        print(f"flamingo-fast profile: error: {error}", file=sys.stderr)
+        return 2
+    meta = report.metadata(options)
+    print(report.format_weights(rows, meta))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"metadata": meta, "weight_rows": [dict(vars(r)) for r in rows]}, f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 

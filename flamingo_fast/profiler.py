@@ -20,6 +20,11 @@ random models rarely emit an end token). Reported per row:
                      else getrusage's ru_maxrss, which never goes down); `peak_mem_kind` says which.
     speedup_*        baseline time / this time, from the same run (> 1: faster than the baseline)
 
+`device="meta"` (`--device meta`) runs nothing: `count_weights()` builds every implementation on the meta device
+(no memory, no random init: an 80B model in seconds) and reports, per batch and weight format, the bytes of its
+weights (FastFlamingo.weight_bytes()) and of the fast runtime's KV and media caches at the sweep's capacity, and
+what a card's memory keeps after them (report.format_weights). No times, no peak memory: nothing is allocated.
+
 Prompt for k shots, per row: `<bos>` then k times `<image>` + caption + `<|endofchunk|>`, then the query
 `<image>` + question; so k shots use k + 1 images and 0 shots is one query image (prompts.py builds them; the
 result types and their writers are in report.py).
@@ -45,7 +50,7 @@ from .config import PRESETS, FlamingoConfig, from_name
 from .fused_weights import bytes_by_dtype
 from .prompts import build_prompt, build_workload, image_attention_mask, prompt_length
 from .reference import Flamingo, build_reference
-from .report import RATIOS, ProfileResult, ProfileRow, WorkloadRow, metadata
+from .report import RATIOS, ProfileResult, ProfileRow, WeightRow, WorkloadRow, metadata
 from .timing import PhaseTimer, ProgressBar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,8 +122,8 @@ class ProfileOptions:
     batch: Sequence[int] = (1,)
     new_tokens: int = 16
     num_beams: int = 1  # > 1: beam search (Hugging Face's semantics), timed per step of all hypotheses
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
-    device: str | None = None  # None: cuda if available
+    dtype: str | None = None  # None: bfloat16 on CUDA and meta, float32 on the CPU
+    device: str | None = None  # None: cuda if available; "meta": count the weights only (count_weights)
     impls: Sequence[str] = ("reference", "fast")
     repeats: int = 3
     warmup: int = 1
@@ -161,12 +166,12 @@ class ProfileOptions:
         try:
             device = torch.device(self.device)
         except RuntimeError:
-            raise ValueError(f"device={self.device!r}: not a device; expected 'cpu' or 'cuda[:N]'") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device={self.device!r}: expected 'cpu' or 'cuda[:N]'")
+            raise ValueError(f"device={self.device!r}: not a device; expected 'cpu', 'cuda[:N]' or 'meta'") from None
+        if device.type not in ("cpu", "cuda", "meta"):
+            raise ValueError(f"device={self.device!r}: expected 'cpu', 'cuda[:N]' or 'meta' (count the weights only)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r}: no CUDA device is visible to torch; expected 'cpu'")
-        self.dtype = self.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        self.dtype = self.dtype or ("float32" if device.type == "cpu" else "bfloat16")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {list(DTYPES)}")
         config = from_name(self.preset)
@@ -285,14 +290,30 @@ def _build(builder: str, weights: str | None, model: Flamingo, options: ProfileO
                              **extra)
 
 
-def weight_mib(impl: GenerateImpl) -> float | None:
-    """MiB of the weights `impl` holds: FastFlamingo.weight_bytes(), or an nn.Module's parameters and buffers
-    (each storage once: tied and fused tensors share one); None when neither can say."""
+def weight_bytes(impl: GenerateImpl) -> dict[str, int] | None:
+    """Bytes by dtype name of the weights `impl` holds: FastFlamingo.weight_bytes(), or an nn.Module's parameters
+    and buffers (each storage once: tied and fused tensors share one); None when neither can say."""
     if hasattr(impl, "weight_bytes"):
-        return sum(impl.weight_bytes().values()) / 2**20
+        return dict(impl.weight_bytes())
     if not isinstance(impl, torch.nn.Module):
         return None
-    return sum(bytes_by_dtype(impl).values()) / 2**20
+    return bytes_by_dtype(impl)
+
+
+def weight_mib(impl: GenerateImpl) -> float | None:
+    """MiB of the weights `impl` holds (`weight_bytes`); None when it cannot say."""
+    counted = weight_bytes(impl)
+    return None if counted is None else sum(counted.values()) / 2**20
+
+
+def cache_bytes(impl: GenerateImpl) -> int | None:
+    """Bytes of the fast runtime's static caches (its `kv_cache` and `media_cache`: every tensor they hold), sized
+    at construction; None for an implementation without them."""
+    caches = [getattr(impl, name, None) for name in ("kv_cache", "media_cache")]
+    if all(cache is None for cache in caches):
+        return None
+    return sum(value.nbytes for cache in caches if cache is not None for value in vars(cache).values()
+               if isinstance(value, torch.Tensor))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,6 +442,9 @@ def _trace(impl: GenerateImpl, inputs, options: ProfileOptions, path: Path) -> N
 def profile(options: ProfileOptions, progress: bool = True,
             on_row: Callable[[ProfileResult], None] | None = None) -> ProfileResult:
     """Run the sweep; `on_row(result)` is called after every finished row (e.g. to save partial results)."""
+    if torch.device(options.device).type == "meta":
+        raise ValueError("device='meta': nothing runs on the meta device; expected 'cpu' or 'cuda' to profile "
+                         "(count_weights() counts the weights there)")
     check_available(options.impls)
     config = options.config
     device, dtype = options.device, options.torch_dtype
@@ -493,6 +517,37 @@ def profile(options: ProfileOptions, progress: bool = True,
                 setup_s[f"{name}_b{batch}_graph_capture"] = round(float(capture), 3)
         del impls
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights only: the meta device
+# ----------------------------------------------------------------------------------------------------------
+
+
+def count_weights(options: ProfileOptions) -> list[WeightRow]:
+    """`options.device == "meta"`: per batch and implementation row of the sweep (fast: one per weight format), the
+    bytes of the weights it holds and of the fast runtime's caches at the sweep's capacity, every model built on
+    the meta device: nothing is allocated and nothing runs. Baselines from other packages (openflamingo,
+    idefics) are not built: their rows say so."""
+    if torch.device(options.device).type != "meta":
+        raise ValueError(f"device={options.device!r}: count_weights builds on the meta device; expected 'meta'")
+    check_available([impl for impl in options.impls if impl in ("reference", "fast")])  # the others are not built
+    config = options.config
+    model = build_reference(config, seed=options.seed, dtype=options.torch_dtype, device="meta")
+    max_seq_len = prompt_length(max(options.shots), options.caption_tokens, options.question_tokens, config)
+    max_seq_len += options.new_tokens
+    capacity = dict(max_seq_len=max_seq_len, max_images=max(options.shots) + 1)
+    rows = []
+    for batch in options.batch:
+        for name, builder, weights in _variants(options):
+            if builder not in ("reference", "fast"):
+                rows.append(WeightRow(name, batch, weights, None, None, **capacity,
+                                      note=f"{builder}: its package's model is not built on the meta device"))
+                continue
+            impl = _build(builder, weights, model, options, max_batch_size=batch, max_seq_len=max_seq_len)
+            rows.append(WeightRow(name, batch, weights, weight_bytes(impl), cache_bytes(impl), **capacity))
+            del impl
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -98,6 +98,28 @@ class WorkloadRow:
     speedup_ttft_p50: float | None = None  # baseline TTFT p50 / this
 
 
+@dataclass
+class WeightRow:
+    """What one implementation holds, counted on the meta device (profiler.count_weights): nothing allocated."""
+
+    impl: str
+    batch: int
+    weights: str | None  # the fast runtime's weight format; None: not a fast row
+    weight_bytes: dict[str, int] | None  # by dtype name (FastFlamingo.weight_bytes()); None: not built
+    cache_bytes: int | None  # the fast runtime's KV and media caches at this capacity; None: it has none
+    max_seq_len: int  # the capacity the caches are sized for: the sweep's longest prompt + new tokens
+    max_images: int
+    note: str | None = None
+
+    @property
+    def total_weight_bytes(self) -> int | None:
+        return None if self.weight_bytes is None else sum(self.weight_bytes.values())
+
+
+# Nominal memory of the cards the fit is reported for, in GB (1e9 bytes).
+CARDS_GB = {"H200 (141 GB)": 141, "80 GB card": 80, "24 GB card": 24}
+
+
 
 
 def format_workload(rows: Sequence[WorkloadRow], options: Any) -> str:
@@ -127,6 +149,8 @@ def _git_commit() -> str | None:
 
 
 def _device_name(device: str) -> str:
+    if torch.device(device).type == "meta":
+        return "meta device (nothing allocated)"
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     cpu = platform.processor() or platform.machine()
@@ -156,6 +180,13 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
+def _first_label(options: Any) -> str:
+    """The baseline row's label: the first implementation; "fast" with a weight format is fast-<format>
+    (profiler._variants labels its rows so)."""
+    first, weights = options.impls[0], list(getattr(options, "weights", ["none"]))
+    return first if first != "fast" or weights[0] == "none" else f"fast-{weights[0]}"
+
+
 def metadata(options: Any) -> dict[str, Any]:
     """The run's settings (`options`: a profiler.ProfileOptions) with versions, device name, git commit, date."""
     env = environment(options.device)
@@ -165,7 +196,7 @@ def metadata(options: Any) -> dict[str, Any]:
         "device_name": env["device_name"],
         "dtype": options.dtype,
         "impls": list(options.impls),
-        "baseline": options.impls[0],
+        "baseline": _first_label(options),
         "shots": list(options.shots),
         "batch": list(options.batch),
         "new_tokens": options.new_tokens,
@@ -215,7 +246,41 @@ def format_table(result: ProfileResult) -> str:
             f"| {_fmt(r.speedup_total, 2)} | {same} | {rel_err} |"
         )
     kinds = sorted({r.peak_mem_kind for r in result.rows})
-    lines += ["", f"peak MiB: {', '.join(kinds)}. x: speed-up over {meta['baseline']} (its time / this time)."]
+    held = " (every tensor the process holds during the row: the reference's weights and every fast row's, " \
+        "built before the rows, count in each row)" if "cuda_max_allocated" in kinds else ""
+    lines += ["", f"peak MiB: {', '.join(kinds)}{held}. x: speed-up over {meta['baseline']} (its time / this time)."]
+    return "\n".join(lines)
+
+
+def format_weights(rows: Sequence[WeightRow], meta: dict[str, Any]) -> str:
+    """Markdown for `--device meta`: per row the exact weight bytes (by int8 and float dtypes), the caches, and the
+    GB each card in CARDS_GB keeps after weights + caches (negative: they do not fit)."""
+    capacity = f"{rows[0].max_seq_len} positions, {rows[0].max_images} images" if rows else "-"
+    lines = [
+        f"preset {meta['preset']}, {meta['dtype']} activations, built on the meta device: nothing allocated, nothing "
+        f"run (no times, no peak memory); caches sized for {capacity} per row",
+        "",
+        "| impl | batch | weights | int8 bytes | float bytes | weight bytes | weight GB | weight MiB | caches MiB | "
+        + " | ".join(f"GB left on {card}" for card in CARDS_GB) + " |",
+        "| --- | ---: | --- " + "| ---: " * (6 + len(CARDS_GB)) + "|",
+    ]
+    notes = []
+    for r in rows:
+        total = r.total_weight_bytes
+        if total is None:
+            lines.append(f"| {r.impl} | {r.batch} | {r.weights or '-'} | " + " | ".join(["-"] * (6 + len(CARDS_GB)))
+                         + " |")
+            notes += [f"{r.impl}: {r.note}"] if r.note and f"{r.impl}: {r.note}" not in notes else []
+            continue
+        int8 = r.weight_bytes.get("int8", 0)
+        held = (total + (r.cache_bytes or 0)) / 1e9
+        cache_mib = "-" if r.cache_bytes is None else f"{r.cache_bytes / 2**20:.1f}"
+        lines.append(f"| {r.impl} | {r.batch} | {r.weights or '-'} | {int8} | {total - int8} | {total} | "
+                     f"{total / 1e9:.2f} | {total / 2**20:.1f} | {cache_mib} | "
+                     + " | ".join(f"{gb - held:.1f}" for gb in CARDS_GB.values()) + " |")
+    lines += ["", "weight bytes: FastFlamingo.weight_bytes() (the reference: its parameters and buffers), each storage "
+              "once. GB left: a card's nominal memory minus weights and caches; activations, the context cache, "
+              "CUDA-graph pools and the CUDA context come on top."] + notes
     return "\n".join(lines)
 
 

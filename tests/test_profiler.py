@@ -366,3 +366,114 @@ def test_idefics_presets_profile_with_the_processor_mask():
                      "--repeats", "1", "--warmup", "0", "--backend", "torch", "--no-progress"]) == 0
     with pytest.raises(ValueError, match=r"impl='openflamingo' with preset 'idefics-tiny' \(layout 'idefics'\)"):
         profiler.ProfileOptions(preset="idefics-tiny", impls=["openflamingo", "fast"])
+
+
+def _weight_table_rows(out: str) -> dict[tuple[str, int], list[str]]:
+    """The --device meta table's rows by (impl, batch) -> their cells."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) > 5 and cells[1].isdigit():
+            rows[(cells[0], int(cells[1]))] = cells
+    return rows
+
+
+def test_meta_device_prints_the_80b_int8_weight_count_without_running(tmp_path, capsys, monkeypatch):
+    """Issue 19: `profile --device meta` builds IDEFICS-80B on the meta device and prints, per weight format, the
+    bytes FastFlamingo.weight_bytes() counts for the build the issue names (int8 under 100 GB); nothing runs."""
+    from flamingo_fast.fused_weights import bytes_by_dtype
+    from flamingo_fast.reference import build_reference
+    from flamingo_fast.runtime import FastFlamingo
+
+    monkeypatch.setattr(profiler, "_timed_generate", lambda *a, **k: pytest.fail("a generate call ran on meta"))
+    path = tmp_path / "w.json"
+    assert cli.main(["profile", "--preset", "idefics-80b", "--impl", "fast", "--weights", "bf16,int8", "--dtype",
+                     "bfloat16", "--device", "meta", "--shots", "0", "--new-tokens", "4", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = _weight_table_rows(out)
+    assert list(rows) == [("fast-bf16", 1), ("fast-int8", 1)]
+    int8 = FastFlamingo.from_reference(build_reference(from_name("idefics-80b"), device="meta"), weights="int8",
+                                       dtype=torch.bfloat16).weight_bytes()
+    cells = rows[("fast-int8", 1)]
+    assert int(cells[5]) == sum(int8.values()) < 100e9
+    assert int(cells[3]) == int8["int8"] and int(cells[4]) == sum(int8.values()) - int8["int8"]
+    config = from_name("idefics-80b")
+    bf16 = bytes_by_dtype(build_reference(config, dtype=torch.bfloat16, device="meta"))
+    assert int(rows[("fast-bf16", 1)][5]) == sum(bf16.values()) and int(rows[("fast-bf16", 1)][3]) == 0
+    # the caches the runtime allocates for that capacity (batch 1): K and V of every layer, media K/V of every
+    # gated block, the bool key mask; and what an H200 keeps after weights + caches
+    lm, seq, images = config.lm, prompts.prompt_length(0, 12, 6, config) + 4, 1
+    caches = (2 * 2 * lm.num_layers * lm.num_kv_heads * seq * lm.head_dim + seq
+              + 2 * 2 * len(config.xattn_layer_indices) * config.xattn_heads * images * config.perceiver.num_latents
+              * config.xattn_dim_head)
+    assert float(cells[8]) == pytest.approx(caches / 2**20, abs=0.05)
+    assert float(cells[9]) == pytest.approx(141 - (sum(int8.values()) + caches) / 1e9, abs=0.05)
+    data = json.loads(path.read_text())
+    assert data["metadata"]["device"] == "meta" and data["weight_rows"][1]["weight_bytes"] == int8
+
+
+def test_meta_device_rejects_what_needs_a_run(tmp_path, capsys):
+    for extra in (["--csv", str(tmp_path / "p.csv")], ["--workload", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["profile", "--preset", "tiny", "--device", "meta", "--shots", "0", *extra])
+        assert exit_info.value.code == 2
+        assert "with --device meta: nothing runs on the meta device" in capsys.readouterr().err
+    options = profiler.ProfileOptions(preset="tiny", shots=[0], device="meta")
+    assert options.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="device='meta': nothing runs on the meta device"):
+        profiler.profile(options, progress=False)
+    rows = profiler.count_weights(options)  # reference and fast on tiny: the fast row shares the reference's
+    assert [(r.impl, r.weights) for r in rows] == [("reference", None), ("fast", "none")]
+    assert rows[0].weight_bytes == rows[1].weight_bytes and rows[0].cache_bytes is None
+    assert rows[1].cache_bytes > 0
+
+
+def _bench_int8_matmul(monkeypatch):
+    """bench/int8_matmul.py as a module, with bench/ on sys.path for its `bandwidth` and `common` imports."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_int8_matmul", bench / "int8_matmul.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_int8_matmul_bench_shapes_are_the_decode_steps_gemms(monkeypatch):
+    """The microbenchmark's shapes: one GEMM per fused matrix (LLaMA q/k/v and gate/up), no to_kv (once per
+    prompt), each weighted by how often a decode step runs it: the bytes add up to the int8 the step reads."""
+    bench = _bench_int8_matmul(monkeypatch)
+    # `small`: LLaMA, 8 layers 512 wide (MLP 2048), a gated block before every layer (inner 512, FF 4 x 512)
+    shapes = {(s["N"], s["K"]): s for s in bench.decode_matmuls("small")}
+    d, ff = 512, 2048
+    assert shapes[(3 * d, d)]["per_step"] == 8 and "q_proj+k_proj+v_proj x8" in shapes[(3 * d, d)]["names"]
+    assert shapes[(2 * ff, d)]["per_step"] == 8 and "gate_proj+up_proj x8" in shapes[(2 * ff, d)]["names"]
+    assert shapes[(d, ff)]["per_step"] == 8 + 8  # the MLP's down_proj and the gated blocks' FF out (4 d = ff)
+    assert shapes[(d, d)]["per_step"] == 3 * 8  # o_proj, to_q and to_out (inner 512 = d)
+    assert shapes[(4 * d, d)]["per_step"] == 8 and shapes[(32003, d)]["per_step"] == 1
+    assert len(shapes) == 6  # nothing else: to_kv is not a decode matmul
+    counts = _bench_bandwidth().parameter_counts(from_name("small"))
+    read = sum(counts[f"linear_{part}"] for part in ("lm_layers", "xattn_read", "lm_head"))
+    assert sum(s["N"] * s["K"] * s["per_step"] for s in shapes.values()) == read
+
+
+def test_int8_matmul_bench_runs_its_cpu_form(monkeypatch, tmp_path, capsys):
+    """The CPU form: Triton skipped with its reason, bf16 / aten / fp32 timed, the ratio printed from the same
+    run, the aten op checked against float64, the goal "not measured"; the step sums its shapes' times."""
+    bench = _bench_int8_matmul(monkeypatch)
+    path = tmp_path / "int8.json"
+    assert bench.main(["--preset", "tiny", "--m", "1,3", "--repeats", "1", "--gib", "0.01", "--rotate-mib", "1",
+                       "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "triton: skipped on the CPU" in out and "not measured (no CUDA" in out
+    data = json.loads(path.read_text())
+    assert data["impls"] == ["bf16", "aten", "fp32"] and data["goal"] == "not measured"
+    checked = [r for r in data["rows"] if "check" in r]
+    assert checked and all(r["M"] == 3 and r["check"]["aten"]["ok"] for r in checked)
+    for step in data["steps"]:
+        rows = [r for r in data["rows"] if r["M"] == step["M"]]
+        assert step["ms"]["aten"] == pytest.approx(sum(r["per_step"] * r["ms"]["aten"] for r in rows))
+    row = data["rows"][0]
+    assert f"| {row['ms']['bf16'] / row['ms']['aten']:.2f} |" in out  # baseline / fast, from the same run

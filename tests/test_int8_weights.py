@@ -15,18 +15,24 @@ The int8 tolerance, derived rather than picked. Two checks per family:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-from helpers import assert_close, random_batch
+from helpers import (
+    assert_close,
+    dequantized,
+    int8_bound,
+    quantized_weights,
+    random_batch,
+    relative_error,
+    with_weights,
+)
 from test_families import FAMILIES
 from test_idefics_layout import idefics_batch
 from torch import nn
 
 from flamingo_fast.config import from_name
-from flamingo_fast.lm import DecoupledLinear
 from flamingo_fast.quantize import Int8Linear, quantize_per_channel
 from flamingo_fast.reference import build_reference
 from flamingo_fast.runtime import FastFlamingo
@@ -51,38 +57,6 @@ def batch(model, seed: int = 0):
         return (vision, ids, mask), image_mask, mask.bool()
     vision, ids, mask = random_batch(model.config, [([0, 5, 9], 16), ([2], 7), ([], 11)], num_images=3)
     return (vision, ids, mask), None, mask.bool()
-
-
-def quantized_weights(model) -> list[tuple[nn.Module, str]]:
-    """(module, attribute) of every weight weights="int8" quantizes: the LM's Linears and its output head."""
-    lm = model.lang_encoder
-    found = [(m, "weight") for m in lm.modules() if type(m) is nn.Linear]
-    if isinstance(lm.output_head, DecoupledLinear):
-        found.append((lm.output_head, "weight"))
-    return found
-
-
-def with_weights(model, rounding):
-    """A copy of `model` whose quantized weights are `rounding(weight)` (ties to the embedding are cut: the
-    runtime's embedding keeps the float table) -> (copy, ||w - rounding(w)|| / ||w|| over all of them)."""
-    copied = copy.deepcopy(model)
-    err = norm = 0.0
-    for module, name in quantized_weights(copied):
-        w = getattr(module, name).detach()
-        rounded = rounding(w)
-        err += (w.double() - rounded.double()).square().sum().item()
-        norm += w.double().square().sum().item()
-        setattr(module, name, nn.Parameter(rounded, requires_grad=False))
-    return copied, (err / norm) ** 0.5
-
-
-def dequantized(w: torch.Tensor) -> torch.Tensor:
-    q, scales = quantize_per_channel(w)
-    return (q.float() * scales[:, None]).to(w.dtype)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------- quantize_per_channel
@@ -129,17 +103,6 @@ def test_quantize_per_channel_outlier_rows():
     assert bool((bulk_rel > gaussian_rel).all()), bulk_rel.min().item()
 
 # ---------------------------------------------------------------------------------------------- the runtime
-
-
-def int8_bound(model, inputs, extra, real) -> tuple[float, float, torch.Tensor]:
-    """-> (the derived bound on the int8 logits' relative error (module docstring), the weights' int8 relative error,
-    the reference's logits at the real positions)."""
-    with torch.no_grad():
-        ref = model(*inputs, **extra)[real]
-        bf16_model, eps_bf16 = with_weights(model, lambda w: w.to(torch.bfloat16).float())
-        _, eps_int8 = with_weights(model, dequantized)
-        rel_bf16 = relative_error(bf16_model(*inputs, **extra)[real], ref)
-    return 2 * eps_int8 / eps_bf16 * rel_bf16, eps_int8, ref
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .modes import runtime_mode
-from .quantize import Int8Linear
+from .quantize import Int8Linear, bind_int8_linears
 
 
 def _signature(model: nn.Module) -> list[tuple]:
@@ -78,6 +78,7 @@ class DropInModule(nn.Module):
         if self._engine is None:
             with self._rebuild_lock:  # threads calling at once after a move build it once
                 if self._engine is None:
+                    bind_int8_linears(self._computed, None)  # the old engine's backend: it is gone
                     self.__dict__.update(_engine=self._rebuild(), _rebuild=None)
         return self._engine
 

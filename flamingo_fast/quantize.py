@@ -144,9 +144,17 @@ def quantize_block(block: nn.Module, family: str, decoder_layer: bool) -> None:
                 setattr(parent, name, Int8Linear.of(child))
 
 
-def bind_int8_linears(model: nn.Module, matmul: Callable[..., torch.Tensor]) -> int:
-    """Point every Int8Linear of `model` at `matmul` -> how many there are."""
+def bind_int8_linears(model: nn.Module, matmul: Callable[..., torch.Tensor] | None) -> int:
+    """Point every Int8Linear of `model` at `matmul` (None: unbind them) -> how many there are. The layers serve
+    one backend at a time: layers bound to another matmul (another FastFlamingo's backend over the same model)
+    are an error, since rebinding them would switch that runtime's backend under it."""
     found = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    other = next((m.matmul for m in found if m.matmul is not None and m.matmul is not matmul), None)
+    if other is not None and matmul is not None:
+        raise ValueError(f"model: its int8 layers run {other.__module__}.{other.__name__} for another FastFlamingo "
+                         f"over the same model; expected {matmul.__module__}.{matmul.__name__}: build this one with "
+                         f"the same backend, or from the float model (from_reference(..., weights='int8') quantizes "
+                         f"its own copy)")
     for m in found:
         m.matmul = matmul
     return len(found)

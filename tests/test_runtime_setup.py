@@ -15,6 +15,7 @@ import torch
 from helpers import assert_close, random_batch
 
 from flamingo_fast.config import from_name
+from flamingo_fast.quantize import Int8Linear
 from flamingo_fast.reference import build_reference
 from flamingo_fast.runtime import FastFlamingo
 
@@ -69,6 +70,7 @@ def test_dtype_conversion_keeps_tied_weights_tied():
 PEAK_PROBE = """
 import json, sys, torch
 from flamingo_fast.config import from_name
+from flamingo_fast.quantize import Int8Linear
 from flamingo_fast.profiler import PeakMemory
 from flamingo_fast.reference import build_reference
 from flamingo_fast.runtime import FastFlamingo
@@ -117,6 +119,11 @@ def test_an_int8_model_is_used_as_it_is_and_not_converted_again():
     with pytest.raises(ValueError, match=r"dtype=torch.float16 / device=None: a model with int8 layers is "
                                          r"converted only when it is quantized"):
         FastFlamingo.from_reference(fast.model, dtype=torch.float16, **options)
+    # another backend over the same int8 layers would rebind them under `fast`: refused, `fast` keeps its own
+    with pytest.raises(ValueError, match=r"model: its int8 layers run .*int8_weight_matmul_ref for another "
+                                         r"FastFlamingo over the same model; expected .*int8_weight_matmul: build"):
+        FastFlamingo.from_reference(fast.model, **{**options, "backend": "triton"})
+    assert {m.matmul for m in fast.model.modules() if isinstance(m, Int8Linear)} == {fast.ops.int8_linear}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory: needs a CUDA device")

@@ -221,21 +221,29 @@ def int8_weight_matmul(
     return out
 
 
+PACKED_MAX_ROWS = 16  # the torch twin's aten int8 op up to this many rows, a bf16 GEMM over the int8 weight above
+
+
 def int8_weight_matmul_ref(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None, *,
     split_k: int | None = None,
 ) -> torch.Tensor:
     """Torch twin of `int8_weight_matmul` (same arguments; `split_k` is checked, then unused).
 
-    bf16 x: `aten._weight_int8pack_mm` (bf16 activations, bf16 scales; measured on the CPU machine at 0.65x
-    the time of bf16 F.linear at decode shapes). Other dtypes: the slow fallback, int8 -> fp32 then an fp32
+    bf16 x with at most PACKED_MAX_ROWS rows (decode): `aten._weight_int8pack_mm` (bf16 activations, bf16
+    scales; on the CPU machine 0.65x the time of bf16 F.linear at one row). More rows (prefill, beams, scoring):
+    its time grows linearly with the rows (2.7x bf16 F.linear's at 512 rows, 1024 x 4096, 1 thread), so the int8
+    weight is converted to bf16 (exact: |q| <= 127) for a bf16 F.linear, scaled after the reduction (1.05x bf16's
+    time at 512 rows; the two cross near 32 rows). Other dtypes: the slow fallback, int8 -> fp32 then an fp32
     matmul, scaled after the reduction like the kernel (the aten op with fp32 x was 13x slower than bf16,
     dequantize-then-matmul 4.5x)."""
     M, N, K = _check_inputs(x, weight, scales, out, split_k)
     x_rows = x.reshape(M, K)
-    if x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 and M <= PACKED_MAX_ROWS:
         result = torch.ops.aten._weight_int8pack_mm(x_rows.contiguous(), weight.contiguous(),
                                                     scales.to(torch.bfloat16).contiguous())
+    elif x.dtype == torch.bfloat16:
+        result = (torch.nn.functional.linear(x_rows, weight.to(torch.bfloat16)).float() * scales.float()).to(x.dtype)
     else:
         result = ((x_rows.float() @ weight.float().T) * scales.float()).to(x.dtype)
     result = result.reshape(*x.shape[:-1], N)

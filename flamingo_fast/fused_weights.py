@@ -55,8 +55,9 @@ def sole_owner(t: torch.Tensor) -> bool:
     many users as a fresh one of its kind has."""
     if not hasattr(torch._C, "_storage_Use_Count"):
         return False  # cannot tell: never risk a second copy
-    fresh = torch.empty(1, device=t.device)
-    return _storage_users(t) <= _storage_users(nn.Parameter(fresh) if isinstance(t, nn.Parameter) else fresh)
+    fresh = nn.Parameter(torch.empty(1, device=t.device)) if isinstance(t, nn.Parameter) \
+        else torch.empty(1, device=t.device)  # no other tensor over its storage: made in one expression
+    return _storage_users(t) <= _storage_users(fresh)
 
 
 @torch.no_grad()

@@ -498,6 +498,17 @@ def margin_safe_steps(new: torch.Tensor, ref_new: torch.Tensor, ref_logits: torc
     return same_prefix & (top2[..., 0] - top2[..., 1] > 4 * 2 ** 0.5 * bound * logits.square().mean(dim=-1).sqrt())
 
 
+def assert_greedy_agrees_where_safe(new: torch.Tensor, ref_new: torch.Tensor, ref_logits: torch.Tensor, bound: float,
+                                    label: str) -> None:
+    """The int8 drop-in's greedy tokens equal the reference's at every margin-safe step (margin_safe_steps); the
+    agreement over all of them is printed, not asserted (a flipped near-tie changes the rest of the row)."""
+    sure = margin_safe_steps(new, ref_new, ref_logits, bound)
+    print(f"{label}: greedy agreement {(new == ref_new).float().mean().item():.3f} over {new.numel()} tokens; "
+          f"{int(sure.sum())} steps with a safe margin")
+    assert sure.any()  # else the prompts assert nothing
+    assert torch.equal(new[sure], ref_new[sure])
+
+
 def held_tensors(drop_in) -> list[torch.Tensor]:
     """Every tensor the drop-in holds: its own, its reference's, its runtime model's."""
     return [t for module in (drop_in, drop_in.reference, drop_in.fast.model)
@@ -554,11 +565,7 @@ def test_int8_drop_in_against_transformers(name, batches):
                       return_dict_in_generate=True)
     new = drop_in.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[])[:, prompt:]
     ref_new = out.sequences[:, prompt:]
-    sure = margin_safe_steps(new, ref_new, torch.stack(out.logits, dim=1), bound)
-    print(f"{name}: greedy agreement {(new == ref_new).float().mean().item():.3f} over {new.numel()} tokens; "
-          f"{int(sure.sum())} steps with a safe margin")
-    assert sure.any()  # else the prompts assert nothing
-    assert torch.equal(new[sure], ref_new[sure])
+    assert_greedy_agrees_where_safe(new, ref_new, torch.stack(out.logits, dim=1), bound, name)
 
     candidates = [[5], [7, 9], [11, FAKE, 12]]
     assert_close(drop_in.score(**inputs, candidates=candidates), hf_scores(dequant_model, inputs, candidates),

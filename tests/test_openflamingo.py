@@ -24,7 +24,12 @@ from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
 from open_flamingo.src.flamingo import Flamingo as OpenFlamingo  # noqa: E402
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from open_flamingo.src.utils import extend_instance  # noqa: E402
-from test_idefics import held_tensors, int8_bound, margin_safe_steps, relative_error  # noqa: E402
+from test_idefics import (  # noqa: E402
+    assert_greedy_agrees_where_safe,
+    held_tensors,
+    int8_bound,
+    relative_error,
+)
 
 import flamingo_fast  # noqa: E402
 
@@ -518,11 +523,7 @@ def test_int8_drop_in_against_openflamingo(family):
     prompt = ids.shape[1]
     new = drop_in.generate(vision, ids, mask, max_new_tokens=12, eos_token_id=[])[:, prompt:]
     ref_new = out.sequences[:, prompt:]
-    sure = margin_safe_steps(new, ref_new, torch.stack(out.logits, dim=1), bound)
-    print(f"{family}: greedy agreement {(new == ref_new).float().mean().item():.3f} over {new.numel()} tokens; "
-          f"{int(sure.sum())} steps with a safe margin")
-    assert sure.any()  # else the prompt asserts nothing
-    assert torch.equal(new[sure], ref_new[sure])
+    assert_greedy_agrees_where_safe(new, ref_new, torch.stack(out.logits, dim=1), bound, family)
 
     beams = compare_beams(dequant_model, drop_in, vision, ids, mask, max_new_tokens=6, num_beams=3,
                           length_penalty=-2.0)

@@ -673,9 +673,9 @@ def load_openflamingo(
     tensors = to_reference_state_dict(canonical, config, layout, missing_output_rows)
     mapped = build_reference_from_state(config, tensors)  # over the memory-mapped files
     del tensors, canonical, state, lm_tensors, checkpoint, visual, files
-    check_weights(runtime_options.get("weights"), dtype or mapped.lang_encoder.embed_tokens.weight.dtype)
-    reference = converted_copy(mapped, dtype or mapped.lang_encoder.embed_tokens.weight.dtype, device,
-                               quantize=runtime_options.get("weights") == "int8", fresh=True)
+    dtype, weights = dtype or mapped.lang_encoder.embed_tokens.weight.dtype, runtime_options.get("weights")
+    check_weights(weights, dtype)
+    reference = converted_copy(mapped, dtype, device, quantize=weights == "int8", fresh=True)
     del mapped
     _trainable_as_openflamingo(reference)
     from .runtime import FastFlamingo

@@ -10,7 +10,8 @@ is covered by test_kernel_int8_matmul.py. The checks:
 (b)-(e) decoding, against the torch backend's int8 runtime (the same int8 weights: the two differ by fp32 rounding
     only, so tokens are equal unless a near tie) with its context cache off (a fresh computation):
     (b) greedy ids and logits, (c) beam search ids, (d) `score`, (e) the context cache warm: a second call that
-    reuses the cached demonstrations (their self-attention K/V and images) gives exactly what the first gave.
+    reuses the cached demonstrations (their self-attention K/V and images) gives what the first gave, to the fp32
+    row (its launches have other shapes: see the test).
 The interpreter is slow (a prompt's prefill is ~1.5 s, a decode step ~0.5 s, mostly the int8 matmul's programs),
 so the decode checks are spread over the families, one kind each, where the family's decode step differs most:
 IDEFICS (a LLaMA decoder: fused int8 projections, decoupled head, image_attention_mask) greedy and the context
@@ -133,10 +134,11 @@ def test_triton_int8_forward_is_the_dequantized_reference(case):
 def test_triton_int8_greedy_and_the_warm_context_cache_idefics():
     """Two rows sharing a demonstration. (b) greedy ids equal the torch int8 runtime's where the margin allows,
     logits to the fp32 row; (e) the second call, which takes the demonstration's K/V and image from the context
-    cache, gives the first call's ids and logits bit for bit: the first computed the shared context alone, then
-    the queries from the same column, so both calls run the same kernels on the same values. (With one row the
-    first call runs the context with its query and the second the query alone: other launch shapes, so the logits
-    agree to fp32 rounding only, ~1e-7, on every backend, float ones too.)"""
+    cache, gives the first call's ids where the margin allows and its logits to the fp32 row. Not bit for bit: the
+    first call encodes the demonstration's image together with the two query images (3 images, one vision-encoder
+    call) and the second the query images alone (2), so the encoder's matmuls have other row counts, and whether
+    the last bits then agree depends on the BLAS (they did on one machine and not on another). The default runtime
+    promises the tolerance table's row across calls of different shapes, bits only for identical calls."""
     model = build("idefics", seed=21)
     fast, torch_int8 = runtimes(model, max_batch_size=2)
     inputs, extra = shared_context_idefics(seed=21)
@@ -161,7 +163,11 @@ def test_triton_int8_greedy_and_the_warm_context_cache_idefics():
     assert sure.any() and torch.equal(new[sure], ref_new[sure])
     same_prefix = after_equal_prefix(new, ref_new)
     assert_close(cold_logits[same_prefix], ref_logits[same_prefix], dtype=torch.float32)
-    assert torch.equal(warm_ids, cold_ids) and torch.equal(warm_logits, cold_logits)
+    warm_new = warm_ids[:, prompt_len:]
+    warm_sure = margin_safe_steps(warm_new, new, cold_logits)
+    assert warm_sure.any() and torch.equal(warm_new[warm_sure], new[warm_sure])
+    warm_prefix = after_equal_prefix(warm_new, new)
+    assert_close(warm_logits[warm_prefix], cold_logits[warm_prefix], dtype=torch.float32)
 
 
 @interpreter

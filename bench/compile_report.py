@@ -260,7 +260,7 @@ def configs(quick: bool = False) -> list[Config]:
                     gate = "no gate" if not has_gate else "gate[D]" if per_channel else "gate[1]"
                     out.append(Config("gated_residual", f"{dname} D={D} {norm or 'no norm'} {gate}",
                                       gr._gated_residual_kernel, args, num_warps))
-        # decode step (issue 12): the 9B head dim in every variant for bf16, the main launch for the rest
+        # decode step: the 9B head dim in every variant for bf16, the main launch for the rest
         out += _decode_attention_configs(dname, dt, 128, full=dt == torch.bfloat16)
         out += _rotary_kv_write_configs(dname, dt)
         out += _int8_matmul_configs(dname, dt)

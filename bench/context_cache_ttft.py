@@ -1,4 +1,4 @@
-"""First-token latency with a cached few-shot context against the same queries with no context (issue 10).
+"""First-token latency with a cached few-shot context against the same queries with no context.
 
     .venv/bin/python bench/context_cache_ttft.py [--preset small --shots 32 --batch 4 --repeats 3]
 

@@ -4,7 +4,7 @@
 
 Runs FastFlamingo with CUDA graphs off, so each kernel shows up on its own (under a graph the same kernels run
 back to back, without the CPU launch gaps this view also contains).
-FLAMINGO_FAST_OLD_DECODE=fused_projections,rotary_kv_write,decode_attention gives the breakdown before issue 12's
+FLAMINGO_FAST_OLD_DECODE=fused_projections,rotary_kv_write,decode_attention gives the breakdown before the decode paths'
 changes (runtime.DECODE_PATHS); the header names the decode paths in use.
 """
 

@@ -1,5 +1,5 @@
 """The torch backend's decode-step ops, old path against the new twins, per layer, on the CPU: whether the twins
-(kernels/decode_attention.py, kernels/rotary_kv_write.py) may replace today's torch path (issue 12 asks: only
+(kernels/decode_attention.py, kernels/rotary_kv_write.py) may replace today's torch path (the rule: only
 where they are not slower).
 
     python bench/decode_ops_cpu.py [--preset small --batches 1,4 --kv-lens 64,256,1024 --reps 200 --threads 1]

@@ -1,4 +1,4 @@
-"""Decode before and after each of issue 12's changes, in one process over one model: per-token decode time of
+"""Decode before and after each decode-path change, in one process over one model: per-token decode time of
 FastFlamingo with the new decode paths turned on one at a time (runtime.DECODE_PATHS).
 
     python bench/decode_paths.py [--preset openflamingo-9b-v1 --shots 32 --batches 1,8 --new-tokens 16]

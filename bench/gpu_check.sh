@@ -10,7 +10,7 @@
 #   tests      pytest -m cuda tests                                  (junit XML in OUTDIR/cuda_tests.xml)
 #   kernels    python bench/gpu_kernels.py --out OUTDIR/kernels     (when the file exists; --dry-run on the CPU)
 #   bandwidth  device-to-device copy bandwidth (bench/bandwidth.py measure)
-#   decode_paths  decode ms/token before and after each of issue 12's changes, one process, one model
+#   decode_paths  decode ms/token before and after each decode-path change, one process, one model
 #              (bench/decode_paths.py: before, +fused_projections, +rotary_kv_write, +decode_attention, then each
 #              "all but X"; 32 shots, batches 1 and 8; same-ids and logits diff against "before")
 #   numerics   bf16 fast vs bf16 reference, both against a float32 reference (bench/numerics.py; CUDA only)
@@ -22,12 +22,12 @@
 #              transformers' own IDEFICS generate first when transformers is importable
 #   openflamingo  OpenFlamingo's own generate vs fast at the preset's shape, batch 1, when bench/gpu_wheels.sh's
 #              wheels were carried (.whl/)
-#   int8_matmul   issue 19: the int8 weight matmul at the 9B decode shapes, M 1-32: Triton kernel and aten's op vs
+#   int8_matmul   the int8 weight matmul at the 9B decode shapes, M 1-32: Triton kernel and aten's op vs
 #              bf16 F.linear, GB/s as % of the measured copy bandwidth; goal: the Triton kernel's decode-step matmuls
 #              at M <= 8 at >= 80% of it, PASS / FAIL (bench/int8_matmul.py; the CPU form: tiny shapes, no Triton)
-#   profile_int8  issue 19: 9B (GPU_CHECK_INT8_PRESET, default openflamingo-9b-v2: MPT-7B) batch-1 decode with bf16
+#   profile_int8  9B (GPU_CHECK_INT8_PRESET, default openflamingo-9b-v2: MPT-7B) batch-1 decode with bf16
 #              and int8 weights through the profiler, its floor table, and the goal: int8 at most 4.0 ms/token
-#   int8_80b   issue 19: IDEFICS-80B's weight bytes in bf16 and int8 and what an H200 keeps after weights + caches,
+#   int8_80b   IDEFICS-80B's weight bytes in bf16 and int8 and what an H200 keeps after weights + caches,
 #              counted on the meta device (`profile --device meta`): a random-weight 80B cannot be built on the
 #              machine (bf16: 160 GB, more than the H200's 141 GB and the host's 128 GiB), so nothing is allocated
 #   floor      decode ms per token vs the memory-bandwidth floor (bench/bandwidth.py floor)
@@ -169,7 +169,7 @@ run_step bandwidth 30 "$PY" bench/bandwidth.py measure --out "$OUT/bandwidth.jso
 #                 calls of 16 tokens ~5 s, the floor table ~10 s (its 9B meta parameter count); cap 120.
 #   int8_80b      ~25 s, CPU only: two meta builds of the 80B (bf16 and int8) per batch size, ~5-10 s each; cap 60.
 # About 160 s in all: with the machine's start, one call of `GPU_CHECK_STEPS=bandwidth,int8_matmul,profile_int8,
-# int8_80b` takes about 4 minutes (bench/RESULTS.md, "What the GPU run must measure (issue 19)").
+# int8_80b` takes about 4 minutes (bench/RESULTS.md, "What the GPU run must measure (int8)").
 if [ "$DEVICE" = cuda ]; then
     INT8_PRESET=${GPU_CHECK_INT8_PRESET:-openflamingo-9b-v2}; INT8_M=1,2,4,8,16,32; INT8_ARGS=(--budget-s 75)
 else  # the dry run: tiny shapes, the CPU's implementations (no Triton timing), the tiny preset's decode on torch
@@ -180,7 +180,7 @@ run_step int8_matmul 120 "$PY" bench/int8_matmul.py --preset "$INT8_PRESET" --m 
     --json "$OUT/int8_matmul.json" --md "$OUT/int8_matmul.md" "${INT8_ARGS[@]}"
 
 # The 9B's batch-1 decode with bf16 and with int8 weights (one fast row each, fast-bf16 the baseline), its floor
-# table, and the goal line (issue 19: at most INT8_GOAL_MS per token with int8 weights).
+# table, and the goal line (at most INT8_GOAL_MS per token with int8 weights).
 INT8_GOAL_MS=${GPU_CHECK_INT8_GOAL_MS:-4.0}
 int8_profile() {
     set -o pipefail  # the goal line goes through tee: keep python's status
@@ -206,7 +206,7 @@ times = [r["decode_ms_p50"] for r in int8]
 worst = max(times) if times and None not in times else None
 verdict = "not measured" if worst is None else ("PASS" if worst <= goal else "FAIL") if device == "cuda" else \
     "not checked (a CPU dry run)"
-print(f"goal (issue 19): int8 batch-1 decode at most {goal:g} ms/token: slowest p50 {fmt(worst)} ms -> {verdict}")' \
+print(f"goal: int8 batch-1 decode at most {goal:g} ms/token: slowest p50 {fmt(worst)} ms -> {verdict}")' \
         "$OUT/profile_int8.json" "$INT8_GOAL_MS" "$DEVICE" | tee "$OUT/int8_goal.txt"
 }
 export OUT INT8_PRESET INT8_GOAL_MS DEVICE
@@ -229,7 +229,7 @@ DP_ARGS+=(${GPU_CHECK_DECODE_PATHS_ARGS:-})
 run_step decode_paths 120 "$PY" bench/decode_paths.py "${DP_ARGS[@]}" --json "$OUT/decode_paths.json" \
     --md "$OUT/decode_paths.md"
 
-# bf16 error of the fast path against a float32 reference, next to plain torch's bf16 error (DESIGN.md's rule),
+# bf16 error of the fast path against a float32 reference, next to plain torch's bf16 error (tests/helpers.py's rule),
 # and the device-time breakdown of eager decode steps.
 if [ "$DEVICE" = cuda ]; then
     run_step numerics 90 "$PY" bench/numerics.py --preset "$PRESET" --shots 4 --batch 2 --json "$OUT/numerics.json"
@@ -249,14 +249,14 @@ for B in $BATCHES; do
     PROFILES+=("$OUT/profile_b$B.json")
 done
 # The context cache: warm TTFT of 4 queries on a cached context at the largest shot count (32 on the GPU) against
-# the same queries alone (issue 10).
+# the same queries alone.
 run_step context_cache 60 "$PY" bench/context_cache_ttft.py --preset "$PRESET" --shots "${SHOTS##*,}" --batch 4 \
     --device "$DEVICE"
-# OpenFlamingo's evaluation call: beam 3, short answers, batch 8, at the largest shot count (issue 9).
+# OpenFlamingo's evaluation call: beam 3, short answers, batch 8, at the largest shot count.
 run_step profile_beam3 90 "$PY" -m flamingo_fast profile --preset "$PRESET" --shots "${SHOTS##*,}" --batch 8 \
     --num-beams 3 --impl "$IMPL" --device "$DEVICE" --dtype "$DTYPE" --new-tokens 10 --repeats "$REPEATS" \
     --warmup "$WARMUP" --json "$OUT/profile_beam3.json" --csv "$OUT/profile_beam3.csv"
-# The IDEFICS-9B shape (issue 13): fast vs the reference, and transformers' own generate when it is installed.
+# The IDEFICS-9B shape: fast vs the reference, and transformers' own generate when it is installed.
 if [ "$DEVICE" = cpu ]; then IDEFICS_PRESET=idefics-tiny; else IDEFICS_PRESET=${GPU_CHECK_IDEFICS_PRESET:-idefics-9b}; fi
 IDEFICS_IMPL=reference,fast
 if "$PY" -c 'import transformers' >/dev/null 2>&1; then IDEFICS_IMPL=idefics,reference,fast; fi
@@ -264,7 +264,7 @@ run_step profile_idefics 90 "$PY" -m flamingo_fast profile --preset "$IDEFICS_PR
     --batch 1 --impl "$IDEFICS_IMPL" --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$NEW_TOKENS" \
     --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/profile_idefics.json" --csv "$OUT/profile_idefics.csv"
 
-# OpenFlamingo's own generate at the 9B shape (issue 12), the baseline users have: only when the wheels from
+# OpenFlamingo's own generate at the 9B shape, the baseline users have: only when the wheels from
 # bench/gpu_wheels.sh were carried (.whl/), installed into a folder that only this step puts on PYTHONPATH.
 if ls .whl/open_flamingo-*.whl >/dev/null 2>&1; then
     OF_SITE=$(mktemp -d)

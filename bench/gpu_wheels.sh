@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels the GPU machine lacks for OpenFlamingo's own generate (issue 12, item 6), downloaded here into .whl/
+# Wheels the GPU machine lacks for OpenFlamingo's own generate, downloaded here into .whl/
 # (git-ignored) for the device call to carry. The GPU image (KINDS.md) has Python 3.12, torch, timm, torchvision,
 # einops, regex, safetensors and transformers 5.x; OpenFlamingo 2.0.1 runs with transformers 4.57.6, which needs
 # huggingface_hub < 1.0 and tokenizers <= 0.23.0. bench/gpu_check.sh installs them with --target into a

@@ -1,4 +1,4 @@
-"""IDEFICS v1 decode on the CPU, transformers' own generate against flamingo_fast's drop-in, in ONE process (issue 13).
+"""IDEFICS v1 decode on the CPU, transformers' own generate against flamingo_fast's drop-in, in ONE process.
 
     .venv-openflamingo/bin/python bench/idefics_cpu.py --json out.json      transformers 4.57 (make setup-openflamingo)
     .venv-transformers5/bin/python bench/idefics_cpu.py --json out.json     transformers 5.x  (make setup-transformers5)

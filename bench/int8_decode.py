@@ -1,5 +1,5 @@
 """One decode step with each weight format, in one run: float32 weights and activations (the CPU default), bf16
-weights and activations, int8 weights with bf16 activations (issue 19's CPU goal: int8 at most 0.6x float32
+weights and activations, int8 weights with bf16 activations (the CPU goal: int8 at most 0.6x float32
 and at most 0.8x bf16).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/int8_decode.py [--preset small] [--shots 4] [--repeats 7]

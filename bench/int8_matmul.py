@@ -27,7 +27,7 @@ whose layers each have their own.
 Bytes: weight + scales + x + out of each implementation; GB/s = bytes / time; % copy = of the copy bandwidth
 (bench/bandwidth.py measure, read + written bytes, the same counting). The step: per M, the sum over the shapes
 of per-step count x time and x bytes, i.e. the bandwidth of the whole step's int8 matmuls.
-Goal (issue 19): the Triton kernel's step at every M <= 8 at >= --goal-pct % of the copy bandwidth; reported
+Goal: the Triton kernel's step at every M <= 8 at >= --goal-pct % of the copy bandwidth; reported
 PASS / FAIL, and "not measured" without CUDA. The exit status says only whether the run and the checks worked.
 Correctness (every implementation, one M per shape, the largest <= 8): max |out - float64| <= 2 x bf16
 F.linear's own error + 1.6e-2 (the tests' rule and bf16 atol).
@@ -236,14 +236,14 @@ def goal(steps: list[dict], copy_gbps: float, goal_pct: float, device: str) -> t
     if device != "cuda" or not small or any(s["ms"].get("triton") is None for s in small):
         why = "no CUDA: the Triton kernel is not timed on the CPU" if device != "cuda" else \
             "the Triton kernel's rows at M <= 8 were not all measured"
-        return [f"goal (issue 19): {rule}: not measured ({why})"], "not measured"
+        return [f"goal: {rule}: not measured ({why})"], "not measured"
     parts, verdict = [], "PASS"
     for s in small:
         pct = 100 * s["bytes"]["triton"] / (s["ms"]["triton"] * 1e-3) / 1e9 / copy_gbps
         ok = pct >= goal_pct
         verdict = verdict if ok else "FAIL"
         parts.append(f"M={s['M']} {pct:.0f}% {'pass' if ok else 'FAIL'}")
-    return [f"goal (issue 19): {rule}: {', '.join(parts)} -> {verdict}"], verdict
+    return [f"goal: {rule}: {', '.join(parts)} -> {verdict}"], verdict
 
 
 # -------------------------------------------------------------------------------------------------- main

@@ -1,4 +1,4 @@
-"""Is the fast path's bf16 error rounding, or a bug? The DESIGN.md rule at a real model size.
+"""Is the fast path's bf16 error rounding, or a bug? The tolerance rule (tests/helpers.py) at a real model size.
 
 Builds one random-weight model in float32 (the ground truth) and, from the same weights, the bf16 reference and
 the bf16 FastFlamingo; compares each one's logits with the float32 reference's. The fast path passes when its

@@ -1,4 +1,4 @@
-"""Rank classification, OpenFlamingo's way against flamingo_fast's, in one run (issue 11).
+"""Rank classification, OpenFlamingo's way against flamingo_fast's, in one run.
 
     .venv-openflamingo/bin/python bench/score_cpu.py --candidates 200,1000      (needs `make setup-openflamingo`)
 

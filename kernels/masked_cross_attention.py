@@ -1,7 +1,7 @@
 """Segment-indexed masked cross-attention for prefill: text queries attend to the media latents of their
 own image (immediate mode) or of every image up to their own (all-previous mode).
 
-Semantics (OpenFlamingo, ../shared/DESIGN.md), with `image_index[b, t]` the 0-based image of token t
+Semantics (OpenFlamingo, docs/semantics.md), with `image_index[b, t]` the 0-based image of token t
 (OpenFlamingo's `text_time - 1`), -1 before the first image:
 - immediate (`attend_previous=False`): token t attends to keys `[i*NL, (i+1)*NL)`, i = image_index[b, t].
 - all-previous (`attend_previous=True`): token t attends to keys `[0, (i+1)*NL)`.

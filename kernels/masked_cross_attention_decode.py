@@ -2,7 +2,7 @@
 for that row, read in place. Safe to capture in a CUDA graph: no host sync, no allocation when `out` is
 given, every per-row quantity (the image index, the image count) is read on the device.
 
-Semantics match `masked_cross_attention` with T = 1 (../shared/DESIGN.md): `image_index[b]` is the 0-based
+Semantics match `masked_cross_attention` with T = 1 (docs/semantics.md): `image_index[b]` is the 0-based
 image the new token of row b belongs to (the row's last image; -1: the row has none).
 - immediate: the token attends to the NL latents of image `image_index[b]`;
 - all-previous: to images 0..image_index[b];

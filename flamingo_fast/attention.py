@@ -1,4 +1,4 @@
-"""Attention over a shared prefix plus private tails (the cascade of DESIGN.md, "Shared prefixes").
+"""Attention over a shared prefix plus private tails (a cascade: FlashInfer's, Hydragen's).
 
 Each of a row's R hypotheses (its beams) attends to the row's prompt and to its own tail. The two parts are
 computed apart, each returning its output and log-sum-exp, and merged exactly:

@@ -27,7 +27,7 @@ from typing import Literal
 Activation = Literal["gelu", "quick_gelu"]
 LM_FAMILIES = ("llama", "mpt", "gpt_neox")
 # The model family's layout: OpenFlamingo's (open_clip ViT, OpenFlamingo's perceiver and gated blocks, the image
-# a token sees from `<image>` tokens) or Hugging Face IDEFICS v1's (DESIGN.md, "IDEFICS").
+# a token sees from `<image>` tokens) or Hugging Face IDEFICS v1's (docs/semantics.md).
 LAYOUTS = ("openflamingo", "idefics")
 
 

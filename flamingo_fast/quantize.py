@@ -1,5 +1,4 @@
-"""Weight-only int8: symmetric, one scale per output row, round to nearest, no calibration (DESIGN.md,
-"Weight-only quantization").
+"""Weight-only int8: symmetric, one scale per output row, round to nearest, no calibration (docs/int8.md).
 
     q, scales = quantize_per_channel(weight)        # weight [N, K] float -> int8 [N, K], float32 [N]
     weight ~= q * scales[:, None]                   # |weight - q * s| <= s / 2 elementwise

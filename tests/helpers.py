@@ -1,6 +1,6 @@
 """One tolerance table and one verbose comparison for every test (FlagGems / Liger-Kernel style).
 
-The rule (DESIGN.md): a fast implementation's error against a float64 reference may be at most twice the
+The rule: a fast implementation's error against a float64 reference may be at most twice the
 error of plain torch at the same dtype, plus the dtype's atol. Comparing against the error of plain torch
 keeps the bound honest: it tightens when the computation is easy and widens only where rounding is real.
 """

@@ -1,4 +1,4 @@
-"""Weight-only int8 (issue 19) on the Triton backend, interpreted end to end, and the int8 error layer by layer.
+"""Weight-only int8 on the Triton backend, interpreted end to end, and the int8 error layer by layer.
 
 Triton (TRITON_INTERPRET=1, fp32 activations): FastFlamingo.from_reference(model, backend="triton", weights="int8")
 runs every quantized Linear through kernels/int8_matmul.py. Every launch here has at most 64 rows (DECODE_MAX_M),

@@ -1,4 +1,4 @@
-"""Data-parallel evaluation on the drop-in, as OpenFlamingo's evaluate.py runs it (issue 18). Launched by
+"""Data-parallel evaluation on the drop-in, as OpenFlamingo's evaluate.py runs it. Launched by
 test_openflamingo_eval.py::test_torchrun_data_parallel_evaluation_equals_one_process:
 
     torchrun --standalone --nproc_per_node 2 tests/torchrun_eval.py      (gloo, CPU, loopback)

@@ -67,7 +67,7 @@ def to_openflamingo(reference: Flamingo) -> nn.Module:
     transformers (`make setup-openflamingo`); builds nothing from the network."""
     import types
 
-    from .compat import import_torchvision
+    from .compat import OptionalMaskMixin, import_torchvision
 
     import_torchvision()  # open_clip imports it; beside a CPU torch it needs compat's help
     from open_clip.transformer import QuickGELU, VisionTransformer
@@ -87,6 +87,7 @@ def to_openflamingo(reference: Flamingo) -> nn.Module:
                                 act_layer=QuickGELU if v.act == "quick_gelu" else nn.GELU, output_tokens=True)
         lang = _hf_lm(lm, config)
         extend_instance(lang, FlamingoLMMixin)
+        extend_instance(lang, OptionalMaskMixin)  # transformers 5's generate drops an all-ones mask
         lang.set_decoder_layers_attr_name(LAYERS_ATTR[layout])
         model = OpenFlamingo(types.SimpleNamespace(visual=vit), lang, config.eoc_token_id, config.media_token_id,
                              vis_dim=v.width, cross_attn_every_n_layers=config.cross_attn_every_n_layers)
@@ -149,6 +150,9 @@ def to_idefics(reference: Flamingo) -> nn.Module:
     """The same model as `reference` (IDEFICS layout) as transformers' IdeficsForVisionText2Text, its parameters
     the reference's own tensors (the unused `post_layernorm` keeps its fresh LayerNorm init). Needs transformers;
     builds nothing from the network."""
+    from .compat import import_torchvision_if_installed
+
+    import_torchvision_if_installed()  # transformers' IDEFICS imports it where installed (compat: beside a CPU torch)
     import transformers
 
     config = reference.config

@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.workload is not None:
+        for option in ("csv", "plot", "trace"):
+            if getattr(args, option) is not None:
+                parser.error(f"--{option} with --workload: the workload mode writes its table and --json only; "
+                             f"expected no --{option}, or the sweep (no --workload)")
     try:
         options = profiler.ProfileOptions(
             preset=args.preset, shots=args.shots, batch=args.batch, new_tokens=args.new_tokens, dtype=args.dtype,

@@ -1,4 +1,7 @@
-"""Importing torchvision beside a CPU build of torch, for the OpenFlamingo comparison (open_clip imports it).
+"""Workarounds for the comparison packages: torchvision beside a CPU torch, and OpenFlamingo under transformers 5.
+
+`import_torchvision`: importing torchvision beside a CPU build of torch (open_clip and transformers' IDEFICS import
+it).
 
 PyPI's torchvision wheels for x86_64 Linux are CUDA builds. Beside the CPU torch their C extension does not
 load (it links libtorch_cuda), and torchvision 0.28 then fails at import anyway: it registers fake kernels for
@@ -7,10 +10,19 @@ torchvision::nms does not exist"). `import_torchvision` defines the schemas of t
 when, that import fails, then imports again: torchvision's Python parts (the transforms open_clip uses) work,
 its compiled ops stay unavailable (`torchvision.extension._has_ops()` is False), and nothing here calls them.
 Where torchvision imports by itself (a GPU machine with matched builds), nothing is defined.
+`import_torchvision_if_installed` does the same where torchvision is installed and nothing where it is not.
+
+`OptionalMaskMixin`: transformers 5's generate passes no attention_mask when the mask is all ones (4.57 passes
+it), and OpenFlamingo's FlamingoLMMixin.forward requires one, so OpenFlamingo's generate fails on every unpadded
+batch under 5.x. Mixed in over FlamingoLMMixin (`extend_instance(lm, OptionalMaskMixin)` after
+`extend_instance(lm, FlamingoLMMixin)`) it passes None on, which FlamingoLMMixin hands to the Hugging Face LM,
+where None means all ones: the model computes the same thing. Used by the profiler's OpenFlamingo baseline
+(baselines.to_openflamingo) and the tests' OpenFlamingo models.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from types import ModuleType
 
@@ -39,3 +51,16 @@ def import_torchvision() -> ModuleType:
         _schemas.append(library)
         import torchvision
     return torchvision
+
+
+def import_torchvision_if_installed() -> ModuleType | None:
+    """-> import_torchvision() where torchvision is installed, else None (nothing imported)."""
+    return import_torchvision() if importlib.util.find_spec("torchvision") is not None else None
+
+
+class OptionalMaskMixin:
+    """Makes FlamingoLMMixin.forward's `attention_mask` optional (see the module docstring); the next class in
+    the instance's MRO (FlamingoLMMixin, mixed in before this) does the work."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return super().forward(input_ids, attention_mask, **kwargs)

@@ -18,7 +18,8 @@ model's float weights of the quantized layers are held only by the caller: `del 
 `torch.cuda.empty_cache()`) frees them. `.to(device)` moves the int8 copy and rebuilds the runtime over it with
 the same options (still int8); a dtype conversion (`.to(dtype)`, `.half()` ...) of an int8 drop-in is an error
 raised before anything moves (its float32 scales would be converted too, even by `.to` to the activation dtype);
-build a new drop-in with `dtype=`.
+build a new drop-in with `dtype=`. A conversion to a dtype FastFlamingo does not compute in (`.double()`) is an
+error raised the same way, before anything is converted.
 
 `.to()`, `.cuda()`, `.half()` ... (Module._apply) move or convert those tensors in place of the originals'
 (the Parameter objects stay the same), and the runtime's own state (caches sized and typed for the old device,
@@ -40,6 +41,7 @@ from torch import nn
 
 from .modes import runtime_mode
 from .quantize import Int8Linear, bind_int8_linears
+from .validation import SUPPORTED_DTYPES, dtype_names
 
 
 def _signature(model: nn.Module) -> list[tuple]:
@@ -90,6 +92,13 @@ class DropInModule(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         float_tensor = next((t for t in self._computed.parameters() if t.is_floating_point()), None)
+        fast = self._rebuild is not None or not isinstance(self._engine, nn.Module)  # the engine is a FastFlamingo
+        if float_tensor is not None and fast:
+            probe = fn(torch.empty(0, dtype=float_tensor.dtype, device=float_tensor.device)).dtype
+            if probe.is_floating_point and probe not in SUPPORTED_DTYPES:  # .double(): the rebuild would refuse it
+                raise ValueError(f"converting the drop-in's {float_tensor.dtype} weights to {probe}: unsupported by "
+                                 f"FastFlamingo; expected one of {dtype_names(SUPPORTED_DTYPES)} (.float(), .half(), "
+                                 f".bfloat16(), .to(dtype)), or a device move")
         if float_tensor is not None and any(isinstance(m, Int8Linear) for m in self._computed.modules()):
             for dtype in (float_tensor.dtype, torch.float32):  # the activations' and the scales' dtype
                 probe = fn(torch.empty(0, dtype=dtype, device=float_tensor.device))  # what fn does to dtypes

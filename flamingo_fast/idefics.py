@@ -195,6 +195,9 @@ class IdeficsRuntime(DropInModule):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values: got {got}; expected the processor's [batch, images, C, H, W] tensor")
+        if pixel_values.device.type == "meta":
+            raise ValueError(f"pixel_values: on the meta device (shape {tuple(pixel_values.shape)}, no data); "
+                             f"expected a tensor with values on a real device (the model's)")
         return pixel_values[:, :, None]
 
     @runtime_mode

@@ -37,6 +37,7 @@ import inspect
 import math
 import os
 import resource
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,14 +87,17 @@ def parse_int_list(text: str, name: str, minimum: int = 0) -> list[int]:
             ) from None
         if value < minimum:
             raise ValueError(f"{name}={text!r}: {value} is below {minimum}; expected integers >= {minimum}")
+        if value in values:  # two rows under one key
+            raise ValueError(f"{name}={text!r}: {value} is listed twice; expected each value once")
         values.append(value)
     return values
 
 
 def check_output_path(option: str, path: str | os.PathLike, folder: bool = False) -> None:
-    """Before the sweep: `path` (a file, or with `folder` a folder) can be created where it is asked for: it is
-    not a folder (not a file), and its nearest existing parent is a writable folder. A ValueError names the
-    option, the path and the cause."""
+    """Before the sweep: `path` (a file, or with `folder` a folder) can be written where it is asked for. Checked
+    by doing it, not by permission bits (which pass for root where the file system refuses, as in /sys): the
+    missing parent folders are made, the file opened for append (with `folder`: a file made inside the folder),
+    and then what did not exist before is removed again. A ValueError names the option, the path and the cause."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise ValueError(f"{option}={str(path)!r}: exists and is not a folder; expected a folder for the traces")
@@ -104,9 +108,28 @@ def check_output_path(option: str, path: str | os.PathLike, folder: bool = False
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(f"{option}={str(path)!r}: {str(parent)!r} is not a folder; expected a path under a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}={str(path)!r}: the folder {str(parent)!r} is not writable; expected a "
-                         f"writable location")
+    folders = [path] if folder else []
+    folders += [p for p in path.parents if not p.exists()]  # deepest first, as they are removed
+    made: list[Path] = []
+    existed = path.exists()
+    try:
+        for new in reversed([p for p in folders if not p.exists()]):
+            new.mkdir()
+            made.append(new)
+        if folder:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".flamingo-fast-check-"):
+                pass
+        else:
+            with open(path, "a"):
+                pass
+            if not existed:
+                path.unlink()
+    except OSError as error:
+        raise ValueError(f"{option}={str(path)!r}: cannot be written ({error.strerror or error}); expected a "
+                         f"writable location") from None
+    finally:
+        for new in reversed(made):
+            new.rmdir()
 
 
 def default_device() -> str:
@@ -214,6 +237,9 @@ def _int_list(value: Any, name: str, minimum: int) -> list[int]:
     for v in values:
         if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
             raise ValueError(f"{name}={values!r}: {v!r} is not an integer >= {minimum}")
+    if len(set(values)) != len(values):  # two rows under one key
+        twice = next(v for i, v in enumerate(values) if v in values[:i])
+        raise ValueError(f"{name}={values!r}: {twice} is listed twice; expected each value once")
     return values
 
 

@@ -51,10 +51,12 @@ def check_candidates(candidates, vocab_size: int, media_token_id: int) -> list[t
         raise ValueError(f"candidates: got {type(candidates).__name__}; expected a non-empty list of token-id lists")
     out = []
     for i, candidate in enumerate(candidates):
-        if isinstance(candidate, torch.Tensor):
-            candidate = candidate.tolist()
+        if isinstance(candidate, torch.Tensor) or (type(candidate).__module__ == "numpy"
+                                                   and hasattr(candidate, "tolist")):
+            candidate = candidate.tolist()  # a 1-D tensor or numpy array -> its ids (2-D: lists, refused below)
         if not isinstance(candidate, Sequence) or isinstance(candidate, str) or not len(candidate):
-            raise ValueError(f"candidates[{i}]={candidate!r}: expected a non-empty list of token ids")
+            raise ValueError(f"candidates[{i}]={candidate!r}: expected a non-empty list of token ids (a list, "
+                             f"tuple, 1-D tensor or 1-D numpy array of integers)")
         tokens = []
         for token in candidate:
             if hasattr(token, "__index__") and not isinstance(token, bool):

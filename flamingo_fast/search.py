@@ -67,7 +67,7 @@ def _as_token_id(value, name: str, vocab_size: int) -> int:
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
             and value.dtype != torch.bool:
         value = int(value)
-    elif type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu":
+    elif type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "iu":
         value = int(value)
     if not _is_int(value) or not 0 <= value < vocab_size:
         raise ValueError(f"{name}={value!r}: expected a token id in [0, {vocab_size})")
@@ -75,11 +75,17 @@ def _as_token_id(value, name: str, vocab_size: int) -> int:
 
 
 def stop_token_ids(eos_token_id, default: Sequence[int], vocab_size: int) -> tuple[int, ...]:
-    """None -> `default`; an id (int, 0-d tensor, numpy int) or a list of ids -> exactly those; [] -> never."""
+    """None -> `default`; an id (int, 0-d tensor, numpy int) or a list of ids (list, tuple, 1-D tensor or 1-D
+    numpy array) -> exactly those; [] -> never."""
     if eos_token_id is None:
         return tuple(default)
-    if isinstance(eos_token_id, (list, tuple)) or (isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() == 1):
+    array = isinstance(eos_token_id, torch.Tensor) or type(eos_token_id).__module__ == "numpy"
+    ndim = getattr(eos_token_id, "ndim", 0) if array else 0
+    if isinstance(eos_token_id, (list, tuple)) or ndim == 1:
         return tuple(_as_token_id(t, "eos_token_id", vocab_size) for t in eos_token_id)
+    if ndim > 1:
+        raise ValueError(f"eos_token_id: got a {type(eos_token_id).__name__} of shape {tuple(eos_token_id.shape)}; "
+                         f"expected a token id or a list of them (list, tuple, 1-D tensor or 1-D numpy array)")
     return (_as_token_id(eos_token_id, "eos_token_id", vocab_size),)
 
 

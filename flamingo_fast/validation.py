@@ -32,6 +32,11 @@ def check_prompt(
     The OpenFlamingo layout's `<image>` tokens are counted once, for the check and the PromptImages both. The
     IDEFICS layout's mask must also give each token at most one image (PromptImages.from_image_attention_mask:
     the fast path's limit)."""
+    for name, tensor in (("lang_x", lang_x), ("vision_x", vision_x), ("attention_mask", attention_mask),
+                         ("image_attention_mask", image_attention_mask)):
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+            raise ValueError(f"{name}: on the meta device (shape {tuple(tensor.shape)}, no data); expected a tensor "
+                             f"with values on a real device (the model's)")
     if not isinstance(lang_x, torch.Tensor) or lang_x.dim() != 2:
         got = tuple(lang_x.shape) if isinstance(lang_x, torch.Tensor) else type(lang_x).__name__
         raise ValueError(f"lang_x: got shape {got}; expected a rank-2 tensor of token ids [batch, seq]")
@@ -143,14 +148,14 @@ def check_generate_options(
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _dtype_names(dtypes) -> str:
+def dtype_names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
 def check_dtype(dtype: torch.dtype, name: str = "dtype") -> None:
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}={dtype}: unsupported by FastFlamingo; expected one of "
-                         f"{_dtype_names(SUPPORTED_DTYPES)}")
+                         f"{dtype_names(SUPPORTED_DTYPES)}")
 
 
 def check_eval_mode(model: torch.nn.Module) -> None:
@@ -177,4 +182,4 @@ def check_model(model: torch.nn.Module) -> None:
     for dtype in dtypes:
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"model: tensors in {dtype}, unsupported by FastFlamingo; expected one of "
-                             f"{_dtype_names(SUPPORTED_DTYPES)}: pass dtype= to from_reference to convert")
+                             f"{dtype_names(SUPPORTED_DTYPES)}: pass dtype= to from_reference to convert")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -133,6 +134,45 @@ def test_to_a_dtype_rebuilds_the_runtime_over_the_moved_tensors(kind):
     assert fast is not engine and fast.dtype == torch.bfloat16 and fast.stack.fused_projections
     attn = drop_in.reference.lang_encoder.layers[0].self_attn
     assert already_fused([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_a_conversion_to_a_dtype_the_runtime_does_not_run_is_refused_at_once(kind):
+    """`.double()` is refused when it is called, naming the dtype, before anything converts (the rebuild on the
+    next call would refuse float64, naming from_reference, which the caller never called)."""
+    drop_in = build(kind)
+    engine = drop_in.fast
+    for convert in (lambda m: m.double(), lambda m: m.to(torch.float64), lambda m: m.to("cpu", torch.float64)):
+        with pytest.raises(ValueError, match=r"converting the drop-in's torch.float32 weights to torch.float64: "
+                                             r"unsupported by FastFlamingo; expected one of float32, float16, "
+                                             r"bfloat16"):
+            convert(drop_in)
+    assert drop_in.fast is engine and {t.dtype for t in drop_in.state_dict().values()} == {torch.float32}
+    drop_in.generate(*inputs(kind), max_new_tokens=2)  # still runs, unconverted
+
+
+@pytest.mark.parametrize("kind", DROP_INS)
+def test_numpy_ids_are_taken_as_lists_and_meta_inputs_are_named(kind):
+    """A 1-D numpy eos_token_id and 1-D numpy candidates give what the lists give (as 1-D tensors do); a 2-D eos
+    array and the image or text tensor on the meta device are errors naming the argument."""
+    drop_in, batch = build(kind), inputs(kind)
+    stops = [drop_in.config.eos_token_id, 7]
+    expected = drop_in.generate(*batch, max_new_tokens=6, eos_token_id=stops)
+    assert torch.equal(drop_in.generate(*batch, max_new_tokens=6, eos_token_id=np.array(stops)), expected)
+    with pytest.raises(ValueError, match=r"eos_token_id: got a ndarray of shape \(1, 2\); expected a token id or "
+                                         r"a list of them"):
+        drop_in.generate(*batch, max_new_tokens=6, eos_token_id=np.array([stops]))
+    expected = drop_in.score(*batch, candidates=CANDIDATES)
+    assert torch.equal(drop_in.score(*batch, candidates=[np.array(c) for c in CANDIDATES]), expected)
+    image, text = (0, 1) if kind == "openflamingo" else (2, 0)
+    names = ("vision_x", "lang_x") if kind == "openflamingo" else ("pixel_values", "lang_x")
+    for index, name in zip((image, text), names, strict=True):
+        on_meta = tuple(t.to("meta") if i == index else t for i, t in enumerate(batch))
+        for run, options in ((drop_in, {}), (drop_in.generate, {"max_new_tokens": 2}),
+                             (drop_in.score, {"candidates": CANDIDATES})):
+            with pytest.raises(ValueError, match=f"{name}: on the meta device .*expected a tensor with values on a "
+                                                 f"real device"):
+                run(*on_meta, **options)
 
 
 @pytest.mark.cuda

@@ -32,6 +32,7 @@ from test_idefics import (  # noqa: E402
 )
 
 import flamingo_fast  # noqa: E402
+from flamingo_fast.compat import OptionalMaskMixin  # noqa: E402
 
 BASE_VOCAB, EOC, MEDIA, PAD = 96, 96, 97, 98
 VOCAB = BASE_VOCAB + 3
@@ -62,15 +63,6 @@ def hf_lm(family: str, vocab: int = VOCAB):
                                         num_attention_heads=4, rotary_pct=0.5, use_parallel_residual=parallel,
                                         max_position_embeddings=256, tie_word_embeddings=False, **common)
     return transformers.GPTNeoXForCausalLM(config)
-
-
-class OptionalMaskMixin:
-    """transformers 5's generate passes no attention_mask when the mask is all ones (4.57 passes it), and
-    OpenFlamingo's FlamingoLMMixin.forward requires one, so its generate fails on every unpadded batch under 5.x.
-    To Hugging Face None means all ones: the model computes the same thing. Mixed in over FlamingoLMMixin."""
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return FlamingoLMMixin.forward(self, input_ids, attention_mask, **kwargs)
 
 
 def open_clip_vit() -> VisionTransformer:
@@ -251,6 +243,32 @@ def test_unsupported_architecture_is_a_clear_error():
     of_model = OpenFlamingo(types.SimpleNamespace(visual=open_clip_vit()), lm, EOC, MEDIA, vis_dim=48)
     with pytest.raises(ValueError, match=r"model_type='gpt2' is not supported; expected one of 'llama', 'mpt'"):
         flamingo_fast.from_openflamingo(of_model)
+
+
+def test_the_baseline_profiles_run_as_commands_in_a_fresh_process(tmp_path):
+    """The README's baseline profiles, `profile --impl idefics,fast` and `--impl openflamingo,fast`, in a process
+    of their own (the smallest presets, 1 shot count, 2 tokens, 1 repeat), under the installed transformers: the
+    IDEFICS one first, before anything imported torchvision (this process's conftest.py makes torchvision
+    importable for every test, which hid a baseline that did not); the OpenFlamingo one on unpadded rows, which
+    transformers 5's generate passes with no attention_mask. One process for both: the imports take most of the
+    time. Both rows give the baseline's greedy tokens (the same float32 weights)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs = [["profile", "--preset", preset, "--impl", f"{baseline},fast", "--shots", "0", "--new-tokens", "2",
+             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress", "--json", str(tmp_path / preset)]
+            for preset, baseline in (("idefics-tiny", "idefics"), ("tiny", "openflamingo"))]
+    driver = ("import json, sys\nfrom flamingo_fast.cli import main\n"
+              "sys.exit(next((code for code in map(main, json.loads(sys.argv[1])) if code), 0))")
+    done = subprocess.run([sys.executable, "-c", driver, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for preset, baseline in (("idefics-tiny", "idefics"), ("tiny", "openflamingo")):
+        rows = json.loads((tmp_path / preset).read_text())["rows"]
+        assert [row["impl"] for row in rows] == [baseline, "fast"], rows
+        assert rows[1]["tokens_match_baseline"] == 1.0, rows[1]
 
 
 @pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])

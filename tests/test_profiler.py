@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,10 +177,65 @@ def test_bad_output_paths_and_backend_fail_before_the_sweep(option, where, messa
     assert last == "flamingo-fast profile: error: " + message.format(tmp=tmp_path)  # one line
 
 
+def test_cli_refusals_in_a_fresh_process(tmp_path):
+    """`python -m flamingo_fast profile`'s refusals before any work, in one process of its own (the torch import
+    is most of its time), each an exit status 2 and one line naming the option: --csv / --plot / --trace with
+    --workload (which writes its table and --json only); output paths the file system refuses even to root,
+    whose permission bits pass (/sys), found by creating them; a shot count or batch size listed twice (two rows
+    under one key), as an implementation listed twice is."""
+    import subprocess
+    import sys
+
+    if not Path("/sys").is_dir():
+        pytest.skip("needs Linux's /sys (a folder no one may create files in)")
+    quick = ["profile", "--preset", "tiny", "--shots", "0", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+             "--device", "cpu", "--no-progress"]
+    cases = {
+        "--csv with --workload": ["--workload", "2", "--csv", str(tmp_path / "w.csv")],
+        "--plot with --workload": ["--workload", "2", "--plot", str(tmp_path / "w.png")],
+        "--trace with --workload": ["--workload", "2", "--trace", str(tmp_path / "traces")],
+        "json='/sys/x.json': cannot be written (Permission denied)": ["--json", "/sys/x.json"],
+        "csv='/sys/new/x.csv': cannot be written (Operation not permitted)": ["--csv", "/sys/new/x.csv"],
+        "trace='/sys/traces': cannot be written (Operation not permitted)": ["--trace", "/sys/traces"],
+        "shots='0,2,0': 0 is listed twice; expected each value once": ["--shots", "0,2,0"],
+        "batch='1,2,2': 2 is listed twice; expected each value once": ["--batch", "1,2,2"],
+        "impl='fast,fast': an implementation is listed twice": ["--impl", "fast,fast"],
+    }
+    driver = ("import contextlib, io, json, sys\nfrom flamingo_fast.cli import main\nout = []\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    err = io.StringIO()\n"
+              "    try:\n"
+              "        with contextlib.redirect_stderr(err):\n"
+              "            code = main(argv)\n"
+              "    except SystemExit as exit:\n"
+              "        code = exit.code\n"
+              "    except Exception as error:  # a crash fails its case only\n"
+              "        code = f'{type(error).__name__}: {error}'\n"
+              "    out.append([code, err.getvalue()])\n"
+              "print(json.dumps(out))")
+    runs = [quick + extra for extra in cases.values()]
+    done = subprocess.run([sys.executable, "-c", driver, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    wrong = [(extra, code, err[-500:]) for (message, extra), (code, err) in zip(cases.items(), results, strict=True)
+             if code != 2 or message not in err or not err.strip().splitlines()[-1].startswith("flamingo-fast "
+                                                                                                   "profile: error: ")]
+    assert not wrong
+    assert not [*tmp_path.iterdir()]  # nothing ran, nothing was written
+
+
 def test_writable_output_paths_in_new_folders_are_accepted(tmp_path):
+    """Checked by creating them: what did not exist before is gone again after, and an existing file keeps its
+    contents."""
     for option in ("json", "csv", "plot"):
         profiler.check_output_path(option, tmp_path / "new" / "deeper" / f"p.{option}")
     profiler.check_output_path("trace", tmp_path / "traces", folder=True)
+    profiler.check_output_path("trace", tmp_path / "new" / "traces", folder=True)
+    (tmp_path / "kept.json").write_text("earlier results")
+    profiler.check_output_path("json", tmp_path / "kept.json")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept.json"]
+    assert (tmp_path / "kept.json").read_text() == "earlier results"
     with pytest.raises(ValueError, match=r"backend='foo': unknown fast runtime backend; expected one of "
                                          r"\['auto', 'triton', 'torch'\]"):
         profiler.ProfileOptions(preset="tiny", device="cpu", fast_backend="foo")
@@ -209,6 +265,8 @@ def test_options_validate_programmatic_values():
         profiler.ProfileOptions(preset="nope", device="cpu")
     with pytest.raises(ValueError, match="repeats=0: expected an integer >= 1"):
         profiler.ProfileOptions(preset="tiny", repeats=0, device="cpu")
+    with pytest.raises(ValueError, match=r"batch=\[1, 2, 1\]: 1 is listed twice; expected each value once"):
+        profiler.ProfileOptions(preset="tiny", shots=[0], batch=[1, 2, 1], device="cpu")
 
 
 def test_progress_bar_counts_to_total():

@@ -426,6 +426,29 @@ def test_fused_projections_move_the_live_models_weights(batches):
     compare_logits(model, runtime, batches["mixed"])
 
 
+def test_live_weight_changes_reach_the_warm_context_cache(batches):
+    """The drop-in shares the live model's tensors: after an in-place update (what optimizer.step() writes) and after
+    the live model's own load_state_dict, a call whose contexts and images were cached gives transformers' logits
+    for the weights as they are now."""
+    model = build_idefics(**CONFIGS["every2-noqk-vector-5lat"])
+    runtime = runtime_for(model, "fast")
+    inputs = batches["mixed"]
+    for _ in range(2):
+        runtime.generate(**inputs, max_new_tokens=1)
+    assert runtime.fast.context_cache_stats().context_hits > 0
+    other = build_idefics(**{**CONFIGS["every2-noqk-vector-5lat"], "seed": 9}).state_dict()
+    trained = [*model.model.perceiver_resampler.parameters(), *model.model.gated_cross_attn_layers.parameters()]
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(trained, [0.02 * torch.randn(p.shape) for p in trained])
+
+    for update in (step, lambda: model.load_state_dict(other)):
+        update()
+        _, logits = runtime.generate(**inputs, max_new_tokens=1, return_logits=True)
+        assert_close(logits[:, 0], hf_logits(model, inputs)[:, -1], dtype=FP32)
+
+
 def test_unsupported_call_options_are_named(batches):
     """Precomputed image embeddings and options flamingo_fast does not implement are errors naming them, in
     forward and generate; their defaults pass."""

@@ -555,3 +555,34 @@ def test_int8_with_bf16_activations_against_openflamingo():
     assert greedy.shape == (2, prompt + 5) and torch.equal(greedy[:, :prompt], ids)
     beams = int8_bf16.generate(vision, ids, mask, max_new_tokens=5, num_beams=3, length_penalty=-2.0)
     assert beams.shape[0] == 2 and prompt < beams.shape[1] <= prompt + 5 and torch.equal(beams[:, :prompt], ids)
+
+
+def test_live_weight_changes_reach_the_warm_context_cache():
+    """The drop-in shares the live model's tensors. After an in-place update of what OpenFlamingo trains (what
+    optimizer.step() writes), after the live model's own load_state_dict, and after a fused q/k/v weight's storage
+    is replaced behind the drop-in (`param.data = ...`), a few-shot call whose context and images were cached gives
+    OpenFlamingo's logits for the weights as they are now."""
+    of_model = build_openflamingo("llama", 2, seed=130)
+    drop_in = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
+    vision, ids, mask = shots_prompt(2)
+    for _ in range(2):
+        drop_in.generate(vision, ids, mask, max_new_tokens=1)
+    assert drop_in.fast.context_cache_stats().context_hits == 1
+    trained = [*of_model.perceiver.parameters(), *of_model.lang_encoder.gated_cross_attn_layers.parameters(),
+               of_model.lang_encoder.get_input_embeddings().weight]
+    other = build_openflamingo("llama", 2, seed=131).state_dict()
+    q_proj = of_model.lang_encoder.model.layers[1].decoder_layer.self_attn.q_proj
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(trained, [0.02 * torch.randn(p.shape) for p in trained])
+
+    def replace():
+        q_proj.weight.data = 1.5 * q_proj.weight.data
+
+    for update in (step, lambda: of_model.load_state_dict(other), replace):
+        update()
+        _, logits = drop_in.generate(vision, ids, mask, max_new_tokens=1, return_logits=True)
+        with torch.no_grad():
+            expected = of_model(vision, ids, attention_mask=mask).logits[:, -1]
+        assert_close(logits[:, 0], expected, dtype=FP32)

@@ -181,12 +181,14 @@ class IdeficsRuntime(DropInModule):
     ACCEPTED = {"interpolate_pos_encoding": False, "image_encoder_embeddings": None, "perceiver_embeddings": None}
 
     def __init__(self, engine, reference: Flamingo, eos_token_id, pad_token_id: int | None,
-                 generation_config: Mapping | None = None, model: nn.Module | None = None):
+                 generation_config: Mapping | None = None, model: nn.Module | None = None,
+                 max_positions: int | None = None):
         """model: the live IdeficsForVisionText2Text whose tensors the engine shares (registered: the drop-in's
-        parameters are its parameters, under its names)."""
+        parameters are its parameters, under its names). max_positions: its config's max_position_embeddings
+        (5.x has one, 4.x none), where transformers stops its default length."""
         super().__init__(engine, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), eos_token_id, pad_token_id,
-                                           "model.generation_config", self.ACCEPTED)
+                                           "model.generation_config", self.ACCEPTED, max_positions=max_positions)
 
     def _vision(self, pixel_values):
         """The processor's pixel_values [B, N, C, H, W] -> vision_x [B, N, 1, C, H, W] (one frame per image)."""
@@ -261,7 +263,9 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     reference = build_reference_from_state(config, reference_state_dict(model, config))
     runner = reference if engine == "reference" else FastFlamingo.from_reference(reference, **runtime_options)
     generation, defaults = generation_config_of(model)
-    eos = getattr(generation, "eos_token_id", None)
-    eos = model.config.eos_token_id if eos is None else eos
-    pad = getattr(generation, "pad_token_id", None)
-    return IdeficsRuntime(runner, reference, eos, model.config.pad_token_id if pad is None else pad, defaults, model)
+    # transformers' eos and pad: the generation_config's (pad None: its first eos); the model config's only
+    # without a generation_config
+    source = generation if generation is not None else model.config
+    eos, pad = source.eos_token_id, source.pad_token_id
+    return IdeficsRuntime(runner, reference, eos, pad, defaults, model,
+                          getattr(model.config, "max_position_embeddings", None))

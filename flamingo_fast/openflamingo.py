@@ -415,15 +415,20 @@ class OpenFlamingoRuntime(DropInModule):
     """
 
     def __init__(self, fast, reference: Flamingo, hf_pad_token_id: int | None,
-                 generation_config: Mapping | None = None, model: nn.Module | None = None):
+                 generation_config: Mapping | None = None, model: nn.Module | None = None,
+                 max_positions: int | None = None):
         """generation_config: the LM's own generate defaults (Hugging Face's `generation_config.to_diff_dict()`,
         or generation_config.json): its supported entries become this drop-in's defaults, as Hugging Face
         merges them; an unsupported entry that is not at its default makes every generate call an error that
         names it, unless the call passes that option's default explicitly. model: the live open_flamingo model
-        whose tensors `fast` shares (registered: the drop-in's parameters are its parameters, under its names)."""
+        whose tensors `fast` shares (registered: the drop-in's parameters are its parameters, under its names).
+        max_positions: the LM config's max_position_embeddings, where transformers stops its default length.
+        OpenFlamingo's generate passes num_beams=1 and eos_token_id=<|endofchunk|> itself unless the caller gives
+        them, so the generation_config's num_beams and eos_token_id never apply; its other entries do."""
         super().__init__(fast, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), self.config.eoc_token_id,
-                                           hf_pad_token_id, "lang_encoder.generation_config")
+                                           hf_pad_token_id, "lang_encoder.generation_config",
+                                           forced={"num_beams": 1}, max_positions=max_positions)
 
     _media_session: MediaSession | None = None  # what cache_media() holds until uncache_media()
 
@@ -555,7 +560,7 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     generation, defaults = generation_config_of(model.lang_encoder)
     hf_pad = getattr(generation, "pad_token_id", None)
     return OpenFlamingoRuntime(fast, reference, pad_token_id if pad_token_id is not None else hf_pad, defaults,
-                               model)
+                               model, getattr(model.lang_encoder.config, "max_position_embeddings", None))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -682,4 +687,5 @@ def load_openflamingo(
 
     generation_file = lm_dir / "generation_config.json"
     defaults = read_json(generation_file, f"lm_path={str(lm_path)!r}") if generation_file.is_file() else {}
-    return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad, defaults)
+    return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad, defaults,
+                               max_positions=hf.get("max_position_embeddings"))

@@ -166,13 +166,14 @@ class IdeficsRuntime(DropInModule):
     computes in the runtime's construction dtype, whatever autocast region it is in, and is safe in and out of
     `torch.inference_mode()` (modes.py).
 
-    generate(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, max_new_tokens=20,
-             num_beams=1, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, eos_token_id=</s>,
+    generate(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, max_new_tokens=None,
+             max_length=None, num_beams=1, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, eos_token_id=</s>,
              min_new_tokens=0, pad_token_id=None, length_penalty=1.0, early_stopping=False,
              num_return_sequences=1, ...)
     -> ids [B * num_return_sequences, T + new], prompt included, as transformers returns them. Generated tokens
     see what the last prompt token sees (transformers repeats the mask's last row). Options left at None take
-    the model's generation_config value, else transformers' default; unsupported options are a named error.
+    the model's generation_config value, else transformers' default (the length: hf.hf_new_tokens; a missing
+    attention_mask: hf.hf_inferred_mask); unsupported options are a named error.
     forward(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None) -> `.logits`
     [B, T, vocab incl. the added rows], float32 from the fast engine.
     """

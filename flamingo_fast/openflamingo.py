@@ -404,10 +404,11 @@ class OpenFlamingoRuntime(DropInModule):
     runtime's construction dtype, whatever autocast region it is in, and is safe in and out of
     `torch.inference_mode()` (modes.py).
 
-    generate(vision_x, lang_x, attention_mask=None, max_new_tokens=20, num_beams=1, do_sample=False,
+    generate(vision_x, lang_x, attention_mask=None, max_new_tokens=None, max_length=None, num_beams=1, do_sample=False,
              temperature=1.0, top_k=50, top_p=1.0, eos_token_id=<|endofchunk|>, min_new_tokens=0,
              pad_token_id=None, length_penalty=1.0, early_stopping=False, num_return_sequences=1, ...)
-    -> ids [B * num_return_sequences, T + new], as OpenFlamingo returns them (Hugging Face's defaults: top_k 50
+    -> ids [B * num_return_sequences, T + new], as OpenFlamingo returns them (the length as transformers sets it:
+    hf.hf_new_tokens; without attention_mask, the mask transformers infers: hf.hf_inferred_mask; top_k 50
     when sampling; finished rows padded with `pad_token_id`, by default the LM's pad token or else the first
     stop token). Beam search follows Hugging Face's (flamingo_fast/search.py), each row's prompt encoded and
     prefilled once. Options of Hugging Face's generate that are not implemented are an error that names them,

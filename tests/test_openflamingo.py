@@ -235,6 +235,19 @@ def test_checkpoint_round_trip(family, tmp_path):
         options["missing_output_rows"] = "mean"
     fast = flamingo_fast.load_openflamingo(*files, **options)
     compare(of_model, fast, *batch([([0, 6, 12], 18), ([1], 7)], num_images=3))
+    if family == "llama":  # the LM directory's generation_config.json, applied as OpenFlamingo applies the LM's
+        import json
+
+        vision, ids, mask = batch([([0, 6], 12), ([1], 7)], num_images=2)
+        fields = {"max_length": ids.shape[1] + 3, "num_beams": 3}
+        written = json.loads((tmp_path / "lm" / "generation_config.json").read_text())
+        (tmp_path / "lm" / "generation_config.json").write_text(json.dumps({**written, **fields}))
+        for name, value in fields.items():
+            setattr(of_model.lang_encoder.generation_config, name, value)
+        with torch.no_grad():
+            expected = of_model.generate(vision, ids, attention_mask=mask)
+        assert expected.shape[1] == ids.shape[1] + 3
+        assert torch.equal(flamingo_fast.load_openflamingo(*files, **options).generate(vision, ids, mask), expected)
 
     broken = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     broken["perceiver.extra.weight"] = torch.zeros(1)

@@ -79,7 +79,8 @@ class DropInModule(nn.Module):
         """The engine; after `.to` moved its tensors, or after a storage of theirs was replaced behind the drop-in's
         back (`param.data = ...`, the live model's own `.to()`: weight_watch.py), rebuilt here on first use."""
         engine = self._engine
-        if engine is not None and not isinstance(engine, nn.Module) and engine.weight_watch.moved():
+        if engine is not None and not isinstance(engine, nn.Module) and engine.weight_watch.moved() \
+                and engine.stale_after_move():
             with self._rebuild_lock:
                 if self._engine is engine:
                     self._drop_engine()

@@ -290,11 +290,20 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         with self.lock:
             return dataclasses.replace(self.context_cache.stats)
 
+    def stale_after_move(self) -> bool:
+        """Whether a replaced weight storage (weight_watch.py: "moved") leaves this runtime over the old ones: its
+        fused LLaMA projections or CUDA graphs hold them, or a dtype or device changed. Else it reads the new ones."""
+        return bool(self.stack.fused_projections) or self.graphs is not None or self.weight_watch.kinds_changed()
+
     def _check_weights(self) -> None:
         """At every entry point, under the lock (weight_watch.py): weights written in place since the last call
         empty the context cache (its contexts and images were computed from the old values; every other cache is
-        recomputed per call); a replaced storage is an error (the drop-ins rebuild their runtime instead)."""
+        recomputed per call); so does a replaced storage that this runtime reads afresh, and one it does not
+        (stale_after_move) is an error (the drop-ins rebuild their runtime instead)."""
         change = self.weight_watch.check()
+        if change == "moved" and not self.stale_after_move():
+            self.weight_watch.renew()
+            change = "updated"
         if change == "updated":
             self.context_cache.clear()
         elif change == "moved":

@@ -11,9 +11,10 @@ views of fused_weights.py counts as well).
 
 - "updated": the same storages, some written in place. What was cached from the old values is stale (the runtime
   empties its context cache); everything else reads the tensors live.
-- "moved": a tensor's data pointer changed (`param.data = other`, the live model's own `.to()` /
-  `.half()`): the runtime's wiring (fused projections, CUDA graphs, caches sized for the old device) may no longer
-  be over the model's tensors. The drop-ins rebuild their runtime then; a bare FastFlamingo refuses the call.
+- "moved": a tensor's data pointer changed (`param.data = other`, the live model's own `.to()` / `.half()`, or
+  another runtime fusing the same model's LLaMA projections). A runtime that holds nothing over the old storages
+  (no fused projections, no CUDA graphs) and whose dtypes and devices still hold reads the new ones: it only empties
+  its context cache. Otherwise the drop-ins rebuild their runtime, and a bare FastFlamingo refuses the call.
 
 Not seen: a write through `tensor.data` (`p.data.copy_(x)`: `.data` is a tensor with its own version counter), a
 Parameter replaced by assignment in a module the runtime does not hold (`layer.weight = nn.Parameter(...)` on the
@@ -40,6 +41,14 @@ class WeightWatch:
     def __init__(self, model: nn.Module):
         self.tensors = [*model.parameters(), *model.buffers()]
         self.fingerprint = self._fingerprint()
+        self.kinds = self._kinds()
+
+    def _kinds(self) -> list[tuple]:
+        return [(t.dtype, t.device) for t in self.tensors]
+
+    def kinds_changed(self) -> bool:
+        """A tensor's dtype or device differs from the fingerprint's (checked only once a storage was replaced)."""
+        return self._kinds() != self.kinds
 
     def _fingerprint(self) -> list[tuple[int, int]]:
         return [(t.data_ptr(), _version(t)) for t in self.tensors]
@@ -49,7 +58,8 @@ class WeightWatch:
         return [t.data_ptr() for t in self.tensors] != [ptr for ptr, _ in self.fingerprint]
 
     def check(self) -> str | None:
-        """None (unchanged), "updated" (written in place; the fingerprint is renewed) or "moved"."""
+        """None (unchanged), "updated" (written in place; the fingerprint is renewed) or "moved" (renew() it once
+        the caller has dealt with it)."""
         now = self._fingerprint()
         if now == self.fingerprint:
             return None
@@ -57,3 +67,6 @@ class WeightWatch:
             return "moved"
         self.fingerprint = now
         return "updated"
+
+    def renew(self) -> None:
+        self.fingerprint, self.kinds = self._fingerprint(), self._kinds()

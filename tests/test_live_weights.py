@@ -55,15 +55,23 @@ def test_context_cache_follows_in_place_weight_updates():
                                                                                 candidates=cands), dtype=FP32)
 
 
-def test_a_replaced_storage_is_a_named_error():
+def test_a_replaced_storage_is_read_afresh_or_a_named_error():
+    """A runtime that holds nothing over the weights' storages (no fused projections, no CUDA graphs) reads the new
+    ones after `param.data = ...`, its context cache emptied, and keeps working when another runtime fuses the same
+    model's projections; one that holds fused weights refuses the call by name."""
     model = build(seed=14)
-    fast = runtime(model)
-    vision, lang_x, mask = few_shot_batch(model.config, 1, [2])
-    fast.generate(vision, lang_x, mask, max_new_tokens=2)
-    weight = model.perceiver.latents
-    weight.data = weight.data.clone()
+    plain = runtime(model, decode_paths=())
+    vision, lang_x, mask = few_shot_batch(model.config, 2, [2])
+    options = dict(max_new_tokens=2, eos_token_id=[], return_logits=True)
+    plain.generate(vision, lang_x, mask, **options)
+    fused = runtime(model)  # re-points the q/k/v and gate/up weights under `plain`
+    assert fused.stack.fused_projections and not plain.stack.fused_projections
+    latents = model.perceiver.latents
+    latents.data = 1.5 * latents.data
+    _, logits = plain.generate(vision, lang_x, mask, **options)
+    assert_close(logits, model.generate(vision, lang_x, mask, **options)[1], dtype=FP32)
     with pytest.raises(ValueError, match=r"model: a tensor of the model this FastFlamingo runs was replaced"):
-        fast.generate(vision, lang_x, mask, max_new_tokens=2)
+        fused.generate(vision, lang_x, mask, max_new_tokens=2)
 
 
 def test_dropped_handles_free_their_tensors():

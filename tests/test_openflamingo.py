@@ -629,6 +629,7 @@ def test_generation_config_fields_as_openflamingo_applies_them():
         ({"max_length": prompt + 3}, {}),
         ({"max_length": 20}, {}),  # 4.57: its default, 20 new tokens; 5.x: 8 new tokens
         ({"max_length": prompt + 9}, {"max_new_tokens": 2}),
+        ({}, {"max_length": prompt + 2}),
         ({"num_beams": 3, "max_new_tokens": 3}, {}),
         ({"num_beams": 2, "length_penalty": -2.0, "max_new_tokens": 3}, {"num_beams": 3, "use_cache": False}),
         ({"eos_token_id": stop, "max_new_tokens": 3}, {}),

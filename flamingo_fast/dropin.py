@@ -28,7 +28,9 @@ context cache) is dropped then and rebuilt from the moved model, with the option
 use: the rebuilt runtime fuses the moved weights again (fused_weights.py); what belonged to the old runtime (its
 context cache, past_key_values handles) does not carry over. `load_state_dict` copies into the
 same tensors (fused views included) and empties the context cache, whose entries were computed with the old
-weights.
+weights. Every call also compares the weights with their fingerprint (weight_watch.py): written in place since the
+last call (`optimizer.step()`, the live model's own `load_state_dict`) empties the context cache; a storage
+replaced behind the drop-in's back (`param.data = ...`, the live model's own `.to()`) rebuilds the runtime.
 """
 
 from __future__ import annotations
@@ -76,7 +78,14 @@ class DropInModule(nn.Module):
 
     @property
     def engine(self):
-        """The engine; after `.to` moved its tensors, rebuilt here on first use."""
+        """The engine; after `.to` moved its tensors, or after a storage of theirs was replaced behind the drop-in's
+        back (`param.data = ...`, the live model's own `.to()`: weight_watch.py), rebuilt here on first use."""
+        engine = self._engine
+        if engine is not None and not isinstance(engine, nn.Module) and engine.weight_watch.moved() \
+                and engine.stale_after_move():
+            with self._rebuild_lock:
+                if self._engine is engine:
+                    self._drop_engine()
         if self._engine is None:
             with self._rebuild_lock:  # threads calling at once after a move build it once
                 if self._engine is None:
@@ -111,10 +120,15 @@ class DropInModule(nn.Module):
         self._computed._apply(fn, recurse)  # what the live model does not hold (nothing today; a no-op then)
         engine = self._engine
         if engine is not None and not isinstance(engine, nn.Module) and _signature(self._computed) != before:
-            rebuild = functools.partial(type(engine), engine.model, **engine.options)
-            # the old engine (caches, fused weights, graphs) is released now, before the new one allocates
-            self.__dict__.update(_engine=None, _rebuild=rebuild)
+            self._drop_engine()
         return self
+
+    def _drop_engine(self) -> None:
+        """Release the FastFlamingo (caches, fused weights, graphs) now, before the new one allocates; the next
+        use of `engine` builds one over the model's tensors as they are, with the same options."""
+        engine = self._engine
+        rebuild = functools.partial(type(engine), engine.model, **engine.options)
+        self.__dict__.update(_engine=None, _rebuild=rebuild)
 
     @runtime_mode
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

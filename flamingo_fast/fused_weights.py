@@ -21,7 +21,10 @@ so their weights are fused too, and the live Hugging Face / OpenFlamingo model r
 
 What breaks the sharing: replacing a parameter's storage afterwards (`module.to(other_dtype_or_device)`,
 `param.data = ...`) gives that Linear a new tensor while the fused one keeps the old values. FastFlamingo
-shares its reference model's parameters in the same way (see runtime.py): convert before building it.
+shares its reference model's parameters in the same way (see runtime.py): convert before building it. Its next
+call sees such a replacement (weight_watch.py: the data pointer changed) and refuses to run; a drop-in rebuilds
+its runtime instead. An in-place update (optimizer.step(), load_state_dict) writes through the views into the
+fused tensor: nothing to do but empty the context cache.
 """
 
 from __future__ import annotations

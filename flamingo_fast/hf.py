@@ -17,16 +17,19 @@ from typing import NamedTuple
 
 import torch
 
-from .search import generation_options, stop_token_ids
+from .search import _as_token_id, generation_options, stop_token_ids
 
-# The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults.
-HF_SUPPORTED = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
-                "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
+# The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults (max_new_tokens and
+# max_length: None, the length is then hf_new_tokens' rule).
+HF_SUPPORTED = {"max_new_tokens": None, "max_length": None, "num_beams": 1, "do_sample": False, "temperature": 1.0,
+                "top_k": 50, "top_p": 1.0, "min_new_tokens": 0, "length_penalty": 1.0, "early_stopping": False,
                 "num_return_sequences": 1}
-# generation_config entries that change nothing here: the drop-ins read eos and pad themselves, max_length is
-# overridden by max_new_tokens, the cache never changes results; and what transformers 5 writes at its defaults.
+# Hugging Face's default length when neither max_new_tokens nor max_length is set: this many new tokens.
+HF_DEFAULT_NEW_TOKENS = 20
+# generation_config entries that change nothing here: the drop-ins read eos and pad themselves, the cache never
+# changes results; and what transformers 5 writes at its defaults.
 HF_IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
-              "decoder_start_token_id", "max_length", "use_cache"}
+              "decoder_start_token_id", "use_cache"}
 HF_IGNORED_WHEN_OFF = {"output_attentions", "output_hidden_states", "output_scores", "output_logits",
                        "return_dict_in_generate"}
 # Hugging Face options that are not implemented: accepted only at their default.
@@ -42,18 +45,65 @@ def hf_generation_defaults(generation_config: Mapping | None) -> dict:
 @dataclass(frozen=True)
 class HFGenerateDefaults:
     """What a drop-in's model says about generate: its generation_config entries (hf_generation_defaults), the
-    stop tokens and pad it uses when the call gives none, where the config came from (for errors) and call
-    keywords the model takes that are accepted at their defaults only."""
+    stop tokens and pad it uses when the call gives none, where the config came from (for errors), call keywords
+    the model takes that are accepted at their defaults only, the options the wrapped generate passes itself unless
+    the caller gives them (so the generation_config's value never applies: OpenFlamingo's num_beams=1), and the
+    model config's max_position_embeddings, at which transformers stops its default length (None: no limit)."""
 
     generation_config: Mapping
     eos_token_id: int | Sequence[int] | None
     pad_token_id: int | None
     where: str
     accepted: Mapping = field(default_factory=dict)
+    forced: Mapping = field(default_factory=dict)
+    max_positions: int | None = None
+
+
+def hf_new_tokens(prompt_len: int, max_new_tokens: int | None, max_length: int | None,
+                  defaults: HFGenerateDefaults) -> int:
+    """How many new tokens transformers' generate (4.57 and 5.x alike, given the generation_config's diff dict) asks
+    for: max_new_tokens (the call's, else the generation_config's) wins; else max_length (the call's, else the
+    generation_config's) is the whole sequence's length, prompt included; else 20 new tokens, stopped at the model's
+    max positions. A max_length the prompt already fills is an error naming max_length, as in transformers."""
+    config = defaults.generation_config
+    if max_new_tokens is None:
+        max_new_tokens = config.get("max_new_tokens")
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if max_length is None:
+        max_length = config.get("max_length")
+    if max_length is None:
+        max_length = prompt_len + HF_DEFAULT_NEW_TOKENS
+        if defaults.max_positions is not None:
+            max_length = min(max_length, defaults.max_positions)
+    elif not isinstance(max_length, int) or isinstance(max_length, bool):
+        raise ValueError(f"max_length={max_length!r}: expected an integer (the whole sequence's length)")
+    if prompt_len >= max_length:
+        raise ValueError(f"max_length={max_length}: the prompt already has {prompt_len} tokens; expected max_length > "
+                         f"the prompt's length (it counts the prompt, as in transformers), or max_new_tokens")
+    return max_length - prompt_len
+
+
+def hf_inferred_mask(lang_x, pad_token_id: int | None, stops: Sequence[int]) -> torch.Tensor | None:
+    """The attention mask transformers' generate (4.57 and 5.x) makes when the call gives none: `lang_x !=
+    pad_token_id` when the pad occurs in lang_x and is not a stop token, else None (every token real). Only left
+    padding can be generated from: a pad after a row's first real token is an error naming attention_mask."""
+    if pad_token_id is None or not isinstance(lang_x, torch.Tensor) or pad_token_id in stops:
+        return None
+    padding = lang_x == pad_token_id
+    if not bool(padding.any()):
+        return None
+    mask = (~padding).long()
+    holes = (mask[:, 1:] < mask[:, :-1]).any(dim=-1).nonzero().flatten().tolist()
+    if holes:
+        raise ValueError(f"attention_mask: None, and lang_x row {holes[0]} holds pad_token_id={pad_token_id} after a "
+                         f"real token: transformers would infer a mask with a hole there; expected left padding only, "
+                         f"or an explicit attention_mask")
+    return mask
 
 
 def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attention_mask=None,
-                image_attention_mask=None, /, *, max_new_tokens: int | None = None,
+                image_attention_mask=None, /, *, max_new_tokens: int | None = None, max_length: int | None = None,
                 num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                 top_k: int | None = None, top_p: float | None = None,
                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
@@ -63,10 +113,12 @@ def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attentio
     """A drop-in's generate call, Hugging Face's options -> GenerationOptions (search.generation_options, the
     one translation) -> `runner.generate_from_options(...)` (a FastFlamingo, or the reference Flamingo).
 
-    Each option left at None takes the model's generation_config value, else Hugging Face's default (top_k 50
-    when sampling); an unsupported generation_config entry is an error naming `defaults.where` unless the call
+    Each option left at None takes the value the wrapped generate passes itself (`defaults.forced`), else the
+    model's generation_config value, else Hugging Face's default (top_k 50 when sampling); the length follows
+    hf_new_tokens. An unsupported generation_config entry is an error naming `defaults.where` unless the call
     passes that option's default; any other keyword is accepted only at its default (HF_DEFAULTS and
-    `defaults.accepted`). Finished rows are filled as Hugging Face fills them: the call's pad, else the model's,
+    `defaults.accepted`). Without attention_mask, the mask is inferred from the pad token as transformers infers
+    it (hf_inferred_mask). Finished rows are filled as Hugging Face fills them: the call's pad, else the model's,
     else the first stop token; beam search with `pad_token_id or eos_token_id[0]`. use_cache changes how
     Hugging Face computes, never what: flamingo_fast always caches. The inputs are positional-only, so a
     keyword of the same name (e.g. image_attention_mask to a drop-in that takes none) is an unsupported option."""
@@ -81,20 +133,29 @@ def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attentio
         shown = ", ".join(f"{k}={config[k]!r}" for k in from_config)
         raise ValueError(f"{defaults.where}: {shown} not supported by flamingo_fast; expected the defaults (pass "
                          f"them explicitly to override, e.g. repetition_penalty=1.0)")
-    given = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature,
-                 top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-                 early_stopping=early_stopping, num_return_sequences=num_return_sequences)
-    options = {k: v if v is not None else config.get(k, HF_SUPPORTED[k]) for k, v in given.items()}
+    given = dict(num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                 min_new_tokens=min_new_tokens, length_penalty=length_penalty, early_stopping=early_stopping,
+                 num_return_sequences=num_return_sequences)
+    options = {k: v if v is not None else defaults.forced.get(k, config.get(k, HF_SUPPORTED[k]))
+               for k, v in given.items()}
+    if isinstance(lang_x, torch.Tensor) and lang_x.dim() == 2:  # else check_prompt names what is wrong
+        options["max_new_tokens"] = hf_new_tokens(lang_x.shape[1], max_new_tokens, max_length, defaults)
     if not options["do_sample"]:
         options["top_k"] = 0  # Hugging Face's top_k 50 applies only when sampling
     if eos_token_id is None:
         eos_token_id = defaults.eos_token_id
     stops = stop_token_ids(eos_token_id, (), runner.config.lm.vocab_size) if eos_token_id is not None else ()
     if pad_token_id is None:
-        pad_token_id = defaults.pad_token_id if defaults.pad_token_id is not None else (stops or (0,))[0]
-    if options["num_beams"] > 1 and not pad_token_id and stops:
-        pad_token_id = stops[0]
-    generation = generation_options(runner.config, eos_token_id=list(stops), pad_token_id=pad_token_id, **options)
+        pad_token_id = defaults.pad_token_id
+    if pad_token_id is not None:
+        pad_token_id = _as_token_id(pad_token_id, "pad_token_id", runner.config.lm.vocab_size)
+    hf_pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else None)  # transformers' pad
+    fill = hf_pad if hf_pad is not None else 0
+    if options["num_beams"] > 1 and not fill and stops:
+        fill = stops[0]
+    generation = generation_options(runner.config, eos_token_id=list(stops), pad_token_id=fill, **options)
+    if attention_mask is None:
+        attention_mask = hf_inferred_mask(lang_x, hf_pad, stops)
     return runner.generate_from_options(vision_x, lang_x, attention_mask, generation, generator=generator, timer=timer,
                                         return_logits=return_logits, image_attention_mask=image_attention_mask)
 

@@ -166,13 +166,14 @@ class IdeficsRuntime(DropInModule):
     computes in the runtime's construction dtype, whatever autocast region it is in, and is safe in and out of
     `torch.inference_mode()` (modes.py).
 
-    generate(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, max_new_tokens=20,
-             num_beams=1, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, eos_token_id=</s>,
+    generate(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None, max_new_tokens=None,
+             max_length=None, num_beams=1, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, eos_token_id=</s>,
              min_new_tokens=0, pad_token_id=None, length_penalty=1.0, early_stopping=False,
              num_return_sequences=1, ...)
     -> ids [B * num_return_sequences, T + new], prompt included, as transformers returns them. Generated tokens
     see what the last prompt token sees (transformers repeats the mask's last row). Options left at None take
-    the model's generation_config value, else transformers' default; unsupported options are a named error.
+    the model's generation_config value, else transformers' default (the length: hf.hf_new_tokens; a missing
+    attention_mask: hf.hf_inferred_mask); unsupported options are a named error.
     forward(input_ids, attention_mask=None, pixel_values=None, image_attention_mask=None) -> `.logits`
     [B, T, vocab incl. the added rows], float32 from the fast engine.
     """
@@ -181,12 +182,14 @@ class IdeficsRuntime(DropInModule):
     ACCEPTED = {"interpolate_pos_encoding": False, "image_encoder_embeddings": None, "perceiver_embeddings": None}
 
     def __init__(self, engine, reference: Flamingo, eos_token_id, pad_token_id: int | None,
-                 generation_config: Mapping | None = None, model: nn.Module | None = None):
+                 generation_config: Mapping | None = None, model: nn.Module | None = None,
+                 max_positions: int | None = None):
         """model: the live IdeficsForVisionText2Text whose tensors the engine shares (registered: the drop-in's
-        parameters are its parameters, under its names)."""
+        parameters are its parameters, under its names). max_positions: its config's max_position_embeddings
+        (5.x has one, 4.x none), where transformers stops its default length."""
         super().__init__(engine, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), eos_token_id, pad_token_id,
-                                           "model.generation_config", self.ACCEPTED)
+                                           "model.generation_config", self.ACCEPTED, max_positions=max_positions)
 
     def _vision(self, pixel_values):
         """The processor's pixel_values [B, N, C, H, W] -> vision_x [B, N, 1, C, H, W] (one frame per image)."""
@@ -264,7 +267,9 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     reference = build_reference_from_state(config, reference_state_dict(model, config))
     runner = reference if engine == "reference" else FastFlamingo.from_reference(reference, **runtime_options)
     generation, defaults = generation_config_of(model)
-    eos = getattr(generation, "eos_token_id", None)
-    eos = model.config.eos_token_id if eos is None else eos
-    pad = getattr(generation, "pad_token_id", None)
-    return IdeficsRuntime(runner, reference, eos, model.config.pad_token_id if pad is None else pad, defaults, model)
+    # transformers' eos and pad: the generation_config's (pad None: its first eos); the model config's only
+    # without a generation_config
+    source = generation if generation is not None else model.config
+    eos, pad = source.eos_token_id, source.pad_token_id
+    return IdeficsRuntime(runner, reference, eos, pad, defaults, model,
+                          getattr(model.config, "max_position_embeddings", None))

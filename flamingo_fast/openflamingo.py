@@ -404,10 +404,11 @@ class OpenFlamingoRuntime(DropInModule):
     runtime's construction dtype, whatever autocast region it is in, and is safe in and out of
     `torch.inference_mode()` (modes.py).
 
-    generate(vision_x, lang_x, attention_mask=None, max_new_tokens=20, num_beams=1, do_sample=False,
+    generate(vision_x, lang_x, attention_mask=None, max_new_tokens=None, max_length=None, num_beams=1, do_sample=False,
              temperature=1.0, top_k=50, top_p=1.0, eos_token_id=<|endofchunk|>, min_new_tokens=0,
              pad_token_id=None, length_penalty=1.0, early_stopping=False, num_return_sequences=1, ...)
-    -> ids [B * num_return_sequences, T + new], as OpenFlamingo returns them (Hugging Face's defaults: top_k 50
+    -> ids [B * num_return_sequences, T + new], as OpenFlamingo returns them (the length as transformers sets it:
+    hf.hf_new_tokens; without attention_mask, the mask transformers infers: hf.hf_inferred_mask; top_k 50
     when sampling; finished rows padded with `pad_token_id`, by default the LM's pad token or else the first
     stop token). Beam search follows Hugging Face's (flamingo_fast/search.py), each row's prompt encoded and
     prefilled once. Options of Hugging Face's generate that are not implemented are an error that names them,
@@ -415,15 +416,20 @@ class OpenFlamingoRuntime(DropInModule):
     """
 
     def __init__(self, fast, reference: Flamingo, hf_pad_token_id: int | None,
-                 generation_config: Mapping | None = None, model: nn.Module | None = None):
+                 generation_config: Mapping | None = None, model: nn.Module | None = None,
+                 max_positions: int | None = None):
         """generation_config: the LM's own generate defaults (Hugging Face's `generation_config.to_diff_dict()`,
         or generation_config.json): its supported entries become this drop-in's defaults, as Hugging Face
         merges them; an unsupported entry that is not at its default makes every generate call an error that
         names it, unless the call passes that option's default explicitly. model: the live open_flamingo model
-        whose tensors `fast` shares (registered: the drop-in's parameters are its parameters, under its names)."""
+        whose tensors `fast` shares (registered: the drop-in's parameters are its parameters, under its names).
+        max_positions: the LM config's max_position_embeddings, where transformers stops its default length.
+        OpenFlamingo's generate passes num_beams=1 and eos_token_id=<|endofchunk|> itself unless the caller gives
+        them, so the generation_config's num_beams and eos_token_id never apply; its other entries do."""
         super().__init__(fast, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), self.config.eoc_token_id,
-                                           hf_pad_token_id, "lang_encoder.generation_config")
+                                           hf_pad_token_id, "lang_encoder.generation_config",
+                                           forced={"num_beams": 1}, max_positions=max_positions)
 
     _media_session: MediaSession | None = None  # what cache_media() holds until uncache_media()
 
@@ -555,7 +561,7 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     generation, defaults = generation_config_of(model.lang_encoder)
     hf_pad = getattr(generation, "pad_token_id", None)
     return OpenFlamingoRuntime(fast, reference, pad_token_id if pad_token_id is not None else hf_pad, defaults,
-                               model)
+                               model, getattr(model.lang_encoder.config, "max_position_embeddings", None))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -682,4 +688,5 @@ def load_openflamingo(
 
     generation_file = lm_dir / "generation_config.json"
     defaults = read_json(generation_file, f"lm_path={str(lm_path)!r}") if generation_file.is_file() else {}
-    return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad, defaults)
+    return OpenFlamingoRuntime(FastFlamingo.from_reference(reference, **runtime_options), reference, pad, defaults,
+                               max_positions=hf.get("max_position_embeddings"))

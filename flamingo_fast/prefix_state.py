@@ -24,7 +24,8 @@ the chain is copied in again. In OpenFlamingo's per-class loop nothing is copied
 each token's KV is already where the next call reads it.
 
 How many may be alive: any number; each owns its memory (`nbytes`: a root ~ its prompt's KV + its images' media
-K/V, an extension its new tokens' KV) and frees it when the caller drops it, as Hugging Face's cache objects do.
+K/V, an extension its new tokens' KV) and frees it when the caller drops it, as Hugging Face's cache objects do:
+the runtime remembers which chain its caches hold by weak references only.
 Errors, each naming past_key_values: anything that is not a handle (a tuple of tensors, a transformers Cache), a
 handle of another FastFlamingo (a drop-in's `.to()` that moves its tensors builds a new one), and a stale handle:
 one made from media cached by the drop-in's cache_media() after uncache_media() (or a new cache_media()) released
@@ -33,6 +34,7 @@ them, when OpenFlamingo's own cached path stops working too.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -95,9 +97,11 @@ class PrefixState:
 
 @dataclass(eq=False)
 class Staged:
-    """Which chain the runtime's caches hold, and their version counters right after it was put there."""
+    """Which chain the runtime's caches hold, and their version counters right after it was put there. The chain
+    is held by weak references: the runtime never keeps a handle (and its KV and media K/V) alive after the caller
+    dropped it; a dropped handle is simply no longer in place."""
 
-    chain: list[PrefixState]
+    chain: list[weakref.ref]
     kv_keys: torch.Tensor
     kv_version: int
     media_keys: torch.Tensor
@@ -113,7 +117,7 @@ def _version(tensor: torch.Tensor) -> int | None:
 
 def _record(runtime, chain: list[PrefixState]) -> None:
     kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
-    runtime.staged_prefix = Staged(chain, kv, _version(kv), media, _version(media))
+    runtime.staged_prefix = Staged([weakref.ref(state) for state in chain], kv, _version(kv), media, _version(media))
 
 
 def _in_place(runtime) -> list[PrefixState]:
@@ -125,7 +129,8 @@ def _in_place(runtime) -> list[PrefixState]:
     versions = (_version(kv), _version(media))
     if None in versions or versions != (staged.kv_version, staged.media_version):
         return []
-    return staged.chain
+    chain = [ref() for ref in staged.chain]
+    return [] if None in chain else chain
 
 
 def check_handle(runtime, past) -> PrefixState:

@@ -61,6 +61,7 @@ from .scoring import DEFAULT_SCORE_BYTES, check_candidates, hypotheses_per_row, 
 from .search import GenerationOptions, KeywordGenerate, generate_ids
 from .timing import PhaseTimer
 from .validation import check_dtype, check_eval_mode, check_generate_options, check_model, check_prompt
+from .weight_watch import WeightWatch
 
 if TYPE_CHECKING:
     from .reference import Flamingo
@@ -137,6 +138,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(decode_step, max_batch_size, max_seq_len, self.device,
                                    max_hypotheses=max_hypotheses) if use_graphs else None
+        self.weight_watch = WeightWatch(model)  # after fusing: what every call compares the weights with
 
     @classmethod
     @runtime_mode
@@ -198,6 +200,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
                 image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits [B, T, vocab], like the reference's forward."""
         with self.lock:
+            self._check_weights()
             attention_mask, prompt = check_prompt(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
             prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
             self._check_capacity(lang_x, prompt, None)
@@ -216,6 +219,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         if past is not None and vision_x is not None:
             raise ValueError("vision_x: expected None with past_key_values (the handle holds its prompt's images)")
         with self.lock:
+            self._check_weights()
             return prefix_state.forward_with_state(self, vision_x, lang_x, attention_mask, past, session)
 
     @runtime_mode
@@ -228,6 +232,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         inputs against them and this instance's capacity, then runs the search."""
         config = self.config
         with self.lock:
+            self._check_weights()
             attention_mask, prompt = check_prompt(config, vision_x, lang_x, attention_mask, image_attention_mask)
             check_generate_options(config, lang_x, attention_mask, options.max_new_tokens, options.min_new_tokens)
             prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
@@ -251,6 +256,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         pass. The tail cache is allocated for the call and freed after it; max_hypotheses and max_tail_len (beam
         search's) do not apply. A budget too small for one hypothesis per row is an error naming score_bytes."""
         with self.lock:
+            self._check_weights()
             attention_mask, prompt = check_prompt(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
             tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
             longest = max(len(t) for t in tokens)
@@ -283,6 +289,28 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         (never more than `budget`), entries."""
         with self.lock:
             return dataclasses.replace(self.context_cache.stats)
+
+    def stale_after_move(self) -> bool:
+        """Whether a replaced weight storage (weight_watch.py: "moved") leaves this runtime over the old ones: its
+        fused LLaMA projections or CUDA graphs hold them, or a dtype or device changed. Else it reads the new ones."""
+        return bool(self.stack.fused_projections) or self.graphs is not None or self.weight_watch.kinds_changed()
+
+    def _check_weights(self) -> None:
+        """At every entry point, under the lock (weight_watch.py): weights written in place since the last call
+        empty the context cache (its contexts and images were computed from the old values; every other cache is
+        recomputed per call); so does a replaced storage that this runtime reads afresh, and one it does not
+        (stale_after_move) is an error (the drop-ins rebuild their runtime instead)."""
+        change = self.weight_watch.check()
+        if change == "moved" and not self.stale_after_move():
+            self.weight_watch.renew()
+            change = "updated"
+        if change == "updated":
+            self.context_cache.clear()
+        elif change == "moved":
+            raise ValueError("model: a tensor of the model this FastFlamingo runs was replaced since it was built "
+                             "(`param.data = ...`, or the model's own `.to()` / `.half()`); expected the same "
+                             "tensors, updated in place (copy_, optimizer.step(), load_state_dict): build a new "
+                             "FastFlamingo")
 
     def clear_context_cache(self) -> None:
         with self.lock:

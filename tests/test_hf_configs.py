@@ -185,3 +185,22 @@ def test_installed_transformers_writes_the_layout_written_here(family):
     rope_keys = {"rope_theta", "rope_scaling", "rope_parameters", "rotary_pct", "partial_rotary_factor",
                  "rotary_emb_base"}
     assert {k for k in written if k in rope_keys} == {k for k in hf_config(lm, layout) if k in rope_keys}
+
+
+def test_generate_length_as_transformers_sets_it():
+    """hf.hf_new_tokens, transformers' rule (4.57 and 5.x, given the generation_config's diff dict): max_new_tokens
+    (call, else config) wins; else max_length (call, else config) counts the prompt; else 20 new tokens, stopped at
+    the model config's max_position_embeddings; a max_length the prompt fills is an error naming it."""
+    from flamingo_fast.hf import HFGenerateDefaults, hf_new_tokens
+
+    def defaults(max_positions=None, **config):
+        return HFGenerateDefaults(config, None, None, "generation_config", max_positions=max_positions)
+
+    assert hf_new_tokens(16, None, None, defaults()) == 20
+    assert hf_new_tokens(16, None, None, defaults(max_positions=30)) == 14
+    assert hf_new_tokens(16, None, None, defaults(max_length=30)) == 14
+    assert hf_new_tokens(16, None, 20, defaults(max_length=30)) == 4
+    assert hf_new_tokens(16, 5, None, defaults(max_length=30)) == 5
+    assert hf_new_tokens(16, None, None, defaults(max_length=30, max_new_tokens=3)) == 3
+    with pytest.raises(ValueError, match=r"max_length=16: the prompt already has 16 tokens"):
+        hf_new_tokens(16, None, None, defaults(max_length=16))

@@ -426,6 +426,77 @@ def test_fused_projections_move_the_live_models_weights(batches):
     compare_logits(model, runtime, batches["mixed"])
 
 
+def test_live_weight_changes_reach_the_warm_context_cache(batches):
+    """The drop-in shares the live model's tensors: after an in-place update (what optimizer.step() writes) and after
+    the live model's own load_state_dict, a call whose contexts and images were cached gives transformers' logits
+    for the weights as they are now."""
+    model = build_idefics(**CONFIGS["every2-noqk-vector-5lat"])
+    runtime = runtime_for(model, "fast")
+    inputs = batches["mixed"]
+    for _ in range(2):
+        runtime.generate(**inputs, max_new_tokens=1)
+    assert runtime.fast.context_cache_stats().context_hits > 0
+    other = build_idefics(**{**CONFIGS["every2-noqk-vector-5lat"], "seed": 9}).state_dict()
+    trained = [*model.model.perceiver_resampler.parameters(), *model.model.gated_cross_attn_layers.parameters()]
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(trained, [0.02 * torch.randn(p.shape) for p in trained])
+
+    for update in (step, lambda: model.load_state_dict(other)):
+        update()
+        _, logits = runtime.generate(**inputs, max_new_tokens=1, return_logits=True)
+        assert_close(logits[:, 0], hf_logits(model, inputs)[:, -1], dtype=FP32)
+
+
+def test_batch_without_attention_mask_as_transformers(batches):
+    """No attention_mask: transformers' generate infers it from the pad token (the processor's, 0) when the pad
+    occurs in the ids and is not a stop token, else takes every token as real (pad_token_id=</s>); the drop-in does
+    the same."""
+    model = hf_model("every2-noqk-vector-5lat")
+    runtime = runtime_for(model, "fast")
+    inputs = {k: v for k, v in batches["mixed"].items() if k != "attention_mask"}
+    for call in ({}, {"pad_token_id": EOS}):
+        compare_generate(model, runtime, inputs, max_new_tokens=4, **call)
+
+
+def test_generation_config_fields_as_transformers_applies_them(batches):
+    """Each field that matters, set on the model's generation_config (read when the drop-in is built), against
+    transformers' generate with no option in the call: max_length counts the prompt and yields to max_new_tokens;
+    num_beams, length_penalty, eos_token_id, pad_token_id and min_new_tokens apply (transformers' generate is the
+    model's own: nothing overrides them); do_sample samples."""
+    import copy
+
+    model = build_idefics(**CONFIGS["every1-qk-float-3lat"])
+    inputs = batches["mixed"]
+    prompt = inputs["input_ids"].shape[1]
+    saved = model.generation_config
+    greedy = runtime_for(model, "fast").generate(**inputs, max_new_tokens=4, eos_token_id=[])
+    stop = int(greedy[1, prompt + 1])  # row 1's second token
+    cases = [
+        {"max_length": prompt + 3},
+        {"max_length": prompt + 9, "max_new_tokens": 2},
+        {"num_beams": 3, "max_new_tokens": 3},
+        {"num_beams": 2, "length_penalty": -2.0, "max_new_tokens": 3},
+        {"eos_token_id": stop, "pad_token_id": 7, "max_new_tokens": 4},
+        {"eos_token_id": stop, "min_new_tokens": 3, "max_new_tokens": 4},
+    ]
+    try:
+        for fields in cases:
+            model.generation_config = copy.deepcopy(saved)
+            for name, value in fields.items():
+                setattr(model.generation_config, name, value)
+            compare_generate(model, runtime_for(model, "fast"), inputs)
+        model.generation_config = copy.deepcopy(saved)
+        model.generation_config.do_sample, model.generation_config.max_new_tokens = True, 6
+        runtime = runtime_for(model, "fast")
+        draws = {tuple(runtime.generate(**inputs, generator=torch.Generator().manual_seed(s)).flatten().tolist())
+                 for s in range(3)}
+        assert len(draws) > 1
+    finally:
+        model.generation_config = saved
+
+
 def test_unsupported_call_options_are_named(batches):
     """Precomputed image embeddings and options flamingo_fast does not implement are errors naming them, in
     forward and generate; their defaults pass."""

@@ -227,6 +227,19 @@ def test_checkpoint_round_trip(family, tmp_path):
         options["missing_output_rows"] = "mean"
     fast = flamingo_fast.load_openflamingo(*files, **options)
     compare(of_model, fast, *batch([([0, 6, 12], 18), ([1], 7)], num_images=3))
+    if family == "llama":  # the LM directory's generation_config.json, applied as OpenFlamingo applies the LM's
+        import json
+
+        vision, ids, mask = batch([([0, 6], 12), ([1], 7)], num_images=2)
+        fields = {"max_length": ids.shape[1] + 3, "num_beams": 3}
+        written = json.loads((tmp_path / "lm" / "generation_config.json").read_text())
+        (tmp_path / "lm" / "generation_config.json").write_text(json.dumps({**written, **fields}))
+        for name, value in fields.items():
+            setattr(of_model.lang_encoder.generation_config, name, value)
+        with torch.no_grad():
+            expected = of_model.generate(vision, ids, attention_mask=mask)
+        assert expected.shape[1] == ids.shape[1] + 3
+        assert torch.equal(flamingo_fast.load_openflamingo(*files, **options).generate(vision, ids, mask), expected)
 
     broken = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     broken["perceiver.extra.weight"] = torch.zeros(1)
@@ -573,3 +586,110 @@ def test_int8_with_bf16_activations_against_openflamingo():
     assert greedy.shape == (2, prompt + 5) and torch.equal(greedy[:, :prompt], ids)
     beams = int8_bf16.generate(vision, ids, mask, max_new_tokens=5, num_beams=3, length_penalty=-2.0)
     assert beams.shape[0] == 2 and prompt < beams.shape[1] <= prompt + 5 and torch.equal(beams[:, :prompt], ids)
+
+
+def test_live_weight_changes_reach_the_warm_context_cache():
+    """The drop-in shares the live model's tensors. After an in-place update of what OpenFlamingo trains (what
+    optimizer.step() writes), after the live model's own load_state_dict, and after a fused q/k/v weight's storage
+    is replaced behind the drop-in (`param.data = ...`), a few-shot call whose context and images were cached gives
+    OpenFlamingo's logits for the weights as they are now."""
+    of_model = build_openflamingo("llama", 2, seed=130)
+    drop_in = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=1, max_seq_len=96)
+    vision, ids, mask = shots_prompt(2)
+    for _ in range(2):
+        drop_in.generate(vision, ids, mask, max_new_tokens=1)
+    assert drop_in.fast.context_cache_stats().context_hits == 1
+    trained = [*of_model.perceiver.parameters(), *of_model.lang_encoder.gated_cross_attn_layers.parameters(),
+               of_model.lang_encoder.get_input_embeddings().weight]
+    other = build_openflamingo("llama", 2, seed=131).state_dict()
+    q_proj = of_model.lang_encoder.model.layers[1].decoder_layer.self_attn.q_proj
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(trained, [0.02 * torch.randn(p.shape) for p in trained])
+
+    def replace():
+        q_proj.weight.data = 1.5 * q_proj.weight.data
+
+    for update in (step, lambda: of_model.load_state_dict(other), replace):
+        update()
+        _, logits = drop_in.generate(vision, ids, mask, max_new_tokens=1, return_logits=True)
+        with torch.no_grad():
+            expected = of_model(vision, ids, attention_mask=mask).logits[:, -1]
+        assert_close(logits[:, 0], expected, dtype=FP32)
+
+
+def _with_generation_config(lang, base, fields: dict):
+    """The LM's generation_config: a copy of `base` with `fields` set (each case starts from the model's own)."""
+    import copy
+
+    config = copy.deepcopy(base)
+    for name, value in fields.items():
+        setattr(config, name, value)
+    lang.generation_config = config
+
+
+def test_generation_config_fields_as_openflamingo_applies_them():
+    """Each field that matters, set on the LM's generation_config (read when the drop-in is built), against
+    OpenFlamingo's generate under the installed transformers with the same call: max_length counts the prompt and
+    yields to max_new_tokens (transformers 4.57 takes max_length=20 as its default of 20 new tokens, 5.x as a
+    length); OpenFlamingo passes num_beams=1 and eos_token_id=<|endofchunk|> itself, so the config's never apply;
+    pad_token_id, min_new_tokens, length_penalty and do_sample do."""
+    of_model = build_openflamingo("llama", 2, seed=140)
+    lang, saved = of_model.lang_encoder, of_model.lang_encoder.generation_config
+    vision, ids, mask = batch([([0, 6], 12), ([1], 7)], num_images=2)
+    prompt = ids.shape[1]
+    options = dict(backend="torch", max_batch_size=2, max_seq_len=64, max_hypotheses=8)
+    greedy = flamingo_fast.from_openflamingo(of_model, **options).generate(vision, ids, mask, max_new_tokens=6,
+                                                                           eos_token_id=[])
+    stop = int(greedy[1, prompt + 1])  # row 1's second token: it stops there, row 0 later or never
+    cases = [
+        ({"max_length": prompt + 3}, {}),
+        ({"max_length": 20}, {}),  # 4.57: its default, 20 new tokens; 5.x: 8 new tokens
+        ({"max_length": prompt + 9}, {"max_new_tokens": 2}),
+        ({}, {"max_length": prompt + 2}),
+        ({"num_beams": 3, "max_new_tokens": 3}, {}),
+        ({"num_beams": 2, "length_penalty": -2.0, "max_new_tokens": 3}, {"num_beams": 3, "use_cache": False}),
+        ({"eos_token_id": stop, "max_new_tokens": 3}, {}),
+        ({"pad_token_id": 7, "max_new_tokens": 3}, {"eos_token_id": stop}),
+        ({"min_new_tokens": 3, "max_new_tokens": 4}, {"eos_token_id": stop}),
+    ]
+    try:
+        for fields, call in cases:
+            _with_generation_config(lang, saved, fields)
+            drop_in = flamingo_fast.from_openflamingo(of_model, **options)
+            with torch.no_grad():
+                expected = of_model.generate(vision, ids, attention_mask=mask, **call)
+            got = drop_in.generate(vision, ids, mask, **call)
+            assert torch.equal(got, expected), f"{fields} {call}\nours:\n{got[:, prompt:]}\n" \
+                                               f"OpenFlamingo:\n{expected[:, prompt:]}"
+        # do_sample from the config samples (OpenFlamingo's draws come from the global RNG, ours from a generator)
+        _with_generation_config(lang, saved, {"do_sample": True, "max_new_tokens": 6})
+        drop_in = flamingo_fast.from_openflamingo(of_model, **options)
+        draws = {tuple(drop_in.generate(vision, ids, mask, eos_token_id=[],
+                                        generator=torch.Generator().manual_seed(s)).flatten().tolist())
+                 for s in range(3)}
+        assert len(draws) > 1 and tuple(greedy.flatten().tolist()) not in draws
+    finally:
+        lang.generation_config = saved
+
+
+def test_left_padded_batch_without_attention_mask_as_openflamingo():
+    """No attention_mask: transformers' generate under OpenFlamingo infers it from the pad token when the pad occurs
+    in lang_x and is not a stop token (here the LM's pad, 98, and <|endofchunk|>), else takes every token as real
+    (pad_token_id=<|endofchunk|>); the drop-in does the same. A pad after a real token is an error naming
+    attention_mask."""
+    of_model = build_openflamingo("llama", 2, seed=150)
+    drop_in = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96)
+    vision, ids, _ = batch([([0, 6, 12], 18), ([1], 7)], num_images=3)
+    for call in ({}, {"pad_token_id": EOC}):
+        with torch.no_grad():
+            out = of_model.generate(vision, ids, max_new_tokens=4, output_logits=True, return_dict_in_generate=True,
+                                    **call)
+        got, logits = drop_in.generate(vision, ids, max_new_tokens=4, return_logits=True, **call)
+        assert torch.equal(got, out.sequences), call
+        assert_close(logits, torch.stack(out.logits, dim=1), dtype=FP32)
+    holed = ids.clone()
+    holed[0, 10] = PAD
+    with pytest.raises(ValueError, match=r"attention_mask: None, and lang_x row 0 holds pad_token_id=98"):
+        drop_in.generate(vision, holed, max_new_tokens=2)

@@ -169,6 +169,23 @@ def test_handles_never_change_many_alive_and_survive_other_calls():
     assert handle_a.parent is first.past_key_values
 
 
+def test_dropped_handles_free_their_tensors():
+    """The drop-in's past_key_values handles own their KV and media K/V: after the caller drops them (here after the
+    per-class loop's calls, then a generate), nothing keeps them alive."""
+    import gc
+    import weakref
+
+    _, drop_in = models("mpt", seed=64)
+    vision, ids, mask = prompts()
+    prompt = drop_in(vision, ids, mask, use_cache=True).past_key_values
+    _, extended = extend(drop_in, prompt, torch.randint(3, EOC, (3, 1)))
+    drop_in.generate(vision, ids, mask, max_new_tokens=2)
+    alive = [weakref.ref(t) for t in (prompt, extended, prompt.keys, prompt.media_keys, extended.keys)]
+    del prompt, extended
+    gc.collect()
+    assert [r() for r in alive] == [None] * len(alive)
+
+
 def test_handle_errors_name_past_key_values():
     of_model, drop_in = models("llama", seed=63)
     _, other = models("llama", seed=63)

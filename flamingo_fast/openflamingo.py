@@ -423,7 +423,8 @@ class OpenFlamingoRuntime(DropInModule):
         whose tensors `fast` shares (registered: the drop-in's parameters are its parameters, under its names)."""
         super().__init__(fast, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), self.config.eoc_token_id,
-                                           hf_pad_token_id, "lang_encoder.generation_config")
+                                           hf_pad_token_id, "lang_encoder.generation_config",
+                                           use_cache=bool((generation_config or {}).get("use_cache", True)))
 
     _media_session: MediaSession | None = None  # what cache_media() holds until uncache_media()
 

@@ -125,7 +125,8 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         self.max_hypotheses, self.max_tail_len = max_hypotheses, max_tail_len
         self.tail_cache: TailKVCache | None = None  # allocated by the first beam search, then kept (graphs read it)
         self.staged_prefix = None  # prefix_state.Staged: which past_key_values chain the caches hold
-        self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths)
+        self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths,
+                                        image_per_hypothesis=config.openflamingo_generated_image_bug)
         if isinstance(context_cache_bytes, bool) or not isinstance(context_cache_bytes, int) or context_cache_bytes < 0:
             raise ValueError(f"context_cache_bytes={context_cache_bytes!r}: expected an integer >= 0 (0 disables it)")
         self.context_cache = ContextCache(context_cache_bytes)
@@ -431,6 +432,7 @@ class FastDecoder:
         self._check_hypotheses(index.shape[0])
         self.tail.reorder(index, self.tail_len)
         inputs = self.inputs
-        inputs.rope_position, inputs.image_index = inputs.rope_position[index], inputs.image_index[index]
-        inputs.row_images = inputs.row_images[index]
+        inputs.rope_position, inputs.row_images = inputs.rope_position[index], inputs.row_images[index]
+        inputs.image_index = masking.image_after_reorder(inputs.image_index, index,
+                                                         self.runtime.config.openflamingo_generated_image_bug)
         self.per_row = index.shape[0] // self.rows

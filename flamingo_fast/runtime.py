@@ -302,7 +302,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         layout's rule: `<image>` tokens (OpenFlamingo) or the image_attention_mask (IDEFICS); `prompt`: that
         rule's PromptImages when the input checks made it already (validation.check_prompt). In OpenFlamingo's
         all-previous mode with the pre-image bug, text before the first image attends to every image given, so
-        all of them are encoded."""
+        all of them are encoded; with the generated-image bug, every row's first image is."""
         if prompt is None and self.config.layout == "idefics":
             return masking.PromptImages.from_image_attention_mask(image_attention_mask)
         if prompt is None:
@@ -310,6 +310,10 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         if self.pre_image_bug and vision_x is not None:
             every = list(range(vision_x.shape[1]))
             prompt = dataclasses.replace(prompt, visible=[every] * lang_x.shape[0])
+        elif self.config.openflamingo_generated_image_bug and vision_x is not None and vision_x.shape[1]:
+            # a generated <image> turns a hypothesis to its row's first image, which a row without <image>
+            # tokens shows none of its tokens: every row's first image is encoded
+            prompt = dataclasses.replace(prompt, visible=[sorted({0, *row}) for row in prompt.visible])
         return prompt
 
     def _check_capacity(self, lang_x, prompt: masking.PromptImages, max_new_tokens: int | None,

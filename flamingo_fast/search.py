@@ -439,7 +439,8 @@ class KeywordGenerate:
         `beam_search` is tested against); FastFlamingo encodes and prefills each row's prompt once, and its beams
         share that KV with private tails. Each row's best sequences come best first, padded with `pad_token_id`.
         Every generated token attends to the last image of its row's prompt (IDEFICS: to what the last prompt
-        token sees). `timer` records phase times.
+        token sees), unless the config asks for OpenFlamingo's generated-<image> behaviour
+        (openflamingo_generated_image_bug). `timer` records phase times.
         """
         options = generation_options(
             self.config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,

@@ -446,7 +446,8 @@ def test_generated_image_parity_flag_with_beams_couples_the_batch():
     for k in (3, 1):
         got = parity.generate(vision, ids, mask, num_return_sequences=k, **gen)
         want = expected.view(3, 3, -1)[:, :k].flatten(0, 1)
-        assert torch.equal(got, want), f"num_return_sequences={k}\nours:\n{got[:, new:]}\nOpenFlamingo:\n{want[:, new:]}"
+        assert torch.equal(got, want), \
+            f"num_return_sequences={k}\nours:\n{got[:, new:]}\nOpenFlamingo:\n{want[:, new:]}"
     # the reference's own generate stops on eos too by default; OpenFlamingo's on <|endofchunk|> only
     assert torch.equal(parity.reference.generate(vision, ids, mask, num_return_sequences=3, eos_token_id=EOC, **gen),
                        expected)

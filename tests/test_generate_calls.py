@@ -106,15 +106,15 @@ def test_generated_image_flag_fast_matches_reference(backend):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=INTERPRETER_MARKS)])
 def test_generated_image_flag_with_beams_fast_matches_reference(backend):
-    """Beam search with openflamingo_generated_image_bug on a batch whose middle row shows no image: the first
-    row's beams generate `<image>`, and one of the middle row's. The fast path (one image index per hypothesis in
+    """Beam search with openflamingo_generated_image_bug on a batch whose middle row shows no image: some of the
+    first two rows' beams generate `<image>`. The fast path (one image index per hypothesis in
     the decode cross-attention, the state kept by batch slot through reorders, every row's first image read)
     returns the reference's tokens, cold, and warm on the same rows in another order, their contexts from the
     context cache (another row's images in the media cache slots they left)."""
     config = TINY.replace(openflamingo_generated_image_bug=True)
     model = build_reference(config, seed=8)
     vision, lang_x, mask = random_batch(config, [([0, 4, 8], 12), ([], 6), ([1, 3], 7)], num_images=3)
-    gen = dict(max_new_tokens=4, num_beams=3, length_penalty=-2.0, eos_token_id=[config.eoc_token_id],
+    gen = dict(max_new_tokens=3, num_beams=3, length_penalty=-2.0, eos_token_id=[config.eoc_token_id],
                num_return_sequences=3)
     free = model.generate(vision, lang_x, mask, **gen)[:, 12:]
     with torch.no_grad():  # <image> competes with the first row's first hypothesis' second token
@@ -122,7 +122,7 @@ def test_generated_image_flag_with_beams_fast_matches_reference(backend):
         head[config.media_token_id] = 1.2 * head[int(free[0, 1])]
     expected = model.generate(vision, lang_x, mask, **gen)
     media = (expected[:, 12:-1] == config.media_token_id).view(3, 3, -1).any(dim=2)
-    assert media.tolist() == [[True] * 3, [False, False, True], [False] * 3], media
+    assert media[0].any() and media[1].any() and not media[1].all() and not media[2].any(), media
     fast = FastFlamingo.from_reference(model, backend=backend, max_batch_size=3, max_seq_len=32)
     got = fast.generate(vision, lang_x, mask, **gen)
     assert torch.equal(got, expected), f"fast:\n{got[:, 12:]}\nreference:\n{expected[:, 12:]}"

@@ -535,8 +535,10 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     """An open_flamingo `Flamingo` (open_clip vision tower, perceiver, FlamingoLMMixin LM) -> the same model
     run by FastFlamingo. The tensors are shared with `model` (nothing is copied unless `dtype` asks for a
     conversion). The LM's `generation_config` gives the drop-in's generate defaults, as in Hugging Face.
-    `openflamingo_generated_image_bug=True`: what OpenFlamingo does once the model generates `<image>`, for bit
-    parity (FlamingoConfig says what). `runtime_options` go to FastFlamingo.from_reference: backend, dtype, device,
+    `openflamingo_generated_image_bug=True`: what OpenFlamingo's cached generate does once the model generates
+    `<image>`, batch coupling included, for bit parity (FlamingoConfig says what; a use_cache=False call, by
+    argument or by the LM's generation_config, is refused).
+    `runtime_options` go to FastFlamingo.from_reference: backend, dtype, device,
     max_batch_size, max_seq_len, max_images, cuda_graphs, stop_check_interval, max_hypotheses, max_tail_len,
     context_cache_bytes, score_bytes, decode_paths, weights. With `weights="int8"` the runtime works from its own
     converted, quantized copy, which the drop-in registers instead of `model` (as with a dtype conversion): the

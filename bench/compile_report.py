@@ -235,7 +235,7 @@ def configs(quick: bool = False) -> list[Config]:
         for mode, flags in MODES.items():
             args = dict(q_ptr=_ptr(dt), k_ptr=_ptr(dt), v_ptr=_ptr(dt), index_ptr=_ptr("*i32"),
                         num_images_ptr=_ptr("*i32"), out_ptr=_ptr(dt), capacity_images=_I32, qk_scale_log2=_FP32,
-                        queries_per_row=_I32,
+                        queries_per_row=_I32, queries_per_index=_I32,
                         **_strides("q", "bhd"), **_strides("k", "bhnd"), **_strides("v", "bhnd"),
                         stride_ib=_ONE, stride_nb=_ONE, **_strides("o", "bhd"),
                         HEAD_DIM=64, NUM_LATENTS=64, BLOCK_N=64, **flags, OUT_DTYPE=tl_dtype(dt))

@@ -147,9 +147,12 @@ class FlamingoConfig:
     image up to its own. `openflamingo_pre_image_bug=True` reproduces OpenFlamingo's all-previous mode, where
     text before the first image attends uniformly to all images (our default gives it exactly 0).
     `openflamingo_generated_image_bug=True` reproduces what OpenFlamingo's cached generate does once the model
-    generates `<image>` (greedy and sampling, immediate mode only): from the next step on, every row that just
-    generated `<image>` attends to the FIRST image of its prompt and every other row to none, until the next
-    generated `<image>`. Our default: every generated token attends to the last image of its row's prompt.
+    generates `<image>` (greedy, sampling and beams; immediate mode only): from the next step on, every
+    hypothesis whose token was `<image>` attends to the FIRST image of its row (of vision_x, shown or not) and
+    every other hypothesis of the batch, other rows included, to none, until the next generated `<image>`; with
+    beams the state belongs to the batch slot, not to the beam (masking.image_after_reorder). That is
+    OpenFlamingo's behaviour, not ours. Our default: every generated token attends to the last image of its
+    row's prompt.
 
     layout="idefics" (Hugging Face IDEFICS v1): blocks sit before layer `idx` when `idx % n == 0`; the images a
     token sees come from the processor's `image_attention_mask`, and generated tokens see what the last prompt

@@ -61,6 +61,9 @@ class DecodeState:
     media: MediaKVCache
     tail: TailKVCache | None
     paths: frozenset[str]
+    # OpenFlamingo's generated-<image> behaviour (config.openflamingo_generated_image_bug): the hypotheses of a
+    # row may attend to different images, so the cross-attention reads one image index per hypothesis
+    image_per_hypothesis: bool = False
 
 
 def decode_step(state: DecodeState, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool) -> torch.Tensor:
@@ -114,12 +117,15 @@ def decode_step(state: DecodeState, inputs: DecodeInputs, kv_len: int, per_row: 
                     -1, per_row, -1, -1).reshape(lm.num_kv_heads, per_row * groups, kv_len)
                 tail_bias = tail_bias + slopes[:, 0] * (tail_columns - inputs.kv_column)  # [Hkv, G, T]
 
+    per_hypothesis = state.image_per_hypothesis and per_row > 1
+    image_index = inputs.image_index if per_hypothesis else inputs.image_index[::per_row]
+
     def cross(idx, x, h):
         slot = stack.xattn_slot[idx]
-        return stack.xattn[idx].decode(  # a row's hypotheses share its image: the row's first one's index
-            x, h, state.media.keys[slot, :rows], state.media.values[slot, :rows],
-            inputs.image_index[::per_row], inputs.row_images[::per_row], stack.input_norms[idx],
-            queries_per_row=per_row,
+        return stack.xattn[idx].decode(  # a row's hypotheses share its image (the row's first one's index)
+            x, h, state.media.keys[slot, :rows], state.media.values[slot, :rows],  # unless per_hypothesis
+            image_index, inputs.row_images[::per_row], stack.input_norms[idx],
+            queries_per_row=per_row, index_per_query=per_hypothesis,
         )
 
     def write(q, k, v, cache_keys, cache_values):

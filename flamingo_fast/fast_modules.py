@@ -151,14 +151,16 @@ class FastGatedCrossAttention(nn.Module):
         return self._finish(x, attn, next_norm)
 
     def decode(self, x, x_normed, keys, values, image_index, num_images, next_norm: NormSpec,
-               queries_per_row: int = 1):
+               queries_per_row: int = 1, index_per_query: bool = False):
         """x [B * R, 1, D] and x_normed = attn_norm(x) (R = queries_per_row, the hypotheses of a row);
-        keys/values [B, H, capacity, dh] read in place; image_index, num_images [B] int32, one per row."""
+        keys/values [B, H, capacity, dh] read in place; num_images [B] int32, one per row; image_index [B] int32,
+        one per row, or [B * R], one per hypothesis, with `index_per_query` (immediate mode only)."""
         b = x.shape[0]
         q = self.block.queries(x_normed)[:, 0]  # [B * R, H, dh]
         out = self.ops.masked_cross_attention_decode(
             q, keys, values, image_index, num_latents=self.num_latents, attend_previous=not self.immediate,
             pre_image_attends_all=self.pre_image_bug, num_images=num_images, queries_per_row=queries_per_row,
+            index_per_query=index_per_query,
         )
         return self._finish(x, out.reshape(b, 1, -1), next_norm)
 

@@ -26,8 +26,8 @@ HF_SUPPORTED = {"max_new_tokens": None, "max_length": None, "num_beams": 1, "do_
                 "num_return_sequences": 1}
 # Hugging Face's default length when neither max_new_tokens nor max_length is set: this many new tokens.
 HF_DEFAULT_NEW_TOKENS = 20
-# generation_config entries that change nothing here: the drop-ins read eos and pad themselves, the cache never
-# changes results; and what transformers 5 writes at its defaults.
+# generation_config entries that change nothing here: the drop-ins read eos and pad themselves, use_cache is read
+# apart (HFGenerateDefaults.use_cache); and what transformers 5 writes at its defaults.
 HF_IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id",
               "decoder_start_token_id", "use_cache"}
 HF_IGNORED_WHEN_OFF = {"output_attentions", "output_hidden_states", "output_scores", "output_logits",
@@ -57,6 +57,7 @@ class HFGenerateDefaults:
     accepted: Mapping = field(default_factory=dict)
     forced: Mapping = field(default_factory=dict)
     max_positions: int | None = None
+    use_cache: bool = True  # the generation_config's: what a call that passes no use_cache runs with
 
 
 def hf_new_tokens(prompt_len: int, max_new_tokens: int | None, max_length: int | None,
@@ -109,7 +110,7 @@ def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attentio
                 eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
                 pad_token_id: int | None = None, length_penalty: float | None = None,
                 early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
-                generator=None, timer=None, return_logits: bool = False, use_cache: bool = True, **hf_options):
+                generator=None, timer=None, return_logits: bool = False, use_cache: bool | None = None, **hf_options):
     """A drop-in's generate call, Hugging Face's options -> GenerationOptions (search.generation_options, the
     one translation) -> `runner.generate_from_options(...)` (a FastFlamingo, or the reference Flamingo).
 
@@ -119,14 +120,25 @@ def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attentio
     passes that option's default; any other keyword is accepted only at its default (HF_DEFAULTS and
     `defaults.accepted`). Without attention_mask, the mask is inferred from the pad token as transformers infers
     it (hf_inferred_mask). Finished rows are filled as Hugging Face fills them: the call's pad, else the model's,
-    else the first stop token; beam search with `pad_token_id or eos_token_id[0]`. use_cache changes how
-    Hugging Face computes, never what: flamingo_fast always caches. The inputs are positional-only, so a
+    else the first stop token; beam search with `pad_token_id or eos_token_id[0]`. use_cache (default: the
+    generation_config's) changes how Hugging Face computes, and what only once OpenFlamingo's model generates
+    `<image>`: flamingo_fast always caches, and with `openflamingo_generated_image_bug` it reproduces OpenFlamingo's
+    cached generate, so an uncached call is an error there. The inputs are positional-only, so a
     keyword of the same name (e.g. image_attention_mask to a drop-in that takes none) is an unsupported option."""
     known = {**HF_DEFAULTS, **defaults.accepted}
     unsupported = {k: v for k, v in hf_options.items() if known.get(k, object()) != v}
     if unsupported:
         raise ValueError(f"generate options {sorted(unsupported)}: not supported by flamingo_fast; "
                          f"supported: {', '.join(HF_SUPPORTED)}, eos_token_id, pad_token_id")
+    if use_cache is None:
+        use_cache, cache_from = defaults.use_cache, f"{defaults.where}.use_cache"
+    else:
+        cache_from = "the call's use_cache"
+    if not use_cache and getattr(runner.config, "openflamingo_generated_image_bug", False):
+        raise ValueError(f"use_cache=False ({cache_from}) with openflamingo_generated_image_bug=True: the flag "
+                         f"reproduces OpenFlamingo's cached generate; uncached, OpenFlamingo runs every step over "
+                         f"the whole sequence, where a generated <image> opens its row's next image, which is not "
+                         f"reproduced; expected use_cache=True")
     config = defaults.generation_config
     from_config = sorted(k for k in config if k not in HF_SUPPORTED and k not in hf_options)
     if from_config:

@@ -41,12 +41,24 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def image_after_generated_tokens(tokens: torch.Tensor, image: torch.Tensor, media_token_id: int) -> torch.Tensor:
     """OpenFlamingo's cached generate when the model generates `<image>` (only with
-    `openflamingo_generated_image_bug`): a step whose input tokens hold an `<image>` re-conditions every row on
-    that one step, so a row whose token is `<image>` now sees image 1 and every other row none, and that holds
-    until the next such step. tokens [H]; image [H], 1-based (0 = none) -> the image of this step and the next.
-    No host sync."""
+    `openflamingo_generated_image_bug`): a step whose input tokens hold an `<image>` re-conditions every
+    hypothesis of the batch (every row, every beam) on that one step, so a hypothesis whose token is `<image>`
+    now sees image 1 of its row and every other one none, and that holds until the next such step. tokens [H];
+    image [H], 1-based (0 = none) -> the image of this step and the next. No host sync."""
     is_image = tokens == media_token_id
     return torch.where(is_image.any(), is_image.to(image.dtype), image)
+
+
+def image_after_reorder(image: torch.Tensor, index: torch.Tensor, generated_image_bug: bool) -> torch.Tensor:
+    """The image state after a search's reorder (hypothesis h continues old hypothesis index[h]): the parent's.
+    With `openflamingo_generated_image_bug` it stays where it was when the hypothesis count is unchanged: Hugging
+    Face's beam search reorders the KV cache by beam, but OpenFlamingo's layers keep the media locations they
+    were conditioned on in batch-slot order, so slot h keeps the state its own token set, whichever beam moves
+    in. A reorder that changes the count (score's trie levels, where `<image>` is never an input and every
+    hypothesis of a row holds the row's state) gathers it. image [H], index [H'] -> [H']."""
+    if generated_image_bug and index.shape[0] == image.shape[0]:
+        return image
+    return image[index]
 
 
 @dataclass(frozen=True)

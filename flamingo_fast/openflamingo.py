@@ -429,7 +429,8 @@ class OpenFlamingoRuntime(DropInModule):
         super().__init__(fast, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), self.config.eoc_token_id,
                                            hf_pad_token_id, "lang_encoder.generation_config",
-                                           forced={"num_beams": 1}, max_positions=max_positions)
+                                           forced={"num_beams": 1}, max_positions=max_positions,
+                                           use_cache=bool((generation_config or {}).get("use_cache", True)))
 
     _media_session: MediaSession | None = None  # what cache_media() holds until uncache_media()
 
@@ -540,8 +541,10 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     """An open_flamingo `Flamingo` (open_clip vision tower, perceiver, FlamingoLMMixin LM) -> the same model
     run by FastFlamingo. The tensors are shared with `model` (nothing is copied unless `dtype` asks for a
     conversion). The LM's `generation_config` gives the drop-in's generate defaults, as in Hugging Face.
-    `openflamingo_generated_image_bug=True`: what OpenFlamingo does once the model generates `<image>`, for bit
-    parity (FlamingoConfig says what). `runtime_options` go to FastFlamingo.from_reference: backend, dtype, device,
+    `openflamingo_generated_image_bug=True`: what OpenFlamingo's cached generate does once the model generates
+    `<image>`, batch coupling included, for bit parity (FlamingoConfig says what; a use_cache=False call, by
+    argument or by the LM's generation_config, is refused).
+    `runtime_options` go to FastFlamingo.from_reference: backend, dtype, device,
     max_batch_size, max_seq_len, max_images, cuda_graphs, stop_check_interval, max_hypotheses, max_tail_len,
     context_cache_bytes, score_bytes, decode_paths, weights. With `weights="int8"` the runtime works from its own
     converted, quantized copy, which the drop-in registers instead of `model` (as with a dtype conversion): the

@@ -96,8 +96,10 @@ class PromptPrefill:
         reuse = reuse and self.context_cache.budget > 0 and not self.pre_image_bug and not all_logits
         slots = prompt.slots
         keys = self._image_keys(vision_x, slots)
-        plan = plan_contexts(self.context_cache, lang_x, attention_mask, prompt, keys, reuse,
-                             self.config.only_attend_immediate_media)
+        # a row whose context is cached reads only its query's images, unless a generated <image> may turn it to
+        # its first image (openflamingo_generated_image_bug): then every image it shows
+        query_images_only = self.config.only_attend_immediate_media and not self.config.openflamingo_generated_image_bug
+        plan = plan_contexts(self.context_cache, lang_x, attention_mask, prompt, keys, reuse, query_images_only)
         self._fill_media(vision_x, plan.needed, keys, plan.store, timer)
         num_images = max(slots)
         kv, context_end = self.kv_cache, plan.context_end

@@ -277,7 +277,9 @@ class ReferenceDecoder:
         self._select(rows.repeat_interleave(per_row))
 
     def reorder(self, index: torch.Tensor) -> None:
+        image = self.image
         self._select(index)
+        self.image = masking.image_after_reorder(image, index, self.generated_image_token is not None)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Every generated token belongs to the last image of its row's prompt (`image`, 1-based; IDEFICS: the

@@ -126,7 +126,8 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         self.max_hypotheses, self.max_tail_len = max_hypotheses, max_tail_len
         self.tail_cache: TailKVCache | None = None  # allocated by the first beam search, then kept (graphs read it)
         self.staged_prefix = None  # prefix_state.Staged: which past_key_values chain the caches hold
-        self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths)
+        self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths,
+                                        image_per_hypothesis=config.openflamingo_generated_image_bug)
         if isinstance(context_cache_bytes, bool) or not isinstance(context_cache_bytes, int) or context_cache_bytes < 0:
             raise ValueError(f"context_cache_bytes={context_cache_bytes!r}: expected an integer >= 0 (0 disables it)")
         self.context_cache = ContextCache(context_cache_bytes)
@@ -329,7 +330,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         layout's rule: `<image>` tokens (OpenFlamingo) or the image_attention_mask (IDEFICS); `prompt`: that
         rule's PromptImages when the input checks made it already (validation.check_prompt). In OpenFlamingo's
         all-previous mode with the pre-image bug, text before the first image attends to every image given, so
-        all of them are encoded."""
+        all of them are encoded; with the generated-image bug, every row's first image is."""
         if prompt is None and self.config.layout == "idefics":
             return masking.PromptImages.from_image_attention_mask(image_attention_mask)
         if prompt is None:
@@ -337,6 +338,10 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         if self.pre_image_bug and vision_x is not None:
             every = list(range(vision_x.shape[1]))
             prompt = dataclasses.replace(prompt, visible=[every] * lang_x.shape[0])
+        elif self.config.openflamingo_generated_image_bug and vision_x is not None and vision_x.shape[1]:
+            # a generated <image> turns a hypothesis to its row's first image, which a row without <image>
+            # tokens shows none of its tokens: every row's first image is encoded
+            prompt = dataclasses.replace(prompt, visible=[sorted({0, *row}) for row in prompt.visible])
         return prompt
 
     def _check_capacity(self, lang_x, prompt: masking.PromptImages, max_new_tokens: int | None,
@@ -459,6 +464,7 @@ class FastDecoder:
         self._check_hypotheses(index.shape[0])
         self.tail.reorder(index, self.tail_len)
         inputs = self.inputs
-        inputs.rope_position, inputs.image_index = inputs.rope_position[index], inputs.image_index[index]
-        inputs.row_images = inputs.row_images[index]
+        inputs.rope_position, inputs.row_images = inputs.rope_position[index], inputs.row_images[index]
+        inputs.image_index = masking.image_after_reorder(inputs.image_index, index,
+                                                         self.runtime.config.openflamingo_generated_image_bug)
         self.per_row = index.shape[0] // self.rows

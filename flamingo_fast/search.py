@@ -392,9 +392,6 @@ def generation_options(config, *, max_new_tokens=20, min_new_tokens=0, do_sample
     """A generate call's keyword arguments -> checked GenerationOptions. Stop tokens default to
     `<|endofchunk|>` (when the model has one) and the LM's eos; `pad_token_id` to the config's."""
     vocab = config.lm.vocab_size
-    if getattr(config, "openflamingo_generated_image_bug", False) and num_beams != 1:
-        raise ValueError(f"num_beams={num_beams} with openflamingo_generated_image_bug=True: not supported (its "
-                         f"image state follows OpenFlamingo's batch slots, not the beams); expected num_beams=1")
     defaults = tuple(t for t in (config.eoc_token_id, config.eos_token_id) if t is not None)  # IDEFICS: no eoc
     stops = stop_token_ids(eos_token_id, defaults, vocab)
     pad = config.pad_token_id if pad_token_id is None else _as_token_id(pad_token_id, "pad_token_id", vocab)
@@ -448,7 +445,8 @@ class KeywordGenerate:
         `beam_search` is tested against); FastFlamingo encodes and prefills each row's prompt once, and its beams
         share that KV with private tails. Each row's best sequences come best first, padded with `pad_token_id`.
         Every generated token attends to the last image of its row's prompt (IDEFICS: to what the last prompt
-        token sees). `timer` records phase times.
+        token sees), unless the config asks for OpenFlamingo's generated-<image> behaviour
+        (openflamingo_generated_image_bug). `timer` records phase times.
         """
         options = generation_options(
             self.config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,

@@ -12,7 +12,9 @@ Indices are clamped to the cache's capacity (`capacity // NL` images): never an 
 
 Several queries may share one row's cache (`queries_per_row` R, the beams or scored candidates of a row): query b
 is a query of row b // R, reads that row's cache and attends to that row's image, so the beams of a row read its
-media K/V in place, never copied per beam.
+media K/V in place, never copied per beam. With `index_per_query=True`, `image_index` holds one image per query
+[B * R] instead of one per row: the beams of a row still read its cache, each attending to its own image
+(OpenFlamingo's generated-`<image>` behaviour gives a row's beams different images).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 @triton.jit
 def _masked_cross_attention_decode_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, num_images_ptr, out_ptr,
-    capacity_images, qk_scale_log2, queries_per_row,
+    capacity_images, qk_scale_log2, queries_per_row, queries_per_index,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -56,7 +58,8 @@ def _masked_cross_attention_decode_kernel(
     q          [B * R, H, HEAD_DIM]              any strides
     k, v       [B, H, capacity, HEAD_DIM]        any strides; image i owns rows [i*NL, (i+1)*NL); query b
                                                  reads row b // R
-    index      [B] int32                         each row's current image, -1 = none (query b: row b // R)
+    index      [B * R / queries_per_index] int32 the current image, -1 = none: query b reads entry
+                                                 b // queries_per_index (R: one per row; 1: one per query)
     num_images [B] int32                         images of the row (read only with PRE_IMAGE_ATTENDS_ALL)
     out        [B * R, H, HEAD_DIM]              any strides, OUT_DTYPE
 
@@ -72,7 +75,7 @@ def _masked_cross_attention_decode_kernel(
     n_valid = offs_n < NUM_LATENTS
 
     row = b // queries_per_row
-    img = tl.load(index_ptr + row * stride_ib)
+    img = tl.load(index_ptr + (b // queries_per_index) * stride_ib)
     img = tl.minimum(tl.maximum(img, -1), capacity_images - 1)
     hi = img + 1
     if ATTEND_PREVIOUS:
@@ -114,7 +117,7 @@ def _masked_cross_attention_decode_kernel(
 
 
 def _check_inputs(q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images,
-                  scale, out, queries_per_row):
+                  scale, out, queries_per_row, index_per_query):
     """Shared argument checks (shapes only: nothing here reads device memory). Returns (capacity_images,
     scale, needs_num_images)."""
     check_tensor("q", q, ndim=3)
@@ -131,7 +134,17 @@ def _check_inputs(q, k, v, image_index, num_latents, attend_previous, pre_image_
             f"queries_per_row={queries_per_row})"
         )
     check_shape("v", v, tuple(k.shape), "the shape of k")
-    check_shape("image_index", image_index, (rows,), f"[{rows}]: one per row of k")
+    if not isinstance(index_per_query, bool):
+        raise ValueError(f"index_per_query: got {index_per_query!r}, expected True or False")
+    if index_per_query and attend_previous:
+        raise ValueError("index_per_query=True with attend_previous=True: one image per query is supported in the "
+                         "immediate mode only (OpenFlamingo's generated-<image> behaviour, which needs it, is "
+                         "immediate-only); expected attend_previous=False")
+    if index_per_query:
+        check_shape("image_index", image_index, (B,), f"[{B}]: one per query (index_per_query=True)")
+    else:
+        check_shape("image_index", image_index, (rows,), f"[{rows}]: one per row of k (one per query needs "
+                    f"index_per_query=True)")
     needs_num_images = attend_previous and pre_image_attends_all
     if needs_num_images:
         if num_images is None:
@@ -158,17 +171,18 @@ def masked_cross_attention_decode(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     queries_per_row: int = 1,
+    index_per_query: bool = False,
 ) -> torch.Tensor:
     """Decode-step masked cross-attention (Triton). See the module docstring.
 
     q [B * R, H, d], k, v [B, H, capacity, d] (the cached media K/V, same dtype as q; R = queries_per_row),
-    image_index [B] int32, num_images [B] int32 (one per row; num_images only for pre_image_attends_all). Returns
-    [B * R, H, d]
+    image_index [B] int32 (one per row; [B * R], one per query, with index_per_query), num_images [B] int32 (one per
+    row; only for pre_image_attends_all). Returns [B * R, H, d]
     in q.dtype, written into `out` when given. CUDA-graph safe: one launch, no sync, no allocation when `out` is given.
     """
     capacity_images, scale, needs_num_images = _check_inputs(
         q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out,
-        queries_per_row,
+        queries_per_row, index_per_query,
     )
     B, H, d = q.shape
     if d not in SUPPORTED_HEAD_DIMS:
@@ -185,7 +199,7 @@ def masked_cross_attention_decode(
     counts = num_images if needs_num_images else image_index  # a valid pointer; unread unless needed
     _masked_cross_attention_decode_kernel[(B, H)](
         q, k, v, image_index, counts, out,
-        capacity_images, scale * math.log2(math.e), queries_per_row,
+        capacity_images, scale * math.log2(math.e), queries_per_row, 1 if index_per_query else queries_per_row,
         *q.stride(), *k.stride(), *v.stride(), image_index.stride(0), counts.stride(0), *out.stride(),
         HEAD_DIM=d, NUM_LATENTS=num_latents, BLOCK_N=max(16, triton.next_power_of_2(num_latents)),
         ATTEND_PREVIOUS=attend_previous, PRE_IMAGE_ATTENDS_ALL=needs_num_images, OUT_DTYPE=tl_dtype(q.dtype),
@@ -207,18 +221,20 @@ def masked_cross_attention_decode_ref(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     queries_per_row: int = 1,
+    index_per_query: bool = False,
 ) -> torch.Tensor:
     """Torch twin of `masked_cross_attention_decode`; also free of host syncs (CUDA-graph safe).
 
     The R queries of a row attend together, as one [R, d] x [keys, d] product (the beams or candidates of a
     row read its latents once). Immediate mode gathers each row's NL latents (clamped indices) and runs one
-    SDPA over them: its cost does not depend on the number of images. All-previous mode attends over the whole
+    SDPA over them: its cost does not depend on the number of images; with `index_per_query` it gathers each
+    query's NL latents and runs one SDPA per query. All-previous mode attends over the whole
     cache with a mask (no sync allowed to find the used length); slots past a row's images may hold garbage
     (even NaN), so K/V are zeroed there before use.
     """
     capacity_images, scale, needs_num_images = _check_inputs(
         q, k, v, image_index, num_latents, attend_previous, pre_image_attends_all, num_images, scale, out,
-        queries_per_row,
+        queries_per_row, index_per_query,
     )
     queries, H, d = q.shape
     B, R, NL = queries // queries_per_row, queries_per_row, num_latents
@@ -229,13 +245,21 @@ def masked_cross_attention_decode_ref(
     if capacity_images == 0:
         return out.zero_()
     q_rows = q.view(B, R, H, d).transpose(1, 2)  # [B, H, R, d]
-    img = image_index.long().clamp(-1, capacity_images - 1)  # [B]
+    img = image_index.long().clamp(-1, capacity_images - 1)  # [B], or [B * R] with index_per_query
 
     def finish(o: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """o [B, H, R, d] -> out [B * R, H, d], 0 for rows that attend to nothing."""
-        o = torch.where(attended[:, None, None, None], o, 0.0)
+        """o [B, H, R, d] -> out [B * R, H, d], 0 for queries that attend to nothing (attended [B] or [B, R])."""
+        attended = attended.view(B, 1, -1, 1)
+        o = torch.where(attended, o, 0.0)
         return out.copy_(o.transpose(1, 2).reshape(queries, H, d))
 
+    if index_per_query:  # immediate mode (checked): query (b, r) attends to the NL latents of its own image
+        img = img.view(B, R)
+        rows = img.clamp(min=0)[:, :, None] * NL + torch.arange(NL, device=q.device)  # [B, R, NL]
+        rows = rows.view(B, 1, R * NL, 1).expand(B, H, R * NL, d)
+        k_q, v_q = (t.gather(2, rows).view(B, H, R, NL, d) for t in (k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q_rows[:, :, :, None], k_q, v_q, scale=scale)
+        return finish(o[:, :, :, 0], img >= 0)
     if not attend_previous:
         rows = img.clamp(min=0)[:, None] * NL + torch.arange(NL, device=q.device)  # [B, NL]
         rows = rows[:, None, :, None].expand(B, H, NL, d)

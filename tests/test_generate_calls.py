@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from helpers import INTERPRETER_MARKS, random_batch
+from helpers import INTERPRETER_MARKS, assert_close, random_batch
 
 from flamingo_fast.config import from_name
 from flamingo_fast.reference import build_reference
@@ -102,6 +102,44 @@ def test_generated_image_flag_fast_matches_reference(backend):
     model, (vision, lang_x, mask), expected = _generated_image_case()
     fast = FastFlamingo.from_reference(model, backend=backend, max_batch_size=2, max_seq_len=32)
     assert torch.equal(fast.generate(vision, lang_x, mask, max_new_tokens=10, eos_token_id=[]), expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=INTERPRETER_MARKS)])
+def test_generated_image_flag_with_beams_fast_matches_reference(backend):
+    """Beam search with openflamingo_generated_image_bug on a batch whose middle row shows no image: some of the
+    first two rows' beams generate `<image>`. The fast path (one image index per hypothesis in
+    the decode cross-attention, the state kept by batch slot through reorders, every row's first image read)
+    returns the reference's tokens, cold, and warm on the same rows in another order, their contexts from the
+    context cache (another row's images in the media cache slots they left)."""
+    config = TINY.replace(openflamingo_generated_image_bug=True)
+    model = build_reference(config, seed=8)
+    vision, lang_x, mask = random_batch(config, [([0, 4, 8], 12), ([], 6), ([1, 3], 7)], num_images=3)
+    gen = dict(max_new_tokens=3, num_beams=3, length_penalty=-2.0, eos_token_id=[config.eoc_token_id],
+               num_return_sequences=3)
+    free = model.generate(vision, lang_x, mask, **gen)[:, 12:]
+    with torch.no_grad():  # <image> competes with the first row's first hypothesis' second token
+        head = model.lang_encoder.output_head.weight
+        head[config.media_token_id] = 1.2 * head[int(free[0, 1])]
+    expected = model.generate(vision, lang_x, mask, **gen)
+    media = (expected[:, 12:-1] == config.media_token_id).view(3, 3, -1).any(dim=2)
+    assert media[0].any() and media[1].any() and not media[1].all() and not media[2].any(), media
+    fast = FastFlamingo.from_reference(model, backend=backend, max_batch_size=3, max_seq_len=32)
+    got = fast.generate(vision, lang_x, mask, **gen)
+    assert torch.equal(got, expected), f"fast:\n{got[:, 12:]}\nreference:\n{expected[:, 12:]}"
+    if backend == "torch":  # interpreted Triton: the cold call only (~10 s)
+        order = torch.tensor([1, 2, 0])
+        rolled = (vision[order], lang_x[order], mask[order])
+        expected = model.generate(*rolled, **gen)
+        assert torch.equal(fast.generate(*rolled, **gen), expected), "warm"
+        assert fast.context_cache_stats().context_hits == 2
+        # greedy on the same warm rows, logits compared: the first row's generated <image> turns it to its first
+        # image, which its cached context shows but its query does not
+        expected, expected_logits = model.generate(*rolled, max_new_tokens=4, eos_token_id=[], return_logits=True)
+        assert config.media_token_id in expected[2, 12:-1].tolist()
+        got, logits = fast.generate(*rolled, max_new_tokens=4, eos_token_id=[], return_logits=True)
+        assert fast.context_cache_stats().context_hits == 4
+        assert torch.equal(got, expected)
+        assert_close(logits, expected_logits)
 
 
 def test_generated_image_flag_changes_logits_only_after_the_generated_image():

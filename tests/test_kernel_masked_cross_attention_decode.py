@@ -233,3 +233,25 @@ def test_several_queries_per_row_read_their_rows_cache(mode, impl):
         op(q, k, v, index.repeat_interleave(R), queries_per_row=R)
     with pytest.raises(ValueError, match=r"q: 18 queries is not a multiple of queries_per_row=4"):
         op(q, k, v, index, queries_per_row=4)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+def test_one_image_per_query(impl):
+    """index_per_query: the R queries of a row read its cache, each attending to its own image (-1: exactly 0);
+    the same as R copies of the row's cache with one query each. Immediate mode only."""
+    if impl == "kernel" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    R = 3
+    q_rows, k, v, counts = make_cache(ROWS, 6, seed=13)
+    index = torch.tensor([[-1, -1, -1], [0, -1, 0], [2, 0, -1], [5, 1, 3], [-1, 1, 0], [0, 2, 1]], dtype=torch.int32)
+    index = index.flatten()  # within each row's images (row 0 has none)
+    q = torch.randn(len(ROWS) * R, q_rows.shape[1], D_HEAD, generator=torch.Generator().manual_seed(14))
+    op = masked_cross_attention_decode if impl == "kernel" else masked_cross_attention_decode_ref
+    got = op(q, k, v, index, queries_per_row=R, index_per_query=True)
+    expected = decode_formula64(q, k.repeat_interleave(R, 0), v.repeat_interleave(R, 0), index)
+    assert_close(got, expected.float(), dtype=torch.float32)
+    assert bool((got[index == -1] == 0).all())
+    with pytest.raises(ValueError, match=r"image_index: .*\[18\]: one per query \(index_per_query=True\)"):
+        op(q, k, v, index[::R], queries_per_row=R, index_per_query=True)
+    with pytest.raises(ValueError, match=r"index_per_query=True with attend_previous=True"):
+        op(q, k, v, index, queries_per_row=R, index_per_query=True, attend_previous=True)

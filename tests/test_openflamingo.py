@@ -32,7 +32,9 @@ from test_idefics import (  # noqa: E402
 )
 
 import flamingo_fast  # noqa: E402
+from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
 from flamingo_fast.compat import OptionalMaskMixin  # noqa: E402
+from flamingo_fast.sampling import SamplingOptions, select_next_token  # noqa: E402
 
 BASE_VOCAB, EOC, MEDIA, PAD = 96, 96, 97, 98
 VOCAB = BASE_VOCAB + 3
@@ -437,8 +439,115 @@ def test_generated_image_parity_flag():
     ours = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96)
     assert not torch.equal(ours.generate(vision, ids, mask, max_new_tokens=12, eos_token_id=[]), expected), \
         "without the flag the tokens after a generated <image> should differ (else this test shows nothing)"
-    with pytest.raises(ValueError, match=r"num_beams=2 with openflamingo_generated_image_bug=True"):
-        parity.generate(vision, ids, mask, max_new_tokens=4, num_beams=2)
+
+
+def _image_on_beams(family: str, seed: int, bias_row: int, scale: float):
+    """A tiny OpenFlamingo model and a left-padded batch of three queries (3, 1 and 2 images) whose output head
+    makes `<image>` compete with what hypothesis `bias_row` of a free 3-beam search says second (its head row
+    `scale` times that token's): the model generates `<image>` on some beams, its own choice.
+    -> (model, (vision, ids, mask))."""
+    of_model = build_openflamingo(family, 2, seed=seed)
+    vision, ids, mask = batch([([0, 6, 12], 18), ([1], 7), ([2, 5], 10)], num_images=3)
+    plain = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=3, max_seq_len=64)
+    free = plain.generate(vision, ids, mask, max_new_tokens=8, num_beams=3, eos_token_id=[], num_return_sequences=3)
+    with torch.no_grad():
+        head = of_model.lang_encoder.get_output_embeddings().weight
+        head[MEDIA] = scale * head[int(free[bias_row, ids.shape[1] + 1])]
+    return of_model, (vision, ids, mask)
+
+
+def test_generated_image_parity_flag_with_beams_couples_the_batch():
+    """Beam search as OpenFlamingo's evaluation runs it (3 beams, length_penalty -2.0, cached generate) on a batch
+    where one query's beams generate `<image>`: OpenFlamingo re-conditions every hypothesis of the batch on that
+    step's tokens, and the state stays with the batch slot while the beams move between slots. With the parity
+    flag the drop-in (and its reference) return OpenFlamingo's tokens; the other queries' answers differ from
+    what OpenFlamingo answers for them alone (the coupling is exercised), and the default differs."""
+    of_model, (vision, ids, mask) = _image_on_beams("llama", seed=90, bias_row=6, scale=1.08)
+    new = ids.shape[1]
+    gen = dict(max_new_tokens=8, num_beams=3, length_penalty=-2.0)
+    with torch.no_grad():
+        expected = of_model.generate(vision, ids, attention_mask=mask, num_return_sequences=3, **gen)
+        alone = [of_model.generate(vision[b:b + 1], ids[b:b + 1, pad:], attention_mask=mask[b:b + 1, pad:], **gen)
+                 for b, pad in enumerate((~mask.bool()).sum(dim=1).tolist())]
+    generated = (expected[:, new:-1] == MEDIA).view(3, 3, -1).flatten(1).any(dim=1).tolist()
+    assert generated == [False, False, True], f"only the third query's beams should generate <image>: {generated}"
+    coupled = [b for b in (0, 1) if not torch.equal(expected[3 * b, new:], alone[b][0, -8:])]
+    assert coupled, "a query without <image> should answer differently beside the one that generates it"
+    parity = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=3, max_seq_len=64,
+                                             openflamingo_generated_image_bug=True)
+    got = parity.generate(vision, ids, mask, num_return_sequences=3, **gen)
+    assert torch.equal(got, expected), f"ours:\n{got[:, new:]}\nOpenFlamingo:\n{expected[:, new:]}"
+    # OpenFlamingo's evaluation call (EvalModel.get_outputs: inference mode, min and max lengths, the best beam)
+    evaluation = EvalModelCalls(parity).get_outputs(vision, ids, mask, 0, 8, 3, -2.0)
+    assert torch.equal(evaluation, expected.view(3, 3, -1)[:, 0, new:])
+    # the reference's own generate stops on eos too by default; OpenFlamingo's on <|endofchunk|> only
+    assert torch.equal(parity.reference.generate(vision, ids, mask, num_return_sequences=3, eos_token_id=EOC, **gen),
+                       expected)
+    default = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=3, max_seq_len=64)
+    assert not torch.equal(default.generate(vision, ids, mask, num_return_sequences=3, **gen), expected)
+    # uncached, OpenFlamingo treats a generated <image> otherwise (each step runs over the whole sequence)
+    with torch.no_grad():
+        uncached = of_model.generate(vision, ids, attention_mask=mask, use_cache=False, num_return_sequences=3, **gen)
+    assert not torch.equal(uncached, expected), "OpenFlamingo's cached and uncached generate should differ here"
+    with pytest.raises(ValueError, match=r"use_cache=False \(the call's use_cache\) with "
+                                         r"openflamingo_generated_image_bug=True"):
+        parity.generate(vision, ids, mask, use_cache=False, **gen)
+
+
+class _FlamingoFastDraw(transformers.LogitsProcessor):
+    """flamingo_fast's sampler (sampling.select_next_token: an exponential race over a seeded generator) inside
+    OpenFlamingo's own greedy loop: the drawn token keeps its score and every other gets -inf. Hugging Face draws
+    with torch.multinomial from the global generator, which no seed makes equal to flamingo_fast's draws; with
+    the draw made the same way from each loop's own logits, the tokens agree exactly when the logits do."""
+
+    def __init__(self, options, generator: torch.Generator):
+        self.options, self.generator = options, generator
+
+    def __call__(self, input_ids, scores):
+        token = select_next_token(scores, self.options, self.generator)
+        return torch.full_like(scores, float("-inf")).scatter(1, token[:, None], 0.0)
+
+
+def test_generated_image_parity_flag_with_seeded_sampling():
+    """Sampling (temperature, top-k, top-p) on a batch where one row samples `<image>`: OpenFlamingo's cached
+    generate, drawing with flamingo_fast's sampler from its own logits, and the parity drop-in's sampled generate
+    with the same seed give the same tokens; without the flag they differ after the `<image>`."""
+    of_model, (vision, ids, mask) = _image_on_beams("llama", seed=90, bias_row=6, scale=1.08)
+    new = ids.shape[1]
+    sampling = dict(temperature=1.0, top_k=20, top_p=0.95)
+    draw = _FlamingoFastDraw(SamplingOptions(True, **sampling), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=8,
+                                     logits_processor=transformers.LogitsProcessorList([draw]))
+    sampled = (expected[:, new:-1] == MEDIA).any(dim=1).tolist()
+    assert sampled == [False, False, True], f"only the third row should sample <image>: {sampled}"
+    gen = dict(max_new_tokens=8, do_sample=True, **sampling)
+    for flag in (True, False):
+        drop_in = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=3, max_seq_len=64,
+                                                  openflamingo_generated_image_bug=flag)
+        got = drop_in.generate(vision, ids, mask, generator=torch.Generator().manual_seed(0), **gen)
+        assert torch.equal(got, expected) == flag, f"flag={flag}\nours:\n{got[:, new:]}\nOpenFlamingo:\n" \
+                                                   f"{expected[:, new:]}"
+
+
+def test_generated_image_parity_flag_refuses_an_lm_that_generates_uncached():
+    """transformers' MptConfig defaults to use_cache=False, so OpenFlamingo's generate runs uncached on such an LM
+    unless the call asks for the cache: the parity drop-in says so instead of returning other tokens."""
+    of_model = build_openflamingo("mpt", 2, seed=90)
+    assert of_model.lang_encoder.generation_config.use_cache is False
+    vision, ids, mask = batch([([0, 6, 12], 18), ([1], 7), ([2, 5], 10)], num_images=3)
+    parity = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=3, max_seq_len=64,
+                                             openflamingo_generated_image_bug=True)
+    with pytest.raises(ValueError, match=r"use_cache=False \(lang_encoder.generation_config.use_cache\)"):
+        parity.generate(vision, ids, mask, max_new_tokens=4, num_beams=3)
+    with torch.no_grad():
+        expected = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=6, use_cache=True)
+        uncached = of_model.generate(vision, ids, attention_mask=mask, max_new_tokens=6)
+    assert MEDIA in expected[:, ids.shape[1]:-1], "this model generates <image> (else the test shows little)"
+    assert not torch.equal(uncached, expected)
+    assert torch.equal(parity.generate(vision, ids, mask, max_new_tokens=6, use_cache=True), expected)
+    default = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=3, max_seq_len=64)
+    assert default.generate(vision, ids, mask, max_new_tokens=4).shape[0] == 3  # without the flag: no error
 
 
 @pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])

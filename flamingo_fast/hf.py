@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .search import _as_token_id, generation_options, stop_token_ids
+from .search import as_token_id, generation_options, stop_token_ids
 
 # The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults (max_new_tokens and
 # max_length: None, the length is then hf_new_tokens' rule).
@@ -160,7 +160,7 @@ def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attentio
     if pad_token_id is None:
         pad_token_id = defaults.pad_token_id
     if pad_token_id is not None:
-        pad_token_id = _as_token_id(pad_token_id, "pad_token_id", runner.config.lm.vocab_size)
+        pad_token_id = as_token_id(pad_token_id, "pad_token_id", runner.config.lm.vocab_size)
     hf_pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else None)  # transformers' pad
     fill = hf_pad if hf_pad is not None else 0
     if options["num_beams"] > 1 and not fill and stops:

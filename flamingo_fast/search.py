@@ -62,7 +62,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _as_token_id(value, name: str, vocab_size: int) -> int:
+def as_token_id(value, name: str, vocab_size: int) -> int:
     """An int, a 0-d integer tensor or a numpy integer -> int in [0, vocab); bools and floats are refused."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
             and value.dtype != torch.bool:
@@ -82,11 +82,11 @@ def stop_token_ids(eos_token_id, default: Sequence[int], vocab_size: int) -> tup
     array = isinstance(eos_token_id, torch.Tensor) or type(eos_token_id).__module__ == "numpy"
     ndim = getattr(eos_token_id, "ndim", 0) if array else 0
     if isinstance(eos_token_id, (list, tuple)) or ndim == 1:
-        return tuple(_as_token_id(t, "eos_token_id", vocab_size) for t in eos_token_id)
+        return tuple(as_token_id(t, "eos_token_id", vocab_size) for t in eos_token_id)
     if ndim > 1:
         raise ValueError(f"eos_token_id: got a {type(eos_token_id).__name__} of shape {tuple(eos_token_id.shape)}; "
                          f"expected a token id or a list of them (list, tuple, 1-D tensor or 1-D numpy array)")
-    return (_as_token_id(eos_token_id, "eos_token_id", vocab_size),)
+    return (as_token_id(eos_token_id, "eos_token_id", vocab_size),)
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ def generation_options(config, *, max_new_tokens=20, min_new_tokens=0, do_sample
     vocab = config.lm.vocab_size
     defaults = tuple(t for t in (config.eoc_token_id, config.eos_token_id) if t is not None)  # IDEFICS: no eoc
     stops = stop_token_ids(eos_token_id, defaults, vocab)
-    pad = config.pad_token_id if pad_token_id is None else _as_token_id(pad_token_id, "pad_token_id", vocab)
+    pad = config.pad_token_id if pad_token_id is None else as_token_id(pad_token_id, "pad_token_id", vocab)
     return GenerationOptions(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,

@@ -7,7 +7,7 @@ LayerStack), the caches (StaticKVCache, MediaKVCache, TailKVCache) and the decod
 graph runner, which takes its KV caches as arguments, the step reads no runtime object: a graph captured with one
 state replays against the same buffers, which FastFlamingo allocates once and never replaces.
 
-The decode paths (issue 12) are switched here too: DECODE_PATHS, DEFAULT_DECODE_PATHS, resolve_decode_paths.
+The decode paths are switched here too: DECODE_PATHS, DEFAULT_DECODE_PATHS, resolve_decode_paths.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .fast_modules import LayerStack
 from .graphs import DecodeInputs
 from .lm import rotary_cos_sin
 
-# The decode step's new paths (issue 12), each with a switch back to the old one for before/after measurements:
+# The decode step's faster paths, each with a switch back to the old one for before/after measurements:
 #   fused_projections  LLaMA: one GEMM for q/k/v and one for gate/up (fused weights, the modules' own are views)
 #   rotary_kv_write    rotary on q, k and the K/V cache write in one kernel per layer
 #   decode_attention   split-KV decode attention over each row's valid cache columns (no mask), and the cascade

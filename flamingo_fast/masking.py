@@ -1,4 +1,4 @@
-"""Which image each text token belongs to (OpenFlamingo's exact semantics, DESIGN.md).
+"""Which image each text token belongs to (OpenFlamingo's exact semantics, docs/semantics.md).
 
 `media_locations[b, i] = lang_x[b, i] == media_token_id` and `text_time = cumsum(media_locations, -1)`:
 token i belongs to image `text_time[b, i]` (1-based, the `<image>` token sees its own image), 0 = none.

@@ -13,7 +13,7 @@ the values of the uncached forward.
 A handle (PrefixState) is a segment of a sequence's self-attention KV:
 - the prompt's (a root): it owns a copy of the prompt's keys/values [layers, B, H_kv, T, hd], its attention mask,
   and its rows' media K/V (every cross-attention layer's, for the images the prompt has) and the image each new
-  token attends to (the row's last, as in cached decoding; DESIGN.md);
+  token attends to (the row's last, as in cached decoding; docs/semantics.md);
 - an extension: it owns only its new tokens' keys/values and references its parent (the chain's mask grows with
   it; new tokens are never padding).
 Running a handle stages its chain into the runtime's static cache (rows [0, B), columns [0, end)) and its media

@@ -1,6 +1,6 @@
 """The eager PyTorch reference of Flamingo: the ground truth every fast path is tested against.
 
-Written to read like the paper and to behave exactly like OpenFlamingo (DESIGN.md, "Exact semantics"):
+Written to read like the paper and to behave exactly like OpenFlamingo (docs/semantics.md):
 
     images -> CLIP-style ViT (patch tokens, class token dropped) -> Perceiver Resampler (64 latents / image)
     text   -> decoder-only LM (LLaMA, MPT or GPT-NeoX); before every `cross_attn_every_n_layers`-th layer a

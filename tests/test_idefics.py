@@ -1,4 +1,4 @@
-"""The IDEFICS v1 drop-in (`flamingo_fast.from_idefics`, issue 13) against transformers' real
+"""The IDEFICS v1 drop-in (`flamingo_fast.from_idefics`) against transformers' real
 `IdeficsForVisionText2Text`: tiny models built offline from configs with EVERY parameter random (the default zero
 alphas would switch the gated blocks off), prompts through the real `IdeficsProcessor` with a tokenizer built
 locally (tests/idefics_fixtures.py). Runs where transformers is installed (`make test-openflamingo`'s

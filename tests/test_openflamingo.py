@@ -322,7 +322,7 @@ def compare_beams(of_model, fast, vision, ids, mask, **gen):
     the cache every step is a full forward, so the search runs on the model's true scores."""
     with torch.no_grad():
         expected = of_model.generate(vision, ids, attention_mask=mask, use_cache=gen.get("num_beams", 1) == 1, **gen)
-    # A generated `<image>` is where flamingo_fast deliberately differs (DESIGN.md): this comparison is only
+    # A generated `<image>` is where flamingo_fast deliberately differs (docs/semantics.md): this comparison is only
     # meaningful when OpenFlamingo generated none, so say so loudly rather than compare different semantics.
     assert MEDIA not in expected[:, ids.shape[1]:], "OpenFlamingo generated <image>: pick another seed"
     got = fast.generate(vision, ids, mask, **gen)

@@ -1,4 +1,4 @@
-"""OpenFlamingo's own evaluation calls on the drop-in (issue 18): `EvalModel`'s model calls, in its order and with
+"""OpenFlamingo's own evaluation calls on the drop-in: `EvalModel`'s model calls, in its order and with
 its arguments (flamingo_fast.baselines.EvalModelCalls, written from open_flamingo/eval/models/open_flamingo.py),
 on tiny random LLaMA, MPT and GPT-NeoX OpenFlamingo models, against the original model. Runs in
 .venv-openflamingo; skipped where open_flamingo is not installed.

@@ -51,3 +51,21 @@ def test_every_relative_link_resolves(doc: Path):
 def test_the_docs_the_readme_promises_exist():
     for name in ("api", "semantics", "dropins", "int8", "context_cache", "development"):
         assert (ROOT / "docs" / f"{name}.md").is_file(), name
+
+
+def test_nothing_cites_an_issue_number_or_the_design_card():
+    """A clone cannot look up "issue 12" or the design card kept outside the repository: code and docs say what the
+    thing is, or link docs/."""
+    cited = re.compile(r"\bissues? [0-9]|DESIGN" + r"\.md")
+    found = []
+    for folder in ("flamingo_fast", "kernels", "tests", "bench", "docs"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix not in (".py", ".md", ".sh") or "__pycache__" in path.parts:
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if cited.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]}")
+    for number, line in enumerate((ROOT / "README.md").read_text(encoding="utf-8").splitlines(), 1):
+        if cited.search(line):
+            found.append(f"README.md:{number}: {line.strip()[:80]}")
+    assert not found, "\n".join(found)

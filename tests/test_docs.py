@@ -54,8 +54,8 @@ def test_the_docs_the_readme_promises_exist():
 
 
 def test_nothing_cites_an_issue_number_or_the_design_card():
-    """A clone cannot look up an issue by its number, nor the design card kept outside the repository: code and docs say what the
-    thing is, or link docs/."""
+    """A clone cannot look up an issue by its number, nor the design card kept outside the repository: code and docs
+    say what the thing is, or link docs/."""
     cited = re.compile(r"\bissues? [0-9]|DESIGN" + r"\.md")
     found = []
     for folder in ("flamingo_fast", "kernels", "tests", "bench", "docs"):

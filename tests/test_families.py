@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from builders import FAMILIES
 from helpers import assert_close, random_batch
 
 from flamingo_fast.config import LMConfig, from_name
@@ -15,13 +16,6 @@ from flamingo_fast.reference import build_reference
 from flamingo_fast.runtime import FastFlamingo
 
 TINY = from_name("tiny")
-FAMILIES = {
-    "mpt": dict(family="mpt", alibi=True, tie_word_embeddings=True, num_kv_heads=4, intermediate_size=256),
-    "mpt_1b_style": dict(family="mpt", alibi=True, tie_word_embeddings=True, num_kv_heads=4, qk_ln=True,
-                         clip_qkv=0.4, bias=True, num_heads=4),
-    "gpt_neox_parallel": dict(family="gpt_neox", num_kv_heads=4, rotary_pct=0.5, parallel_residual=True),
-    "gpt_neox_sequential": dict(family="gpt_neox", num_kv_heads=4, rotary_pct=0.25),
-}
 
 
 def build(name: str, every: int, seed: int):

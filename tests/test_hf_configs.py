@@ -21,7 +21,7 @@ import json
 
 import pytest
 import torch
-from test_loading import OPTIONS, TINY, logits_agree, write_files
+from checkpoint_files import OPTIONS, TINY, logits_agree, write_files
 
 import flamingo_fast
 from flamingo_fast.config import LMConfig

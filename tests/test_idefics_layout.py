@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import idefics_batch
 from helpers import assert_close
 
 from flamingo_fast import masking
@@ -15,47 +16,6 @@ from flamingo_fast.runtime import FastFlamingo
 
 CONFIG = from_name("idefics-tiny")
 BASE = CONFIG.lm.vocab_size - CONFIG.lm.additional_vocab_size  # <fake_token_around_image>
-IMAGE, EOS = CONFIG.media_token_id, CONFIG.eos_token_id
-
-
-def idefics_batch(rows: list[list], num_images: int, seed: int = 0):
-    """rows: per row a list of segments, ("text", n), "image" (`<fake><image><fake>`, the next image of the
-    row) or "eos" (`</s>`); left-padded with <unk>. The mask follows IdeficsProcessor's rule: a token sees the
-    row's latest image from its `<image>` token on, and none from a `</s>` until the next image.
-    -> vision_x [B, N, 1, C, H, W], input_ids, attention_mask, image_attention_mask [B, T, N]."""
-    generator = torch.Generator().manual_seed(seed)
-    built = []
-    for segments in rows:
-        ids, sight, image, seen = [CONFIG.bos_token_id], [-1], -1, -1
-        for segment in segments:
-            if segment == "image":
-                image += 1
-                ids += [BASE, IMAGE, BASE]
-                sight += [seen, image, image]
-                seen = image
-            elif segment == "eos":
-                ids.append(EOS)
-                seen = -1
-                sight.append(seen)
-            else:
-                n = segment[1]
-                ids += torch.randint(3, BASE, (n,), generator=generator).tolist()
-                sight += [seen] * n
-        built.append((ids, sight))
-    longest = max(len(ids) for ids, _ in built)
-    input_ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    image_mask = torch.zeros(len(rows), longest, num_images, dtype=torch.long)
-    for b, (ids, sight) in enumerate(built):
-        pad = longest - len(ids)
-        input_ids[b, pad:] = torch.tensor(ids)
-        mask[b, pad:] = 1
-        for t, i in enumerate(sight):
-            if i >= 0:
-                image_mask[b, pad + t, i] = 1
-    size = CONFIG.vision.image_size
-    vision = torch.randn(len(rows), num_images, 1, 3, size, size, generator=generator) if num_images else None
-    return vision, input_ids, mask, image_mask
 
 
 # text before the first image, a </s> inside the prompt (and text after it that sees nothing), adjacent images,

@@ -17,11 +17,11 @@ so the decode checks are spread over the families, one kind each, where the fami
 IDEFICS (a LLaMA decoder: fused int8 projections, decoupled head, image_attention_mask) greedy and the context
 cache, MPT (ALiBi, tied head) beams as OpenFlamingo's evaluation runs them, GPT-NeoX (partial rotary, parallel
 residual) scoring. The float Triton decode paths of every family are compared with the reference in
-test_beams.py, test_decode_paths.py and test_idefics_layout.py. The models are test_int8_weights.py's (`build`);
+test_beams.py, test_decode_paths.py and test_idefics_layout.py. The models are int8_cases.py's (`build`);
 the interpreted prompts are one row (two for the shared context) of a few tokens, smaller than its `batch`. The
 file takes ~24 s on one core, ~3.5 s of it the first meta-device model (the import of sympy by torch._refs).
 
-Layer by layer (torch only, not interpreted; test_int8_weights.py's `batch`): the hidden state after every gated
+Layer by layer (torch only, not interpreted; int8_cases.py's `batch`): the hidden state after every gated
 cross-attention block and decoder layer of the int8 model against the float reference, each within the int8 row
 (helpers.py, int8_relative_bound) derived on that state.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import idefics_batch
 from helpers import (
     TOLERANCE,
     assert_close,
@@ -43,8 +44,7 @@ from helpers import (
     weight_rounding_error,
     with_weights,
 )
-from test_idefics_layout import idefics_batch
-from test_int8_weights import CASES, batch, build
+from int8_cases import CASES, batch, build
 from torch import nn
 
 from flamingo_fast.kernels.int8_matmul import int8_weight_matmul

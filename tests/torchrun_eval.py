@@ -28,7 +28,7 @@ import_torchvision()  # before open_clip imports it (as conftest.py does)
 
 import torch.distributed as dist  # noqa: E402
 from helpers import TOLERANCE  # noqa: E402
-from test_openflamingo import EOC, MEDIA, PAD, build_openflamingo  # noqa: E402
+from openflamingo_models import EOC, MEDIA, PAD, build_openflamingo  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 

@@ -3,7 +3,7 @@
     .venv-openflamingo/bin/python bench/idefics_cpu.py --json out.json      transformers 4.57 (make setup-openflamingo)
     .venv-transformers5/bin/python bench/idefics_cpu.py --json out.json     transformers 5.x  (make setup-transformers5)
 
-The shape is the `idefics-small` preset's, at random weights (EVERY parameter random: tests/idefics_fixtures.py):
+The shape is the `idefics-small` preset's, at random weights (EVERY parameter random: flamingo_fast.testing):
 LLaMA 512 wide, 8 layers, 8 heads, 2048 MLP, 32000 + 2 decoupled rows; CLIP-style ViT 224 px / patch 16, 256 wide,
 4 layers (197 tokens per image, CLS included); perceiver 6 deep, 4 heads x 96, 64 latents; a gated block before
 every 4th layer (cross_layer_interval 4), scalar alphas. One prompt row with --images images in IDEFICS' few-shot
@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
@@ -41,8 +40,7 @@ from flamingo_fast.compat import import_torchvision
 import_torchvision()  # transformers' IDEFICS imports torchvision, which beside the CPU torch needs compat's help
 import transformers  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from idefics_fixtures import build_idefics_from_config, expected_image_index  # noqa: E402
+from flamingo_fast.testing import build_idefics_from_config, expected_image_index  # noqa: E402
 
 BASE_VOCAB, ADDED = 32000, 2
 FAKE, IMAGE = BASE_VOCAB, BASE_VOCAB + 1

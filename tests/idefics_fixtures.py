@@ -17,12 +17,15 @@ import functools
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
-from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
 from flamingo_fast import testing
+from flamingo_fast.compat import import_torchvision_if_installed
 from flamingo_fast.testing import build_idefics_from_config
+
+import_torchvision_if_installed()  # before transformers' IDEFICS imports it (conftest.py does too; not when run alone)
+import transformers  # noqa: E402
+from transformers import IdeficsConfig, IdeficsForVisionText2Text  # noqa: E402
 
 BASE_VOCAB = 64  # config.vocab_size: ids below it use the main tables
 PAD, BOS, EOS = 0, 1, 2  # <unk> doubles as padding, as in IDEFICS' tokenizer

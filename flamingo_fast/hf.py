@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .search import as_token_id, generation_options, stop_token_ids
+from .validation import is_int
 
 # The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults (max_new_tokens and
 # max_length: None, the length is then hf_new_tokens' rule).
@@ -77,7 +78,7 @@ def hf_new_tokens(prompt_len: int, max_new_tokens: int | None, max_length: int |
         max_length = prompt_len + HF_DEFAULT_NEW_TOKENS
         if defaults.max_positions is not None:
             max_length = min(max_length, defaults.max_positions)
-    elif not isinstance(max_length, int) or isinstance(max_length, bool):
+    elif not is_int(max_length):
         raise ValueError(f"max_length={max_length!r}: expected an integer (the whole sequence's length)")
     if prompt_len >= max_length:
         raise ValueError(f"max_length={max_length}: the prompt already has {prompt_len} tokens; expected max_length > "

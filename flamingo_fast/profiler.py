@@ -53,6 +53,7 @@ from .prompts import build_prompt, build_workload, image_attention_mask, prompt_
 from .reference import Flamingo, build_reference
 from .report import RATIOS, ProfileResult, ProfileRow, WeightRow, WorkloadRow, metadata
 from .timing import PhaseTimer, ProgressBar
+from .validation import check_int, is_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLEMENTATIONS = ("reference", "fast", "openflamingo", "idefics")
@@ -172,10 +173,8 @@ class ProfileOptions:
             raise ValueError(f"impl={','.join(self.impls)!r}: an implementation is listed twice; expected each once")
         for name, minimum in (("new_tokens", 2), ("repeats", 1), ("warmup", 0), ("caption_tokens", 0),
                               ("question_tokens", 0), ("seed", 0), ("num_beams", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                why = " (decode timing needs a token after the first)" if name == "new_tokens" else ""
-                raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}{why}")
+            why = " (decode timing needs a token after the first)" if name == "new_tokens" else ""
+            check_int(name, getattr(self, name), minimum, why)
         if self.num_beams > 1 and self.new_tokens > 64:
             raise ValueError(f"new_tokens={self.new_tokens} with num_beams={self.num_beams}: expected at most 64 "
                              f"(FastFlamingo's default max_tail_len)")
@@ -235,7 +234,7 @@ def _int_list(value: Any, name: str, minimum: int) -> list[int]:
     if not values:
         raise ValueError(f"{name}=[]: expected at least one integer >= {minimum}")
     for v in values:
-        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        if not is_int(v) or v < minimum:
             raise ValueError(f"{name}={values!r}: {v!r} is not an integer >= {minimum}")
     if len(set(values)) != len(values):  # two rows under one key
         twice = next(v for i, v in enumerate(values) if v in values[:i])

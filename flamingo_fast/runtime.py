@@ -38,7 +38,6 @@ interface over its caches).
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -48,16 +47,17 @@ import torch
 from . import masking, prefix_state
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
-from .decode import DecodeState, decode_step, resolve_decode_paths
-from .fast_modules import FastPerceiverResampler, LayerStack, check_backend, kernel_ops
+from .decode import DecodeState, decode_step
+from .fast_modules import FastPerceiverResampler, LayerStack, kernel_ops
 from .fused_weights import bytes_by_dtype
 from .graphs import DecodeGraphs, DecodeInputs
 from .model_copy import converted_copy
 from .modes import runtime_mode
+from .options import RuntimeOptions
 from .prefill import PromptPrefill
 from .prefix_state import MediaSession, PrefixState
 from .quantize import Int8Linear, bind_int8_linears, check_weights
-from .scoring import DEFAULT_SCORE_BYTES, check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
+from .scoring import check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
 from .search import GenerationOptions, KeywordGenerate, generate_ids
 from .timing import PhaseTimer
 from .validation import check_dtype, check_eval_mode, check_generate_options, check_model, check_prompt
@@ -82,61 +82,42 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
     """
 
     @runtime_mode
-    def __init__(self, model: Flamingo, backend: str = "auto", max_batch_size: int = 8,
-                 max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
-                 stop_check_interval: int = 8, max_hypotheses: int | None = None, max_tail_len: int = 64,
-                 context_cache_bytes: int = 1 << 30, decode_paths=None, score_bytes: int = DEFAULT_SCORE_BYTES):
-        # the options as given ("auto", None), so that a drop-in rebuilt after `.to` resolves them again
-        self.options = {k: v for k, v in locals().items() if k not in ("self", "model", "__class__")}
+    def __init__(self, model: Flamingo, *, options: RuntimeOptions | None = None, **keywords):
+        """`options` (RuntimeOptions), or its fields as keywords (options.py); kept as given in `self.options`
+        ("auto", None), so that a drop-in rebuilt after `.to` resolves them again."""
+        if options is not None and keywords:
+            raise ValueError(f"options and {sorted(keywords)}: expected a RuntimeOptions or its fields as keywords, "
+                             f"not both")
+        self.options = options = RuntimeOptions(**keywords) if options is None else options
         config = model.config
         check_model(model)
         param = model.lang_encoder.embed_tokens.weight  # never quantized (an int8 output head is not the dtype)
         self.device, self.dtype = param.device, param.dtype
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        check_backend(config, backend)
-        if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' with the model on {self.device}: expected a CUDA device (or TRITON_INTERPRET=1 "
-                f"to run the kernels in Triton's interpreter); use backend='torch' on the CPU"
-            )
-        max_seq_len = config.lm.max_position_embeddings if max_seq_len is None else max_seq_len
-        max_hypotheses = 4 * max_batch_size if max_hypotheses is None else max_hypotheses
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
-                            ("max_images", max_images), ("stop_check_interval", stop_check_interval),
-                            ("max_hypotheses", max_hypotheses), ("max_tail_len", max_tail_len)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-        if max_seq_len > config.lm.max_position_embeddings:
-            raise ValueError(f"max_seq_len={max_seq_len}: expected at most the model's max positions "
-                             f"{config.lm.max_position_embeddings}")
+        resolved = options.resolve(config, self.device)
+        backend, max_batch_size, max_seq_len = resolved.backend, resolved.max_batch_size, resolved.max_seq_len
+        max_hypotheses = resolved.max_hypotheses
         self.model, self.config, self.backend = model, config, backend
-        self.stop_check_interval = stop_check_interval
+        self.stop_check_interval = resolved.stop_check_interval
         self.pre_image_bug = config.openflamingo_pre_image_bug and not config.only_attend_immediate_media
         self.ops = kernel_ops(backend)
         bind_int8_linears(model, self.ops.int8_linear)  # a model from from_reference(weights="int8")
         self.perceiver = FastPerceiverResampler(model.perceiver, self.ops, config.perceiver.dim_head)
-        self.decode_paths = resolve_decode_paths(backend, decode_paths)
+        self.decode_paths = resolved.decode_paths
         fuse = "fused_projections" in self.decode_paths
         self.stack = LayerStack(model, self.ops, fuse)
         if fuse and config.lm.family == "llama" and not self.stack.fused_projections:  # a weight held elsewhere
             self.decode_paths = self.decode_paths - {"fused_projections"}
         self.kv_cache = StaticKVCache.allocate(config, max_batch_size, max_seq_len, self.dtype, self.device)
-        self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
-        self.max_hypotheses, self.max_tail_len = max_hypotheses, max_tail_len
+        self.media_cache = MediaKVCache.allocate(config, max_batch_size, resolved.max_images, self.dtype, self.device)
+        self.max_hypotheses, self.max_tail_len = max_hypotheses, resolved.max_tail_len
         self.tail_cache: TailKVCache | None = None  # allocated by the first beam search, then kept (graphs read it)
         self.staged_prefix = None  # prefix_state.Staged: which past_key_values chain the caches hold
         self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths,
                                         image_per_hypothesis=config.openflamingo_generated_image_bug)
-        if isinstance(context_cache_bytes, bool) or not isinstance(context_cache_bytes, int) or context_cache_bytes < 0:
-            raise ValueError(f"context_cache_bytes={context_cache_bytes!r}: expected an integer >= 0 (0 disables it)")
-        self.context_cache = ContextCache(context_cache_bytes)
-        if isinstance(score_bytes, bool) or not isinstance(score_bytes, int) or score_bytes < 1:
-            raise ValueError(f"score_bytes={score_bytes!r}: expected an integer >= 1 (the bytes one scoring pass may "
-                             f"hold)")
-        self.score_bytes = score_bytes
+        self.context_cache = ContextCache(resolved.context_cache_bytes)
+        self.score_bytes = resolved.score_bytes
         self.lock = threading.Lock()
-        use_graphs = cuda_graphs and self.device.type == "cuda"
+        use_graphs = resolved.cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(decode_step, max_batch_size, max_seq_len, self.device,
                                    max_hypotheses=max_hypotheses) if use_graphs else None
         self.weight_watch = WeightWatch(model)  # after fusing: what every call compares the weights with

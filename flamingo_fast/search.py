@@ -45,6 +45,7 @@ from typing import Protocol
 import torch
 
 from .sampling import SamplingOptions, select_next_token
+from .validation import check_int, is_int
 
 EARLY_STOPPING = (False, True, "never")
 _NEG = -1.0e9  # Hugging Face's "impossible" score: added, never compared with -inf
@@ -58,10 +59,6 @@ class Decoder(Protocol):
     def reorder(self, index: torch.Tensor) -> None: ...
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def as_token_id(value, name: str, vocab_size: int) -> int:
     """An int, a 0-d integer tensor or a numpy integer -> int in [0, vocab); bools and floats are refused."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
@@ -69,7 +66,7 @@ def as_token_id(value, name: str, vocab_size: int) -> int:
         value = int(value)
     elif type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "iu":
         value = int(value)
-    if not _is_int(value) or not 0 <= value < vocab_size:
+    if not is_int(value) or not 0 <= value < vocab_size:
         raise ValueError(f"{name}={value!r}: expected a token id in [0, {vocab_size})")
     return value
 
@@ -108,15 +105,12 @@ class GenerationOptions:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "min_new_tokens"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name}={value!r}: expected an integer >= 0")
+        check_int("max_new_tokens", self.max_new_tokens, 0)
+        check_int("min_new_tokens", self.min_new_tokens, 0)
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample={self.do_sample!r}: expected True or False")
-        if not _is_int(self.num_beams) or self.num_beams < 1:
-            raise ValueError(f"num_beams={self.num_beams!r}: expected an integer >= 1")
-        if not _is_int(self.num_return_sequences) or not 1 <= self.num_return_sequences <= self.num_beams:
+        check_int("num_beams", self.num_beams, 1)
+        if not is_int(self.num_return_sequences) or not 1 <= self.num_return_sequences <= self.num_beams:
             raise ValueError(f"num_return_sequences={self.num_return_sequences!r}: expected an integer in "
                              f"[1, num_beams={self.num_beams}]")
         if self.do_sample:

@@ -17,7 +17,7 @@ A handle (PrefixState) is a segment of a sequence's self-attention KV:
 - an extension: it owns only its new tokens' keys/values and references its parent (the chain's mask grows with
   it; new tokens are never padding).
 Running a handle stages its chain into the runtime's static cache (rows [0, B), columns [0, end)) and its media
-into the media cache, then runs only the new tokens (prefill.PromptPrefill._prefill from column `end`). Staging
+into the media cache, then runs only the new tokens (prefill.prefill_columns from column `end`). Staging
 skips the leading handles already in place: `Staged` records which chain the caches hold and the caches' version
 counters (every in-place write bumps them), so any other call in between (generate, score, forward) is seen and
 the chain is copied in again. In OpenFlamingo's per-class loop nothing is copied: the prompt stays in place and
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .prefill import prefill_columns, prefill_prompt
 from .validation import check_prompt
 
 
@@ -179,7 +180,7 @@ def _run_prompt(runtime, vision_x, lang_x, attention_mask, session):
     attention_mask, prompt = check_prompt(runtime.config, vision_x, lang_x, attention_mask)
     prompt = runtime._prompt_images(vision_x, lang_x, None, prompt)
     runtime._check_capacity(lang_x, prompt, None)
-    logits = runtime._prefill_prompt(vision_x, lang_x.long(), attention_mask, prompt, None, all_logits=True)
+    logits = prefill_prompt(runtime.prefill_state, vision_x, lang_x.long(), attention_mask, prompt, all_logits=True)
     batch, length = lang_x.shape
     num_images = max(prompt.slots)
     span = num_images * runtime.media_cache.num_latents
@@ -228,7 +229,8 @@ def _run_extension(runtime, past: PrefixState, lang_x, attention_mask):
         kv.values[:, :batch, :, state.start:state.end] = state.values
     ids = torch.cat([lang_x.new_zeros(batch, past.end), lang_x], dim=1).long().to(runtime.device)  # [0, end) unread
     image_index = root.decode_image.to(runtime.device)[:, None].expand(batch, total)
-    logits = runtime._prefill(ids, mask, image_index, root.num_images, all_logits=True, start=past.end)
+    logits = prefill_columns(runtime.prefill_state, ids, mask, image_index, root.num_images, all_logits=True,
+                             start=past.end)
     state = PrefixState(runtime, past, kv.keys[:, :batch, :, past.end:total].clone(),
                         kv.values[:, :batch, :, past.end:total].clone(), mask, None)
     _record(runtime, chain + [state])

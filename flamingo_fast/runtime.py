@@ -31,8 +31,8 @@ new K/V in one kernel per layer, attends with a split-KV kernel over each row's 
 beams: prompt and tail merged by log-sum-exp), and LLaMA's q/k/v and gate/up run as one GEMM each over fused
 weights.
 
-This module: FastFlamingo (construction, capacity, the public entry points, the lock) and FastDecoder (the search
-interface over its caches).
+This module: FastFlamingo (construction, capacity, the public entry points, the lock). FastDecoder, the search
+interface over its caches, is in decode.py.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ import torch
 from . import masking, prefix_state
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
-from .decode import DecodeState, decode_step
+from .decode import DecodeState, FastDecoder, decode_step
 from .fast_modules import FastPerceiverResampler, LayerStack, kernel_ops
 from .fused_weights import bytes_by_dtype
 from .graphs import DecodeGraphs, DecodeInputs
 from .model_copy import converted_copy
 from .modes import runtime_mode
 from .options import RuntimeOptions
-from .prefill import PromptPrefill
+from .prefill import PrefillState, prefill_prompt
 from .prefix_state import MediaSession, PrefixState
 from .quantize import Int8Linear, bind_int8_linears, check_weights
 from .scoring import check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
@@ -67,18 +67,18 @@ if TYPE_CHECKING:
     from .reference import Flamingo
 
 
-class FastFlamingo(PromptPrefill, KeywordGenerate):
+class FastFlamingo(KeywordGenerate):
     """Cached, kernel-backed Flamingo inference over a reference model's parameters.
 
     Holds one set of caches (StaticKVCache, MediaKVCache; TailKVCache from the first beam search on) sized at
     construction and reused by every call; calls are independent (each prompt overwrites what it reads). One
     call runs at a time per instance: concurrent calls from several threads wait for each other on a lock.
-    Prefill is its base class PromptPrefill (prefill.py); the decode step is decode.decode_step over
-    `decode_state` (the caches and the layer wiring `stack`). Every entry point runs under modes.runtime_mode: it
-    computes in the construction dtype inside any autocast region (build with dtype=torch.bfloat16 for bf16),
-    and caches allocated inside `torch.inference_mode()` serve calls outside it and the other way round. The
-    reference model's tensors must stay where they were at construction; the drop-ins (dropin.py) rebuild their
-    FastFlamingo after `.to`.
+    Prefill is prefill.prefill_prompt over `prefill_state`, the decode step decode.decode_step over
+    `decode_state` (each: the caches and the layer wiring `stack` it reads). Every entry point runs under
+    modes.runtime_mode: it computes in the construction dtype inside any autocast region (build with
+    dtype=torch.bfloat16 for bf16), and caches allocated inside `torch.inference_mode()` serve calls outside it
+    and the other way round. The reference model's tensors must stay where they were at construction; the
+    drop-ins (dropin.py) rebuild their FastFlamingo after `.to`.
     """
 
     @runtime_mode
@@ -115,6 +115,9 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths,
                                         image_per_hypothesis=config.openflamingo_generated_image_bug)
         self.context_cache = ContextCache(resolved.context_cache_bytes)
+        self.prefill_state = PrefillState(config, model.vision_encoder, self.perceiver, self.stack, self.kv_cache,
+                                          self.media_cache, self.context_cache, self.dtype, self.device,
+                                          self.pre_image_bug)
         self.score_bytes = resolved.score_bytes
         self.lock = threading.Lock()
         use_graphs = resolved.cuda_graphs and self.device.type == "cuda"
@@ -186,7 +189,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
             attention_mask, prompt = check_prompt(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
             prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
             self._check_capacity(lang_x, prompt, None)
-            return self._prefill_prompt(vision_x, lang_x.long(), attention_mask, prompt, None, all_logits=True)
+            return prefill_prompt(self.prefill_state, vision_x, lang_x.long(), attention_mask, prompt, all_logits=True)
 
     __call__ = forward
 
@@ -259,7 +262,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
                 timer: PhaseTimer | None = None) -> tuple[FastDecoder, torch.Tensor]:
         """Encode the images each row uses, prefill the prompts -> (decoder over the cached prompts, float32
         logits [B, vocab] of each row's last token). Inputs already checked; call under the lock."""
-        logits = self._prefill_prompt(vision_x, lang_x, attention_mask, prompt, timer)
+        logits = prefill_prompt(self.prefill_state, vision_x, lang_x, attention_mask, prompt, timer)
         slots = prompt.slots
         row_images = torch.tensor([max(slots)] * len(slots) if self.pre_image_bug else slots, dtype=torch.int32,
                                   device=lang_x.device)
@@ -374,78 +377,3 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
             self.decode_state = dataclasses.replace(self.decode_state, tail=self.tail_cache)
         return self.tail_cache
 
-
-class FastDecoder:
-    """The search interface (flamingo_fast/search.py) over FastFlamingo's caches, for one call.
-
-    Owned segments (`fork(1)`): the row's new tokens follow its prompt in its static-cache row. Shared prompt
-    (`fork(n)` with n > 1, or `shared=True`): the row's hypotheses read its prompt KV and media K/V in place;
-    each one's new tokens go to its own TailKVCache row, and `reorder` gathers tails only (the count per row may
-    change, as scoring's trie levels do). Each `step` is one decode step (a CUDA-graph replay on a GPU unless
-    `graphs` is off) with no host sync. `tail`: the tail cache, the instance's (allocated on the first shared
-    fork: beams) unless the caller set one for the call (score)."""
-
-    def __init__(self, runtime: FastFlamingo, prompt_len: int, last_position: torch.Tensor,
-                 image_index: torch.Tensor, row_images: torch.Tensor):
-        self.runtime, self.prompt_len = runtime, prompt_len
-        self.last_position, self.image_index, self.row_images = last_position, image_index, row_images
-        self.per_row, self.shared, self.tail_len, self.inputs = 1, False, 0, None
-        self.graphs = True
-        self.tail: TailKVCache | None = None
-
-    @property
-    def rows(self) -> int:
-        return self.last_position.shape[0]
-
-    def fork(self, per_row: int, shared: bool | None = None) -> None:
-        """Every row becomes `per_row` hypotheses with empty tails, from its prompt (again, if forked before)."""
-        self.per_row, self.tail_len = per_row, 0
-        self.shared = per_row > 1 if shared is None else shared
-        if self.shared:
-            self.tail = self.tail or self.runtime._ensure_tail_cache()
-            self._check_hypotheses(self.rows * per_row)
-        elif per_row != 1:
-            raise ValueError(f"fork: per_row={per_row} needs shared=True (rows own their segment only alone)")
-        device = self.last_position.device
-        self.inputs = DecodeInputs(
-            token=torch.zeros(self.rows * per_row, dtype=torch.long, device=device),
-            rope_position=self.last_position.repeat_interleave(per_row),
-            kv_column=torch.full((1,), -1 if self.shared else self.prompt_len - 1, dtype=torch.long, device=device),
-            prompt_columns=torch.full((1,), self.prompt_len, dtype=torch.long, device=device),
-            image_index=self.image_index.repeat_interleave(per_row),
-            row_images=self.row_images.repeat_interleave(per_row),
-        )
-
-    def _check_hypotheses(self, hypotheses: int) -> None:
-        if hypotheses > self.tail.max_hypotheses:
-            raise ValueError(f"{hypotheses} hypotheses exceed the {self.tail.max_hypotheses} rows of the tail cache "
-                             f"(max_hypotheses of this FastFlamingo, or score's pass)")
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        inputs = self.inputs
-        inputs.token = tokens
-        if self.runtime.config.openflamingo_generated_image_bug:  # 1-based in masking's helper, 0-based here
-            inputs.image_index = masking.image_after_generated_tokens(
-                tokens, inputs.image_index + 1, self.runtime.config.media_token_id) - 1
-        inputs.rope_position = inputs.rope_position + 1
-        inputs.kv_column = inputs.kv_column + 1
-        self.tail_len += 1
-        if self.shared and self.tail_len > self.tail.max_tail_len:
-            raise ValueError(f"step: tail of {self.tail_len} tokens exceeds the tail cache's {self.tail.max_tail_len} "
-                             f"(max_tail_len of this FastFlamingo, or score's longest candidate)")
-        kv_len = self.prompt_len if self.shared else self.prompt_len + self.tail_len
-        return self.runtime._run_decode_step(inputs, kv_len, self.per_row, self.shared, self.graphs,
-                                             self.tail if self.shared else None).float()
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Hypothesis h continues old hypothesis index[h], which must belong to the same row; len(index) may
-        be any multiple of the row count."""
-        if not self.shared:
-            raise ValueError("reorder: rows that own their segment cannot reorder; fork(per_row, shared=True) first")
-        self._check_hypotheses(index.shape[0])
-        self.tail.reorder(index, self.tail_len)
-        inputs = self.inputs
-        inputs.rope_position, inputs.row_images = inputs.rope_position[index], inputs.row_images[index]
-        inputs.image_index = masking.image_after_reorder(inputs.image_index, index,
-                                                         self.runtime.config.openflamingo_generated_image_bug)
-        self.per_row = index.shape[0] // self.rows

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from . import masking
 from .attention import merge_attention_states, shared_prefix_attention
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
+from .config import FlamingoConfig
 from .fast_modules import LayerStack
 from .graphs import DecodeInputs
 from .lm import rotary_cos_sin
-
-if TYPE_CHECKING:
-    from .runtime import FastFlamingo
 
 # The decode step's faster paths, each with a switch back to the old one for before/after measurements:
 #   fused_projections  LLaMA: one GEMM for q/k/v and one for gate/up (fused weights, the modules' own are views)
@@ -178,6 +176,17 @@ def decode_step(state: DecodeState, inputs: DecodeInputs, kv_len: int, per_row: 
     return model.output_head(stack.layers(x, rope_for_qkv, cross, attend)[:, 0])
 
 
+class DecodeRunner(Protocol):
+    """What FastDecoder needs of its runtime (FastFlamingo)."""
+
+    config: FlamingoConfig
+
+    def run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool, graphs: bool = True,
+                        tail: TailKVCache | None = None) -> torch.Tensor: ...
+
+    def beam_tail_cache(self) -> TailKVCache: ...
+
+
 class FastDecoder:
     """The search interface (flamingo_fast/search.py) over FastFlamingo's caches, for one call.
 
@@ -185,16 +194,16 @@ class FastDecoder:
     (`fork(n)` with n > 1, or `shared=True`): the row's hypotheses read its prompt KV and media K/V in place;
     each one's new tokens go to its own TailKVCache row, and `reorder` gathers tails only (the count per row may
     change, as scoring's trie levels do). Each `step` is one decode step (a CUDA-graph replay on a GPU unless
-    `graphs` is off) with no host sync. `tail`: the tail cache, the instance's (allocated on the first shared
-    fork: beams) unless the caller set one for the call (score)."""
+    `graphs` is off) with no host sync. `tail`: the tail cache, the runtime's (allocated on the first shared
+    fork: beams) unless the caller passes one for the call (score)."""
 
-    def __init__(self, runtime: FastFlamingo, prompt_len: int, last_position: torch.Tensor,
-                 image_index: torch.Tensor, row_images: torch.Tensor):
+    def __init__(self, runtime: DecodeRunner, prompt_len: int, last_position: torch.Tensor,
+                 image_index: torch.Tensor, row_images: torch.Tensor, graphs: bool = True,
+                 tail: TailKVCache | None = None):
         self.runtime, self.prompt_len = runtime, prompt_len
         self.last_position, self.image_index, self.row_images = last_position, image_index, row_images
         self.per_row, self.shared, self.tail_len, self.inputs = 1, False, 0, None
-        self.graphs = True
-        self.tail: TailKVCache | None = None
+        self.graphs, self.tail = graphs, tail
 
     @property
     def rows(self) -> int:
@@ -205,7 +214,7 @@ class FastDecoder:
         self.per_row, self.tail_len = per_row, 0
         self.shared = per_row > 1 if shared is None else shared
         if self.shared:
-            self.tail = self.tail or self.runtime._ensure_tail_cache()
+            self.tail = self.tail or self.runtime.beam_tail_cache()
             self._check_hypotheses(self.rows * per_row)
         elif per_row != 1:
             raise ValueError(f"fork: per_row={per_row} needs shared=True (rows own their segment only alone)")
@@ -237,8 +246,8 @@ class FastDecoder:
             raise ValueError(f"step: tail of {self.tail_len} tokens exceeds the tail cache's {self.tail.max_tail_len} "
                              f"(max_tail_len of this FastFlamingo, or score's longest candidate)")
         kv_len = self.prompt_len if self.shared else self.prompt_len + self.tail_len
-        return self.runtime._run_decode_step(inputs, kv_len, self.per_row, self.shared, self.graphs,
-                                             self.tail if self.shared else None).float()
+        return self.runtime.run_decode_step(inputs, kv_len, self.per_row, self.shared, self.graphs,
+                                            self.tail if self.shared else None).float()
 
     def reorder(self, index: torch.Tensor) -> None:
         """Hypothesis h continues old hypothesis index[h], which must belong to the same row; len(index) may

@@ -116,22 +116,27 @@ def _version(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def _record(runtime, chain: list[PrefixState]) -> None:
-    kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
-    runtime.staged_prefix = Staged([weakref.ref(state) for state in chain], kv, _version(kv), media, _version(media))
+class StagedChain:
+    """A runtime's record of which chain its caches hold (`runtime.staged_prefix`, written only here)."""
 
+    def __init__(self) -> None:
+        self.staged: Staged | None = None
 
-def _in_place(runtime) -> list[PrefixState]:
-    """The chain the caches still hold ([] when anything wrote to them since, or they were replaced)."""
-    staged: Staged | None = runtime.staged_prefix
-    kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
-    if staged is None or staged.kv_keys is not kv or staged.media_keys is not media:
-        return []
-    versions = (_version(kv), _version(media))
-    if None in versions or versions != (staged.kv_version, staged.media_version):
-        return []
-    chain = [ref() for ref in staged.chain]
-    return [] if None in chain else chain
+    def record(self, runtime, chain: list[PrefixState]) -> None:
+        kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
+        self.staged = Staged([weakref.ref(state) for state in chain], kv, _version(kv), media, _version(media))
+
+    def in_place(self, runtime) -> list[PrefixState]:
+        """The chain the caches still hold ([] when anything wrote to them since, or they were replaced)."""
+        staged = self.staged
+        kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
+        if staged is None or staged.kv_keys is not kv or staged.media_keys is not media:
+            return []
+        versions = (_version(kv), _version(media))
+        if None in versions or versions != (staged.kv_version, staged.media_version):
+            return []
+        chain = [ref() for ref in staged.chain]
+        return [] if None in chain else chain
 
 
 def check_handle(runtime, past) -> PrefixState:
@@ -178,8 +183,8 @@ def forward_with_state(runtime, vision_x, lang_x, attention_mask, past: PrefixSt
 
 def _run_prompt(runtime, vision_x, lang_x, attention_mask, session):
     attention_mask, prompt = check_prompt(runtime.config, vision_x, lang_x, attention_mask)
-    prompt = runtime._prompt_images(vision_x, lang_x, None, prompt)
-    runtime._check_capacity(lang_x, prompt, None)
+    prompt = runtime.prompt_images(vision_x, lang_x, None, prompt)
+    runtime.check_capacity(lang_x, prompt, None)
     logits = prefill_prompt(runtime.prefill_state, vision_x, lang_x.long(), attention_mask, prompt, all_logits=True)
     batch, length = lang_x.shape
     num_images = max(prompt.slots)
@@ -189,7 +194,7 @@ def _run_prompt(runtime, vision_x, lang_x, attention_mask, session):
                         kv.values[:, :batch, :, :length].clone(), attention_mask.clone(), session,
                         media.keys[:, :batch, :, :span].clone(), media.values[:, :batch, :, :span].clone(),
                         prompt.decode_image.clone(), num_images)
-    _record(runtime, [state])
+    runtime.staged_prefix.record(runtime, [state])
     return logits, state
 
 
@@ -215,7 +220,7 @@ def _run_extension(runtime, past: PrefixState, lang_x, attention_mask):
                          f"{runtime.kv_cache.max_seq_len} of this FastFlamingo")
     mask = _new_tokens_mask(past, lang_x, attention_mask).to(runtime.device)
     chain = past.chain()
-    in_place = _in_place(runtime)
+    in_place = runtime.staged_prefix.in_place(runtime)
     kept = 0
     while kept < min(len(chain), len(in_place)) and chain[kept] is in_place[kept]:
         kept += 1
@@ -233,6 +238,6 @@ def _run_extension(runtime, past: PrefixState, lang_x, attention_mask):
                              start=past.end)
     state = PrefixState(runtime, past, kv.keys[:, :batch, :, past.end:total].clone(),
                         kv.values[:, :batch, :, past.end:total].clone(), mask, None)
-    _record(runtime, chain + [state])
+    runtime.staged_prefix.record(runtime, chain + [state])
     return logits, state
 

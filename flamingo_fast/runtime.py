@@ -55,7 +55,7 @@ from .model_copy import converted_copy
 from .modes import runtime_mode
 from .options import RuntimeOptions
 from .prefill import PrefillState, prefill_prompt
-from .prefix_state import MediaSession, PrefixState
+from .prefix_state import MediaSession, PrefixState, StagedChain
 from .quantize import Int8Linear, bind_int8_linears, check_weights
 from .scoring import check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
 from .search import GenerationOptions, KeywordGenerate, generate_ids
@@ -111,7 +111,7 @@ class FastFlamingo(KeywordGenerate):
         self.media_cache = MediaKVCache.allocate(config, max_batch_size, resolved.max_images, self.dtype, self.device)
         self.max_hypotheses, self.max_tail_len = max_hypotheses, resolved.max_tail_len
         self.tail_cache: TailKVCache | None = None  # allocated by the first beam search, then kept (graphs read it)
-        self.staged_prefix = None  # prefix_state.Staged: which past_key_values chain the caches hold
+        self.staged_prefix = StagedChain()  # which past_key_values chain the caches hold (prefix_state.py)
         self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths,
                                         image_per_hypothesis=config.openflamingo_generated_image_bug)
         self.context_cache = ContextCache(resolved.context_cache_bytes)
@@ -187,8 +187,8 @@ class FastFlamingo(KeywordGenerate):
         with self.lock:
             self._check_weights()
             attention_mask, prompt = check_prompt(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
-            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
-            self._check_capacity(lang_x, prompt, None)
+            prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
+            self.check_capacity(lang_x, prompt, None)
             return prefill_prompt(self.prefill_state, vision_x, lang_x.long(), attention_mask, prompt, all_logits=True)
 
     __call__ = forward
@@ -220,8 +220,8 @@ class FastFlamingo(KeywordGenerate):
             self._check_weights()
             attention_mask, prompt = check_prompt(config, vision_x, lang_x, attention_mask, image_attention_mask)
             check_generate_options(config, lang_x, attention_mask, options.max_new_tokens, options.min_new_tokens)
-            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
-            self._check_capacity(lang_x, prompt, options.max_new_tokens, options)
+            prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
+            self.check_capacity(lang_x, prompt, options.max_new_tokens, options)
             lang_x = lang_x.long()
             return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, prompt, timer), lang_x,
                                 options, config.lm.vocab_size, generator=generator, timer=timer,
@@ -249,12 +249,15 @@ class FastFlamingo(KeywordGenerate):
             rows = lang_x.shape[0]
             per_row = hypotheses_per_row(tokens, rows, self.score_bytes,
                                          hypothesis_bytes(self.config, self.dtype, longest - 1))
-            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
-            self._check_capacity(lang_x, prompt, None)
-            decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask, prompt)
-            decoder.graphs = False  # the hypothesis count changes level by level: eager beats a capture per shape
-            if per_row:  # this call's tails, never the beams' cache (which CUDA graphs read)
-                decoder.tail = TailKVCache.allocate(self.config, rows * per_row, longest - 1, self.dtype, self.device)
+            prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
+            self.check_capacity(lang_x, prompt, None)
+            lang_x = lang_x.long()
+            first_logits = prefill_prompt(self.prefill_state, vision_x, lang_x, attention_mask, prompt).float()
+            # this call's tails, never the beams' cache (which CUDA graphs read); no graphs: the hypothesis count
+            # changes level by level, and eager beats a capture per shape
+            tail = TailKVCache.allocate(self.config, rows * per_row, longest - 1, self.dtype, self.device) \
+                if per_row else None
+            decoder = self.decoder(lang_x, attention_mask, prompt, graphs=False, tail=tail)
             return score_candidates(decoder, first_logits, tokens, max(per_row, 1), normalize_length, progress)
 
     @runtime_mode
@@ -263,11 +266,17 @@ class FastFlamingo(KeywordGenerate):
         """Encode the images each row uses, prefill the prompts -> (decoder over the cached prompts, float32
         logits [B, vocab] of each row's last token). Inputs already checked; call under the lock."""
         logits = prefill_prompt(self.prefill_state, vision_x, lang_x, attention_mask, prompt, timer)
+        return self.decoder(lang_x, attention_mask, prompt), logits.float()
+
+    def decoder(self, lang_x, attention_mask, prompt: masking.PromptImages, graphs: bool = True,
+                tail: TailKVCache | None = None) -> FastDecoder:
+        """The search interface over the prompts just prefilled into the caches. `graphs` False: its steps run
+        eagerly; `tail`: its tail cache for this call (None: the beams', allocated on the first shared fork)."""
         slots = prompt.slots
         row_images = torch.tensor([max(slots)] * len(slots) if self.pre_image_bug else slots, dtype=torch.int32,
                                   device=lang_x.device)
         last_position = masking.positions_from_mask(attention_mask)[:, -1]
-        return FastDecoder(self, lang_x.shape[1], last_position, prompt.decode_image, row_images), logits.float()
+        return FastDecoder(self, lang_x.shape[1], last_position, prompt.decode_image, row_images, graphs, tail)
 
     def context_cache_stats(self) -> CacheStats:
         """A copy of the context cache's counters: hits and misses (contexts, images), evictions, bytes held
@@ -308,7 +317,7 @@ class FastFlamingo(KeywordGenerate):
 
     # ------------------------------------------------------------------------------------------ phases
 
-    def _prompt_images(self, vision_x, lang_x, image_attention_mask,
+    def prompt_images(self, vision_x, lang_x, image_attention_mask,
                        prompt: masking.PromptImages | None = None) -> masking.PromptImages:
         """Which image each token sees and which images are encoded (the rest are padding, never read), by the
         layout's rule: `<image>` tokens (OpenFlamingo) or the image_attention_mask (IDEFICS); `prompt`: that
@@ -328,9 +337,10 @@ class FastFlamingo(KeywordGenerate):
             prompt = dataclasses.replace(prompt, visible=[sorted({0, *row}) for row in prompt.visible])
         return prompt
 
-    def _check_capacity(self, lang_x, prompt: masking.PromptImages, max_new_tokens: int | None,
-                        options: GenerationOptions | None = None) -> None:
-        """max_new_tokens None: a forward call, which generates nothing."""
+    def check_capacity(self, lang_x, prompt: masking.PromptImages, max_new_tokens: int | None,
+                       options: GenerationOptions | None = None) -> None:
+        """Whether a call fits this instance's caches (batch, sequence, beams, images); max_new_tokens None: a
+        forward call, which generates nothing."""
         batch, prompt_len = lang_x.shape
         if batch > self.kv_cache.max_batch_size:
             raise ValueError(f"lang_x: batch {batch} exceeds max_batch_size={self.kv_cache.max_batch_size} "
@@ -359,8 +369,8 @@ class FastFlamingo(KeywordGenerate):
             raise ValueError(f"lang_x: a row has {images} {what}; expected at most "
                              f"max_images={self.media_cache.max_images} of this FastFlamingo")
 
-    def _run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool,
-                         graphs: bool = True, tail: TailKVCache | None = None) -> torch.Tensor:
+    def run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool,
+                        graphs: bool = True, tail: TailKVCache | None = None) -> torch.Tensor:
         """decode.decode_step over this instance's state: replayed as a CUDA graph when there are graphs. `tail`: a
         tail cache other than the instance's (score's, for one call: always eager)."""
         if tail is not None and tail is not self.tail_cache:
@@ -369,7 +379,7 @@ class FastFlamingo(KeywordGenerate):
             return self.graphs.run(self.decode_state, inputs, kv_len, per_row, tails)
         return decode_step(self.decode_state, inputs, kv_len, per_row, tails)
 
-    def _ensure_tail_cache(self) -> TailKVCache:
+    def beam_tail_cache(self) -> TailKVCache:
         """Allocated once, on the first beam search, and never replaced (captured graphs read it)."""
         if self.tail_cache is None:
             self.tail_cache = TailKVCache.allocate(self.config, self.max_hypotheses, self.max_tail_len, self.dtype,

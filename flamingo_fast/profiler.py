@@ -66,7 +66,7 @@ WEIGHT_FORMATS = ("none", "bf16", "int8")
 
 
 class GenerateImpl(Protocol):
-    def generate(self, vision_x, lang_x, attention_mask=None, max_new_tokens=20, *, eos_token_id=None,
+    def generate(self, vision_x, lang_x, attention_mask=None, *, max_new_tokens=20, eos_token_id=None,
                  timer: PhaseTimer | None = None, num_beams: int = 1) -> torch.Tensor: ...
 
 

@@ -5,7 +5,7 @@
 The prompt (k shots, k + 1 images) is prefilled once; the timed call is then one more token through the LM:
   reference  `lang_encoder(token, media, ...)` on its concatenating KV cache, restored before each call,
              so its cross-attention K/V are recomputed from all latents (the reference's real decode cost);
-  fast       `FastFlamingo._run_decode_step` (the CUDA graph replay on a GPU), which rewrites the same cache
+  fast       `FastFlamingo.run_decode_step` (the CUDA graph replay on a GPU), which rewrites the same cache
              column every call.
 Each test times its own implementation with pytest-benchmark (synchronising the GPU inside the call) and
 measures both in `extra_info` (median ms, `triton.testing.do_bench` on CUDA, whose timer waits for the GPU),
@@ -100,7 +100,7 @@ def fast_step(model, shots: int):
 
     @torch.no_grad()
     def step():
-        logits = fast._run_decode_step(inputs, kv_len=prompt_len + 1, per_row=1, tails=False)
+        logits = fast.run_decode_step(inputs, kv_len=prompt_len + 1, per_row=1, tails=False)
         _sync()
         return logits
 

@@ -19,7 +19,7 @@ import statistics
 import torch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.profiler import default_device
+from flamingo_fast.profile_options import default_device
 from flamingo_fast.prompts import build_workload, prompt_length
 from flamingo_fast.reference import build_reference
 from flamingo_fast.runtime import FastFlamingo

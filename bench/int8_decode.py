@@ -5,7 +5,7 @@ and at most 0.8x bf16).
     OMP_NUM_THREADS=1 .venv/bin/python bench/int8_decode.py [--preset small] [--shots 4] [--repeats 7]
 
 All three runtimes are built from one float32 reference (seed 0). Each is prefilled once with the profiler's
-`shots`-shot prompt (batch 1); the timed call is one more token through `FastFlamingo._run_decode_step` (the CUDA
+`shots`-shot prompt (batch 1); the timed call is one more token through `FastFlamingo.run_decode_step` (the CUDA
 graph replay on a GPU), rewriting the same cache column. The formats are timed in turns, `repeats` rounds (the
 median per format), so a load change on a shared machine hits all three alike. Prints weight bytes, the step
 times, the ratios, and the first token of each (float32's is the yardstick; random weights make near-ties, so
@@ -44,7 +44,7 @@ def decode_step_call(fast: FastFlamingo, vision_x, lang_x, mask):
     inputs = DecodeInputs(token=out[:, -1].clone(), rope_position=column.expand(lang_x.shape[0]).clone(),
                           kv_column=column, prompt_columns=column.clone(), image_index=images - 1,
                           row_images=images)
-    return (lambda: fast._run_decode_step(inputs, kv_len=prompt_len + 1, per_row=1, tails=False)), out[:, -1]
+    return (lambda: fast.run_decode_step(inputs, kv_len=prompt_len + 1, per_row=1, tails=False)), out[:, -1]
 
 
 def main() -> None:

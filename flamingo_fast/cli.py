@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from . import profiler, report
+from . import profile_options, profiler, report
 from .config import PRESETS
 
 
 def _int_list_type(name: str, minimum: int):
     def parse(text: str) -> list[int]:
         try:
-            return profiler.parse_int_list(text, name, minimum)
+            return profile_options.parse_int_list(text, name, minimum)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -36,7 +36,7 @@ def _int_list_type(name: str, minimum: int):
 
 def _weights_list(text: str) -> list[str]:
     try:
-        return profiler.parse_weights(text)
+        return profile_options.parse_weights(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -44,10 +44,10 @@ def _weights_list(text: str) -> list[str]:
 def _impl_list(text: str) -> list[str]:
     impls = [item.strip() for item in text.split(",") if item.strip()]
     for impl in impls:
-        if impl not in profiler.IMPLEMENTATIONS:
+        if impl not in profile_options.IMPLEMENTATIONS:
             raise argparse.ArgumentTypeError(
                 f"impl={impl!r}: unknown implementation; expected a comma-separated list of "
-                f"{', '.join(profiler.IMPLEMENTATIONS)} (the first is the baseline)"
+                f"{', '.join(profile_options.IMPLEMENTATIONS)} (the first is the baseline)"
             )
     if not impls:
         raise argparse.ArgumentTypeError(f"impl={text!r}: expected at least one implementation")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shapes (random weights)")
-    p.add_argument("--shots", type=_int_list_type("shots", 0), default=list(profiler.DEFAULT_SHOTS),
+    p.add_argument("--shots", type=_int_list_type("shots", 0), default=list(profile_options.DEFAULT_SHOTS),
                    help="comma-separated shot counts; k shots = k + 1 images (default: 0,1,2,4,8,16,32)")
     p.add_argument("--batch", type=_int_list_type("batch", 1), default=[1],
                    help="rows per call; a comma-separated list sweeps several (default: 1)")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens decoded per call, never stopping early (default: 16)")
     p.add_argument("--num-beams", type=_non_negative_int("num_beams", 1), default=1,
                    help="beam search with N beams (default 1: greedy); decode rows time one step of batch x N")
-    p.add_argument("--dtype", choices=sorted(profiler.DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(profile_options.DTYPES), default=None,
                    help="weights and activations (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--device", default=None,
                    help="cpu or cuda[:N] (default: cuda if available); meta: build on the meta device and print the "
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated implementations, the first is the baseline (default: reference,fast); "
                         "openflamingo (OpenFlamingo's own generate) and idefics (transformers' IDEFICS generate) "
                         "need their packages and a preset of their layout")
-    p.add_argument("--backend", default="auto", choices=profiler.FAST_BACKENDS,
+    p.add_argument("--backend", default="auto", choices=profile_options.FAST_BACKENDS,
                    help="the fast runtime's backend: auto, triton or torch")
     p.add_argument("--weights", type=_weights_list, default=["none"],
                    help="the fast runtime's weight format: none, bf16 (both: the activation dtype) or int8; a "
@@ -127,7 +127,7 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 parser.error(f"--{option} with --workload: the workload mode writes its table and --json only; "
                              f"expected no --{option}, or the sweep (no --workload)")
     try:
-        options = profiler.ProfileOptions(
+        options = profile_options.ProfileOptions(
             preset=args.preset, shots=args.shots, batch=args.batch, new_tokens=args.new_tokens, dtype=args.dtype,
             device=args.device, impls=args.impl, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
             caption_tokens=args.caption_tokens, question_tokens=args.question_tokens, trace_dir=args.trace,
@@ -135,7 +135,7 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         for option in ("json", "csv", "plot"):  # checked now, not after a sweep that may take an hour
             if getattr(args, option) is not None:
-                profiler.check_output_path(option, getattr(args, option))
+                profile_options.check_output_path(option, getattr(args, option))
     except ValueError as error:
         parser.error(str(error))
     if torch.device(options.device).type == "meta":
@@ -175,7 +175,8 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _count_weights(args: argparse.Namespace, parser: argparse.ArgumentParser, options: profiler.ProfileOptions) -> int:
+def _count_weights(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                   options: profile_options.ProfileOptions) -> int:
     """--device meta: the weight table, and --json; nothing runs, so the options of a run are errors."""
     for option in ("csv", "plot", "trace", "workload"):
         if getattr(args, option) is not None:

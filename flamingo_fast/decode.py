@@ -7,19 +7,23 @@ LayerStack), the caches (StaticKVCache, MediaKVCache, TailKVCache) and the decod
 graph runner, which takes its KV caches as arguments, the step reads no runtime object: a graph captured with one
 state replays against the same buffers, which FastFlamingo allocates once and never replaces.
 
-The decode paths are switched here too: DECODE_PATHS, DEFAULT_DECODE_PATHS, resolve_decode_paths.
+The decode paths are switched here too: DECODE_PATHS, DEFAULT_DECODE_PATHS, resolve_decode_paths. FastDecoder is
+the search interface (search.py's fork / step / reorder) over a FastFlamingo's caches, for one call.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from . import masking
 from .attention import merge_attention_states, shared_prefix_attention
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
+from .config import FlamingoConfig
 from .fast_modules import LayerStack
 from .graphs import DecodeInputs
 from .lm import rotary_cos_sin
@@ -170,3 +174,90 @@ def decode_step(state: DecodeState, inputs: DecodeInputs, kv_len: int, per_row: 
 
     rope_for_qkv = None if fused_write else rope
     return model.output_head(stack.layers(x, rope_for_qkv, cross, attend)[:, 0])
+
+
+class DecodeRunner(Protocol):
+    """What FastDecoder needs of its runtime (FastFlamingo)."""
+
+    config: FlamingoConfig
+
+    def run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool, graphs: bool = True,
+                        tail: TailKVCache | None = None) -> torch.Tensor: ...
+
+    def beam_tail_cache(self) -> TailKVCache: ...
+
+
+class FastDecoder:
+    """The search interface (flamingo_fast/search.py) over FastFlamingo's caches, for one call.
+
+    Owned segments (`fork(1)`): the row's new tokens follow its prompt in its static-cache row. Shared prompt
+    (`fork(n)` with n > 1, or `shared=True`): the row's hypotheses read its prompt KV and media K/V in place;
+    each one's new tokens go to its own TailKVCache row, and `reorder` gathers tails only (the count per row may
+    change, as scoring's trie levels do). Each `step` is one decode step (a CUDA-graph replay on a GPU unless
+    `graphs` is off) with no host sync. `tail`: the tail cache, the runtime's (allocated on the first shared
+    fork: beams) unless the caller passes one for the call (score)."""
+
+    def __init__(self, runtime: DecodeRunner, prompt_len: int, last_position: torch.Tensor,
+                 image_index: torch.Tensor, row_images: torch.Tensor, graphs: bool = True,
+                 tail: TailKVCache | None = None):
+        self.runtime, self.prompt_len = runtime, prompt_len
+        self.last_position, self.image_index, self.row_images = last_position, image_index, row_images
+        self.per_row, self.shared, self.tail_len, self.inputs = 1, False, 0, None
+        self.graphs, self.tail = graphs, tail
+
+    @property
+    def rows(self) -> int:
+        return self.last_position.shape[0]
+
+    def fork(self, per_row: int, shared: bool | None = None) -> None:
+        """Every row becomes `per_row` hypotheses with empty tails, from its prompt (again, if forked before)."""
+        self.per_row, self.tail_len = per_row, 0
+        self.shared = per_row > 1 if shared is None else shared
+        if self.shared:
+            self.tail = self.tail or self.runtime.beam_tail_cache()
+            self._check_hypotheses(self.rows * per_row)
+        elif per_row != 1:
+            raise ValueError(f"fork: per_row={per_row} needs shared=True (rows own their segment only alone)")
+        device = self.last_position.device
+        self.inputs = DecodeInputs(
+            token=torch.zeros(self.rows * per_row, dtype=torch.long, device=device),
+            rope_position=self.last_position.repeat_interleave(per_row),
+            kv_column=torch.full((1,), -1 if self.shared else self.prompt_len - 1, dtype=torch.long, device=device),
+            prompt_columns=torch.full((1,), self.prompt_len, dtype=torch.long, device=device),
+            image_index=self.image_index.repeat_interleave(per_row),
+            row_images=self.row_images.repeat_interleave(per_row),
+        )
+
+    def _check_hypotheses(self, hypotheses: int) -> None:
+        if hypotheses > self.tail.max_hypotheses:
+            raise ValueError(f"{hypotheses} hypotheses exceed the {self.tail.max_hypotheses} rows of the tail cache "
+                             f"(max_hypotheses of this FastFlamingo, or score's pass)")
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs = self.inputs
+        inputs.token = tokens
+        if self.runtime.config.openflamingo_generated_image_bug:  # 1-based in masking's helper, 0-based here
+            inputs.image_index = masking.image_after_generated_tokens(
+                tokens, inputs.image_index + 1, self.runtime.config.media_token_id) - 1
+        inputs.rope_position = inputs.rope_position + 1
+        inputs.kv_column = inputs.kv_column + 1
+        self.tail_len += 1
+        if self.shared and self.tail_len > self.tail.max_tail_len:
+            raise ValueError(f"step: tail of {self.tail_len} tokens exceeds the tail cache's {self.tail.max_tail_len} "
+                             f"(max_tail_len of this FastFlamingo, or score's longest candidate)")
+        kv_len = self.prompt_len if self.shared else self.prompt_len + self.tail_len
+        return self.runtime.run_decode_step(inputs, kv_len, self.per_row, self.shared, self.graphs,
+                                            self.tail if self.shared else None).float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Hypothesis h continues old hypothesis index[h], which must belong to the same row; len(index) may
+        be any multiple of the row count."""
+        if not self.shared:
+            raise ValueError("reorder: rows that own their segment cannot reorder; fork(per_row, shared=True) first")
+        self._check_hypotheses(index.shape[0])
+        self.tail.reorder(index, self.tail_len)
+        inputs = self.inputs
+        inputs.rope_position, inputs.row_images = inputs.rope_position[index], inputs.row_images[index]
+        inputs.image_index = masking.image_after_reorder(inputs.image_index, index,
+                                                         self.runtime.config.openflamingo_generated_image_bug)
+        self.per_row = index.shape[0] // self.rows

@@ -127,7 +127,7 @@ class DropInModule(nn.Module):
         """Release the FastFlamingo (caches, fused weights, graphs) now, before the new one allocates; the next
         use of `engine` builds one over the model's tensors as they are, with the same options."""
         engine = self._engine
-        rebuild = functools.partial(type(engine), engine.model, **engine.options)
+        rebuild = functools.partial(type(engine), engine.model, options=engine.options)
         self.__dict__.update(_engine=None, _rebuild=rebuild)
 
     @runtime_mode

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .search import as_token_id, generation_options, stop_token_ids
+from .validation import is_int
 
 # The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults (max_new_tokens and
 # max_length: None, the length is then hf_new_tokens' rule).
@@ -77,7 +78,7 @@ def hf_new_tokens(prompt_len: int, max_new_tokens: int | None, max_length: int |
         max_length = prompt_len + HF_DEFAULT_NEW_TOKENS
         if defaults.max_positions is not None:
             max_length = min(max_length, defaults.max_positions)
-    elif not isinstance(max_length, int) or isinstance(max_length, bool):
+    elif not is_int(max_length):
         raise ValueError(f"max_length={max_length!r}: expected an integer (the whole sequence's length)")
     if prompt_len >= max_length:
         raise ValueError(f"max_length={max_length}: the prompt already has {prompt_len} tokens; expected max_length > "
@@ -105,14 +106,13 @@ def hf_inferred_mask(lang_x, pad_token_id: int | None, stops: Sequence[int]) -> 
 
 def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attention_mask=None,
                 image_attention_mask=None, /, *, max_new_tokens: int | None = None, max_length: int | None = None,
-                num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
-                top_k: int | None = None, top_p: float | None = None,
-                eos_token_id: int | Sequence[int] | None = None, min_new_tokens: int | None = None,
-                pad_token_id: int | None = None, length_penalty: float | None = None,
-                early_stopping: bool | str | None = None, num_return_sequences: int | None = None,
+                eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                 generator=None, timer=None, return_logits: bool = False, use_cache: bool | None = None, **hf_options):
     """A drop-in's generate call, Hugging Face's options -> GenerationOptions (search.generation_options, the
     one translation) -> `runner.generate_from_options(...)` (a FastFlamingo, or the reference Flamingo).
+
+    `hf_options`: the options of HF_SUPPORTED (GenerationOptions' names, Hugging Face's defaults; None: not given),
+    and the others Hugging Face takes that are accepted at their defaults only.
 
     Each option left at None takes the value the wrapped generate passes itself (`defaults.forced`), else the
     model's generation_config value, else Hugging Face's default (top_k 50 when sampling); the length follows
@@ -125,6 +125,7 @@ def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attentio
     `<image>`: flamingo_fast always caches, and with `openflamingo_generated_image_bug` it reproduces OpenFlamingo's
     cached generate, so an uncached call is an error there. The inputs are positional-only, so a
     keyword of the same name (e.g. image_attention_mask to a drop-in that takes none) is an unsupported option."""
+    given = {k: hf_options.pop(k, None) for k in HF_SUPPORTED if k not in ("max_new_tokens", "max_length")}
     known = {**HF_DEFAULTS, **defaults.accepted}
     unsupported = {k: v for k, v in hf_options.items() if known.get(k, object()) != v}
     if unsupported:
@@ -145,9 +146,6 @@ def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attentio
         shown = ", ".join(f"{k}={config[k]!r}" for k in from_config)
         raise ValueError(f"{defaults.where}: {shown} not supported by flamingo_fast; expected the defaults (pass "
                          f"them explicitly to override, e.g. repetition_penalty=1.0)")
-    given = dict(num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                 min_new_tokens=min_new_tokens, length_penalty=length_penalty, early_stopping=early_stopping,
-                 num_return_sequences=num_return_sequences)
     options = {k: v if v is not None else defaults.forced.get(k, config.get(k, HF_SUPPORTED[k]))
                for k, v in given.items()}
     if isinstance(lang_x, torch.Tensor) and lang_x.dim() == 2:  # else check_prompt names what is wrong

@@ -17,7 +17,7 @@ A handle (PrefixState) is a segment of a sequence's self-attention KV:
 - an extension: it owns only its new tokens' keys/values and references its parent (the chain's mask grows with
   it; new tokens are never padding).
 Running a handle stages its chain into the runtime's static cache (rows [0, B), columns [0, end)) and its media
-into the media cache, then runs only the new tokens (prefill.PromptPrefill._prefill from column `end`). Staging
+into the media cache, then runs only the new tokens (prefill.prefill_columns from column `end`). Staging
 skips the leading handles already in place: `Staged` records which chain the caches hold and the caches' version
 counters (every in-place write bumps them), so any other call in between (generate, score, forward) is seen and
 the chain is copied in again. In OpenFlamingo's per-class loop nothing is copied: the prompt stays in place and
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .prefill import prefill_columns, prefill_prompt
 from .validation import check_prompt
 
 
@@ -115,22 +116,27 @@ def _version(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def _record(runtime, chain: list[PrefixState]) -> None:
-    kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
-    runtime.staged_prefix = Staged([weakref.ref(state) for state in chain], kv, _version(kv), media, _version(media))
+class StagedChain:
+    """A runtime's record of which chain its caches hold (`runtime.staged_prefix`, written only here)."""
 
+    def __init__(self) -> None:
+        self.staged: Staged | None = None
 
-def _in_place(runtime) -> list[PrefixState]:
-    """The chain the caches still hold ([] when anything wrote to them since, or they were replaced)."""
-    staged: Staged | None = runtime.staged_prefix
-    kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
-    if staged is None or staged.kv_keys is not kv or staged.media_keys is not media:
-        return []
-    versions = (_version(kv), _version(media))
-    if None in versions or versions != (staged.kv_version, staged.media_version):
-        return []
-    chain = [ref() for ref in staged.chain]
-    return [] if None in chain else chain
+    def record(self, runtime, chain: list[PrefixState]) -> None:
+        kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
+        self.staged = Staged([weakref.ref(state) for state in chain], kv, _version(kv), media, _version(media))
+
+    def in_place(self, runtime) -> list[PrefixState]:
+        """The chain the caches still hold ([] when anything wrote to them since, or they were replaced)."""
+        staged = self.staged
+        kv, media = runtime.kv_cache.keys, runtime.media_cache.keys
+        if staged is None or staged.kv_keys is not kv or staged.media_keys is not media:
+            return []
+        versions = (_version(kv), _version(media))
+        if None in versions or versions != (staged.kv_version, staged.media_version):
+            return []
+        chain = [ref() for ref in staged.chain]
+        return [] if None in chain else chain
 
 
 def check_handle(runtime, past) -> PrefixState:
@@ -177,9 +183,9 @@ def forward_with_state(runtime, vision_x, lang_x, attention_mask, past: PrefixSt
 
 def _run_prompt(runtime, vision_x, lang_x, attention_mask, session):
     attention_mask, prompt = check_prompt(runtime.config, vision_x, lang_x, attention_mask)
-    prompt = runtime._prompt_images(vision_x, lang_x, None, prompt)
-    runtime._check_capacity(lang_x, prompt, None)
-    logits = runtime._prefill_prompt(vision_x, lang_x.long(), attention_mask, prompt, None, all_logits=True)
+    prompt = runtime.prompt_images(vision_x, lang_x, None, prompt)
+    runtime.check_capacity(lang_x, prompt, None)
+    logits = prefill_prompt(runtime.prefill_state, vision_x, lang_x.long(), attention_mask, prompt, all_logits=True)
     batch, length = lang_x.shape
     num_images = max(prompt.slots)
     span = num_images * runtime.media_cache.num_latents
@@ -188,7 +194,7 @@ def _run_prompt(runtime, vision_x, lang_x, attention_mask, session):
                         kv.values[:, :batch, :, :length].clone(), attention_mask.clone(), session,
                         media.keys[:, :batch, :, :span].clone(), media.values[:, :batch, :, :span].clone(),
                         prompt.decode_image.clone(), num_images)
-    _record(runtime, [state])
+    runtime.staged_prefix.record(runtime, [state])
     return logits, state
 
 
@@ -214,7 +220,7 @@ def _run_extension(runtime, past: PrefixState, lang_x, attention_mask):
                          f"{runtime.kv_cache.max_seq_len} of this FastFlamingo")
     mask = _new_tokens_mask(past, lang_x, attention_mask).to(runtime.device)
     chain = past.chain()
-    in_place = _in_place(runtime)
+    in_place = runtime.staged_prefix.in_place(runtime)
     kept = 0
     while kept < min(len(chain), len(in_place)) and chain[kept] is in_place[kept]:
         kept += 1
@@ -228,9 +234,10 @@ def _run_extension(runtime, past: PrefixState, lang_x, attention_mask):
         kv.values[:, :batch, :, state.start:state.end] = state.values
     ids = torch.cat([lang_x.new_zeros(batch, past.end), lang_x], dim=1).long().to(runtime.device)  # [0, end) unread
     image_index = root.decode_image.to(runtime.device)[:, None].expand(batch, total)
-    logits = runtime._prefill(ids, mask, image_index, root.num_images, all_logits=True, start=past.end)
+    logits = prefill_columns(runtime.prefill_state, ids, mask, image_index, root.num_images, all_logits=True,
+                             start=past.end)
     state = PrefixState(runtime, past, kv.keys[:, :batch, :, past.end:total].clone(),
                         kv.values[:, :batch, :, past.end:total].clone(), mask, None)
-    _record(runtime, chain + [state])
+    runtime.staged_prefix.record(runtime, chain + [state])
     return logits, state
 

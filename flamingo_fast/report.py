@@ -41,7 +41,7 @@ class ProfileRow:
     total_ms: float
     peak_mem_mib: float
     peak_mem_kind: str
-    weights: str | None = None  # the fast runtime's weight format (profiler.WEIGHT_FORMATS); None: not a fast row
+    weights: str | None = None  # the fast runtime's weight format (profile_options.WEIGHT_FORMATS); None: not fast
     weight_mib: float | None = None  # the weights held (FastFlamingo.weight_bytes(), else parameters + buffers)
     ttft_warm_ms: float | None = None  # the same prompt again right after, its context cached (fast only)
     tokens_match_baseline: float | None = None  # fraction of generated ids equal to the baseline's

@@ -31,14 +31,13 @@ new K/V in one kernel per layer, attends with a split-KV kernel over each row's 
 beams: prompt and tail merged by log-sum-exp), and LLaMA's q/k/v and gate/up run as one GEMM each over fused
 weights.
 
-This module: FastFlamingo (construction, capacity, the public entry points, the lock) and FastDecoder (the search
-interface over its caches).
+This module: FastFlamingo (construction, capacity, the public entry points, the lock). FastDecoder, the search
+interface over its caches, is in decode.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -48,16 +47,17 @@ import torch
 from . import masking, prefix_state
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
-from .decode import DecodeState, decode_step, resolve_decode_paths
-from .fast_modules import FastPerceiverResampler, LayerStack, check_backend, kernel_ops
+from .decode import DecodeState, FastDecoder, decode_step
+from .fast_modules import FastPerceiverResampler, LayerStack, kernel_ops
 from .fused_weights import bytes_by_dtype
 from .graphs import DecodeGraphs, DecodeInputs
 from .model_copy import converted_copy
 from .modes import runtime_mode
-from .prefill import PromptPrefill
-from .prefix_state import MediaSession, PrefixState
+from .options import RuntimeOptions
+from .prefill import PrefillState, prefill_prompt
+from .prefix_state import MediaSession, PrefixState, StagedChain
 from .quantize import Int8Linear, bind_int8_linears, check_weights
-from .scoring import DEFAULT_SCORE_BYTES, check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
+from .scoring import check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
 from .search import GenerationOptions, KeywordGenerate, generate_ids
 from .timing import PhaseTimer
 from .validation import check_dtype, check_eval_mode, check_generate_options, check_model, check_prompt
@@ -67,76 +67,60 @@ if TYPE_CHECKING:
     from .reference import Flamingo
 
 
-class FastFlamingo(PromptPrefill, KeywordGenerate):
+class FastFlamingo(KeywordGenerate):
     """Cached, kernel-backed Flamingo inference over a reference model's parameters.
 
     Holds one set of caches (StaticKVCache, MediaKVCache; TailKVCache from the first beam search on) sized at
     construction and reused by every call; calls are independent (each prompt overwrites what it reads). One
     call runs at a time per instance: concurrent calls from several threads wait for each other on a lock.
-    Prefill is its base class PromptPrefill (prefill.py); the decode step is decode.decode_step over
-    `decode_state` (the caches and the layer wiring `stack`). Every entry point runs under modes.runtime_mode: it
-    computes in the construction dtype inside any autocast region (build with dtype=torch.bfloat16 for bf16),
-    and caches allocated inside `torch.inference_mode()` serve calls outside it and the other way round. The
-    reference model's tensors must stay where they were at construction; the drop-ins (dropin.py) rebuild their
-    FastFlamingo after `.to`.
+    Prefill is prefill.prefill_prompt over `prefill_state`, the decode step decode.decode_step over
+    `decode_state` (each: the caches and the layer wiring `stack` it reads). Every entry point runs under
+    modes.runtime_mode: it computes in the construction dtype inside any autocast region (build with
+    dtype=torch.bfloat16 for bf16), and caches allocated inside `torch.inference_mode()` serve calls outside it
+    and the other way round. The reference model's tensors must stay where they were at construction; the
+    drop-ins (dropin.py) rebuild their FastFlamingo after `.to`.
     """
 
     @runtime_mode
-    def __init__(self, model: Flamingo, backend: str = "auto", max_batch_size: int = 8,
-                 max_seq_len: int | None = None, max_images: int = 33, cuda_graphs: bool = True,
-                 stop_check_interval: int = 8, max_hypotheses: int | None = None, max_tail_len: int = 64,
-                 context_cache_bytes: int = 1 << 30, decode_paths=None, score_bytes: int = DEFAULT_SCORE_BYTES):
-        # the options as given ("auto", None), so that a drop-in rebuilt after `.to` resolves them again
-        self.options = {k: v for k, v in locals().items() if k not in ("self", "model", "__class__")}
+    def __init__(self, model: Flamingo, *, options: RuntimeOptions | None = None, **keywords):
+        """`options` (RuntimeOptions), or its fields as keywords (options.py); kept as given in `self.options`
+        ("auto", None), so that a drop-in rebuilt after `.to` resolves them again."""
+        if options is not None and keywords:
+            raise ValueError(f"options and {sorted(keywords)}: expected a RuntimeOptions or its fields as keywords, "
+                             f"not both")
+        self.options = options = RuntimeOptions(**keywords) if options is None else options
         config = model.config
         check_model(model)
         param = model.lang_encoder.embed_tokens.weight  # never quantized (an int8 output head is not the dtype)
         self.device, self.dtype = param.device, param.dtype
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        check_backend(config, backend)
-        if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' with the model on {self.device}: expected a CUDA device (or TRITON_INTERPRET=1 "
-                f"to run the kernels in Triton's interpreter); use backend='torch' on the CPU"
-            )
-        max_seq_len = config.lm.max_position_embeddings if max_seq_len is None else max_seq_len
-        max_hypotheses = 4 * max_batch_size if max_hypotheses is None else max_hypotheses
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
-                            ("max_images", max_images), ("stop_check_interval", stop_check_interval),
-                            ("max_hypotheses", max_hypotheses), ("max_tail_len", max_tail_len)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-        if max_seq_len > config.lm.max_position_embeddings:
-            raise ValueError(f"max_seq_len={max_seq_len}: expected at most the model's max positions "
-                             f"{config.lm.max_position_embeddings}")
+        resolved = options.resolve(config, self.device)
+        backend, max_batch_size, max_seq_len = resolved.backend, resolved.max_batch_size, resolved.max_seq_len
+        max_hypotheses = resolved.max_hypotheses
         self.model, self.config, self.backend = model, config, backend
-        self.stop_check_interval = stop_check_interval
+        self.stop_check_interval = resolved.stop_check_interval
         self.pre_image_bug = config.openflamingo_pre_image_bug and not config.only_attend_immediate_media
         self.ops = kernel_ops(backend)
         bind_int8_linears(model, self.ops.int8_linear)  # a model from from_reference(weights="int8")
         self.perceiver = FastPerceiverResampler(model.perceiver, self.ops, config.perceiver.dim_head)
-        self.decode_paths = resolve_decode_paths(backend, decode_paths)
+        self.decode_paths = resolved.decode_paths
         fuse = "fused_projections" in self.decode_paths
         self.stack = LayerStack(model, self.ops, fuse)
         if fuse and config.lm.family == "llama" and not self.stack.fused_projections:  # a weight held elsewhere
             self.decode_paths = self.decode_paths - {"fused_projections"}
         self.kv_cache = StaticKVCache.allocate(config, max_batch_size, max_seq_len, self.dtype, self.device)
-        self.media_cache = MediaKVCache.allocate(config, max_batch_size, max_images, self.dtype, self.device)
-        self.max_hypotheses, self.max_tail_len = max_hypotheses, max_tail_len
+        self.media_cache = MediaKVCache.allocate(config, max_batch_size, resolved.max_images, self.dtype, self.device)
+        self.max_hypotheses, self.max_tail_len = max_hypotheses, resolved.max_tail_len
         self.tail_cache: TailKVCache | None = None  # allocated by the first beam search, then kept (graphs read it)
-        self.staged_prefix = None  # prefix_state.Staged: which past_key_values chain the caches hold
+        self.staged_prefix = StagedChain()  # which past_key_values chain the caches hold (prefix_state.py)
         self.decode_state = DecodeState(self.stack, self.kv_cache, self.media_cache, None, self.decode_paths,
                                         image_per_hypothesis=config.openflamingo_generated_image_bug)
-        if isinstance(context_cache_bytes, bool) or not isinstance(context_cache_bytes, int) or context_cache_bytes < 0:
-            raise ValueError(f"context_cache_bytes={context_cache_bytes!r}: expected an integer >= 0 (0 disables it)")
-        self.context_cache = ContextCache(context_cache_bytes)
-        if isinstance(score_bytes, bool) or not isinstance(score_bytes, int) or score_bytes < 1:
-            raise ValueError(f"score_bytes={score_bytes!r}: expected an integer >= 1 (the bytes one scoring pass may "
-                             f"hold)")
-        self.score_bytes = score_bytes
+        self.context_cache = ContextCache(resolved.context_cache_bytes)
+        self.prefill_state = PrefillState(config, model.vision_encoder, self.perceiver, self.stack, self.kv_cache,
+                                          self.media_cache, self.context_cache, self.dtype, self.device,
+                                          self.pre_image_bug)
+        self.score_bytes = resolved.score_bytes
         self.lock = threading.Lock()
-        use_graphs = cuda_graphs and self.device.type == "cuda"
+        use_graphs = resolved.cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(decode_step, max_batch_size, max_seq_len, self.device,
                                    max_hypotheses=max_hypotheses) if use_graphs else None
         self.weight_watch = WeightWatch(model)  # after fusing: what every call compares the weights with
@@ -203,9 +187,9 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
         with self.lock:
             self._check_weights()
             attention_mask, prompt = check_prompt(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
-            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
-            self._check_capacity(lang_x, prompt, None)
-            return self._prefill_prompt(vision_x, lang_x.long(), attention_mask, prompt, None, all_logits=True)
+            prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
+            self.check_capacity(lang_x, prompt, None)
+            return prefill_prompt(self.prefill_state, vision_x, lang_x.long(), attention_mask, prompt, all_logits=True)
 
     __call__ = forward
 
@@ -236,8 +220,8 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
             self._check_weights()
             attention_mask, prompt = check_prompt(config, vision_x, lang_x, attention_mask, image_attention_mask)
             check_generate_options(config, lang_x, attention_mask, options.max_new_tokens, options.min_new_tokens)
-            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
-            self._check_capacity(lang_x, prompt, options.max_new_tokens, options)
+            prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
+            self.check_capacity(lang_x, prompt, options.max_new_tokens, options)
             lang_x = lang_x.long()
             return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, prompt, timer), lang_x,
                                 options, config.lm.vocab_size, generator=generator, timer=timer,
@@ -265,12 +249,15 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
             rows = lang_x.shape[0]
             per_row = hypotheses_per_row(tokens, rows, self.score_bytes,
                                          hypothesis_bytes(self.config, self.dtype, longest - 1))
-            prompt = self._prompt_images(vision_x, lang_x, image_attention_mask, prompt)
-            self._check_capacity(lang_x, prompt, None)
-            decoder, first_logits = self.prefill(vision_x, lang_x.long(), attention_mask, prompt)
-            decoder.graphs = False  # the hypothesis count changes level by level: eager beats a capture per shape
-            if per_row:  # this call's tails, never the beams' cache (which CUDA graphs read)
-                decoder.tail = TailKVCache.allocate(self.config, rows * per_row, longest - 1, self.dtype, self.device)
+            prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
+            self.check_capacity(lang_x, prompt, None)
+            lang_x = lang_x.long()
+            first_logits = prefill_prompt(self.prefill_state, vision_x, lang_x, attention_mask, prompt).float()
+            # this call's tails, never the beams' cache (which CUDA graphs read); no graphs: the hypothesis count
+            # changes level by level, and eager beats a capture per shape
+            tail = TailKVCache.allocate(self.config, rows * per_row, longest - 1, self.dtype, self.device) \
+                if per_row else None
+            decoder = self.decoder(lang_x, attention_mask, prompt, graphs=False, tail=tail)
             return score_candidates(decoder, first_logits, tokens, max(per_row, 1), normalize_length, progress)
 
     @runtime_mode
@@ -278,12 +265,18 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
                 timer: PhaseTimer | None = None) -> tuple[FastDecoder, torch.Tensor]:
         """Encode the images each row uses, prefill the prompts -> (decoder over the cached prompts, float32
         logits [B, vocab] of each row's last token). Inputs already checked; call under the lock."""
-        logits = self._prefill_prompt(vision_x, lang_x, attention_mask, prompt, timer)
+        logits = prefill_prompt(self.prefill_state, vision_x, lang_x, attention_mask, prompt, timer)
+        return self.decoder(lang_x, attention_mask, prompt), logits.float()
+
+    def decoder(self, lang_x, attention_mask, prompt: masking.PromptImages, graphs: bool = True,
+                tail: TailKVCache | None = None) -> FastDecoder:
+        """The search interface over the prompts just prefilled into the caches. `graphs` False: its steps run
+        eagerly; `tail`: its tail cache for this call (None: the beams', allocated on the first shared fork)."""
         slots = prompt.slots
         row_images = torch.tensor([max(slots)] * len(slots) if self.pre_image_bug else slots, dtype=torch.int32,
                                   device=lang_x.device)
         last_position = masking.positions_from_mask(attention_mask)[:, -1]
-        return FastDecoder(self, lang_x.shape[1], last_position, prompt.decode_image, row_images), logits.float()
+        return FastDecoder(self, lang_x.shape[1], last_position, prompt.decode_image, row_images, graphs, tail)
 
     def context_cache_stats(self) -> CacheStats:
         """A copy of the context cache's counters: hits and misses (contexts, images), evictions, bytes held
@@ -324,7 +317,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
 
     # ------------------------------------------------------------------------------------------ phases
 
-    def _prompt_images(self, vision_x, lang_x, image_attention_mask,
+    def prompt_images(self, vision_x, lang_x, image_attention_mask,
                        prompt: masking.PromptImages | None = None) -> masking.PromptImages:
         """Which image each token sees and which images are encoded (the rest are padding, never read), by the
         layout's rule: `<image>` tokens (OpenFlamingo) or the image_attention_mask (IDEFICS); `prompt`: that
@@ -344,9 +337,10 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
             prompt = dataclasses.replace(prompt, visible=[sorted({0, *row}) for row in prompt.visible])
         return prompt
 
-    def _check_capacity(self, lang_x, prompt: masking.PromptImages, max_new_tokens: int | None,
-                        options: GenerationOptions | None = None) -> None:
-        """max_new_tokens None: a forward call, which generates nothing."""
+    def check_capacity(self, lang_x, prompt: masking.PromptImages, max_new_tokens: int | None,
+                       options: GenerationOptions | None = None) -> None:
+        """Whether a call fits this instance's caches (batch, sequence, beams, images); max_new_tokens None: a
+        forward call, which generates nothing."""
         batch, prompt_len = lang_x.shape
         if batch > self.kv_cache.max_batch_size:
             raise ValueError(f"lang_x: batch {batch} exceeds max_batch_size={self.kv_cache.max_batch_size} "
@@ -375,8 +369,8 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
             raise ValueError(f"lang_x: a row has {images} {what}; expected at most "
                              f"max_images={self.media_cache.max_images} of this FastFlamingo")
 
-    def _run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool,
-                         graphs: bool = True, tail: TailKVCache | None = None) -> torch.Tensor:
+    def run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool,
+                        graphs: bool = True, tail: TailKVCache | None = None) -> torch.Tensor:
         """decode.decode_step over this instance's state: replayed as a CUDA graph when there are graphs. `tail`: a
         tail cache other than the instance's (score's, for one call: always eager)."""
         if tail is not None and tail is not self.tail_cache:
@@ -385,7 +379,7 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
             return self.graphs.run(self.decode_state, inputs, kv_len, per_row, tails)
         return decode_step(self.decode_state, inputs, kv_len, per_row, tails)
 
-    def _ensure_tail_cache(self) -> TailKVCache:
+    def beam_tail_cache(self) -> TailKVCache:
         """Allocated once, on the first beam search, and never replaced (captured graphs read it)."""
         if self.tail_cache is None:
             self.tail_cache = TailKVCache.allocate(self.config, self.max_hypotheses, self.max_tail_len, self.dtype,
@@ -393,78 +387,3 @@ class FastFlamingo(PromptPrefill, KeywordGenerate):
             self.decode_state = dataclasses.replace(self.decode_state, tail=self.tail_cache)
         return self.tail_cache
 
-
-class FastDecoder:
-    """The search interface (flamingo_fast/search.py) over FastFlamingo's caches, for one call.
-
-    Owned segments (`fork(1)`): the row's new tokens follow its prompt in its static-cache row. Shared prompt
-    (`fork(n)` with n > 1, or `shared=True`): the row's hypotheses read its prompt KV and media K/V in place;
-    each one's new tokens go to its own TailKVCache row, and `reorder` gathers tails only (the count per row may
-    change, as scoring's trie levels do). Each `step` is one decode step (a CUDA-graph replay on a GPU unless
-    `graphs` is off) with no host sync. `tail`: the tail cache, the instance's (allocated on the first shared
-    fork: beams) unless the caller set one for the call (score)."""
-
-    def __init__(self, runtime: FastFlamingo, prompt_len: int, last_position: torch.Tensor,
-                 image_index: torch.Tensor, row_images: torch.Tensor):
-        self.runtime, self.prompt_len = runtime, prompt_len
-        self.last_position, self.image_index, self.row_images = last_position, image_index, row_images
-        self.per_row, self.shared, self.tail_len, self.inputs = 1, False, 0, None
-        self.graphs = True
-        self.tail: TailKVCache | None = None
-
-    @property
-    def rows(self) -> int:
-        return self.last_position.shape[0]
-
-    def fork(self, per_row: int, shared: bool | None = None) -> None:
-        """Every row becomes `per_row` hypotheses with empty tails, from its prompt (again, if forked before)."""
-        self.per_row, self.tail_len = per_row, 0
-        self.shared = per_row > 1 if shared is None else shared
-        if self.shared:
-            self.tail = self.tail or self.runtime._ensure_tail_cache()
-            self._check_hypotheses(self.rows * per_row)
-        elif per_row != 1:
-            raise ValueError(f"fork: per_row={per_row} needs shared=True (rows own their segment only alone)")
-        device = self.last_position.device
-        self.inputs = DecodeInputs(
-            token=torch.zeros(self.rows * per_row, dtype=torch.long, device=device),
-            rope_position=self.last_position.repeat_interleave(per_row),
-            kv_column=torch.full((1,), -1 if self.shared else self.prompt_len - 1, dtype=torch.long, device=device),
-            prompt_columns=torch.full((1,), self.prompt_len, dtype=torch.long, device=device),
-            image_index=self.image_index.repeat_interleave(per_row),
-            row_images=self.row_images.repeat_interleave(per_row),
-        )
-
-    def _check_hypotheses(self, hypotheses: int) -> None:
-        if hypotheses > self.tail.max_hypotheses:
-            raise ValueError(f"{hypotheses} hypotheses exceed the {self.tail.max_hypotheses} rows of the tail cache "
-                             f"(max_hypotheses of this FastFlamingo, or score's pass)")
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        inputs = self.inputs
-        inputs.token = tokens
-        if self.runtime.config.openflamingo_generated_image_bug:  # 1-based in masking's helper, 0-based here
-            inputs.image_index = masking.image_after_generated_tokens(
-                tokens, inputs.image_index + 1, self.runtime.config.media_token_id) - 1
-        inputs.rope_position = inputs.rope_position + 1
-        inputs.kv_column = inputs.kv_column + 1
-        self.tail_len += 1
-        if self.shared and self.tail_len > self.tail.max_tail_len:
-            raise ValueError(f"step: tail of {self.tail_len} tokens exceeds the tail cache's {self.tail.max_tail_len} "
-                             f"(max_tail_len of this FastFlamingo, or score's longest candidate)")
-        kv_len = self.prompt_len if self.shared else self.prompt_len + self.tail_len
-        return self.runtime._run_decode_step(inputs, kv_len, self.per_row, self.shared, self.graphs,
-                                             self.tail if self.shared else None).float()
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Hypothesis h continues old hypothesis index[h], which must belong to the same row; len(index) may
-        be any multiple of the row count."""
-        if not self.shared:
-            raise ValueError("reorder: rows that own their segment cannot reorder; fork(per_row, shared=True) first")
-        self._check_hypotheses(index.shape[0])
-        self.tail.reorder(index, self.tail_len)
-        inputs = self.inputs
-        inputs.rope_position, inputs.row_images = inputs.rope_position[index], inputs.row_images[index]
-        inputs.image_index = masking.image_after_reorder(inputs.image_index, index,
-                                                         self.runtime.config.openflamingo_generated_image_bug)
-        self.per_row = index.shape[0] // self.rows

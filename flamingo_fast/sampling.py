@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import check_int
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -26,8 +28,7 @@ class SamplingOptions:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature > 0 or self.temperature == float("inf"):
             raise ValueError(f"temperature={self.temperature!r}: expected a finite number > 0")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables top-k)")
+        check_int("top_k", self.top_k, 0, " (0 disables top-k)")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
 

@@ -36,6 +36,7 @@ import torch
 from .config import FlamingoConfig
 from .search import Decoder
 from .timing import ProgressBar
+from .validation import is_int
 
 # FastFlamingo(score_bytes=...)'s default: the memory one scoring pass may hold (hypothesis_bytes each). 512 MiB is
 # one pass for 200 candidates at batch 4 on the `small` preset (648 hypotheses of 0.65 MiB, float32): 4.1 s against
@@ -61,7 +62,7 @@ def check_candidates(candidates, vocab_size: int, media_token_id: int) -> list[t
         for token in candidate:
             if hasattr(token, "__index__") and not isinstance(token, bool):
                 token = token.__index__()
-            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            if not is_int(token) or not 0 <= token < vocab_size:
                 raise ValueError(f"candidates[{i}]={list(candidate)!r}: token {token!r} is not an id in "
                                  f"[0, {vocab_size})")
             if token == media_token_id:

@@ -45,6 +45,7 @@ from typing import Protocol
 import torch
 
 from .sampling import SamplingOptions, select_next_token
+from .validation import check_int, is_int
 
 EARLY_STOPPING = (False, True, "never")
 _NEG = -1.0e9  # Hugging Face's "impossible" score: added, never compared with -inf
@@ -58,10 +59,6 @@ class Decoder(Protocol):
     def reorder(self, index: torch.Tensor) -> None: ...
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def as_token_id(value, name: str, vocab_size: int) -> int:
     """An int, a 0-d integer tensor or a numpy integer -> int in [0, vocab); bools and floats are refused."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
@@ -69,7 +66,7 @@ def as_token_id(value, name: str, vocab_size: int) -> int:
         value = int(value)
     elif type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "iu":
         value = int(value)
-    if not _is_int(value) or not 0 <= value < vocab_size:
+    if not is_int(value) or not 0 <= value < vocab_size:
         raise ValueError(f"{name}={value!r}: expected a token id in [0, {vocab_size})")
     return value
 
@@ -108,15 +105,12 @@ class GenerationOptions:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "min_new_tokens"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name}={value!r}: expected an integer >= 0")
+        check_int("max_new_tokens", self.max_new_tokens, 0)
+        check_int("min_new_tokens", self.min_new_tokens, 0)
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample={self.do_sample!r}: expected True or False")
-        if not _is_int(self.num_beams) or self.num_beams < 1:
-            raise ValueError(f"num_beams={self.num_beams!r}: expected an integer >= 1")
-        if not _is_int(self.num_return_sequences) or not 1 <= self.num_return_sequences <= self.num_beams:
+        check_int("num_beams", self.num_beams, 1)
+        if not is_int(self.num_return_sequences) or not 1 <= self.num_return_sequences <= self.num_beams:
             raise ValueError(f"num_return_sequences={self.num_return_sequences!r}: expected an integer in "
                              f"[1, num_beams={self.num_beams}]")
         if self.do_sample:
@@ -386,20 +380,16 @@ def beam_search_ref(decoder: Decoder, first_logits: torch.Tensor, options: Gener
 # ----------------------------------------------------------------------------------------------------------
 
 
-def generation_options(config, *, max_new_tokens=20, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
-                       top_p=1.0, num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
-                       eos_token_id=None, pad_token_id=None) -> GenerationOptions:
-    """A generate call's keyword arguments -> checked GenerationOptions. Stop tokens default to
-    `<|endofchunk|>` (when the model has one) and the LM's eos; `pad_token_id` to the config's."""
+def generation_options(config, *, eos_token_id=None, pad_token_id=None, **fields) -> GenerationOptions:
+    """A generate call's keyword arguments -> checked GenerationOptions: `fields` are its own (max_new_tokens,
+    min_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty, early_stopping,
+    num_return_sequences; their defaults are GenerationOptions'); `eos_token_id` becomes its stop_ids (None:
+    `<|endofchunk|>` when the model has one, and the LM's eos); `pad_token_id` None is the config's."""
     vocab = config.lm.vocab_size
     defaults = tuple(t for t in (config.eoc_token_id, config.eos_token_id) if t is not None)  # IDEFICS: no eoc
     stops = stop_token_ids(eos_token_id, defaults, vocab)
     pad = config.pad_token_id if pad_token_id is None else as_token_id(pad_token_id, "pad_token_id", vocab)
-    return GenerationOptions(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-        num_return_sequences=num_return_sequences, stop_ids=stops, pad_token_id=pad,
-    )
+    return GenerationOptions(**fields, stop_ids=stops, pad_token_id=pad)
 
 
 class KeywordGenerate:
@@ -415,24 +405,18 @@ class KeywordGenerate:
         vision_x: torch.Tensor | None,
         lang_x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        *,
         generator: torch.Generator | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
         timer=None,
         return_logits: bool = False,
-        min_new_tokens: int = 0,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        early_stopping: bool | str = False,
-        num_return_sequences: int = 1,
         image_attention_mask: torch.Tensor | None = None,
+        **options,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Greedy, sampled or beam-searched continuation -> ids [B * num_return_sequences, T + new].
+
+        `options`: GenerationOptions' fields (max_new_tokens=20, min_new_tokens, do_sample, temperature, top_k,
+        top_p, num_beams, length_penalty, early_stopping, num_return_sequences), eos_token_id and pad_token_id
+        (generation_options).
 
         Greedy and sampling (num_beams=1): a row stops at its first stop token (default: `<|endofchunk|>` or the
         LM's eos; `eos_token_id=[]` never stops) and is then filled with `pad_token_id`; generation ends when
@@ -448,13 +432,8 @@ class KeywordGenerate:
         token sees), unless the config asks for OpenFlamingo's generated-<image> behaviour
         (openflamingo_generated_image_bug). `timer` records phase times.
         """
-        options = generation_options(
-            self.config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
-            early_stopping=early_stopping, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )
-        return self.generate_from_options(vision_x, lang_x, attention_mask, options, generator=generator, timer=timer,
+        checked = generation_options(self.config, **options)
+        return self.generate_from_options(vision_x, lang_x, attention_mask, checked, generator=generator, timer=timer,
                                           return_logits=return_logits, image_attention_mask=image_attention_mask)
 
 

@@ -12,6 +12,19 @@ from . import masking
 from .config import FlamingoConfig
 
 
+def is_int(value) -> bool:
+    """A Python int that is not a bool (True is an int to isinstance, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int, note: str = "") -> int:
+    """`value` if it is an integer >= minimum (not a bool), else a ValueError naming `name`, the value and what was
+    expected (`note`: appended to the expectation, e.g. " (0 disables it)")."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}{note}")
+    return value
+
+
 def check_inputs(config: FlamingoConfig, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
                  attention_mask: torch.Tensor | None, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Validate a forward/generate call; returns the attention mask (all ones when none was given).
@@ -125,9 +138,8 @@ def check_generate_options(
     config: FlamingoConfig, lang_x: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
     min_new_tokens: int = 0,
 ) -> None:
-    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name}={value!r}: expected an integer >= 0")
+    check_int("max_new_tokens", max_new_tokens, 0)
+    check_int("min_new_tokens", min_new_tokens, 0)
     total = lang_x.shape[1] + max_new_tokens
     limit = config.lm.max_position_embeddings
     if total > limit:

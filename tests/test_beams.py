@@ -48,7 +48,7 @@ def run_all(model, fast, vision, lang_x, mask, **gen):
     for search, prefill in ((beam_search_ref, None), (beam_search, model.prefill)):
         if prefill is None:  # the plain search over the fast decoder
             with fast.lock:
-                prompt = fast._prompt_images(vision, lang_x, None)
+                prompt = fast.prompt_images(vision, lang_x, None)
                 decoder, logits = fast.prefill(vision, lang_x, mask, prompt)
                 result = search(decoder, logits, options)
         else:

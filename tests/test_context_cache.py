@@ -9,6 +9,7 @@ import torch
 from few_shot import FAMILIES, build, few_shot_batch
 from helpers import assert_close
 
+from flamingo_fast import prefill
 from flamingo_fast.runtime import FastFlamingo
 
 
@@ -57,12 +58,12 @@ def test_both_masking_modes(immediate):
     assert on.context_cache_stats().context_hits == 1
 
 
-def test_rows_of_one_call_compute_a_shared_context_once():
+def test_rows_of_one_call_compute_a_shared_context_once(monkeypatch):
     model = build(seed=4)
     on, _ = fast_pair(model)
     computed, encoded = [], []
-    original = on._compute_context
-    on._compute_context = lambda *a, **k: computed.append(1) or original(*a, **k)
+    original = prefill.compute_context
+    monkeypatch.setattr(prefill, "compute_context", lambda *a, **k: computed.append(1) or original(*a, **k))
     vision, lang_x, mask = few_shot_batch(model.config, 4, [3, 6, 2, 4])
     expected = model.generate(vision, lang_x, mask, max_new_tokens=4, eos_token_id=[])
     encode = on.model.vision_encoder.forward

@@ -68,13 +68,13 @@ def test_reference_score_is_the_full_forward_formula(normalize_length):
 def spy_steps(fast: FastFlamingo) -> list[tuple[int, int]]:
     """Records (hypotheses, tail cache rows) of every decode step `fast` runs from now on."""
     steps = []
-    original = fast._run_decode_step
+    original = fast.run_decode_step
 
     def spy(inputs, kv_len, per_row, tails, graphs=True, tail=None):
         steps.append((inputs.token.shape[0], 0 if tail is None else tail.max_hypotheses))
         return original(inputs, kv_len, per_row, tails, graphs, tail)
 
-    fast._run_decode_step = spy
+    fast.run_decode_step = spy
     return steps
 
 
@@ -118,8 +118,8 @@ def test_one_token_candidates_need_no_step():
     fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64)
     vision, lang_x, mask = random_batch(model.config, [([0], 9), ([1], 6)], num_images=1)
     steps = []
-    original = fast._run_decode_step
-    fast._run_decode_step = lambda *a, **k: steps.append(1) or original(*a, **k)
+    original = fast.run_decode_step
+    fast.run_decode_step = lambda *a, **k: steps.append(1) or original(*a, **k)
     got = fast.score(vision, lang_x, mask, candidates=[[5], [9], [5], [40]])
     assert not steps, "1-token candidates are read off the prompt's last logits"
     first = model.generate(vision, lang_x, mask, max_new_tokens=1, return_logits=True)[1][:, 0].log_softmax(-1)

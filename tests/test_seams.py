@@ -1,0 +1,74 @@
+"""The package's modules reach each other through public names only: no module reads, calls or assigns a private
+attribute (`_x`) that another module's classes define, or a private name of another module of the package."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "flamingo_fast"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _trees() -> dict[str, ast.Module]:
+    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def _class_privates(tree: ast.Module) -> set[str]:
+    """Private names a module's classes define: methods, class attributes, and `self._x = ...` in methods."""
+    names = set()
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for node in ast.walk(cls):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node in cls.body:
+                names.add(node.name)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node in cls.body:
+                names.add(node.target.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                    and isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+    return {n for n in names if _private(n)}
+
+
+def _package_modules(tree: ast.Module) -> dict[str, str]:
+    """Local names bound to a module of the package (`from . import masking`, `import flamingo_fast.x as y`)."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 and node.module is None
+                                                 or node.module == "flamingo_fast"):
+            out.update({a.asname or a.name: a.name for a in node.names})
+    return out
+
+
+def cross_module_private_access(trees: dict[str, ast.Module]) -> list[str]:
+    privates = {name: _class_privates(tree) for name, tree in trees.items()}
+    found = []
+    for name, tree in trees.items():
+        others = set().union(*(p for m, p in privates.items() if m != name)) - privates[name]
+        modules = _package_modules(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or not _private(node.attr):
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            if node.attr in others or isinstance(owner, ast.Name) and owner.id in modules:
+                found.append(f"{name}.py:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    assert cross_module_private_access(_trees()) == []
+
+
+def test_the_check_finds_a_private_call_across_modules():
+    trees = {
+        "runtime": ast.parse("class FastFlamingo:\n    def _check(self): pass\n    def run(self): self._check()\n"),
+        "prefix_state": ast.parse("from . import prefill\ndef f(runtime):\n    runtime._check()\n"
+                                  "    prefill._fill(runtime)\n"),
+        "prefill": ast.parse("def _fill(x): pass\n"),
+    }
+    assert cross_module_private_access(trees) == ["prefix_state.py:3: runtime._check",
+                                                  "prefix_state.py:4: prefill._fill"]

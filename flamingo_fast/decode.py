@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from . import masking
-from .attention import merge_attention_states, shared_prefix_attention
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .config import FlamingoConfig
+from .decode_forms import FusedKVWrite, KernelAttention, MaskedAttention, PlainKVWrite, write_target
 from .fast_modules import LayerStack
 from .graphs import DecodeInputs
 from .lm import rotary_cos_sin
@@ -69,6 +68,16 @@ class DecodeState:
     # row may attend to different images, so the cross-attention reads one image index per hypothesis
     image_per_hypothesis: bool = False
 
+    @property
+    def attention(self) -> KernelAttention | MaskedAttention:
+        """The self-attention form: the split-KV kernel ("decode_attention") or SDPA over a mask."""
+        return KernelAttention() if "decode_attention" in self.paths else MaskedAttention()
+
+    @property
+    def kv_write(self) -> FusedKVWrite | PlainKVWrite:
+        """The K/V write: fused with rotary ("rotary_kv_write") or index_copy after the layers' rotary."""
+        return FusedKVWrite() if "rotary_kv_write" in self.paths else PlainKVWrite()
+
 
 def decode_step(state: DecodeState, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool) -> torch.Tensor:
     """One token per hypothesis -> logits [H, vocab]. Static shapes, no host sync, no allocation that
@@ -76,103 +85,33 @@ def decode_step(state: DecodeState, inputs: DecodeInputs, kv_len: int, per_row: 
 
     tails False (one hypothesis per row): each row owns its segment; the token is written to static-cache
     column `kv_column` and attends to columns [0, kv_len). tails True: hypothesis h = b * per_row + r of
-    per_row attends to row b's prompt
-    (static-cache columns [0, kv_len)) and to its own tail (tail columns [0, kv_column], the token written
-    at kv_column), merged by log-sum-exp (attention.py)."""
-    stack, kv = state.stack, state.kv
-    lm, model, ops, alibi = stack.lm, stack.lang_encoder, stack.ops, stack.alibi_slopes
-    hypotheses = inputs.token.shape[0]
-    rows = hypotheses // per_row
-    fused_write = "rotary_kv_write" in state.paths
-    kernel_attention = "decode_attention" in state.paths
+    per_row attends to row b's prompt (static-cache columns [0, kv_len)) and to its own tail (tail columns
+    [0, kv_column], the token written at kv_column), merged by log-sum-exp (attention.py). How the self-attention
+    and the K/V write run is the state's choice (decode_forms.py, from the decode paths in use)."""
+    stack = state.stack
+    lm, model, ops = stack.lm, stack.lang_encoder, stack.ops
+    attention, kv_write = state.attention, state.kv_write
     x = model.embed_tokens(inputs.token)[:, None]  # [H, 1, D]
     rope = None if lm.alibi else rotary_cos_sin(inputs.rope_position[:, None], lm.rotary_dim, lm.rope_theta,
                                                  x.dtype)
     cos_sin = (None, None) if rope is None else (rope[0][:, 0, 0], rope[1][:, 0, 0])  # [H, rotary_dim] each
-    columns = torch.arange(kv_len, device=x.device)
-    if not tails:
-        kv.key_valid[:rows].index_fill_(1, inputs.kv_column, True)
-        if kernel_attention:  # each row's valid columns are [kv_start, kv_column]: left padding only
-            kv_end = inputs.kv_column + 1  # (columns past it may be stale within a graph's length bucket)
-            kv_start = kv_end - (kv.key_valid[:rows, :kv_len] & (columns < kv_end)).sum(dim=1)
-        else:
-            mask = kv.key_valid[:rows, None, None, :kv_len]
-            if lm.alibi:  # slope * (key column - query column), the token's own column being kv_column
-                bias = alibi[:, None] * (columns - inputs.kv_column).to(torch.float32)
-                mask = bias.to(x.dtype)[None, :, None, :].masked_fill(~mask, float("-inf"))  # [1, H, 1, kv_len]
-    else:
-        tail = state.tail
-        if kernel_attention:  # the prompt's valid columns [kv_start, prompt_columns); the tail's [0, kv_column]
-            kv_end = inputs.kv_column + 1
-            prompt_valid = kv.key_valid[:rows, :kv_len] & (columns < inputs.prompt_columns)
-            kv_start = inputs.prompt_columns - prompt_valid.sum(dim=1)
-            prompt_query = inputs.prompt_columns + inputs.kv_column  # ALiBi: the query's column in its sequence
-        else:
-            groups = lm.num_heads // lm.num_kv_heads
-            tail_columns = torch.arange(tail.max_tail_len, device=x.device)
-            prompt_bias = torch.zeros(rows, 1, 1, kv_len, device=x.device).masked_fill(
-                ~kv.key_valid[:rows, None, None, :kv_len], float("-inf"))
-            tail_bias = torch.zeros(tail.max_tail_len, device=x.device).masked_fill(
-                tail_columns > inputs.kv_column, float("-inf"))
-            if lm.alibi:  # distances from the query's column: prompt_columns + kv_column in the whole sequence
-                slopes = alibi.view(lm.num_kv_heads, 1, groups, 1)
-                query = inputs.prompt_columns + inputs.kv_column
-                prompt_bias = prompt_bias + (slopes * (columns - query)).expand(
-                    -1, per_row, -1, -1).reshape(lm.num_kv_heads, per_row * groups, kv_len)
-                tail_bias = tail_bias + slopes[:, 0] * (tail_columns - inputs.kv_column)  # [Hkv, G, T]
-
+    step = attention.prepare(state, inputs, kv_len, per_row, tails)
     per_hypothesis = state.image_per_hypothesis and per_row > 1
     image_index = inputs.image_index if per_hypothesis else inputs.image_index[::per_row]
 
     def cross(idx, x, h):
         slot = stack.xattn_slot[idx]
         return stack.xattn[idx].decode(  # a row's hypotheses share its image (the row's first one's index)
-            x, h, state.media.keys[slot, :rows], state.media.values[slot, :rows],  # unless per_hypothesis
+            x, h, state.media.keys[slot, :step.rows], state.media.values[slot, :step.rows],  # unless per_hypothesis
             image_index, inputs.row_images[::per_row], stack.input_norms[idx],
             queries_per_row=per_row, index_per_query=per_hypothesis,
         )
 
-    def write(q, k, v, cache_keys, cache_values):
-        """The token's k, v into column kv_column of its cache rows -> q, as [H, Hq, hd]."""
-        if fused_write:  # q, k arrive unrotated (rope_for_qkv below): rotated here, in the same kernel
-            return ops.rotary_kv_write(q[:, :, 0], k[:, :, 0], v[:, :, 0], *cos_sin, cache_keys, cache_values,
-                                       inputs.kv_column)
-        cache_keys.index_copy_(2, inputs.kv_column, k)
-        cache_values.index_copy_(2, inputs.kv_column, v)
-        return q[:, :, 0]
-
     def attend(idx, q, k, v):
-        if not tails:
-            layer_keys, layer_values = kv.keys[idx, :rows], kv.values[idx, :rows]
-            q = write(q, k, v, layer_keys, layer_values)
-            if kernel_attention:
-                return ops.decode_attention(
-                    q, layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], kv_start, kv_end,
-                    alibi_slopes=alibi, query_column=inputs.kv_column if lm.alibi else None,
-                )[:, :, None]
-            return F.scaled_dot_product_attention(
-                q[:, :, None], layer_keys[:, :, :kv_len], layer_values[:, :, :kv_len], attn_mask=mask,
-                enable_gqa=lm.num_heads != lm.num_kv_heads,
-            )
-        tail_keys, tail_values = tail.keys[idx, :hypotheses], tail.values[idx, :hypotheses]
-        q = write(q, k, v, tail_keys, tail_values)
-        prompt_keys, prompt_values = kv.keys[idx, :rows, :, :kv_len], kv.values[idx, :rows, :, :kv_len]
-        if kernel_attention:  # the cascade: prompt (R hypotheses per row at once) and tail, merged in float32
-            out32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-            out_p, lse_p = ops.decode_attention(
-                q, prompt_keys, prompt_values, kv_start, inputs.prompt_columns, queries_per_row=per_row,
-                alibi_slopes=alibi, query_column=prompt_query if lm.alibi else None,
-                return_lse=True, out=out32)
-            out_t, lse_t = ops.decode_attention(
-                q, tail_keys, tail_values, None, kv_end, alibi_slopes=alibi,
-                query_column=inputs.kv_column if lm.alibi else None, return_lse=True)
-            return merge_attention_states(out_p, lse_p, out_t.float(), lse_t).to(q.dtype)[:, :, None]
-        return shared_prefix_attention(
-            q[:, :, None], prompt_keys, prompt_values, prompt_bias, tail_keys, tail_values, tail_bias, per_row,
-            lm.head_dim**-0.5,
-        )
+        q = kv_write.write(ops, q, k, v, cos_sin, *write_target(state, step, idx), inputs.kv_column)
+        return attention.attend(state, step, idx, q)
 
-    rope_for_qkv = None if fused_write else rope
+    rope_for_qkv = None if kv_write.rotates else rope  # a fused write rotates q and k itself
     return model.output_head(stack.layers(x, rope_for_qkv, cross, attend)[:, 0])
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from flamingo_fast import report
 from flamingo_fast.config import FlamingoConfig, from_name
-from flamingo_fast.reference import Flamingo
+from flamingo_fast.reference.model import Flamingo
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 INT8_PARTS = ("lm_layers", "xattn_read", "lm_head")  # where weights="int8" quantizes the matrices
@@ -162,7 +162,7 @@ CARDS_GB = report.CARDS_GB  # nominal memory, 1e9 bytes: the cards `profile --de
 def weight_bytes_table(presets: list[str], formats: list[str]) -> str:
     """Markdown: FastFlamingo.weight_bytes() by dtype per preset and weight format (runtimes on the meta device,
     bfloat16 activations) and the GB each card keeps after the weights (negative: the weights do not fit)."""
-    from flamingo_fast.reference import build_reference
+    from flamingo_fast.reference.model import build_reference
     from flamingo_fast.runtime import FastFlamingo
 
     lines = ["| preset | weights | int8 GB | float GB | total GB | " + " | ".join(f"left on {c}" for c in CARDS_GB)

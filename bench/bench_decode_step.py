@@ -23,9 +23,9 @@ from common import median_seconds
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.lm import ReferenceKVCache
 from flamingo_fast.prompts import build_prompt
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.lm import ReferenceKVCache
+from flamingo_fast.reference.model import build_reference
 
 DEVICE = os.environ.get("FLAMINGO_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 PRESET = os.environ.get("FLAMINGO_BENCH_PRESET", "small")

@@ -18,7 +18,7 @@ import torch
 
 from flamingo_fast.config import from_name
 from flamingo_fast.prompts import build_prompt
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 from flamingo_fast.report import environment
 
 

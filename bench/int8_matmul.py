@@ -71,7 +71,7 @@ def decode_matmuls(preset: str) -> list[dict]:
     per-step bytes first. Read from the runtime built on the meta device; matrices that are row views of one
     storage (fused q/k/v, gate/up) are the one GEMM over that storage."""
     from flamingo_fast.quantize import Int8Linear
-    from flamingo_fast.reference import build_reference
+    from flamingo_fast.reference.model import build_reference
     from flamingo_fast.runtime import FastFlamingo
 
     runtime = FastFlamingo.from_reference(build_reference(from_name(preset), device="meta"), weights="int8",

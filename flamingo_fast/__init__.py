@@ -3,7 +3,7 @@
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, from_name
 from .idefics import from_idefics
 from .openflamingo import from_openflamingo, load_openflamingo
-from .reference import Flamingo, build_reference
+from .reference.model import Flamingo, build_reference
 from .runtime import FastFlamingo
 from .timing import PhaseTimer
 

@@ -23,7 +23,7 @@ from torch import nn
 from .config import FlamingoConfig, LMConfig
 from .idefics import our_name
 from .openflamingo import IGNORED, LAYERS_ATTR, canonical_name
-from .reference import Flamingo
+from .reference.model import Flamingo
 from .timing import PhaseTimer
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
     ids = runtime.generate(**inputs, max_new_tokens=20)           # the call and output of model.generate
     logits = runtime(**inputs).logits                             # and of model(...)
 
-The reference model's IDEFICS layout (FlamingoConfig.layout == "idefics", reference.py) uses transformers' own
+The reference model's IDEFICS layout (FlamingoConfig.layout == "idefics", reference/model.py) uses transformers' own
 parameter names below its three parts, so the map is a change of prefix, plus one renumbering:
 
     ours                                              transformers
@@ -36,7 +36,7 @@ from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
 from .dropin import DropInModule
 from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults, rope_of
 from .modes import runtime_mode
-from .reference import Flamingo, build_reference_from_state
+from .reference.model import Flamingo, build_reference_from_state
 from .validation import check_eval_mode
 
 PREFIXES = (  # transformers prefix -> ours

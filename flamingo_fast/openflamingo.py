@@ -5,7 +5,7 @@
                                            eoc_token_id=50277, media_token_id=50278)
     out = fast.generate(vision_x, lang_x, attention_mask=mask, max_new_tokens=20)   # OpenFlamingo's call
 
-Weight names. The reference model (reference.py) uses OpenFlamingo's own names for the vision tower
+Weight names. The reference model (reference/model.py) uses OpenFlamingo's own names for the vision tower
 (open_clip's `vision_encoder.*`), the resampler (`perceiver.*`) and the gated blocks
 (`lang_encoder.gated_cross_attn_layers.{i}.*`), and each LM family's Hugging Face names under
 `lang_encoder.*`. What differs, and is mapped here explicitly:
@@ -49,7 +49,7 @@ from .model_copy import converted_copy
 from .modes import runtime_mode
 from .prefix_state import MediaSession
 from .quantize import check_weights
-from .reference import Flamingo, build_reference_from_state
+from .reference.model import Flamingo, build_reference_from_state
 from .validation import check_prompt
 from .weights_files import common_dtype, load_tensors, read_json
 

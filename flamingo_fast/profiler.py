@@ -48,7 +48,7 @@ from .fused_weights import bytes_by_dtype
 from .profile_options import ProfileOptions
 from .profile_options import check_output_path as check_output_path  # the CLI's check, read here by the tests
 from .prompts import build_prompt, build_workload, image_attention_mask, prompt_length
-from .reference import Flamingo, build_reference
+from .reference.model import Flamingo, build_reference
 from .report import RATIOS, ProfileResult, ProfileRow, WeightRow, WorkloadRow, metadata
 from .timing import PhaseTimer, ProgressBar
 

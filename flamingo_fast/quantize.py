@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .fused_weights import already_fused, sole_owner
-from .lm import DecoupledLinear
+from .reference.lm import DecoupledLinear
 
 WEIGHT_FORMATS = (None, "bf16", "int8")
 

@@ -64,7 +64,7 @@ from .validation import check_dtype, check_eval_mode, check_generate_options, ch
 from .weight_watch import WeightWatch
 
 if TYPE_CHECKING:
-    from .reference import Flamingo
+    from .reference.model import Flamingo
 
 
 class FastFlamingo(KeywordGenerate):

@@ -27,7 +27,7 @@ import torch
 
 import flamingo_fast
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import Flamingo
+from flamingo_fast.reference.model import Flamingo
 from flamingo_fast.runtime import FastFlamingo
 
 

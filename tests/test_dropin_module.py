@@ -29,7 +29,7 @@ from flamingo_fast.config import from_name
 from flamingo_fast.fused_weights import already_fused
 from flamingo_fast.idefics import IdeficsRuntime
 from flamingo_fast.openflamingo import OpenFlamingoRuntime
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime import FastFlamingo
 
 TINY, IDEFICS = from_name("tiny"), from_name("idefics-tiny")

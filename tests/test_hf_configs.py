@@ -27,7 +27,7 @@ import flamingo_fast
 from flamingo_fast.config import LMConfig
 from flamingo_fast.hf import rope_of
 from flamingo_fast.openflamingo import lm_config_from_hf
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 
 LAYOUTS = ["transformers4", "transformers5"]
 # One LM per family, with values that differ from every default: a wrong or missed key changes the LMConfig.

@@ -11,7 +11,7 @@ from helpers import assert_close
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime import FastFlamingo
 
 CONFIG = from_name("idefics-tiny")

@@ -30,7 +30,7 @@ from torch import nn
 
 from flamingo_fast.config import from_name
 from flamingo_fast.quantize import Int8Linear, quantize_per_channel
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime import FastFlamingo
 
 # ---------------------------------------------------------------------------------------------- quantize_per_channel

@@ -19,7 +19,7 @@ from helpers import random_batch
 from safetensors.torch import save_file
 
 import flamingo_fast
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 from flamingo_fast.weights_files import load_tensors
 
 

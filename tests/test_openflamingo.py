@@ -236,7 +236,7 @@ def test_profiler_baseline_runs_openflamingo_on_our_weights(family):
     """to_openflamingo: the reverse map; OpenFlamingoBaseline: OpenFlamingo's generate with phase laps."""
     from flamingo_fast.baselines import OpenFlamingoBaseline, to_openflamingo
     from flamingo_fast.config import LMConfig, from_name
-    from flamingo_fast.reference import build_reference
+    from flamingo_fast.reference.model import build_reference
 
     tiny = from_name("tiny")
     extra = {"llama": {}, "mpt": dict(alibi=True, tie_word_embeddings=True, intermediate_size=256),

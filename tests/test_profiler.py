@@ -326,7 +326,7 @@ def test_floor_int8_counts_match_what_the_runtime_quantizes():
     """At the 9B shapes on the meta device: the int8 bytes FastFlamingo.weight_bytes() holds are the matrices the
     floor counts at 1 byte (plus the gated blocks' to_kv, quantized but not read when decoding), and its float32
     bytes the scales, one per output row; `bench/bandwidth.py weights` prints the same totals."""
-    from flamingo_fast.reference import build_reference
+    from flamingo_fast.reference.model import build_reference
     from flamingo_fast.runtime import FastFlamingo
 
     bandwidth = _bench_bandwidth()
@@ -440,7 +440,7 @@ def test_meta_device_prints_the_80b_int8_weight_count_without_running(tmp_path, 
     """Issue 19: `profile --device meta` builds IDEFICS-80B on the meta device and prints, per weight format, the
     bytes FastFlamingo.weight_bytes() counts for the build the issue names (int8 under 100 GB); nothing runs."""
     from flamingo_fast.fused_weights import bytes_by_dtype
-    from flamingo_fast.reference import build_reference
+    from flamingo_fast.reference.model import build_reference
     from flamingo_fast.runtime import FastFlamingo
 
     monkeypatch.setattr(profiler, "_timed_generate", lambda *a, **k: pytest.fail("a generate call ran on meta"))

@@ -16,7 +16,7 @@ from helpers import assert_close, random_batch
 
 from flamingo_fast.config import from_name
 from flamingo_fast.quantize import Int8Linear
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime import FastFlamingo
 
 TINY = from_name("tiny")
@@ -72,7 +72,7 @@ import json, sys, torch
 from flamingo_fast.config import from_name
 from flamingo_fast.quantize import Int8Linear
 from flamingo_fast.profiler import PeakMemory
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime import FastFlamingo
 
 model = build_reference(from_name("small"), seed=0)

@@ -11,7 +11,7 @@ import torch
 from helpers import assert_close, interpreter, random_batch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime import FastFlamingo
 from flamingo_fast.scoring import (
     DEFAULT_SCORE_BYTES,

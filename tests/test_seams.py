@@ -13,8 +13,14 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def _modules(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+
+
 def _trees() -> dict[str, ast.Module]:
-    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(PACKAGE.glob("*.py"))}
+    """Each module of the package by its path below flamingo_fast/, without `.py` (`runtime/prefill`)."""
+    return {path.relative_to(PACKAGE).with_suffix("").as_posix(): ast.parse(path.read_text(), str(path))
+            for path in _modules(PACKAGE)}
 
 
 def _class_privates(tree: ast.Module) -> set[str]:
@@ -32,12 +38,22 @@ def _class_privates(tree: ast.Module) -> set[str]:
     return {n for n in names if _private(n)}
 
 
+SUBPACKAGES = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+
+
 def _package_modules(tree: ast.Module) -> dict[str, str]:
-    """Local names bound to a module of the package (`from . import masking`, `import flamingo_fast.x as y`)."""
+    """Local names bound to a module of the package: `from . import masking`, `from .. import masking`,
+    `from ..runtime import prefill`, `from flamingo_fast.runtime import prefill`."""
     out = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 and node.module is None
-                                                 or node.module == "flamingo_fast"):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        module = node.module or ""
+        if node.level == 0:
+            package = module == "flamingo_fast" or module.removeprefix("flamingo_fast.") in SUBPACKAGES
+        else:
+            package = module == "" or module in SUBPACKAGES
+        if package:
             out.update({a.asname or a.name: a.name for a in node.names})
     return out
 

@@ -4,7 +4,7 @@ Also what they share with the fast path: RMSNorm, IDEFICS's decoupled vocabulary
 DecoupledLinear), the position math (rotary, ALiBi) and the causal / padding mask, and the reference's decode
 cache (`ReferenceKVCache`, an explicit object: no state is kept on modules between calls). The gated
 cross-attention blocks that FlamingoLM inserts between these layers live in xattn.py; FlamingoLM itself in
-reference.py.
+model.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LMConfig
+from ..config import LMConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Position math: rotary, ALiBi, the causal / padding mask

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PerceiverConfig, VisionConfig
+from ..config import PerceiverConfig, VisionConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Vision encoder (open_clip's VisionTransformer layout)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FlamingoConfig
+from ..config import FlamingoConfig
 from .lm import LlamaMLP, RMSNorm
 from .media import feed_forward
 

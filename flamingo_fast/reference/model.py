@@ -29,8 +29,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from . import masking
-from .config import FlamingoConfig
+from .. import masking
+from ..config import FlamingoConfig
+from ..scoring import check_candidates, score_candidates
+from ..search import GenerationOptions, KeywordGenerate, generate_ids
+from ..timing import PhaseTimer
+from ..validation import check_generate_options, check_inputs
 from .lm import (
     DecoupledEmbedding,
     DecoupledLinear,
@@ -51,10 +55,6 @@ from .media import (
     VisionSelfAttention,
     VisionTransformer,
 )
-from .scoring import check_candidates, score_candidates
-from .search import GenerationOptions, KeywordGenerate, generate_ids
-from .timing import PhaseTimer
-from .validation import check_generate_options, check_inputs
 from .xattn import GatedCrossAttentionBlock, IdeficsGatedCrossAttentionBlock
 
 # ----------------------------------------------------------------------------------------------------------

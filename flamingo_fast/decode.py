@@ -8,7 +8,7 @@ graph runner, which takes its KV caches as arguments, the step reads no runtime 
 state replays against the same buffers, which FastFlamingo allocates once and never replaces.
 
 The decode paths are switched here too: DECODE_PATHS, DEFAULT_DECODE_PATHS, resolve_decode_paths. FastDecoder is
-the search interface (search.py's fork / step / reorder) over a FastFlamingo's caches, for one call.
+the search interface (generation/search.py's fork / step / reorder) over a FastFlamingo's caches, for one call.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class DecodeRunner(Protocol):
 
 
 class FastDecoder:
-    """The search interface (flamingo_fast/search.py) over FastFlamingo's caches, for one call.
+    """The search interface (flamingo_fast/generation/search.py) over FastFlamingo's caches, for one call.
 
     Owned segments (`fork(1)`): the row's new tokens follow its prompt in its static-cache row. Shared prompt
     (`fork(n)` with n > 1, or `shared=True`): the row's hypotheses read its prompt KV and media K/V in place;

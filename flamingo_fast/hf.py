@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .search import as_token_id, generation_options, stop_token_ids
+from .generation.search import as_token_id, generation_options, stop_token_ids
 from .validation import is_int
 
 # The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults (max_new_tokens and

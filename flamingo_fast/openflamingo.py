@@ -410,7 +410,7 @@ class OpenFlamingoRuntime(DropInModule):
     -> ids [B * num_return_sequences, T + new], as OpenFlamingo returns them (the length as transformers sets it:
     hf.hf_new_tokens; without attention_mask, the mask transformers infers: hf.hf_inferred_mask; top_k 50
     when sampling; finished rows padded with `pad_token_id`, by default the LM's pad token or else the first
-    stop token). Beam search follows Hugging Face's (flamingo_fast/search.py), each row's prompt encoded and
+    stop token). Beam search follows Hugging Face's (flamingo_fast/generation/search.py), each row's prompt encoded and
     prefilled once. Options of Hugging Face's generate that are not implemented are an error that names them,
     never ignored. flamingo_fast's own options pass through: generator, timer, return_logits.
     """

@@ -19,7 +19,7 @@ import torch
 from .config import FlamingoConfig
 from .decode import resolve_decode_paths
 from .fast_modules import BACKENDS, check_backend
-from .scoring import DEFAULT_SCORE_BYTES
+from .generation.scoring import DEFAULT_SCORE_BYTES
 from .validation import check_int
 
 

@@ -17,7 +17,7 @@ One prompt, in order (and where each phase lives):
        only each row's current image, then the decoder layer) -> final norm -> output head (decode.py: a function
        of the caches and the layer wiring). On CUDA the step is captured as a CUDA graph per (batch bucket,
        KV-length bucket) and replayed (graphs.py); on the CPU the same function runs eagerly. Token selection and
-       stop bookkeeping stay on the device (search.py); the host looks at `finished` only every
+       stop bookkeeping stay on the device (generation/search.py); the host looks at `finished` only every
        `stop_check_interval` steps, and the output is trimmed to what the reference would return.
 
 Prefill and decode share one layer loop (fast_modules.LayerStack). Each LM family (LLaMA, MPT, GPT-NeoX) supplies
@@ -50,6 +50,8 @@ from .context_cache import CacheStats, ContextCache
 from .decode import DecodeState, FastDecoder, decode_step
 from .fast_modules import FastPerceiverResampler, LayerStack, kernel_ops
 from .fused_weights import bytes_by_dtype
+from .generation.scoring import check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
+from .generation.search import GenerationOptions, KeywordGenerate, generate_ids
 from .graphs import DecodeGraphs, DecodeInputs
 from .model_copy import converted_copy
 from .modes import runtime_mode
@@ -57,8 +59,6 @@ from .options import RuntimeOptions
 from .prefill import PrefillState, prefill_prompt
 from .prefix_state import MediaSession, PrefixState, StagedChain
 from .quantize import Int8Linear, bind_int8_linears, check_weights
-from .scoring import check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
-from .search import GenerationOptions, KeywordGenerate, generate_ids
 from .timing import PhaseTimer
 from .validation import check_dtype, check_eval_mode, check_generate_options, check_model, check_prompt
 from .weight_watch import WeightWatch
@@ -231,7 +231,7 @@ class FastFlamingo(KeywordGenerate):
     def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
               candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False,
               progress: bool | None = None, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-likelihood of every candidate continuation after every row -> [B, C] float32 (scoring.py).
+        """Log-likelihood of every candidate continuation after every row -> [B, C] float32 (generation/scoring.py).
 
         Each row's prompt is prefilled once; the candidates run as a trie, all rows at once, their hypotheses
         sharing the row's prompt KV and media K/V. Passes are sized per call from the candidates and

@@ -12,9 +12,9 @@ import torch
 from helpers import interpreter, random_batch
 
 from flamingo_fast.config import from_name
+from flamingo_fast.generation.search import beam_search, beam_search_ref, generation_options
 from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime import FastFlamingo
-from flamingo_fast.search import beam_search, beam_search_ref, generation_options
 
 TINY = from_name("tiny")
 FAMILIES = {

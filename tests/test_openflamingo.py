@@ -40,7 +40,7 @@ from openflamingo_models import (  # noqa: E402
 
 import flamingo_fast  # noqa: E402
 from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
-from flamingo_fast.sampling import SamplingOptions, select_next_token  # noqa: E402
+from flamingo_fast.generation.sampling import SamplingOptions, select_next_token  # noqa: E402
 
 NEW_TOKENS = 20
 # OpenFlamingo and flamingo_fast compute the same functions in different orders (eager vs SDPA attention,

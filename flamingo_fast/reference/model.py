@@ -14,7 +14,7 @@ tensor for tensor (flamingo_fast/openflamingo.py holds the explicit name maps). 
 between calls: the decode KV cache is an explicit `ReferenceKVCache` object.
 
 This file holds the whole model (`Flamingo`), its LM with the gated blocks inserted (`FlamingoLM`), the
-reference decoder that search.py drives, and the builders. The parts live by component: the vision towers and
+reference decoder that generation/search.py drives, and the builders. The parts live by component: the vision towers and
 perceivers in media.py, the gated cross-attention blocks in xattn.py, the LM families, position math and the
 KV cache in lm.py.
 
@@ -31,8 +31,8 @@ from torch import nn
 
 from .. import masking
 from ..config import FlamingoConfig
-from ..scoring import check_candidates, score_candidates
-from ..search import GenerationOptions, KeywordGenerate, generate_ids
+from ..generation.scoring import check_candidates, score_candidates
+from ..generation.search import GenerationOptions, KeywordGenerate, generate_ids
 from ..timing import PhaseTimer
 from ..validation import check_generate_options, check_inputs
 from .lm import (
@@ -242,7 +242,7 @@ class Flamingo(KeywordGenerate, nn.Module):
               image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Log-likelihood of every candidate continuation after every row -> [B, C] float32: the sum over the
         candidate's tokens (the mean with `normalize_length`) of log p(token | prompt + its earlier tokens).
-        Candidate tokens attend to the last image of their row, like generated tokens (scoring.py)."""
+        Candidate tokens attend to the last image of their row, like generated tokens (generation/scoring.py)."""
         attention_mask = check_inputs(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
         tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
         check_generate_options(self.config, lang_x, attention_mask, max(len(t) for t in tokens))
@@ -252,7 +252,7 @@ class Flamingo(KeywordGenerate, nn.Module):
 
 
 class ReferenceDecoder:
-    """The search interface (flamingo_fast/search.py) over the reference's grown-by-concatenation cache, done
+    """The search interface (flamingo_fast/generation/search.py) over the reference's grown-by-concatenation cache, done
     plainly: forking repeats every row's cache and media, reordering gathers whole caches."""
 
     def __init__(self, lm: FlamingoLM, cache: ReferenceKVCache, media: torch.Tensor | None, image: torch.Tensor,

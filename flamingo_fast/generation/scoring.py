@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FlamingoConfig
+from ..config import FlamingoConfig
+from ..timing import ProgressBar
+from ..validation import is_int
 from .search import Decoder
-from .timing import ProgressBar
-from .validation import is_int
 
 # FastFlamingo(score_bytes=...)'s default: the memory one scoring pass may hold (hypothesis_bytes each). 512 MiB is
 # one pass for 200 candidates at batch 4 on the `small` preset (648 hypotheses of 0.65 MiB, float32): 4.1 s against

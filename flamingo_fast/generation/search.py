@@ -44,8 +44,8 @@ from typing import Protocol
 
 import torch
 
+from ..validation import check_int, is_int
 from .sampling import SamplingOptions, select_next_token
-from .validation import check_int, is_int
 
 EARLY_STOPPING = (False, True, "never")
 _NEG = -1.0e9  # Hugging Face's "impossible" score: added, never compared with -inf

@@ -26,7 +26,7 @@ from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .config import FlamingoConfig
 from .fast_modules import LayerStack
 from .graphs import DecodeInputs
-from .reference.lm import rotary_cos_sin
+from .positions import rotary_cos_sin
 
 # The decode step's faster paths, each with a switch back to the old one for before/after measurements:
 #   fused_projections  LLaMA: one GEMM for q/k/v and one for gate/up (fused weights, the modules' own are views)

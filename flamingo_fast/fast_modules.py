@@ -32,8 +32,8 @@ from .kernels import masked_cross_attention as _xattn
 from .kernels import masked_cross_attention_decode as _xattn_decode
 from .kernels import perceiver_attention as _perceiver_attention
 from .kernels import rotary_kv_write as _rotary_kv_write
+from .positions import alibi_slopes, apply_rotary
 from .quantize import Int8Linear, fused_int8_linear
-from .reference.lm import alibi_slopes, apply_rotary
 
 BACKENDS = ("triton", "torch")
 

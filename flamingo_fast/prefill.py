@@ -28,7 +28,7 @@ from .caches import MediaKVCache, StaticKVCache
 from .config import FlamingoConfig
 from .context_cache import ContextCache, image_digests, plan_contexts
 from .fast_modules import FastPerceiverResampler, LayerStack
-from .reference.lm import alibi_attention_bias, rotary_cos_sin, self_attention_mask
+from .positions import alibi_attention_bias, rotary_cos_sin, self_attention_mask
 from .timing import PhaseTimer
 
 

@@ -14,9 +14,9 @@ tensor for tensor (flamingo_fast/openflamingo.py holds the explicit name maps). 
 between calls: the decode KV cache is an explicit `ReferenceKVCache` object.
 
 This file holds the whole model (`Flamingo`), its LM with the gated blocks inserted (`FlamingoLM`), the
-reference decoder that generation/search.py drives, and the builders. The parts live by component: the vision towers and
-perceivers in media.py, the gated cross-attention blocks in xattn.py, the LM families, position math and the
-KV cache in lm.py.
+reference decoder that generation/search.py drives, and the builders. The parts live by component: the vision
+towers and perceivers in media.py, the gated cross-attention blocks in xattn.py, the LM families and the KV cache
+in lm.py; the position math, which the runtime shares, in ../positions.py.
 
 This model is deliberately slow where OpenFlamingo is slow: cross-attention is dense over all images and
 masked, and its keys/values are recomputed from the latents at every decode step.
@@ -33,6 +33,7 @@ from .. import masking
 from ..config import FlamingoConfig
 from ..generation.scoring import check_candidates, score_candidates
 from ..generation.search import GenerationOptions, KeywordGenerate, generate_ids
+from ..positions import alibi_attention_bias, alibi_slopes, rotary_cos_sin, self_attention_mask
 from ..timing import PhaseTimer
 from ..validation import check_generate_options, check_inputs
 from .lm import (
@@ -43,10 +44,6 @@ from .lm import (
     MptModel,
     ReferenceKVCache,
     RMSNorm,
-    alibi_attention_bias,
-    alibi_slopes,
-    rotary_cos_sin,
-    self_attention_mask,
 )
 from .media import (
     IdeficsPerceiverResampler,

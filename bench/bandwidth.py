@@ -17,7 +17,7 @@ floor: a decode step must at least read, once each:
                         mode, every image up to it otherwise
 With int8 weights (a profile row whose `weights` is "int8": FastFlamingo.from_reference(weights="int8")) every
 nn.Linear weight of the LM, the gated blocks and the output head counts 1 byte per element + a float32 scale
-per output row (quantize.py); biases, norms and gates stay in the activation dtype.
+per output row (runtime/quantize.py); biases, norms and gates stay in the activation dtype.
 weights: the bytes FastFlamingo.weight_bytes() counts per preset and weight format, for runtimes built on the
 meta device (no memory, no random init; bfloat16 activations), and what is left of each card in report.CARDS_GB
 (an H200's 141 GB, an 80 GB and a 24 GB card).
@@ -163,7 +163,7 @@ def weight_bytes_table(presets: list[str], formats: list[str]) -> str:
     """Markdown: FastFlamingo.weight_bytes() by dtype per preset and weight format (runtimes on the meta device,
     bfloat16 activations) and the GB each card keeps after the weights (negative: the weights do not fit)."""
     from flamingo_fast.reference.model import build_reference
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     lines = ["| preset | weights | int8 GB | float GB | total GB | " + " | ".join(f"left on {c}" for c in CARDS_GB)
              + " |", "| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(CARDS_GB)]

@@ -81,8 +81,8 @@ def reference_step(model, shots: int):
 @torch.no_grad()
 def fast_step(model, shots: int):
     """-> a callable running one fast decode step after a `shots`-shot prompt (same cache column each call)."""
-    from flamingo_fast.graphs import DecodeInputs
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.runtime.graphs import DecodeInputs
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     config = model.config
     vision_x, lang_x, mask = build_prompt(config, shots, BATCH, 12, 6, seed=0, dtype=DTYPE, device=DEVICE)

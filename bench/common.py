@@ -31,7 +31,7 @@ def build_models(preset: str, shots: int, batch: int, new_tokens: int, device: s
     """-> (reference, FastFlamingo sized for the prompt, (vision_x, lang_x, attention_mask)): the profiler's
     `shots`-shot prompt (12 caption and 6 question tokens per row), room for `new_tokens` more; `fast_options`
     (backend, max_images, cuda_graphs, ...) go to FastFlamingo.from_reference."""
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     config, dtype = from_name(preset), dtype or default_dtype(device)
     model = build_reference(config, seed=seed, dtype=dtype, device=device)

@@ -46,7 +46,7 @@
 # GPU_CHECK_STEPS (a comma-separated subset of the steps to run, e.g. "tests,decode_paths,profile_b1"; env,
 # install and import always run, floor when the bandwidth and the profiles were measured): the steps' caps add up
 # to more than one 600 s device call, so a session splits the check into two calls.
-# FLAMINGO_FAST_OLD_DECODE=name,... (runtime.py) puts named decode paths back on the old code in every step that
+# FLAMINGO_FAST_OLD_DECODE=name,... (runtime/runtime.py) puts named decode paths back on the old code in every step that
 # does not set it itself: e.g. the whole run "before" with fused_projections,rotary_kv_write,decode_attention.
 set -u
 

@@ -70,9 +70,9 @@ def decode_matmuls(preset: str) -> list[dict]:
     """[{"N", "K", "per_step", "names"}], one per distinct [N, K] int8 matrix a decode step multiplies, largest
     per-step bytes first. Read from the runtime built on the meta device; matrices that are row views of one
     storage (fused q/k/v, gate/up) are the one GEMM over that storage."""
-    from flamingo_fast.quantize import Int8Linear
     from flamingo_fast.reference.model import build_reference
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.runtime.quantize import Int8Linear
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     runtime = FastFlamingo.from_reference(build_reference(from_name(preset), device="meta"), weights="int8",
                                           dtype=torch.bfloat16)

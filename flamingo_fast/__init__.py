@@ -4,7 +4,7 @@ from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, fro
 from .idefics import from_idefics
 from .openflamingo import from_openflamingo, load_openflamingo
 from .reference.model import Flamingo, build_reference
-from .runtime import FastFlamingo
+from .runtime.runtime import FastFlamingo
 from .timing import PhaseTimer
 
 __all__ = [

@@ -10,7 +10,7 @@ computes with: the live model itself when the runtime shares its tensors (so `na
 included: DDP finds the same trainable parameters as on the original), or the converted copy when a `dtype`
 was asked for at construction (then the live model is not used and is not registered). Nothing is copied.
 
-With `weights="int8"` the runtime always works from its own converted, quantized copy (runtime.py,
+With `weights="int8"` the runtime always works from its own converted, quantized copy (runtime/runtime.py,
 FastFlamingo.from_reference), which the drop-in registers, as for a dtype conversion; the drop-in (its
 `reference` included) then holds no tensor of the live model but those the copy shares because they were already
 in the activation dtype (vision encoder, perceiver, embeddings, norms: `.to(dtype)` does not copy them). The live
@@ -25,12 +25,13 @@ error raised the same way, before anything is converted.
 (the Parameter objects stay the same), and the runtime's own state (caches sized and typed for the old device,
 fused LLaMA q/k/v and gate/up weights, which `.to` splits back into one tensor per Linear, CUDA graphs, the
 context cache) is dropped then and rebuilt from the moved model, with the options it was built with, on first
-use: the rebuilt runtime fuses the moved weights again (fused_weights.py); what belonged to the old runtime (its
+use: the rebuilt runtime fuses the moved weights again (runtime/fused_weights.py); what belonged to the old runtime (its
 context cache, past_key_values handles) does not carry over. `load_state_dict` copies into the
 same tensors (fused views included) and empties the context cache, whose entries were computed with the old
-weights. Every call also compares the weights with their fingerprint (weight_watch.py): written in place since the
-last call (`optimizer.step()`, the live model's own `load_state_dict`) empties the context cache; a storage
-replaced behind the drop-in's back (`param.data = ...`, the live model's own `.to()`) rebuilds the runtime.
+weights. Every call also compares the weights with their fingerprint (runtime/weight_watch.py): written in
+place since the last call (`optimizer.step()`, the live model's own `load_state_dict`) empties the context
+cache; a storage replaced behind the drop-in's back (`param.data = ...`, the live model's own `.to()`) rebuilds
+the runtime.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from .modes import runtime_mode
-from .quantize import Int8Linear, bind_int8_linears
+from .runtime.quantize import Int8Linear, bind_int8_linears
 from .validation import SUPPORTED_DTYPES, dtype_names
 
 
@@ -79,7 +80,7 @@ class DropInModule(nn.Module):
     @property
     def engine(self):
         """The engine; after `.to` moved its tensors, or after a storage of theirs was replaced behind the drop-in's
-        back (`param.data = ...`, the live model's own `.to()`: weight_watch.py), rebuilt here on first use."""
+        back (`param.data = ...`, the live model's own `.to()`: runtime/weight_watch.py), rebuilt here on first use."""
         engine = self._engine
         if engine is not None and not isinstance(engine, nn.Module) and engine.weight_watch.moved() \
                 and engine.stale_after_move():

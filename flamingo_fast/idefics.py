@@ -256,7 +256,7 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     of `model`: the float weights of the layers it quantized stay only in `model` (tensors already in the activation
     dtype that it keeps unquantized are shared, not copied); free them with `del model` (and
     `torch.cuda.empty_cache()` on a GPU). `.to(device)` rebuilds it, still int8; a dtype conversion is refused."""
-    from .runtime import FastFlamingo
+    from .runtime.runtime import FastFlamingo
 
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {list(ENGINES)}")

@@ -45,11 +45,11 @@ from torch import nn
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
 from .dropin import DropInModule
 from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults, rope_of
-from .model_copy import converted_copy
 from .modes import runtime_mode
-from .prefix_state import MediaSession
-from .quantize import check_weights
 from .reference.model import Flamingo, build_reference_from_state
+from .runtime.model_copy import converted_copy
+from .runtime.prefix_state import MediaSession
+from .runtime.quantize import check_weights
 from .validation import check_prompt
 from .weights_files import common_dtype, load_tensors, read_json
 
@@ -440,8 +440,8 @@ class OpenFlamingoRuntime(DropInModule):
         """OpenFlamingo's forward -> `.logits` [B, T, vocab] and `.past_key_values` (as Hugging Face's
         CausalLMOutputWithPast; FastFlamingo.forward returns the bare tensor).
 
-        - use_cache=True: `.past_key_values` is a handle to the sequence's state (prefix_state.py: any number may
-          be alive, each owns its memory; another model's, a stale one or anything else is an error naming
+        - use_cache=True: `.past_key_values` is a handle to the sequence's state (runtime/prefix_state.py: any number
+          may be alive, each owns its memory; another model's, a stale one or anything else is an error naming
           past_key_values).
         - past_key_values=handle: lang_x holds only the new tokens [B, n] (attention_mask None, theirs or the
           whole sequence's); they run over the handle's sequence, which stays unchanged, and see its prompt's
@@ -552,7 +552,7 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     keeps unquantized are shared, not copied); free them with `del model` (and `torch.cuda.empty_cache()` on a
     GPU). Such a drop-in moves between devices (`.to(device)` rebuilds it, still int8) but refuses a dtype
     conversion (dropin.py)."""
-    from .runtime import FastFlamingo
+    from .runtime.runtime import FastFlamingo
 
     config, layout = config_from_openflamingo(model, pad_token_id)
     config = config.replace(openflamingo_generated_image_bug=openflamingo_generated_image_bug)
@@ -620,7 +620,7 @@ def load_openflamingo(
                      them: e.g. MPT-7B's bf16 weights with a float32 checkpoint and CLIP); else every tensor is
                      converted to `dtype`
     device           where the model is built; the files are memory-mapped and converted block by block
-                     (model_copy.py) into the model on `device`: one decoder layer (or gated block) at a time is
+                     (runtime/model_copy.py) into the model on `device`: one decoder layer (or gated block) at a time is
                      read in full, so neither the CPU nor the device holds the files' whole model beside it
     weights          None, "bf16" or "int8" (FastFlamingo.from_reference): with "int8" each block is quantized as
                      soon as it is converted, so the peak on `device` is the int8 model plus one block in `dtype`
@@ -687,7 +687,7 @@ def load_openflamingo(
     reference = converted_copy(mapped, dtype, device, quantize=weights == "int8", fresh=True)
     del mapped
     _trainable_as_openflamingo(reference)
-    from .runtime import FastFlamingo
+    from .runtime.runtime import FastFlamingo
 
     generation_file = lm_dir / "generation_config.json"
     defaults = read_json(generation_file, f"lm_path={str(lm_path)!r}") if generation_file.is_file() else {}

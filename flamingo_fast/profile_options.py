@@ -20,7 +20,7 @@ from .validation import check_int, is_int
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLEMENTATIONS = ("reference", "fast", "openflamingo", "idefics")
 BASELINE_LAYOUT = {"openflamingo": "openflamingo", "idefics": "idefics"}  # each package runs one model family
-FAST_BACKENDS = ("auto", "triton", "torch")  # FastFlamingo's (fast_modules.BACKENDS, imported only when profiled)
+FAST_BACKENDS = ("auto", "triton", "torch")  # FastFlamingo's (runtime.layers.BACKENDS, imported only when profiled)
 DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 # --weights: the fast runtime's weight format (FastFlamingo.from_reference's `weights`; "none" and "bf16" keep
 # the weights in the activation dtype, "int8" quantizes them); several formats give one fast row each

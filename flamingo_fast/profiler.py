@@ -44,12 +44,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .fused_weights import bytes_by_dtype
 from .profile_options import ProfileOptions
 from .profile_options import check_output_path as check_output_path  # the CLI's check, read here by the tests
 from .prompts import build_prompt, build_workload, image_attention_mask, prompt_length
 from .reference.model import Flamingo, build_reference
 from .report import RATIOS, ProfileResult, ProfileRow, WeightRow, WorkloadRow, metadata
+from .runtime.fused_weights import bytes_by_dtype
 from .timing import PhaseTimer, ProgressBar
 
 
@@ -68,8 +68,9 @@ def check_available(impls: Sequence[str]) -> None:
     if "idefics" in impls and importlib.util.find_spec("transformers") is None:
         raise ValueError("impl='idefics': the IDEFICS baseline needs transformers (make setup-openflamingo, then run "
                          "with .venv-openflamingo/bin/python; or .venv-transformers5 for transformers 5)")
-    if "fast" in impls and BUILDERS["fast"] is build_fast and importlib.util.find_spec("flamingo_fast.runtime") is None:
-        raise ValueError("impl='fast': flamingo_fast.runtime (FastFlamingo) is not available in this checkout")
+    if ("fast" in impls and BUILDERS["fast"] is build_fast
+            and importlib.util.find_spec("flamingo_fast.runtime.runtime") is None):
+        raise ValueError("impl='fast': flamingo_fast.runtime.runtime (FastFlamingo) is not available in this checkout")
     if "openflamingo" in impls and importlib.util.find_spec("open_flamingo") is None:
         raise ValueError("impl='openflamingo': the openflamingo baseline needs the open_flamingo package "
                          "(make setup-openflamingo, then run with .venv-openflamingo/bin/python)")
@@ -77,7 +78,7 @@ def check_available(impls: Sequence[str]) -> None:
 
 def build_fast(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
                backend: str = "auto", weights: str = "none") -> GenerateImpl:
-    from .runtime import FastFlamingo  # imported only when the fast path is profiled
+    from .runtime.runtime import FastFlamingo  # imported only when the fast path is profiled
 
     return FastFlamingo.from_reference(model, backend=backend, max_batch_size=max_batch_size,
                                        max_seq_len=max_seq_len, max_images=max_images,

@@ -26,11 +26,11 @@ from checkpoint_files import write_files
 
 import flamingo_fast
 from flamingo_fast.config import from_name
-from flamingo_fast.fused_weights import already_fused
 from flamingo_fast.idefics import IdeficsRuntime
 from flamingo_fast.openflamingo import OpenFlamingoRuntime
 from flamingo_fast.reference.model import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.runtime.fused_weights import already_fused
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY, IDEFICS = from_name("tiny"), from_name("idefics-tiny")
 KINDS = ("fast", "openflamingo", "idefics")

@@ -20,7 +20,7 @@ from flamingo_fast.generation.scoring import (
     widest_level,
 )
 from flamingo_fast.reference.model import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")
 ROWS = [([0, 5, 9], 16), ([2], 7), ([], 11)]  # 3 images, 1 image (2 padding images), text only; left-padded

@@ -20,13 +20,13 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from . import masking
+from .. import masking
+from ..config import FlamingoConfig
+from ..positions import rotary_cos_sin
 from .attention import merge_attention_states, shared_prefix_attention
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
-from .config import FlamingoConfig
-from .fast_modules import LayerStack
 from .graphs import DecodeInputs
-from .positions import rotary_cos_sin
+from .layers import LayerStack
 
 # The decode step's faster paths, each with a switch back to the old one for before/after measurements:
 #   fused_projections  LLaMA: one GEMM for q/k/v and one for gate/up (fused weights, the modules' own are views)

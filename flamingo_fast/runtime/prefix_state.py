@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..validation import check_prompt
 from .prefill import prefill_columns, prefill_prompt
-from .validation import check_prompt
 
 
 @dataclass(eq=False)

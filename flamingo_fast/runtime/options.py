@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FlamingoConfig
+from ..config import FlamingoConfig
+from ..generation.scoring import DEFAULT_SCORE_BYTES
+from ..validation import check_int
 from .decode import resolve_decode_paths
-from .fast_modules import BACKENDS, check_backend
-from .generation.scoring import DEFAULT_SCORE_BYTES
-from .validation import check_int
+from .layers import BACKENDS, check_backend
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import nn
 from .quantize import quantize_block, quantize_output_head
 
 if TYPE_CHECKING:
-    from .reference.model import Flamingo
+    from ..reference.model import Flamingo
 
 
 def _converted(source: Mapping[str, torch.Tensor], names: list[str], prefix: str, dtype: torch.dtype,

@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import decode_attention as _decode_attention
+from ..kernels import gated_residual as _gated_residual
+from ..kernels import int8_matmul as _int8_matmul
+from ..kernels import masked_cross_attention as _xattn
+from ..kernels import masked_cross_attention_decode as _xattn_decode
+from ..kernels import perceiver_attention as _perceiver_attention
+from ..kernels import rotary_kv_write as _rotary_kv_write
+from ..positions import alibi_slopes, apply_rotary
 from .fused_weights import fuse_linear_weights
-from .kernels import decode_attention as _decode_attention
-from .kernels import gated_residual as _gated_residual
-from .kernels import int8_matmul as _int8_matmul
-from .kernels import masked_cross_attention as _xattn
-from .kernels import masked_cross_attention_decode as _xattn_decode
-from .kernels import perceiver_attention as _perceiver_attention
-from .kernels import rotary_kv_write as _rotary_kv_write
-from .positions import alibi_slopes, apply_rotary
 from .quantize import Int8Linear, fused_int8_linear
 
 BACKENDS = ("triton", "torch")

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import masking
+from .. import masking
+from ..config import FlamingoConfig
+from ..positions import alibi_attention_bias, rotary_cos_sin, self_attention_mask
+from ..timing import PhaseTimer
 from .caches import MediaKVCache, StaticKVCache
-from .config import FlamingoConfig
 from .context_cache import ContextCache, image_digests, plan_contexts
-from .fast_modules import FastPerceiverResampler, LayerStack
-from .positions import alibi_attention_bias, rotary_cos_sin, self_attention_mask
-from .timing import PhaseTimer
+from .layers import FastPerceiverResampler, LayerStack
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .masking import PromptImages
+    from ..masking import PromptImages
 
 
 @dataclass

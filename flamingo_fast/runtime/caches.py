@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FlamingoConfig
+from ..config import FlamingoConfig
 
 
 @dataclass

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..reference.lm import DecoupledLinear
 from .fused_weights import already_fused, sole_owner
-from .reference.lm import DecoupledLinear
 
 WEIGHT_FORMATS = (None, "bf16", "int8")
 

@@ -44,27 +44,28 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import masking, prefix_state
+from .. import masking
+from ..generation.scoring import check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
+from ..generation.search import GenerationOptions, KeywordGenerate, generate_ids
+from ..modes import runtime_mode
+from ..timing import PhaseTimer
+from ..validation import check_dtype, check_eval_mode, check_generate_options, check_model, check_prompt
+from . import prefix_state
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
 from .decode import DecodeState, FastDecoder, decode_step
-from .fast_modules import FastPerceiverResampler, LayerStack, kernel_ops
 from .fused_weights import bytes_by_dtype
-from .generation.scoring import check_candidates, hypotheses_per_row, hypothesis_bytes, score_candidates
-from .generation.search import GenerationOptions, KeywordGenerate, generate_ids
 from .graphs import DecodeGraphs, DecodeInputs
+from .layers import FastPerceiverResampler, LayerStack, kernel_ops
 from .model_copy import converted_copy
-from .modes import runtime_mode
 from .options import RuntimeOptions
 from .prefill import PrefillState, prefill_prompt
 from .prefix_state import MediaSession, PrefixState, StagedChain
 from .quantize import Int8Linear, bind_int8_linears, check_weights
-from .timing import PhaseTimer
-from .validation import check_dtype, check_eval_mode, check_generate_options, check_model, check_prompt
 from .weight_watch import WeightWatch
 
 if TYPE_CHECKING:
-    from .reference.model import Flamingo
+    from ..reference.model import Flamingo
 
 
 class FastFlamingo(KeywordGenerate):

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .config import FlamingoConfig, LMConfig
-from .idefics import our_name
-from .openflamingo import IGNORED, LAYERS_ATTR, canonical_name
+from .dropins.idefics import our_name
+from .dropins.openflamingo import IGNORED, LAYERS_ATTR, canonical_name
 from .reference.model import Flamingo
 from .timing import PhaseTimer
 

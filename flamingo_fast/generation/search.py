@@ -17,7 +17,7 @@ hypotheses to the row's prompt as one matrix-matrix product.
 - `beam_search`: Hugging Face's beam search, vectorised over rows and beams on the device.
 - `beam_search_ref`: the same semantics written plainly, one hypothesis at a time: its twin in tests.
 - `generation_options`, `generate_ids`: the generate call shared by the reference and the runtime (Hugging
-  Face's generate options are translated to GenerationOptions in hf.py).
+  Face's generate options are translated to GenerationOptions in dropins/hf.py).
 
 Beam search follows Hugging Face transformers 4.57 (`GenerationMixin._beam_search`, the vectorised rewrite of
 4.50 that OpenFlamingo's evaluation runs on with that release):

@@ -5,7 +5,7 @@
     resolved = options.resolve(model.config, device)              # "auto" and None filled in, checked against the model
 
 A FastFlamingo keeps the options as given (`fast.options`: "auto" and None stay so), so that a drop-in rebuilt
-after `.to` (dropin.py) resolves them again for the moved model.
+after `.to` (dropins/module.py) resolves them again for the moved model.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class FastFlamingo(KeywordGenerate):
     modes.runtime_mode: it computes in the construction dtype inside any autocast region (build with
     dtype=torch.bfloat16 for bf16), and caches allocated inside `torch.inference_mode()` serve calls outside it
     and the other way round. The reference model's tensors must stay where they were at construction; the
-    drop-ins (dropin.py) rebuild their FastFlamingo after `.to`.
+    drop-ins (dropins/module.py) rebuild their FastFlamingo after `.to`.
     """
 
     @runtime_mode

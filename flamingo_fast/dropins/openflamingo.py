@@ -42,15 +42,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
-from .dropin import DropInModule
+from ..config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
+from ..modes import runtime_mode
+from ..reference.model import Flamingo, build_reference_from_state
+from ..runtime.model_copy import converted_copy
+from ..runtime.prefix_state import MediaSession
+from ..runtime.quantize import check_weights
+from ..validation import check_prompt
 from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults, rope_of
-from .modes import runtime_mode
-from .reference.model import Flamingo, build_reference_from_state
-from .runtime.model_copy import converted_copy
-from .runtime.prefix_state import MediaSession
-from .runtime.quantize import check_weights
-from .validation import check_prompt
+from .module import DropInModule
 from .weights_files import common_dtype, load_tensors, read_json
 
 # The decoder layers' attribute in each source layout (OpenFlamingo's `decoder_layers_attr_name`).
@@ -552,7 +552,7 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     keeps unquantized are shared, not copied); free them with `del model` (and `torch.cuda.empty_cache()` on a
     GPU). Such a drop-in moves between devices (`.to(device)` rebuilds it, still int8) but refuses a dtype
     conversion (dropin.py)."""
-    from .runtime.runtime import FastFlamingo
+    from ..runtime.runtime import FastFlamingo
 
     config, layout = config_from_openflamingo(model, pad_token_id)
     config = config.replace(openflamingo_generated_image_bug=openflamingo_generated_image_bug)
@@ -687,7 +687,7 @@ def load_openflamingo(
     reference = converted_copy(mapped, dtype, device, quantize=weights == "int8", fresh=True)
     del mapped
     _trainable_as_openflamingo(reference)
-    from .runtime.runtime import FastFlamingo
+    from ..runtime.runtime import FastFlamingo
 
     generation_file = lm_dir / "generation_config.json"
     defaults = read_json(generation_file, f"lm_path={str(lm_path)!r}") if generation_file.is_file() else {}

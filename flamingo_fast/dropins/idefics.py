@@ -32,12 +32,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
-from .dropin import DropInModule
+from ..config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
+from ..modes import runtime_mode
+from ..reference.model import Flamingo, build_reference_from_state
+from ..validation import check_eval_mode
 from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults, rope_of
-from .modes import runtime_mode
-from .reference.model import Flamingo, build_reference_from_state
-from .validation import check_eval_mode
+from .module import DropInModule
 
 PREFIXES = (  # transformers prefix -> ours
     ("model.vision_model.", "vision_encoder."),
@@ -256,7 +256,7 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     of `model`: the float weights of the layers it quantized stay only in `model` (tensors already in the activation
     dtype that it keeps unquantized are shared, not copied); free them with `del model` (and
     `torch.cuda.empty_cache()` on a GPU). `.to(device)` rebuilds it, still int8; a dtype conversion is refused."""
-    from .runtime.runtime import FastFlamingo
+    from ..runtime.runtime import FastFlamingo
 
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {list(ENGINES)}")

@@ -42,9 +42,9 @@ import threading
 import torch
 from torch import nn
 
-from .modes import runtime_mode
-from .runtime.quantize import Int8Linear, bind_int8_linears
-from .validation import SUPPORTED_DTYPES, dtype_names
+from ..modes import runtime_mode
+from ..runtime.quantize import Int8Linear, bind_int8_linears
+from ..validation import SUPPORTED_DTYPES, dtype_names
 
 
 def _signature(model: nn.Module) -> list[tuple]:

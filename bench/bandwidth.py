@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flamingo_fast import report
 from flamingo_fast.config import FlamingoConfig, from_name
+from flamingo_fast.profiling import report
 from flamingo_fast.reference.model import Flamingo
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

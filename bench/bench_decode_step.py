@@ -23,7 +23,7 @@ from common import median_seconds
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.prompts import build_prompt
+from flamingo_fast.profiling.prompts import build_prompt
 from flamingo_fast.reference.lm import ReferenceKVCache
 from flamingo_fast.reference.model import build_reference
 

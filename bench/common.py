@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.prompts import build_prompt
+from flamingo_fast.profiling.prompts import build_prompt
+from flamingo_fast.profiling.report import environment
 from flamingo_fast.reference.model import build_reference
-from flamingo_fast.report import environment
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -22,7 +22,7 @@ from common import timed
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.prompts import build_prompt
+from flamingo_fast.profiling.prompts import build_prompt
 from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime.graphs import DecodeInputs
 from flamingo_fast.runtime.runtime import FastFlamingo

@@ -49,7 +49,7 @@ from bandwidth import measure_copy_bandwidth
 from common import median_seconds, write_results
 
 from flamingo_fast.config import PRESETS, from_name
-from flamingo_fast.report import environment
+from flamingo_fast.profiling.report import environment
 
 INT8_IMPLS = ("triton", "aten")
 BF16_ATOL = 1.6e-2  # tests/helpers.py TOLERANCE[bfloat16]

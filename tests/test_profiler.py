@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flamingo_fast import cli, profiler, prompts, report
+from flamingo_fast import cli
 from flamingo_fast.config import from_name
+from flamingo_fast.profiling import profiler, prompts, report
 
 TINY = ["--preset", "tiny", "--shots", "0,2", "--new-tokens", "3", "--repeats", "2", "--warmup", "1",
         "--device", "cpu", "--no-progress"]

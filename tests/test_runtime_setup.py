@@ -71,7 +71,7 @@ PEAK_PROBE = """
 import json, sys, torch
 from flamingo_fast.config import from_name
 from flamingo_fast.runtime.quantize import Int8Linear
-from flamingo_fast.profiler import PeakMemory
+from flamingo_fast.profiling.profiler import PeakMemory
 from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime.runtime import FastFlamingo
 

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import FlamingoConfig, LMConfig
-from .dropins.idefics import our_name
-from .dropins.openflamingo import IGNORED, LAYERS_ATTR, canonical_name
-from .reference.model import Flamingo
-from .timing import PhaseTimer
+from ..config import FlamingoConfig, LMConfig
+from ..dropins.idefics import our_name
+from ..dropins.openflamingo import IGNORED, LAYERS_ATTR, canonical_name
+from ..reference.model import Flamingo
+from ..timing import PhaseTimer
 
 # ----------------------------------------------------------------------------------------------------------
 # OpenFlamingo running our weights
@@ -67,7 +67,7 @@ def to_openflamingo(reference: Flamingo) -> nn.Module:
     transformers (`make setup-openflamingo`); builds nothing from the network."""
     import types
 
-    from .compat import OptionalMaskMixin, import_torchvision
+    from ..compat import OptionalMaskMixin, import_torchvision
 
     import_torchvision()  # open_clip imports it; beside a CPU torch it needs compat's help
     from open_clip.transformer import QuickGELU, VisionTransformer
@@ -150,7 +150,7 @@ def to_idefics(reference: Flamingo) -> nn.Module:
     """The same model as `reference` (IDEFICS layout) as transformers' IdeficsForVisionText2Text, its parameters
     the reference's own tensors (the unused `post_layernorm` keeps its fresh LayerNorm init). Needs transformers;
     builds nothing from the network."""
-    from .compat import import_torchvision_if_installed
+    from ..compat import import_torchvision_if_installed
 
     import_torchvision_if_installed()  # transformers' IDEFICS imports it where installed (compat: beside a CPU torch)
     import transformers

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, FlamingoConfig, from_name
+from ..config import PRESETS, FlamingoConfig, from_name
+from ..validation import check_int, is_int
 from .prompts import prompt_length
-from .validation import check_int, is_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLEMENTATIONS = ("reference", "fast", "openflamingo", "idefics")

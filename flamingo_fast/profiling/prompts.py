@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import masking
-from .config import FlamingoConfig
+from .. import masking
+from ..config import FlamingoConfig
 
 
 def _prompt_pieces(config: FlamingoConfig) -> tuple[list[int], list[int], int]:

@@ -44,13 +44,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..reference.model import Flamingo, build_reference
+from ..runtime.fused_weights import bytes_by_dtype
+from ..timing import PhaseTimer, ProgressBar
 from .profile_options import ProfileOptions
 from .profile_options import check_output_path as check_output_path  # the CLI's check, read here by the tests
 from .prompts import build_prompt, build_workload, image_attention_mask, prompt_length
-from .reference.model import Flamingo, build_reference
 from .report import RATIOS, ProfileResult, ProfileRow, WeightRow, WorkloadRow, metadata
-from .runtime.fused_weights import bytes_by_dtype
-from .timing import PhaseTimer, ProgressBar
 
 
 class GenerateImpl(Protocol):
@@ -78,7 +78,7 @@ def check_available(impls: Sequence[str]) -> None:
 
 def build_fast(model: Flamingo, *, max_batch_size: int, max_seq_len: int, max_images: int,
                backend: str = "auto", weights: str = "none") -> GenerateImpl:
-    from .runtime.runtime import FastFlamingo  # imported only when the fast path is profiled
+    from ..runtime.runtime import FastFlamingo  # imported only when the fast path is profiled
 
     return FastFlamingo.from_reference(model, backend=backend, max_batch_size=max_batch_size,
                                        max_seq_len=max_seq_len, max_images=max_images,

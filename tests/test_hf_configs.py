@@ -1,4 +1,4 @@
-"""Hugging Face configs as transformers 4.x and 5.x write them (hf.rope_of, openflamingo.lm_config_from_hf,
+"""Hugging Face configs as transformers 4.x and 5.x write them (hf.rope_of, openflamingo_config.lm_config_from_hf,
 load_openflamingo's config.json): the same model in either layout reads to the same LMConfig, and anything but
 plain RoPE is an error naming the key, its value and the expectation.
 
@@ -26,7 +26,7 @@ from checkpoint_files import OPTIONS, TINY, logits_agree, write_files
 import flamingo_fast
 from flamingo_fast.config import LMConfig
 from flamingo_fast.dropins.hf import rope_of
-from flamingo_fast.dropins.openflamingo import lm_config_from_hf
+from flamingo_fast.dropins.openflamingo_config import lm_config_from_hf
 from flamingo_fast.reference.model import build_reference
 
 LAYOUTS = ["transformers4", "transformers5"]

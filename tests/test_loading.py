@@ -88,7 +88,7 @@ def test_vit_head_count_is_never_a_silent_guess(tiny_model, tmp_path):
 @pytest.mark.parametrize("width, heads", [(768, 12), (1024, 16), (1280, 16), (1664, 16), (256, 4)])
 def test_vit_head_count_follows_open_clip(width, heads):
     """ViT-B (12 x 64), ViT-L (16 x 64), ViT-H (16 x 80), ViT-bigG (16 x 104), a 256-wide ViT (4 x 64)."""
-    from flamingo_fast.dropins.openflamingo import _guess_vit_heads
+    from flamingo_fast.dropins.openflamingo_config import _guess_vit_heads
 
     assert _guess_vit_heads(width, layers=2, patch=14, image_size=224) == heads
 

@@ -5,25 +5,8 @@
                                            eoc_token_id=50277, media_token_id=50278)
     out = fast.generate(vision_x, lang_x, attention_mask=mask, max_new_tokens=20)   # OpenFlamingo's call
 
-Weight names. The reference model (reference/model.py) uses OpenFlamingo's own names for the vision tower
-(open_clip's `vision_encoder.*`), the resampler (`perceiver.*`) and the gated blocks
-(`lang_encoder.gated_cross_attn_layers.{i}.*`), and each LM family's Hugging Face names under
-`lang_encoder.*`. What differs, and is mapped here explicitly:
-
-- OpenFlamingo wraps every decoder layer in a FlamingoLayer, so a live model's state dict names a layer's
-  weights `...layers.{i}.decoder_layer.*` (and again `lang_encoder.old_decoder_blocks.{i}.*`), and its
-  gated block `...layers.{i}.gated_cross_attn_layer.*` (and `lang_encoder.gated_cross_attn_layers.{i}.*`).
-  Its training script saves only the second spelling of neither: a checkpoint holds
-  `...layers.{i}.gated_cross_attn_layer.*`, the perceiver and the (resized) embeddings.
-- MPT comes in two layouts. `mpt` (MPT-7B, OpenFlamingo-9B v2; transformers' MptForCausalLM has the same
-  names): `transformer.blocks.{i}.norm_1 / attn.Wqkv / attn.out_proj / norm_2 / ffn.up_proj / ffn.down_proj`,
-  `transformer.norm_f`, `transformer.wte` (tied output). `mosaic_gpt` (MPT-1B RedPajama, OpenFlamingo-3B,
-  the hub's remote code): `ln_1`, `ln_2`, `mlp.mlp_up`, `mlp.mlp_down`, `ln_f`, with `attn.q_ln / k_ln`
-  (QK LayerNorm); mapped onto the first. Only ALiBi MPTs are supported.
-- Ignored on purpose (never silently: any other unexpected key is an error): the vision tower's `proj`
-  (it projects only the pooled output, which Flamingo does not use), rotary `inv_freq` buffers and
-  GPT-NeoX's constant `attention.bias` / `attention.masked_bias` buffers that old checkpoints carry, and a
-  full CLIP file's text tower.
+The config reader is openflamingo_config.py, the state-dict map (OpenFlamingo's weight names -> the
+reference's) openflamingo_state_dict.py.
 
 Positions. Hugging Face computes positions from the attention mask only when the model's forward takes
 `position_ids`; OpenFlamingo's FlamingoLMMixin.forward does not, so under OpenFlamingo a left-padded row's
@@ -33,7 +16,6 @@ on differences of positions within a row, so the two agree up to rounding.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -42,356 +24,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig
+from ..config import FlamingoConfig, VisionConfig
 from ..modes import runtime_mode
 from ..reference.model import Flamingo, build_reference_from_state
 from ..runtime.model_copy import converted_copy
 from ..runtime.prefix_state import MediaSession
 from ..runtime.quantize import check_weights
 from ..validation import check_prompt
-from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults, rope_of
+from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults
 from .module import DropInModule
+from .openflamingo_config import (
+    MODEL_TYPES,
+    config_from_openflamingo,
+    every_n,
+    lm_config_from_hf,
+    open_clip_vision_heads,
+    perceiver_config,
+    supported_model_types,
+    vision_config_from_weights,
+)
+from .openflamingo_state_dict import canonical_state_dict, to_reference_state_dict, with_weight_shapes
 from .weights_files import common_dtype, load_tensors, read_json
-
-# The decoder layers' attribute in each source layout (OpenFlamingo's `decoder_layers_attr_name`).
-LAYERS_ATTR = {"llama": "model.layers", "mpt": "transformer.blocks", "mosaic_gpt": "transformer.blocks",
-               "gpt_neox": "gpt_neox.layers"}
-# Hugging Face `model_type` -> (our family, source layout).
-MODEL_TYPES = {"llama": ("llama", "llama"), "mpt": ("mpt", "mpt"), "mosaic_gpt": ("mpt", "mosaic_gpt"),
-               "gpt_neox": ("gpt_neox", "gpt_neox")}
-# mosaic_gpt name -> our (mpt) name, for the parts whose names differ; everything else is identical.
-MOSAIC_GPT_RENAMES = (
-    (r"^transformer\.blocks\.(\d+)\.ln_1\.", r"transformer.blocks.\1.norm_1."),
-    (r"^transformer\.blocks\.(\d+)\.ln_2\.", r"transformer.blocks.\1.norm_2."),
-    (r"^transformer\.blocks\.(\d+)\.mlp\.mlp_up\.", r"transformer.blocks.\1.ffn.up_proj."),
-    (r"^transformer\.blocks\.(\d+)\.mlp\.mlp_down\.", r"transformer.blocks.\1.ffn.down_proj."),
-    (r"^transformer\.ln_f\.", r"transformer.norm_f."),
-)
-# Keys (after `lang_encoder.` / `vision_encoder.`) that carry nothing the model computes with.
-IGNORED = (
-    r"^vision_encoder\.proj$",
-    r"^lang_encoder\..*\.rotary_emb\.inv_freq$",
-    r"^lang_encoder\.gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias)$",
-)
-
-
-def _supported() -> str:
-    return ", ".join(f"{t!r}" for t in MODEL_TYPES)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configs
-# ----------------------------------------------------------------------------------------------------------
-
-
-def lm_config_from_hf(hf: Mapping, vocab_size: int, source: str = "lang_encoder config") -> tuple[LMConfig, str]:
-    """A Hugging Face LM config (config.json as a dict) -> (LMConfig, source layout). `vocab_size` is the row
-    count of the embedding actually used (OpenFlamingo resizes it to its tokenizer). A size that the config
-    lacks is an error naming `source` and the key."""
-    try:
-        return _lm_config_from_hf(hf, vocab_size)
-    except KeyError as error:
-        raise ValueError(f"{source}: no {error.args[0]!r}; expected a Hugging Face config.json with the model's "
-                         f"sizes") from None
-
-
-def _lm_config_from_hf(hf: Mapping, vocab_size: int) -> tuple[LMConfig, str]:
-    model_type = hf.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"lang_encoder: model_type={model_type!r} is not supported; expected one of {_supported()}")
-    family, layout = MODEL_TYPES[model_type]
-
-    def unsupported(name, value, expected):
-        raise ValueError(f"lang_encoder config: {name}={value!r} is not supported; expected {expected}")
-
-    if family == "llama":
-        if hf.get("hidden_act", "silu") != "silu":
-            unsupported("hidden_act", hf["hidden_act"], "'silu'")
-        rope = rope_of(hf, "lang_encoder config")  # transformers' LLaMA rotates every dim of a head
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                unsupported(flag, hf[flag], "False")
-        heads = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-            unsupported("head_dim", hf["head_dim"], f"hidden_size // heads ({hf['hidden_size'] // heads})")
-        return LMConfig(
-            family="llama", vocab_size=vocab_size, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-            intermediate_size=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.theta, max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        ), layout
-    if family == "gpt_neox":
-        if hf.get("hidden_act", "gelu") != "gelu":
-            unsupported("hidden_act", hf["hidden_act"], "'gelu'")
-        if hf.get("attention_bias") is False:
-            unsupported("attention_bias", False, "True")
-        # GPTNeoXConfig's defaults (4.x and 5.x) when config.json names neither: rotary_pct 0.25, base 10000
-        rope = rope_of(hf, "lang_encoder config", theta_keys=("rotary_emb_base", "rope_theta"),
-                       fraction_keys=("rotary_pct", "partial_rotary_factor"), default_fraction=0.25)
-        return LMConfig(
-            family="gpt_neox", vocab_size=vocab_size, hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=rope.theta,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048), rotary_pct=rope.partial_rotary_factor,
-            parallel_residual=bool(hf.get("use_parallel_residual", True)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        ), layout
-    # MPT: llm-foundry / transformers keep the attention options in attn_config; MosaicGPT at the top level.
-    attn = dict(hf.get("attn_config") or {}) if layout == "mpt" else {
-        "alibi": hf.get("alibi", False), "alibi_bias_max": hf.get("alibi_bias_max", 8),
-        "clip_qkv": hf.get("attn_clip_qkv"), "qk_ln": hf.get("attn_qk_ln", False),
-        "softmax_scale": hf.get("softmax_scale"), "prefix_lm": hf.get("prefix_lm", False)}
-    if not attn.get("alibi", False):
-        unsupported("alibi", attn.get("alibi"), "True (only ALiBi MPT models are supported)")
-    for name in ("softmax_scale", "prefix_lm", "rope"):
-        if attn.get(name):
-            unsupported(name, attn[name], "None / False")
-    if hf.get("logit_scale") is not None:
-        unsupported("logit_scale", hf["logit_scale"], "None")
-    d = hf["d_model"]
-    ratio = hf.get("expansion_ratio", hf.get("mlp_ratio", 4))
-    return LMConfig(
-        family="mpt", vocab_size=vocab_size, hidden_size=d, num_layers=hf["n_layers"], num_heads=hf["n_heads"],
-        num_kv_heads=hf["n_heads"], intermediate_size=int(ratio * d),
-        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), max_position_embeddings=hf.get("max_seq_len", 2048),
-        tie_word_embeddings=True, bias=not hf.get("no_bias", True), qk_ln=bool(attn.get("qk_ln", False)),
-        clip_qkv=attn.get("clip_qkv"), alibi=True, alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
-    ), layout
-
-
-def _every_n(indices: Sequence[int], num_layers: int) -> int:
-    """The cross-attention cadence n from the layers that hold a gated block ((i + 1) % n == 0)."""
-    if not indices:
-        raise ValueError("gated_cross_attn_layers: none found; expected at least one gated cross-attention block")
-    n = min(indices) + 1
-    expected = [i for i in range(num_layers) if (i + 1) % n == 0]
-    if sorted(indices) != expected:
-        raise ValueError(f"gated_cross_attn_layers: blocks at layers {sorted(indices)}; expected every n-th layer "
-                         f"((i + 1) % n == 0), e.g. {expected} for n={n}")
-    return n
-
-
-def _perceiver_config(state: Mapping[str, torch.Tensor]) -> PerceiverConfig:
-    depth = len({int(m.group(1)) for k in state if (m := re.match(r"perceiver\.layers\.(\d+)\.", k))})
-    for extra in ("perceiver.frame_embs", "perceiver.media_time_embs"):
-        if extra in state:
-            raise ValueError(f"{extra}: time / frame embeddings are not supported (OpenFlamingo's checkpoints "
-                             f"have none)")
-    needed = [k for k in ("perceiver.latents", "perceiver.layers.0.0.to_q.weight", "perceiver.layers.0.1.1.weight")
-              if k not in state]
-    if needed:
-        unexpected = sorted(k for k in state if not k.startswith(("vision_encoder.", "lang_encoder.", "perceiver.")))
-        raise ValueError(f"missing keys {_listing(needed)}: the perceiver's shape cannot be inferred without them; "
-                         f"unexpected keys {_listing(unexpected)}")
-    latents = state["perceiver.latents"]
-    inner = state["perceiver.layers.0.0.to_q.weight"].shape[0]
-    ff_inner = state["perceiver.layers.0.1.1.weight"].shape[0]
-    heads = 8  # OpenFlamingo fixes 8 heads x 64 (only the product is visible in the weights)
-    return PerceiverConfig(depth=depth, heads=heads, dim_head=inner // heads, num_latents=latents.shape[0],
-                           ff_mult=ff_inner // latents.shape[1])
-
-
-def _vision_config_from_weights(state: Mapping[str, torch.Tensor], heads: int | None, act: str,
-                                eps: float = 1e-5) -> VisionConfig:
-    conv = state["vision_encoder.conv1.weight"]  # [width, C, p, p]
-    width, channels, patch = conv.shape[0], conv.shape[1], conv.shape[2]
-    grid = round((state["vision_encoder.positional_embedding"].shape[0] - 1) ** 0.5)
-    layers = len({int(m.group(1)) for k in state
-                  if (m := re.match(r"vision_encoder\.transformer\.resblocks\.(\d+)\.", k))})
-    mlp = state["vision_encoder.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    if heads is None:
-        heads = _guess_vit_heads(width, layers, patch, grid * patch)
-    return VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
-                        heads=heads, mlp_ratio=mlp / width, act=act, in_channels=channels,
-                        layer_norm_eps=eps)
-
-
-# open_clip's ViTs whose heads are not 64 wide (its `head_width`): ViT-H (80), ViT-g (88), ViT-bigG (104), ViT-e
-# (112), all with 16 heads. Every other open_clip ViT has 64-wide heads.
-OPEN_CLIP_HEADS_NOT_64_WIDE = {1280: 16, 1408: 16, 1664: 16, 1792: 16}
-
-
-def _guess_vit_heads(width: int, layers: int, patch: int, image_size: int) -> int:
-    """The weights do not show the head count: take open_clip's convention (64-wide heads, except its released
-    ViTs listed above); a width that fits neither is an error asking for the config."""
-    if width in OPEN_CLIP_HEADS_NOT_64_WIDE:
-        return OPEN_CLIP_HEADS_NOT_64_WIDE[width]
-    if width >= 64 and width % 64 == 0:
-        return width // 64
-    raise ValueError(
-        f"vision: the ViT is {width} wide, which is not a multiple of open_clip's 64-wide heads, and the weights do "
-        f"not show the head count; expected the ViT's config: pass vision=VisionConfig(image_size={image_size}, "
-        f"patch_size={patch}, width={width}, layers={layers}, heads=..., act=...) or put open_clip's config "
-        f"(open_clip_config.json, with vision_cfg) beside the weights"
-    )
-
-
-def _open_clip_vision_heads(vision_path: Path) -> int | None:
-    """The head count from an open_clip config beside the vision weights (open_clip_config.json as the hub ships
-    it, `{"model_cfg": {"vision_cfg": ...}}`, or a model config `{"vision_cfg": ...}`), None when there is none."""
-    folder = vision_path if vision_path.is_dir() else vision_path.parent
-    config_file = folder / "open_clip_config.json"
-    if not config_file.is_file():
-        return None
-    config = read_json(config_file, "vision_path")
-    vision_cfg = (config.get("model_cfg") or config).get("vision_cfg")
-    if not isinstance(vision_cfg, dict) or "width" not in vision_cfg:
-        raise ValueError(f"vision_path: {str(config_file)!r} has no vision_cfg with a width; expected open_clip's "
-                         f"model config")
-    width, head_width = vision_cfg["width"], vision_cfg.get("head_width", 64)
-    if not isinstance(width, int) or not isinstance(head_width, int) or head_width < 1 or width % head_width:
-        raise ValueError(f"vision_path: {str(config_file)!r}: vision_cfg width={width!r}, head_width={head_width!r}; "
-                         f"expected integers, the width a multiple of head_width")
-    return width // head_width
-
-
-def config_from_openflamingo(model: nn.Module, pad_token_id: int | None = None) -> tuple[FlamingoConfig, str]:
-    """An open_flamingo `Flamingo` -> (FlamingoConfig, LM layout). Unsupported options are clear errors."""
-    visual = model.vision_encoder
-    for name, ok in (("attn_pool", getattr(visual, "attn_pool", None) is None),
-                     ("final_ln_after_pool", not getattr(visual, "final_ln_after_pool", False)),
-                     ("pool_type", getattr(visual, "pool_type", "tok") in ("tok", "avg")),
-                     ("ln_pre", isinstance(visual.ln_pre, nn.LayerNorm))):
-        if not ok:
-            raise ValueError(f"vision_encoder.{name}={getattr(visual, name, None)!r}: unsupported; expected "
-                             f"open_clip's default ViT (class token, ln_pre, tokens after ln_post)")
-    block = visual.transformer.resblocks[0]
-    act = "quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu"
-    if act == "gelu" and not (isinstance(block.mlp.gelu, nn.GELU) and block.mlp.gelu.approximate == "none"):
-        raise ValueError(f"vision_encoder: activation {block.mlp.gelu!r}; expected QuickGELU or exact GELU")
-    state = model.state_dict()
-    vision = _vision_config_from_weights(state, block.attn.num_heads, act, visual.ln_post.eps)
-
-    lang = model.lang_encoder
-    hf = lang.config.to_dict()
-    vocab = lang.get_input_embeddings().weight.shape[0]
-    lm, layout = lm_config_from_hf(hf, vocab)
-    gated = [i for i, b in enumerate(lang.gated_cross_attn_layers) if b is not None]
-    first = lang.gated_cross_attn_layers[gated[0]] if gated else None
-    if first is not None and first.ff[1].bias is not None:
-        raise ValueError("gated_cross_attn_layers: feed-forward with biases; expected OpenFlamingo's bias-free FF")
-    bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    pad = pad_token_id if pad_token_id is not None else hf.get("pad_token_id")
-    pad = eos if pad is None else pad
-    config = FlamingoConfig(
-        vision=vision, perceiver=_perceiver_config(state), lm=lm,
-        cross_attn_every_n_layers=_every_n(gated, lm.num_layers),
-        xattn_heads=first.attn.heads, xattn_dim_head=first.attn.to_q.out_features // first.attn.heads,
-        xattn_ff_mult=first.ff[1].out_features // lm.hidden_size,
-        only_attend_immediate_media=first.attn.only_attend_immediate_media,
-        openflamingo_pre_image_bug=not first.attn.only_attend_immediate_media,
-        bos_token_id=bos if bos is not None else 0, eos_token_id=eos if eos is not None else 0,
-        eoc_token_id=model.eoc_token_id, media_token_id=model.media_token_id, pad_token_id=pad,
-    )
-    return config, layout
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Name maps
-# ----------------------------------------------------------------------------------------------------------
-
-
-def canonical_name(name: str, layout: str) -> str:
-    """One OpenFlamingo name -> flamingo_fast's name for the same tensor (see the module docstring)."""
-    layers = "lang_encoder." + LAYERS_ATTR[layout]
-    if m := re.match(rf"^{re.escape(layers)}\.(\d+)\.decoder_layer\.(.*)$", name):
-        name = f"{layers}.{m.group(1)}.{m.group(2)}"
-    elif m := re.match(r"^lang_encoder\.old_decoder_blocks\.(\d+)\.(.*)$", name):
-        name = f"{layers}.{m.group(1)}.{m.group(2)}"
-    elif m := re.match(rf"^{re.escape(layers)}\.(\d+)\.gated_cross_attn_layer\.(.*)$", name):
-        name = f"lang_encoder.gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"
-    if layout == "mosaic_gpt" and name.startswith("lang_encoder."):
-        inner = name[len("lang_encoder."):]
-        for pattern, replacement in MOSAIC_GPT_RENAMES:
-            inner = re.sub(pattern, replacement, inner)
-        name = "lang_encoder." + inner
-    return name
-
-
-def canonical_state_dict(state: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    """OpenFlamingo's names (live model or checkpoint, FlamingoLayer wrappers and aliases included) -> one
-    name per tensor, in flamingo_fast's names. Aliases of one tensor must agree; anything unknown is kept
-    (and later reported as unexpected)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        name = canonical_name(name, layout)
-        if name in out:
-            seen = out[name]
-            if seen is not tensor and (seen.shape != tensor.shape or not torch.equal(seen, tensor)):
-                raise ValueError(f"{name}: two different tensors under the names OpenFlamingo gives it")
-            continue
-        out[name] = tensor
-    return out
-
-
-def _with_weight_shapes(config: FlamingoConfig, canonical: Mapping[str, torch.Tensor]) -> FlamingoConfig:
-    """MPT's MLP width from its weights: transformers' MptForCausalLM builds 4x whatever expansion_ratio says."""
-    up = canonical.get("lang_encoder.transformer.blocks.0.ffn.up_proj.weight")
-    if config.lm.family == "mpt" and up is not None and up.shape[0] != config.lm.intermediate_size:
-        return config.replace(lm=dataclasses.replace(config.lm, intermediate_size=up.shape[0]))
-    return config
-
-
-def to_reference_state_dict(state: Mapping[str, torch.Tensor], config: FlamingoConfig, layout: str,
-                            missing_output_rows: str = "error") -> dict[str, torch.Tensor]:
-    """OpenFlamingo-named tensors -> exactly the reference model's state dict (same tensor objects, no copy
-    unless rows must be filled). Missing or unexpected keys are an error that lists them."""
-    source = canonical_state_dict(state, layout)
-    with torch.device("meta"):
-        expected = Flamingo(config).state_dict()
-    lm = config.lm
-    embed = {"llama": "lang_encoder.model.embed_tokens.weight", "mpt": "lang_encoder.transformer.wte.weight",
-             "gpt_neox": "lang_encoder.gpt_neox.embed_in.weight"}[lm.family]
-    head = "lang_encoder.embed_out.weight" if lm.family == "gpt_neox" else "lang_encoder.lm_head.weight"
-    tied = lm.family == "mpt" or lm.tie_word_embeddings
-    if tied:  # one tensor under both names; MosaicGPT has no lm_head key at all
-        if head in source and embed in source and source[head] is not source[embed] \
-                and not torch.equal(source[head], source[embed]):
-            raise ValueError(f"{head}: differs from {embed}, but the model ties its output head to the embedding")
-        if embed in source:
-            source[head] = source[embed]
-    elif head in source and embed in source and source[head].shape[0] < source[embed].shape[0]:
-        source[head] = _fill_output_rows(source[head], source[embed].shape[0], head, missing_output_rows)
-
-    ignored = [re.compile(p) for p in IGNORED]
-    unexpected = sorted(k for k in source if k not in expected and not any(p.match(k) for p in ignored))
-    missing = sorted(k for k in expected if k not in source)
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not match the {lm.family} Flamingo model: missing keys {_listing(missing)}; "
-            f"unexpected keys {_listing(unexpected)}"
-        )
-    wrong = [f"{k}: {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if source[k].shape != v.shape]
-    if wrong:
-        raise ValueError("state dict shapes do not match the model (got vs expected): " + "; ".join(wrong[:10]))
-    return {k: source[k] for k in expected}
-
-
-def _listing(keys: list[str], limit: int = 20) -> str:
-    if not keys:
-        return "none"
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return "[" + ", ".join(keys[:limit]) + "]" + more
-
-
-def _fill_output_rows(weight: torch.Tensor, rows: int, name: str, how: str) -> torch.Tensor:
-    """OpenFlamingo's training script saves input embeddings but not an untied LLaMA output head, whose
-    rows for the added tokens OpenFlamingo then initialises at random when it resizes the model."""
-    if how == "error":
-        raise ValueError(
-            f"{name}: {weight.shape[0]} rows but the embedding has {rows}: the output rows of the tokens "
-            f"OpenFlamingo added are in neither file (OpenFlamingo fills them at random); pass "
-            f"missing_output_rows='mean' to fill them with the mean of the existing rows"
-        )
-    if how != "mean":
-        raise ValueError(f"missing_output_rows={how!r}: expected 'error' or 'mean'")
-    extra = weight.mean(dim=0, keepdim=True).expand(rows - weight.shape[0], -1)
-    return torch.cat([weight, extra])
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The drop-in
@@ -400,7 +53,7 @@ def _fill_output_rows(weight: torch.Tensor, rows: int, name: str, how: str) -> t
 
 class OpenFlamingoRuntime(DropInModule):
     """A FastFlamingo behind OpenFlamingo's `generate` call (and `forward` for logits), as a `torch.nn.Module`
-    over the live model's own tensors (dropin.py: `.to`, `.eval`, `state_dict`, DDP). Every call computes in the
+    over the live model's own tensors (module.py: `.to`, `.eval`, `state_dict`, DDP). Every call computes in the
     runtime's construction dtype, whatever autocast region it is in, and is safe in and out of
     `torch.inference_mode()` (modes.py).
 
@@ -557,7 +210,7 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     config, layout = config_from_openflamingo(model, pad_token_id)
     config = config.replace(openflamingo_generated_image_bug=openflamingo_generated_image_bug)
     state = canonical_state_dict(_output_head_by_role(model), layout)
-    config = _with_weight_shapes(config, state)
+    config = with_weight_shapes(config, state)
     tensors = to_reference_state_dict(state, config, layout)
     reference = build_reference_from_state(config, tensors)
     fast = FastFlamingo.from_reference(reference, **runtime_options)
@@ -650,7 +303,7 @@ def load_openflamingo(
     family, layout = MODEL_TYPES.get(hf.get("model_type"), (None, None))
     if family is None:
         raise ValueError(f"lang_encoder: model_type={hf.get('model_type')!r} is not supported; "
-                         f"expected one of {_supported()}")
+                         f"expected one of {supported_model_types()}")
     canonical = canonical_state_dict(state, layout)
     embed = {"llama": "lang_encoder.model.embed_tokens.weight", "mpt": "lang_encoder.transformer.wte.weight",
              "gpt_neox": "lang_encoder.gpt_neox.embed_in.weight"}[family]
@@ -661,14 +314,14 @@ def load_openflamingo(
                     if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
     gated_q = canonical[f"lang_encoder.gated_cross_attn_layers.{gated[0]}.attn.to_q.weight"] if gated else None
     if vision is None:
-        heads = _open_clip_vision_heads(Path(vision_path))
-        vision = _vision_config_from_weights(canonical, heads, "quick_gelu", 1e-5)
+        heads = open_clip_vision_heads(Path(vision_path))
+        vision = vision_config_from_weights(canonical, heads, "quick_gelu", 1e-5)
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     pad = pad_token_id if pad_token_id is not None else hf.get("pad_token_id")
     config = FlamingoConfig(
-        vision=vision, perceiver=_perceiver_config(canonical), lm=lm,
-        cross_attn_every_n_layers=_every_n(gated, lm.num_layers),
+        vision=vision, perceiver=perceiver_config(canonical), lm=lm,
+        cross_attn_every_n_layers=every_n(gated, lm.num_layers),
         xattn_heads=8, xattn_dim_head=gated_q.shape[0] // 8 if gated_q is not None else 64,
         xattn_ff_mult=canonical[f"lang_encoder.gated_cross_attn_layers.{gated[0]}.ff.1.weight"].shape[0]
         // lm.hidden_size,
@@ -678,7 +331,7 @@ def load_openflamingo(
         bos_token_id=hf.get("bos_token_id") or 0, eos_token_id=eos or 0, eoc_token_id=eoc_token_id,
         media_token_id=media_token_id, pad_token_id=(eos or 0) if pad is None else pad,
     )
-    config = _with_weight_shapes(config, canonical)
+    config = with_weight_shapes(config, canonical)
     tensors = to_reference_state_dict(canonical, config, layout, missing_output_rows)
     mapped = build_reference_from_state(config, tensors)  # over the memory-mapped files
     del tensors, canonical, state, lm_tensors, checkpoint, visual, files

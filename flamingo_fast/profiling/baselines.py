@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import FlamingoConfig, LMConfig
 from ..dropins.idefics import our_name
-from ..dropins.openflamingo import IGNORED, LAYERS_ATTR, canonical_name
+from ..dropins.openflamingo_state_dict import IGNORED, LAYERS_ATTR, canonical_name
 from ..reference.model import Flamingo
 from ..timing import PhaseTimer
 

@@ -10,8 +10,8 @@ Parameter names follow OpenFlamingo's state dict (`perceiver.layers.0.0.to_q.wei
 `lang_encoder.gated_cross_attn_layers.3.attn_gate`, ...), the vision tower follows open_clip's, and each LM
 family follows its Hugging Face model (`lang_encoder.model.*` LLaMA, `lang_encoder.transformer.*` MPT,
 `lang_encoder.gpt_neox.*` GPT-NeoX), fused weights in their native layout, so checkpoints map onto this model
-tensor for tensor (flamingo_fast/dropins/openflamingo.py holds the explicit name maps). No state is kept on modules
-between calls: the decode KV cache is an explicit `ReferenceKVCache` object.
+tensor for tensor (flamingo_fast/dropins/openflamingo_state_dict.py holds the explicit name maps). No state is
+kept on modules between calls: the decode KV cache is an explicit `ReferenceKVCache` object.
 
 This file holds the whole model (`Flamingo`), its LM with the gated blocks inserted (`FlamingoLM`), the
 reference decoder that generation/search.py drives, and the builders. The parts live by component: the vision

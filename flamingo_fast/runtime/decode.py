@@ -205,6 +205,18 @@ class FastDecoder:
         self.per_row, self.shared, self.tail_len, self.inputs = 1, False, 0, None
         self.graphs, self.tail = graphs, tail
 
+    @classmethod
+    def over_prompt(cls, runtime: DecodeRunner, lang_x: torch.Tensor, attention_mask: torch.Tensor,
+                    prompt: masking.PromptImages, pre_image_bug: bool, graphs: bool = True,
+                    tail: TailKVCache | None = None) -> FastDecoder:
+        """The decoder over prompts just prefilled into the runtime's caches: each row's last position, and the
+        image slots its new tokens see (every row's last one with OpenFlamingo's pre-image bug)."""
+        slots = prompt.slots
+        row_images = torch.tensor([max(slots)] * len(slots) if pre_image_bug else slots, dtype=torch.int32,
+                                  device=lang_x.device)
+        last_position = masking.positions_from_mask(attention_mask)[:, -1]
+        return cls(runtime, lang_x.shape[1], last_position, prompt.decode_image, row_images, graphs, tail)
+
     @property
     def rows(self) -> int:
         return self.last_position.shape[0]

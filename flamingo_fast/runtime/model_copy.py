@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .quantize import quantize_block, quantize_output_head
+from ..validation import check_dtype, check_eval_mode
+from .quantize import Int8Linear, check_weights, quantize_block, quantize_output_head
 
 if TYPE_CHECKING:
     from ..reference.model import Flamingo
@@ -68,3 +69,27 @@ def converted_copy(model: Flamingo, dtype: torch.dtype, device: torch.device | s
         if quantize:
             quantize_block(block, copy.config.lm.family, decoder_layer=block in lm.layers)
     return copy.eval()
+
+
+def model_for_runtime(model: Flamingo, dtype: torch.dtype | None, weights: str | None,
+                      device: torch.device | str | None) -> Flamingo:
+    """The model a FastFlamingo.from_reference runtime executes: `model` itself (its tensors shared) when it already
+    is in `dtype` on `device` with the weights asked for, or a converted copy (converted_copy; quantized for
+    weights="int8"). A model with int8 layers is used as it is, and is an error to convert."""
+    check_eval_mode(model)
+    if dtype is not None:
+        check_dtype(dtype)
+    param = model.lang_encoder.embed_tokens.weight
+    check_weights(weights, dtype or param.dtype)
+    target = param.device if device is None else torch.empty(0, device=device).device
+    moves = target != param.device
+    converts = dtype is not None and any(t.is_floating_point() and t.dtype != dtype
+                                         for t in model.state_dict().values())
+    if any(isinstance(m, Int8Linear) for m in model.modules()):  # already quantized: nothing to do
+        if moves or converts:
+            raise ValueError(f"dtype={dtype} / device={device!r}: a model with int8 layers is converted only "
+                             f"when it is quantized; build from the float model (or move the drop-in with "
+                             f"`.to(device)`)")
+    elif weights == "int8" or moves or converts:
+        model = converted_copy(model, dtype or param.dtype, target, quantize=weights == "int8")
+    return model

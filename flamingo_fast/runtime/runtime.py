@@ -49,19 +49,20 @@ from ..generation.scoring import check_candidates, hypotheses_per_row, hypothesi
 from ..generation.search import GenerationOptions, KeywordGenerate, generate_ids
 from ..modes import runtime_mode
 from ..timing import PhaseTimer
-from ..validation import check_dtype, check_eval_mode, check_generate_options, check_model, check_prompt
+from ..validation import check_generate_options, check_model, check_prompt
 from . import prefix_state
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
+from .capacity import CallLimits, check_capacity, prompt_images
 from .context_cache import CacheStats, ContextCache
 from .decode import DecodeState, FastDecoder, decode_step
 from .fused_weights import bytes_by_dtype
 from .graphs import DecodeGraphs, DecodeInputs
 from .layers import FastPerceiverResampler, LayerStack, kernel_ops
-from .model_copy import converted_copy
+from .model_copy import model_for_runtime
 from .options import RuntimeOptions
 from .prefill import PrefillState, prefill_prompt
 from .prefix_state import MediaSession, PrefixState, StagedChain
-from .quantize import Int8Linear, bind_int8_linears, check_weights
+from .quantize import bind_int8_linears
 from .weight_watch import WeightWatch
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ class FastFlamingo(KeywordGenerate):
                                           self.media_cache, self.context_cache, self.dtype, self.device,
                                           self.pre_image_bug)
         self.score_bytes = resolved.score_bytes
+        self.limits = CallLimits(self.kv_cache.max_batch_size, self.kv_cache.max_seq_len, max_hypotheses,
+                                 self.max_tail_len, self.media_cache.max_images, self.pre_image_bug, config.layout)
         self.lock = threading.Lock()
         use_graphs = resolved.cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(decode_step, max_batch_size, max_seq_len, self.device,
@@ -154,22 +157,7 @@ class FastFlamingo(KeywordGenerate):
         already holds int8 layers (the runtime's own `model`) is used as it is. `weight_bytes()` counts what the
         runtime holds. A tied output head (MPT) is quantized, and the embedding keeps its float table for the
         token lookup."""
-        check_eval_mode(model)
-        if dtype is not None:
-            check_dtype(dtype)
-        param = model.lang_encoder.embed_tokens.weight
-        check_weights(weights, dtype or param.dtype)
-        target = param.device if device is None else torch.empty(0, device=device).device
-        moves = target != param.device
-        converts = dtype is not None and any(t.is_floating_point() and t.dtype != dtype
-                                             for t in model.state_dict().values())
-        if any(isinstance(m, Int8Linear) for m in model.modules()):  # already quantized: nothing to do
-            if moves or converts:
-                raise ValueError(f"dtype={dtype} / device={device!r}: a model with int8 layers is converted only "
-                                 f"when it is quantized; build from the float model (or move the drop-in with "
-                                 f"`.to(device)`)")
-        elif weights == "int8" or moves or converts:
-            model = converted_copy(model, dtype or param.dtype, target, quantize=weights == "int8")
+        model = model_for_runtime(model, dtype, weights, device)
         return cls(model, backend=backend, **options)
 
     def weight_bytes(self) -> dict[str, int]:
@@ -273,11 +261,7 @@ class FastFlamingo(KeywordGenerate):
                 tail: TailKVCache | None = None) -> FastDecoder:
         """The search interface over the prompts just prefilled into the caches. `graphs` False: its steps run
         eagerly; `tail`: its tail cache for this call (None: the beams', allocated on the first shared fork)."""
-        slots = prompt.slots
-        row_images = torch.tensor([max(slots)] * len(slots) if self.pre_image_bug else slots, dtype=torch.int32,
-                                  device=lang_x.device)
-        last_position = masking.positions_from_mask(attention_mask)[:, -1]
-        return FastDecoder(self, lang_x.shape[1], last_position, prompt.decode_image, row_images, graphs, tail)
+        return FastDecoder.over_prompt(self, lang_x, attention_mask, prompt, self.pre_image_bug, graphs, tail)
 
     def context_cache_stats(self) -> CacheStats:
         """A copy of the context cache's counters: hits and misses (contexts, images), evictions, bytes held
@@ -291,21 +275,8 @@ class FastFlamingo(KeywordGenerate):
         return bool(self.stack.fused_projections) or self.graphs is not None or self.weight_watch.kinds_changed()
 
     def _check_weights(self) -> None:
-        """At every entry point, under the lock (weight_watch.py): weights written in place since the last call
-        empty the context cache (its contexts and images were computed from the old values; every other cache is
-        recomputed per call); so does a replaced storage that this runtime reads afresh, and one it does not
-        (stale_after_move) is an error (the drop-ins rebuild their runtime instead)."""
-        change = self.weight_watch.check()
-        if change == "moved" and not self.stale_after_move():
-            self.weight_watch.renew()
-            change = "updated"
-        if change == "updated":
-            self.context_cache.clear()
-        elif change == "moved":
-            raise ValueError("model: a tensor of the model this FastFlamingo runs was replaced since it was built "
-                             "(`param.data = ...`, or the model's own `.to()` / `.half()`); expected the same "
-                             "tensors, updated in place (copy_, optimizer.step(), load_state_dict): build a new "
-                             "FastFlamingo")
+        """At every entry point, under the lock: WeightWatch.settle with this runtime's context cache."""
+        self.weight_watch.settle(self.stale_after_move, self.context_cache.clear)
 
     def clear_context_cache(self) -> None:
         with self.lock:
@@ -319,56 +290,15 @@ class FastFlamingo(KeywordGenerate):
     # ------------------------------------------------------------------------------------------ phases
 
     def prompt_images(self, vision_x, lang_x, image_attention_mask,
-                       prompt: masking.PromptImages | None = None) -> masking.PromptImages:
-        """Which image each token sees and which images are encoded (the rest are padding, never read), by the
-        layout's rule: `<image>` tokens (OpenFlamingo) or the image_attention_mask (IDEFICS); `prompt`: that
-        rule's PromptImages when the input checks made it already (validation.check_prompt). In OpenFlamingo's
-        all-previous mode with the pre-image bug, text before the first image attends to every image given, so
-        all of them are encoded; with the generated-image bug, every row's first image is."""
-        if prompt is None and self.config.layout == "idefics":
-            return masking.PromptImages.from_image_attention_mask(image_attention_mask)
-        if prompt is None:
-            prompt = masking.PromptImages.from_media_tokens(lang_x, self.config.media_token_id)
-        if self.pre_image_bug and vision_x is not None:
-            every = list(range(vision_x.shape[1]))
-            prompt = dataclasses.replace(prompt, visible=[every] * lang_x.shape[0])
-        elif self.config.openflamingo_generated_image_bug and vision_x is not None and vision_x.shape[1]:
-            # a generated <image> turns a hypothesis to its row's first image, which a row without <image>
-            # tokens shows none of its tokens: every row's first image is encoded
-            prompt = dataclasses.replace(prompt, visible=[sorted({0, *row}) for row in prompt.visible])
-        return prompt
+                      prompt: masking.PromptImages | None = None) -> masking.PromptImages:
+        """Which image each token sees and which images are encoded (capacity.prompt_images)."""
+        return prompt_images(self.config, self.pre_image_bug, vision_x, lang_x, image_attention_mask, prompt)
 
     def check_capacity(self, lang_x, prompt: masking.PromptImages, max_new_tokens: int | None,
                        options: GenerationOptions | None = None) -> None:
-        """Whether a call fits this instance's caches (batch, sequence, beams, images); max_new_tokens None: a
-        forward call, which generates nothing."""
-        batch, prompt_len = lang_x.shape
-        if batch > self.kv_cache.max_batch_size:
-            raise ValueError(f"lang_x: batch {batch} exceeds max_batch_size={self.kv_cache.max_batch_size} "
-                             f"of this FastFlamingo; expected at most that many rows")
-        if max_new_tokens is None and prompt_len > self.kv_cache.max_seq_len:
-            raise ValueError(f"lang_x: {prompt_len} tokens per row exceed max_seq_len={self.kv_cache.max_seq_len} "
-                             f"of this FastFlamingo; expected at most that many")
-        beams = options.num_beams if options is not None else 1
-        if beams > 1:  # the prompt stays in the static cache; each beam's new tokens go to its tail
-            if batch * beams > self.max_hypotheses:
-                raise ValueError(f"num_beams={beams}: {batch} rows x {beams} beams exceeds max_hypotheses="
-                                 f"{self.max_hypotheses} of this FastFlamingo")
-            if max_new_tokens > self.max_tail_len:
-                raise ValueError(f"max_new_tokens={max_new_tokens}: beam search keeps at most max_tail_len="
-                                 f"{self.max_tail_len} new tokens per beam in this FastFlamingo")
-            max_new_tokens = 0
-        total = prompt_len + (max_new_tokens or 0)
-        if total > self.kv_cache.max_seq_len:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: prompt length {prompt_len} + max_new_tokens = {total} "
-                             f"exceeds max_seq_len={self.kv_cache.max_seq_len} of this FastFlamingo")
-        images = max(prompt.slots)
-        if images > self.media_cache.max_images:
-            what = "images to encode (the pre-image bug mode reads all of vision_x)" if self.pre_image_bug \
-                else "image slots (up to the last one a token sees)" if self.config.layout == "idefics" \
-                else "<image> tokens"
-            raise ValueError(f"lang_x: a row has {images} {what}; expected at most "
-                             f"max_images={self.media_cache.max_images} of this FastFlamingo")
+        """Whether a call fits this instance's caches (capacity.check_capacity); max_new_tokens None: a forward
+        call, which generates nothing."""
+        check_capacity(self.limits, lang_x, prompt, max_new_tokens, options)
 
     def run_decode_step(self, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool,
                         graphs: bool = True, tail: TailKVCache | None = None) -> torch.Tensor:

@@ -24,6 +24,8 @@ no version counter). The check costs one pass over the tensors in Python (README
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -70,3 +72,20 @@ class WeightWatch:
 
     def renew(self) -> None:
         self.fingerprint, self.kinds = self._fingerprint(), self._kinds()
+
+    def settle(self, stale_after_move: Callable[[], bool], clear: Callable[[], None]) -> None:
+        """What a runtime does at every entry point (FastFlamingo, under its lock): weights written in place since
+        the last call `clear` the caches computed from the old values (the context cache: its contexts and images;
+        every other cache is recomputed per call); so does a replaced storage that the runtime reads afresh, and
+        one it does not (`stale_after_move()`) is an error (the drop-ins rebuild their runtime instead)."""
+        change = self.check()
+        if change == "moved" and not stale_after_move():
+            self.renew()
+            change = "updated"
+        if change == "updated":
+            clear()
+        elif change == "moved":
+            raise ValueError("model: a tensor of the model this FastFlamingo runs was replaced since it was built "
+                             "(`param.data = ...`, or the model's own `.to()` / `.half()`); expected the same "
+                             "tensors, updated in place (copy_, optimizer.step(), load_state_dict): build a new "
+                             "FastFlamingo")

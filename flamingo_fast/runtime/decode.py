@@ -2,7 +2,7 @@
 
     logits = decode_step(state, inputs, kv_len, per_row, tails)
 
-`state` (DecodeState) holds everything the step reads besides its inputs: the layer wiring (fast_modules.
+`state` (DecodeState) holds everything the step reads besides its inputs: the layer wiring (layers.
 LayerStack), the caches (StaticKVCache, MediaKVCache, TailKVCache) and the decode paths in use. Like vLLM's
 graph runner, which takes its KV caches as arguments, the step reads no runtime object: a graph captured with one
 state replays against the same buffers, which FastFlamingo allocates once and never replaces.

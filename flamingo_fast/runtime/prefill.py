@@ -8,7 +8,7 @@
        context cache (context_cache.plan_contexts says which) are copied into their rows' columns first.
 
 Functions of explicit state, as the decode step is (decode.py): `PrefillState` holds everything prefill reads
-(the caches, the layer wiring fast_modules.LayerStack, the vision encoder and perceiver); FastFlamingo
+(the caches, the layer wiring layers.LayerStack, the vision encoder and perceiver); FastFlamingo
 (runtime.py) owns one. Prefill is never captured in a CUDA graph; the decode step is.
 
     logits = prefill_prompt(state, vision_x, lang_x, attention_mask, prompt)     # images, contexts, the prompt

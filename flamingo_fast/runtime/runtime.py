@@ -8,7 +8,7 @@ One prompt, in order (and where each phase lives):
        validation.check_prompt): from `<image>` tokens (OpenFlamingo layout) or from the processor's
        image_attention_mask (IDEFICS layout).
     1. vision: only the images some token of a row sees are encoded, all rows' as one batch (images already in
-       the context cache are not); resampled by the kernel-backed perceiver (prefill.py, fast_modules.py).
+       the context cache are not); resampled by the kernel-backed perceiver (prefill.py, layers.py).
     2. media K/V: every cross-attention layer's keys/values of all images, once (MediaKVCache; prefill.py).
     3. prefill: the prompt through the LM (segment-indexed cross-attention kernel, SDPA self-attention), its
        keys/values written into the StaticKVCache; logits only for the last position (prefill.py; which contexts
@@ -20,8 +20,8 @@ One prompt, in order (and where each phase lives):
        stop bookkeeping stay on the device (generation/search.py); the host looks at `finished` only every
        `stop_check_interval` steps, and the output is trimmed to what the reference would return.
 
-Prefill and decode share one layer loop (fast_modules.LayerStack). Each LM family (LLaMA, MPT, GPT-NeoX) supplies
-a small `DecoderLayerOps` (fast_modules.py): its norms, its q/k/v projection, and what follows the self-attention.
+Prefill and decode share one layer loop (layers.LayerStack). Each LM family (LLaMA, MPT, GPT-NeoX) supplies
+a small `DecoderLayerOps` (layers.py): its norms, its q/k/v projection, and what follows the self-attention.
 Every residual add is fused with the norm that reads its result (the post-attention norm, the next gated block's
 attention norm, the next layer's input norm or the final norm), so no norm costs a pass of its own. Gated blocks
 and perceivers of both layouts are read by role (FastGatedCrossAttention, FastPerceiverResampler). Self-attention

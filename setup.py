@@ -13,7 +13,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["flamingo_fast", "flamingo_fast.kernels"],
+    # The package's rooms by role (each a folder with an __init__.py), listed so a regular install has them all.
+    packages=["flamingo_fast", "flamingo_fast.reference", "flamingo_fast.runtime", "flamingo_fast.generation",
+              "flamingo_fast.dropins", "flamingo_fast.profiling", "flamingo_fast.kernels"],
     package_dir={"flamingo_fast": "flamingo_fast", "flamingo_fast.kernels": "kernels"},
     # A bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine: the Makefile installs
     # the right build first, and any 2.x satisfies this. CUDA builds of torch pin their own triton 3.x;

@@ -17,7 +17,7 @@ floor: a decode step must at least read, once each:
                         mode, every image up to it otherwise
 With int8 weights (a profile row whose `weights` is "int8": FastFlamingo.from_reference(weights="int8")) every
 nn.Linear weight of the LM, the gated blocks and the output head counts 1 byte per element + a float32 scale
-per output row (quantize.py); biases, norms and gates stay in the activation dtype.
+per output row (runtime/quantize.py); biases, norms and gates stay in the activation dtype.
 weights: the bytes FastFlamingo.weight_bytes() counts per preset and weight format, for runtimes built on the
 meta device (no memory, no random init; bfloat16 activations), and what is left of each card in report.CARDS_GB
 (an H200's 141 GB, an 80 GB and a 24 GB card).
@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flamingo_fast import report
 from flamingo_fast.config import FlamingoConfig, from_name
-from flamingo_fast.reference import Flamingo
+from flamingo_fast.profiling import report
+from flamingo_fast.reference.model import Flamingo
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 INT8_PARTS = ("lm_layers", "xattn_read", "lm_head")  # where weights="int8" quantizes the matrices
@@ -162,8 +162,8 @@ CARDS_GB = report.CARDS_GB  # nominal memory, 1e9 bytes: the cards `profile --de
 def weight_bytes_table(presets: list[str], formats: list[str]) -> str:
     """Markdown: FastFlamingo.weight_bytes() by dtype per preset and weight format (runtimes on the meta device,
     bfloat16 activations) and the GB each card keeps after the weights (negative: the weights do not fit)."""
-    from flamingo_fast.reference import build_reference
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.reference.model import build_reference
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     lines = ["| preset | weights | int8 GB | float GB | total GB | " + " | ".join(f"left on {c}" for c in CARDS_GB)
              + " |", "| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(CARDS_GB)]

@@ -23,9 +23,9 @@ from common import median_seconds
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.lm import ReferenceKVCache
-from flamingo_fast.prompts import build_prompt
-from flamingo_fast.reference import build_reference
+from flamingo_fast.profiling.prompts import build_prompt
+from flamingo_fast.reference.lm import ReferenceKVCache
+from flamingo_fast.reference.model import build_reference
 
 DEVICE = os.environ.get("FLAMINGO_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 PRESET = os.environ.get("FLAMINGO_BENCH_PRESET", "small")
@@ -81,8 +81,8 @@ def reference_step(model, shots: int):
 @torch.no_grad()
 def fast_step(model, shots: int):
     """-> a callable running one fast decode step after a `shots`-shot prompt (same cache column each call)."""
-    from flamingo_fast.graphs import DecodeInputs
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.runtime.graphs import DecodeInputs
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     config = model.config
     vision_x, lang_x, mask = build_prompt(config, shots, BATCH, 12, 6, seed=0, dtype=DTYPE, device=DEVICE)

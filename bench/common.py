@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.prompts import build_prompt
-from flamingo_fast.reference import build_reference
-from flamingo_fast.report import environment
+from flamingo_fast.profiling.prompts import build_prompt
+from flamingo_fast.profiling.report import environment
+from flamingo_fast.reference.model import build_reference
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -31,7 +31,7 @@ def build_models(preset: str, shots: int, batch: int, new_tokens: int, device: s
     """-> (reference, FastFlamingo sized for the prompt, (vision_x, lang_x, attention_mask)): the profiler's
     `shots`-shot prompt (12 caption and 6 question tokens per row), room for `new_tokens` more; `fast_options`
     (backend, max_images, cuda_graphs, ...) go to FastFlamingo.from_reference."""
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     config, dtype = from_name(preset), dtype or default_dtype(device)
     model = build_reference(config, seed=seed, dtype=dtype, device=device)

@@ -19,10 +19,10 @@ import statistics
 import torch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.profile_options import default_device
-from flamingo_fast.prompts import build_workload, prompt_length
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.profiling.profile_options import default_device
+from flamingo_fast.profiling.prompts import build_workload, prompt_length
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.runtime import FastFlamingo
 from flamingo_fast.timing import PhaseTimer
 
 

@@ -23,7 +23,7 @@ from common import timed
 from flamingo_fast.config import from_name
 from flamingo_fast.kernels.decode_attention import decode_attention_ref
 from flamingo_fast.kernels.rotary_kv_write import rotary_kv_write_ref
-from flamingo_fast.lm import apply_rotary, rotary_cos_sin
+from flamingo_fast.positions import apply_rotary, rotary_cos_sin
 
 
 def interleaved(a, b, reps: int, rounds: int = 10) -> tuple[list[float], list[float]]:

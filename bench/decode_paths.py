@@ -30,11 +30,11 @@ import torch
 from common import write_results
 
 from flamingo_fast.config import from_name  # noqa: E402
-from flamingo_fast.decode import DECODE_PATHS  # noqa: E402
-from flamingo_fast.profile_options import default_device  # noqa: E402
-from flamingo_fast.prompts import build_prompt  # noqa: E402
-from flamingo_fast.reference import build_reference  # noqa: E402
-from flamingo_fast.runtime import FastFlamingo  # noqa: E402
+from flamingo_fast.profiling.profile_options import default_device  # noqa: E402
+from flamingo_fast.profiling.prompts import build_prompt  # noqa: E402
+from flamingo_fast.reference.model import build_reference  # noqa: E402
+from flamingo_fast.runtime.decode import DECODE_PATHS  # noqa: E402
+from flamingo_fast.runtime.runtime import FastFlamingo  # noqa: E402
 from flamingo_fast.timing import PhaseTimer  # noqa: E402
 
 

@@ -46,7 +46,7 @@
 # GPU_CHECK_STEPS (a comma-separated subset of the steps to run, e.g. "tests,decode_paths,profile_b1"; env,
 # install and import always run, floor when the bandwidth and the profiles were measured): the steps' caps add up
 # to more than one 600 s device call, so a session splits the check into two calls.
-# FLAMINGO_FAST_OLD_DECODE=name,... (runtime.py) puts named decode paths back on the old code in every step that
+# FLAMINGO_FAST_OLD_DECODE=name,... (runtime/runtime.py) puts named decode paths back on the old code in every step that
 # does not set it itself: e.g. the whole run "before" with fused_projections,rotary_kv_write,decode_attention.
 set -u
 
@@ -143,7 +143,7 @@ elif [ "${GPU_CHECK_SKIP_INSTALL:-0}" != "1" ]; then
         export PYTHONSAFEPATH=1  # the repo's own flamingo_fast/ (no kernels/ inside) must not shadow the copy
     fi
 fi
-run_step import 30 "$PY" -c 'import flamingo_fast, flamingo_fast.kernels, flamingo_fast.profiler; print(flamingo_fast.__file__)'
+run_step import 30 "$PY" -c 'import flamingo_fast, flamingo_fast.kernels, flamingo_fast.profiling.profiler; print(flamingo_fast.__file__)'
 
 run_step tests 120 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml"
 
@@ -311,7 +311,7 @@ write_summary() {
             echo "## Profile $(basename "$P")"
             echo
             "$PY" -c 'import json, sys
-from flamingo_fast.report import format_table, load_json
+from flamingo_fast.profiling.report import format_table, load_json
 print(format_table(load_json(sys.argv[1])))
 if not json.load(open(sys.argv[1]))["complete"]:
     print("\n(partial: the step stopped before every row was measured)")' "$P" 2>&1
@@ -361,7 +361,7 @@ if not json.load(open(sys.argv[1]))["complete"]:
             echo "## int8 decode ($INT8_PRESET, batch 1, bf16 vs int8 weights)"
             echo
             "$PY" -c 'import sys
-from flamingo_fast.report import format_table, load_json
+from flamingo_fast.profiling.report import format_table, load_json
 print(format_table(load_json(sys.argv[1])))' "$OUT/profile_int8.json" 2>&1
             if [ -f "$OUT/floor_int8.md" ]; then echo; cat "$OUT/floor_int8.md"; fi
             if [ -f "$OUT/int8_goal.txt" ]; then echo; cat "$OUT/int8_goal.txt"; fi

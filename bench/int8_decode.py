@@ -22,10 +22,10 @@ from common import timed
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.graphs import DecodeInputs
-from flamingo_fast.prompts import build_prompt
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.profiling.prompts import build_prompt
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.graphs import DecodeInputs
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 FORMATS = {  # label -> from_reference options
     "float32": {},

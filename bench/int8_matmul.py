@@ -49,7 +49,7 @@ from bandwidth import measure_copy_bandwidth
 from common import median_seconds, write_results
 
 from flamingo_fast.config import PRESETS, from_name
-from flamingo_fast.report import environment
+from flamingo_fast.profiling.report import environment
 
 INT8_IMPLS = ("triton", "aten")
 BF16_ATOL = 1.6e-2  # tests/helpers.py TOLERANCE[bfloat16]
@@ -70,9 +70,9 @@ def decode_matmuls(preset: str) -> list[dict]:
     """[{"N", "K", "per_step", "names"}], one per distinct [N, K] int8 matrix a decode step multiplies, largest
     per-step bytes first. Read from the runtime built on the meta device; matrices that are row views of one
     storage (fused q/k/v, gate/up) are the one GEMM over that storage."""
-    from flamingo_fast.quantize import Int8Linear
-    from flamingo_fast.reference import build_reference
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.reference.model import build_reference
+    from flamingo_fast.runtime.quantize import Int8Linear
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     runtime = FastFlamingo.from_reference(build_reference(from_name(preset), device="meta"), weights="int8",
                                           dtype=torch.bfloat16)

@@ -18,9 +18,9 @@ import torch
 from common import write_results
 
 from flamingo_fast.config import from_name  # noqa: E402
-from flamingo_fast.prompts import build_prompt  # noqa: E402
-from flamingo_fast.reference import build_reference  # noqa: E402
-from flamingo_fast.runtime import FastFlamingo  # noqa: E402
+from flamingo_fast.profiling.prompts import build_prompt  # noqa: E402
+from flamingo_fast.reference.model import build_reference  # noqa: E402
+from flamingo_fast.runtime.runtime import FastFlamingo  # noqa: E402
 
 ATOL_REL = 1e-3  # slack on the relative error, for cases where plain torch happens to be nearly exact
 

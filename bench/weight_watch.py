@@ -1,5 +1,5 @@
-"""What the per-call weight check costs (flamingo_fast/weight_watch.py): FastFlamingo's check at every entry point
-and the drop-in's pointer check, against a whole warm few-shot generate call on the same preset.
+"""What the per-call weight check costs (flamingo_fast/runtime/weight_watch.py): FastFlamingo's check at every entry
+point and the drop-in's pointer check, against a whole warm few-shot generate call on the same preset.
 
     python bench/weight_watch.py [--preset small] [--shots 4] [--new-tokens 5]
 

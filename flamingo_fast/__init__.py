@@ -1,10 +1,10 @@
 """flamingo_fast: a kernel-accelerated inference runtime for Flamingo-style vision-language models."""
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, from_name
-from .idefics import from_idefics
-from .openflamingo import from_openflamingo, load_openflamingo
-from .reference import Flamingo, build_reference
-from .runtime import FastFlamingo
+from .dropins.idefics import from_idefics
+from .dropins.openflamingo import from_openflamingo, load_openflamingo
+from .reference.model import Flamingo, build_reference
+from .runtime.runtime import FastFlamingo
 from .timing import PhaseTimer
 
 __all__ = [

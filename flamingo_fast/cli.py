@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from . import profile_options, profiler, report
 from .config import PRESETS
+from .profiling import profile_options, profiler, report
 
 
 def _int_list_type(name: str, minimum: int):

@@ -1,6 +1,6 @@
 """Split-KV decode attention (flash-decoding) over a static KV cache: one new query per hypothesis against
 the valid columns of its row's cache, read in place, with grouped KV heads and optional ALiBi; returns the
-output and, on request, the log-sum-exp that a cascade (prefix + tail, ../flamingo_fast/attention.py) merges.
+output and, on request, the log-sum-exp that a cascade (prefix + tail, ../flamingo_fast/runtime/attention.py) merges.
 
 Semantics. Query n (of N = B * R; R = queries_per_row, the hypotheses that share row b = n // R) and head h
 (of Hq = Hkv * G) attends to the keys of row b, KV head h // G, at the columns [kv_start[b], kv_end[b]) (both

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 
 TINY = from_name("tiny")
 FAMILIES = {

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from flamingo_fast.lm import DecoupledLinear
-from flamingo_fast.quantize import quantize_per_channel
+from flamingo_fast.reference.lm import DecoupledLinear
+from flamingo_fast.runtime.quantize import quantize_per_channel
 
 # atol: the slack added to 2x plain torch's error; rtol: for direct comparisons of two implementations
 # that should agree to rounding (for example a kernel and its torch twin at the same dtype).

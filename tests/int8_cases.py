@@ -10,7 +10,7 @@ from builders import FAMILIES, idefics_batch
 from helpers import random_batch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
+from flamingo_fast.reference.model import build_reference
 
 TINY = from_name("tiny")
 CASES = ("llama", "mpt", "gpt_neox_parallel", "idefics")

@@ -27,8 +27,8 @@ import torch
 
 import flamingo_fast
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import Flamingo
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.reference.model import Flamingo
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 
 def rss_anon() -> int:

@@ -12,9 +12,9 @@ import torch
 from helpers import interpreter, random_batch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
-from flamingo_fast.search import beam_search, beam_search_ref, generation_options
+from flamingo_fast.generation.search import beam_search, beam_search_ref, generation_options
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")
 FAMILIES = {
@@ -141,7 +141,7 @@ def test_cuda_graph_beams_equal_eager_beams(dtype):
 def test_graph_row_buckets_never_exceed_the_tail_cache():
     """CUDA graphs pad the rows to a bucket; with tails, bucket x beams must still fit max_hypotheses (the rule
     is plain Python, so it is checked here; the graphs themselves need a GPU)."""
-    from flamingo_fast.graphs import DecodeGraphs
+    from flamingo_fast.runtime.graphs import DecodeGraphs
 
     graphs = DecodeGraphs(lambda *a: None, max_batch_size=8, max_seq_len=64, device="cpu", max_hypotheses=10)
     assert graphs.row_buckets == [1, 2, 4, 8]

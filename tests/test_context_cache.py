@@ -9,8 +9,8 @@ import torch
 from few_shot import FAMILIES, build, few_shot_batch
 from helpers import assert_close
 
-from flamingo_fast import prefill
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.runtime import prefill
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 
 def fast_pair(model, **options):
@@ -213,7 +213,7 @@ def test_cuda_graphs_warm_equals_cold(dtype):
 
 
 def test_image_digests_see_every_bit_and_nothing_else():
-    from flamingo_fast.context_cache import image_digests
+    from flamingo_fast.runtime.context_cache import image_digests
 
     images = torch.randn(6, 1, 3, 8, 8)
     keys = image_digests(images)

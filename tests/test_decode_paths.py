@@ -16,10 +16,10 @@ from helpers import assert_close, interpreter, random_batch
 from torch import nn
 
 from flamingo_fast.config import from_name
-from flamingo_fast.decode import DECODE_PATHS, OLD_DECODE_ENV, resolve_decode_paths
-from flamingo_fast.fused_weights import fuse_linear_weights
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.decode import DECODE_PATHS, OLD_DECODE_ENV, resolve_decode_paths
+from flamingo_fast.runtime.fused_weights import fuse_linear_weights
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")  # LLaMA, 4 query heads over 2 KV heads (GQA)
 FAMILIES = {

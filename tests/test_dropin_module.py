@@ -1,5 +1,6 @@
-"""The drop-ins as torch.nn.Modules (dropin.py) and the modes every call runs in (modes.py), in the main environment:
-OpenFlamingoRuntime over a tiny reference and IdeficsRuntime over the idefics-tiny layout (no transformers needed).
+"""The drop-ins as torch.nn.Modules (dropins/module.py) and the modes every call runs in (modes.py), in the main
+environment: OpenFlamingoRuntime over a tiny reference and IdeficsRuntime over the idefics-tiny layout (no
+transformers needed).
 
 - the drop-in's parameters and state dict are the model's own tensors; `.to` rebuilds the runtime over the moved
   tensors (fused weights included); `load_state_dict` copies into them; DDP (CPU form: gloo, no device_ids)
@@ -26,11 +27,11 @@ from checkpoint_files import write_files
 
 import flamingo_fast
 from flamingo_fast.config import from_name
-from flamingo_fast.fused_weights import already_fused
-from flamingo_fast.idefics import IdeficsRuntime
-from flamingo_fast.openflamingo import OpenFlamingoRuntime
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.dropins.idefics import IdeficsRuntime
+from flamingo_fast.dropins.openflamingo import OpenFlamingoRuntime
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.fused_weights import already_fused
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY, IDEFICS = from_name("tiny"), from_name("idefics-tiny")
 KINDS = ("fast", "openflamingo", "idefics")

@@ -11,9 +11,9 @@ from builders import FAMILIES
 from helpers import assert_close, random_batch
 
 from flamingo_fast.config import LMConfig, from_name
-from flamingo_fast.lm import alibi_slopes
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.positions import alibi_slopes
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")
 

@@ -10,8 +10,8 @@ import torch
 from helpers import INTERPRETER_MARKS, assert_close, random_batch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")
 

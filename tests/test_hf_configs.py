@@ -1,4 +1,4 @@
-"""Hugging Face configs as transformers 4.x and 5.x write them (hf.rope_of, openflamingo.lm_config_from_hf,
+"""Hugging Face configs as transformers 4.x and 5.x write them (hf.rope_of, openflamingo_config.lm_config_from_hf,
 load_openflamingo's config.json): the same model in either layout reads to the same LMConfig, and anything but
 plain RoPE is an error naming the key, its value and the expectation.
 
@@ -25,9 +25,9 @@ from checkpoint_files import OPTIONS, TINY, logits_agree, write_files
 
 import flamingo_fast
 from flamingo_fast.config import LMConfig
-from flamingo_fast.hf import rope_of
-from flamingo_fast.openflamingo import lm_config_from_hf
-from flamingo_fast.reference import build_reference
+from flamingo_fast.dropins.hf import rope_of
+from flamingo_fast.dropins.openflamingo_config import lm_config_from_hf
+from flamingo_fast.reference.model import build_reference
 
 LAYOUTS = ["transformers4", "transformers5"]
 # One LM per family, with values that differ from every default: a wrong or missed key changes the LMConfig.
@@ -192,7 +192,7 @@ def test_generate_length_as_transformers_sets_it():
     """hf.hf_new_tokens, transformers' rule (4.57 and 5.x, given the generation_config's diff dict): max_new_tokens
     (call, else config) wins; else max_length (call, else config) counts the prompt; else 20 new tokens, stopped at
     the model config's max_position_embeddings; a max_length the prompt fills is an error naming it."""
-    from flamingo_fast.hf import HFGenerateDefaults, hf_new_tokens
+    from flamingo_fast.dropins.hf import HFGenerateDefaults, hf_new_tokens
 
     def defaults(max_positions=None, **config):
         return HFGenerateDefaults(config, None, None, "generation_config", max_positions=max_positions)

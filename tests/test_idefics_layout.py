@@ -11,8 +11,8 @@ from helpers import assert_close
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 CONFIG = from_name("idefics-tiny")
 BASE = CONFIG.lm.vocab_size - CONFIG.lm.additional_vocab_size  # <fake_token_around_image>

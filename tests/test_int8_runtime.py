@@ -48,8 +48,8 @@ from int8_cases import CASES, batch, build
 from torch import nn
 
 from flamingo_fast.kernels.int8_matmul import int8_weight_matmul
-from flamingo_fast.quantize import Int8Linear
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.runtime.quantize import Int8Linear
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 OPTIONS = dict(max_batch_size=1, max_seq_len=20, max_tail_len=4)
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 (quantize.py, FastFlamingo.from_reference(weights="int8")) against the float reference.
+"""Weight-only int8 (runtime/quantize.py, FastFlamingo.from_reference(weights="int8")) against the float reference.
 
 The int8 tolerance, derived rather than picked. Two checks per family:
 1. Exactness of the wiring: the int8 runtime with fp32 activations (torch backend: int8 -> fp32, then an fp32
@@ -29,9 +29,9 @@ from int8_cases import CASES, batch, build
 from torch import nn
 
 from flamingo_fast.config import from_name
-from flamingo_fast.quantize import Int8Linear, quantize_per_channel
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.quantize import Int8Linear, quantize_per_channel
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 # ---------------------------------------------------------------------------------------------- quantize_per_channel
 

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_within_torch_error, interpreter, nan_out
 
-from flamingo_fast.attention import merge_attention_states
 from flamingo_fast.kernels.decode_attention import (
     BLOCK_N,
     decode_attention,
     decode_attention_ref,
     num_splits,
 )
+from flamingo_fast.runtime.attention import merge_attention_states
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -10,7 +10,7 @@ import torch
 from helpers import Padded, assert_close, assert_within_torch_error, interpreter, nan_out
 
 from flamingo_fast.kernels.rotary_kv_write import rotary_kv_write, rotary_kv_write_ref
-from flamingo_fast.lm import apply_rotary, rotary_cos_sin
+from flamingo_fast.positions import apply_rotary, rotary_cos_sin
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,6 +1,6 @@
 """A FastFlamingo over weights that change after it was built, and what it keeps after a call: the context cache
-follows in-place updates of the shared weights (weight_watch.py), a replaced storage is a named error, and a
-dropped past_key_values handle frees its tensors (prefix_state.py keeps the staged chain by weak references)."""
+follows in-place updates of the shared weights (runtime/weight_watch.py), a replaced storage is a named error, and a
+dropped past_key_values handle frees its tensors (runtime/prefix_state.py keeps the staged chain by weak references)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from few_shot import build, few_shot_batch
 from helpers import assert_close
 
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 FP32 = torch.float32
 

@@ -19,8 +19,8 @@ from helpers import random_batch
 from safetensors.torch import save_file
 
 import flamingo_fast
-from flamingo_fast.reference import build_reference
-from flamingo_fast.weights_files import load_tensors
+from flamingo_fast.dropins.weights_files import load_tensors
+from flamingo_fast.reference.model import build_reference
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_vit_head_count_is_never_a_silent_guess(tiny_model, tmp_path):
 @pytest.mark.parametrize("width, heads", [(768, 12), (1024, 16), (1280, 16), (1664, 16), (256, 4)])
 def test_vit_head_count_follows_open_clip(width, heads):
     """ViT-B (12 x 64), ViT-L (16 x 64), ViT-H (16 x 80), ViT-bigG (16 x 104), a 256-wide ViT (4 x 64)."""
-    from flamingo_fast.openflamingo import _guess_vit_heads
+    from flamingo_fast.dropins.openflamingo_config import _guess_vit_heads
 
     assert _guess_vit_heads(width, layers=2, patch=14, image_size=224) == heads
 

@@ -39,8 +39,8 @@ from openflamingo_models import (  # noqa: E402
 )
 
 import flamingo_fast  # noqa: E402
-from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
-from flamingo_fast.sampling import SamplingOptions, select_next_token  # noqa: E402
+from flamingo_fast.generation.sampling import SamplingOptions, select_next_token  # noqa: E402
+from flamingo_fast.profiling.baselines import EvalModelCalls  # noqa: E402
 
 NEW_TOKENS = 20
 # OpenFlamingo and flamingo_fast compute the same functions in different orders (eager vs SDPA attention,
@@ -234,9 +234,9 @@ def test_the_baseline_profiles_run_as_commands_in_a_fresh_process(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])
 def test_profiler_baseline_runs_openflamingo_on_our_weights(family):
     """to_openflamingo: the reverse map; OpenFlamingoBaseline: OpenFlamingo's generate with phase laps."""
-    from flamingo_fast.baselines import OpenFlamingoBaseline, to_openflamingo
     from flamingo_fast.config import LMConfig, from_name
-    from flamingo_fast.reference import build_reference
+    from flamingo_fast.profiling.baselines import OpenFlamingoBaseline, to_openflamingo
+    from flamingo_fast.reference.model import build_reference
 
     tiny = from_name("tiny")
     extra = {"llama": {}, "mpt": dict(alibi=True, tie_word_embeddings=True, intermediate_size=256),
@@ -501,7 +501,7 @@ def test_score_matches_openflamingo_rank_classification(family):
     OpenFlamingoBaseline.score on the real model) against the drop-in's batched trie: log-likelihoods within
     1e-4 relative in float32 and the same argmax per row, plain and length-normalised, on a left-padded batch
     with candidates of 1 to 8 tokens, shared prefixes and a duplicate."""
-    from flamingo_fast.baselines import OpenFlamingoBaseline
+    from flamingo_fast.profiling.baselines import OpenFlamingoBaseline
 
     of_model = build_openflamingo(family, 2, seed=90 + len(family))
     fast = flamingo_fast.from_openflamingo(of_model, backend="torch", max_batch_size=2, max_seq_len=96,

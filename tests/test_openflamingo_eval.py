@@ -1,7 +1,7 @@
-"""OpenFlamingo's own evaluation calls on the drop-in: `EvalModel`'s model calls, in its order and with
-its arguments (flamingo_fast.baselines.EvalModelCalls, written from open_flamingo/eval/models/open_flamingo.py),
-on tiny random LLaMA, MPT and GPT-NeoX OpenFlamingo models, against the original model. Runs in
-.venv-openflamingo; skipped where open_flamingo is not installed.
+"""OpenFlamingo's own evaluation calls on the drop-in: `EvalModel`'s model calls, in its order and with its arguments
+(flamingo_fast.profiling.baselines.EvalModelCalls, written from open_flamingo/eval/models/open_flamingo.py), on tiny
+random LLaMA, MPT and GPT-NeoX OpenFlamingo models, against the original model. Runs in .venv-openflamingo; skipped
+where open_flamingo is not installed.
 
 - get_outputs (captioning and VQA: beams 3, length_penalty -2, inside inference mode): the same token ids.
 - get_rank_classifications with use_cache True and False: the log-likelihoods of OpenFlamingo's use_cache=False,
@@ -30,7 +30,7 @@ from int8_real_models import int8_bound  # noqa: E402
 from openflamingo_models import EOC, MEDIA, batch, build_openflamingo, quantized_linears  # noqa: E402
 
 import flamingo_fast  # noqa: E402
-from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
+from flamingo_fast.profiling.baselines import EvalModelCalls  # noqa: E402
 
 FAMILIES = ["llama", "mpt", "gpt_neox"]
 FP32 = torch.float32

@@ -8,9 +8,9 @@ import torch
 from helpers import random_batch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.options import RuntimeOptions
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.options import RuntimeOptions
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")
 

@@ -33,6 +33,12 @@ def test_regular_install_provides_flamingo_fast_kernels(tmp_path):
         check=True, capture_output=True, text=True, cwd=tmp_path,
     )
     assert (target / "flamingo_fast" / "kernels" / "__init__.py").is_file()
+    # Every subpackage of the source tree is installed, with all its modules.
+    source = REPO / "flamingo_fast"
+    for init in sorted(source.glob("*/__init__.py")):
+        for module in sorted(init.parent.glob("*.py")):
+            installed = target / module.relative_to(REPO)
+            assert installed.is_file(), f"{module.relative_to(REPO)} is not installed: missing from setup.py's packages"
     assert not (target / "kernels").exists(), "installed a top-level 'kernels' package that would shadow PyPI's"
     env = {**os.environ, "PYTHONPATH": str(target)}
     found = _probe(env, cwd=tmp_path)

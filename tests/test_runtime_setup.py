@@ -15,9 +15,9 @@ import torch
 from helpers import assert_close, random_batch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.quantize import Int8Linear
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.quantize import Int8Linear
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")
 
@@ -70,10 +70,10 @@ def test_dtype_conversion_keeps_tied_weights_tied():
 PEAK_PROBE = """
 import json, sys, torch
 from flamingo_fast.config import from_name
-from flamingo_fast.quantize import Int8Linear
-from flamingo_fast.profiler import PeakMemory
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
+from flamingo_fast.runtime.quantize import Int8Linear
+from flamingo_fast.profiling.profiler import PeakMemory
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 model = build_reference(from_name("small"), seed=0)
 options = dict(backend="torch", dtype=torch.bfloat16, max_batch_size=1, max_seq_len=16, max_images=1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flamingo_fast.sampling import SamplingOptions, select_next_token
+from flamingo_fast.generation.sampling import SamplingOptions, select_next_token
 
 DRAWS = 40_000  # one call: the rows are independent draws from the same logits
 

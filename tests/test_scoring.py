@@ -11,9 +11,7 @@ import torch
 from helpers import assert_close, interpreter, random_batch
 
 from flamingo_fast.config import from_name
-from flamingo_fast.reference import build_reference
-from flamingo_fast.runtime import FastFlamingo
-from flamingo_fast.scoring import (
+from flamingo_fast.generation.scoring import (
     DEFAULT_SCORE_BYTES,
     chunks,
     hypotheses_per_row,
@@ -21,6 +19,8 @@ from flamingo_fast.scoring import (
     trie_levels,
     widest_level,
 )
+from flamingo_fast.reference.model import build_reference
+from flamingo_fast.runtime.runtime import FastFlamingo
 
 TINY = from_name("tiny")
 ROWS = [([0, 5, 9], 16), ([2], 7), ([], 11)]  # 3 images, 1 image (2 padding images), text only; left-padded

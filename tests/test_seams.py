@@ -13,8 +13,14 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def _modules(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+
+
 def _trees() -> dict[str, ast.Module]:
-    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(PACKAGE.glob("*.py"))}
+    """Each module of the package by its path below flamingo_fast/, without `.py` (`runtime/prefill`)."""
+    return {path.relative_to(PACKAGE).with_suffix("").as_posix(): ast.parse(path.read_text(), str(path))
+            for path in _modules(PACKAGE)}
 
 
 def _class_privates(tree: ast.Module) -> set[str]:
@@ -32,12 +38,22 @@ def _class_privates(tree: ast.Module) -> set[str]:
     return {n for n in names if _private(n)}
 
 
+SUBPACKAGES = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+
+
 def _package_modules(tree: ast.Module) -> dict[str, str]:
-    """Local names bound to a module of the package (`from . import masking`, `import flamingo_fast.x as y`)."""
+    """Local names bound to a module of the package: `from . import masking`, `from .. import masking`,
+    `from ..runtime import prefill`, `from flamingo_fast.runtime import prefill`."""
     out = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 and node.module is None
-                                                 or node.module == "flamingo_fast"):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        module = node.module or ""
+        if node.level == 0:
+            package = module == "flamingo_fast" or module.removeprefix("flamingo_fast.") in SUBPACKAGES
+        else:
+            package = module == "" or module in SUBPACKAGES
+        if package:
             out.update({a.asname or a.name: a.name for a in node.names})
     return out
 
@@ -72,3 +88,39 @@ def test_the_check_finds_a_private_call_across_modules():
     }
     assert cross_module_private_access(trees) == ["prefix_state.py:3: runtime._check",
                                                   "prefix_state.py:4: prefill._fill"]
+
+
+# Sizes a reader can hold: a module of the package (or kernels/) at most MAX_FILE_LINES lines, a class at most
+# MAX_CLASS_LINES (from its `class` line to its last).
+MAX_FILE_LINES, MAX_CLASS_LINES = 500, 250
+KERNELS = PACKAGE.parent / "kernels"
+
+
+def oversized(sources: dict[str, str]) -> list[str]:
+    """Each file over MAX_FILE_LINES lines and each class over MAX_CLASS_LINES, with its size."""
+    found = []
+    for name, source in sources.items():
+        lines = len(source.splitlines())
+        if lines > MAX_FILE_LINES:
+            found.append(f"{name}: {lines} lines (at most {MAX_FILE_LINES})")
+        for node in ast.walk(ast.parse(source, name)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                found.append(f"{name}:{node.lineno}: class {node.name}: {node.end_lineno - node.lineno + 1} lines "
+                             f"(at most {MAX_CLASS_LINES})")
+    return found
+
+
+def test_no_file_over_500_lines_and_no_class_over_250():
+    root = PACKAGE.parent
+    sources = {str(p.relative_to(root)): p.read_text() for folder in (PACKAGE, KERNELS) for p in _modules(folder)}
+    assert any(name.startswith("kernels/") for name in sources) and "flamingo_fast/runtime/runtime.py" in sources
+    assert oversized(sources) == []
+
+
+def test_the_size_check_finds_a_long_file_and_a_long_class():
+    long_class = "class Big:\n" + "    x = 1\n" * MAX_CLASS_LINES  # MAX_CLASS_LINES + 1 lines
+    fits = "class Small:\n" + "    x = 1\n" * (MAX_CLASS_LINES - 1)
+    long_file = "x = 1\n" * (MAX_FILE_LINES + 1)
+    assert oversized({"a.py": long_class, "b.py": fits, "c.py": long_file}) == [
+        f"a.py:1: class Big: {MAX_CLASS_LINES + 1} lines (at most {MAX_CLASS_LINES})",
+        f"c.py: {MAX_FILE_LINES + 1} lines (at most {MAX_FILE_LINES})"]

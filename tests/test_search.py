@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from flamingo_fast.search import (
+from flamingo_fast.generation.search import (
     GenerationOptions,
     beam_search,
     beam_search_ref,

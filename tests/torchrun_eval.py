@@ -3,14 +3,14 @@ test_openflamingo_eval.py::test_torchrun_data_parallel_evaluation_equals_one_pro
 
     torchrun --standalone --nproc_per_node 2 tests/torchrun_eval.py      (gloo, CPU, loopback)
 
-Every rank builds the same tiny OpenFlamingo model and its drop-in, wraps the drop-in in DistributedDataParallel
-(CPU form, no device_ids: EvalModel.init_distributed), shards the query set with a DistributedSampler as
-utils.prepare_eval_samples does, and per batch makes EvalModel's calls (flamingo_fast.baselines.EvalModelCalls:
-get_outputs with beams, get_rank_classifications through the per-class loop on `DDP(...)` itself) and `score`
-through `DDP(...).module`; the predictions are gathered with all_gather_object and merged by query id, as
-evaluate.py does. Rank 0 then runs the same evaluation in one process without DDP and checks that every query's
-results agree: tokens equal, log-likelihoods within the float32 tolerance. Prints "torchrun_eval: OK".
-"""
+Every rank builds the same tiny OpenFlamingo model and its drop-in, wraps the drop-in in DistributedDataParallel (CPU
+form, no device_ids: EvalModel.init_distributed), shards the query set with a DistributedSampler as
+utils.prepare_eval_samples does, and per batch makes EvalModel's calls
+(flamingo_fast.profiling.baselines.EvalModelCalls: get_outputs with beams, get_rank_classifications through the
+per-class loop on `DDP(...)` itself) and `score` through `DDP(...).module`; the predictions are gathered with
+all_gather_object and merged by query id, as evaluate.py does. Rank 0 then runs the same evaluation in one process
+without DDP and checks that every query's results agree: tokens equal, log-likelihoods within the float32 tolerance.
+Prints "torchrun_eval: OK"."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import flamingo_fast  # noqa: E402
-from flamingo_fast.baselines import EvalModelCalls  # noqa: E402
+from flamingo_fast.profiling.baselines import EvalModelCalls  # noqa: E402
 
 QUERIES, BATCH = 5, 2  # an odd count: the sampler pads the last rank's shard with a repeated query
 CLASSES = [[11, 12], [13], [11, 14, 15]]

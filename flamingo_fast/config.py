@@ -24,6 +24,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .checks import check_int
+
 Activation = Literal["gelu", "quick_gelu"]
 LM_FAMILIES = ("llama", "mpt", "gpt_neox")
 # The model family's layout: OpenFlamingo's (open_clip ViT, OpenFlamingo's perceiver and gated blocks, the image
@@ -191,10 +193,7 @@ class FlamingoConfig:
         elif self.xattn_qk_norm or self.xattn_gate_per_channel or self.perceiver.qk_norm or self.eoc_token_id is None:
             raise ValueError("xattn_qk_norm, xattn_gate_per_channel, perceiver.qk_norm and eoc_token_id=None are "
                              "IDEFICS options; expected layout='idefics'")
-        if self.cross_attn_every_n_layers < 1:
-            raise ValueError(
-                f"cross_attn_every_n_layers={self.cross_attn_every_n_layers}: expected an integer >= 1"
-            )
+        check_int("cross_attn_every_n_layers", self.cross_attn_every_n_layers, 1)
         if self.lm.hidden_size % self.lm.num_heads or self.lm.num_heads % self.lm.num_kv_heads:
             raise ValueError(
                 f"lm.hidden_size={self.lm.hidden_size}, num_heads={self.lm.num_heads}, "

@@ -9,20 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import masking
+from .checks import check_int
 from .config import FlamingoConfig
-
-
-def is_int(value) -> bool:
-    """A Python int that is not a bool (True is an int to isinstance, never a count here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_int(name: str, value, minimum: int, note: str = "") -> int:
-    """`value` if it is an integer >= minimum (not a bool), else a ValueError naming `name`, the value and what was
-    expected (`note`: appended to the expectation, e.g. " (0 disables it)")."""
-    if not is_int(value) or value < minimum:
-        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}{note}")
-    return value
 
 
 def check_inputs(config: FlamingoConfig, vision_x: torch.Tensor | None, lang_x: torch.Tensor,

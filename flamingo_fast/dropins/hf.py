@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..checks import is_int
 from ..generation.search import as_token_id, generation_options, stop_token_ids
-from ..validation import is_int
 
 # The options of Hugging Face's generate the drop-ins implement, with Hugging Face's defaults (max_new_tokens and
 # max_length: None, the length is then hf_new_tokens' rule).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..validation import check_int
+from ..checks import check_int
 
 
 @dataclass(frozen=True)

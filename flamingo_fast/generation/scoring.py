@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import is_int
 from ..config import FlamingoConfig
 from ..timing import ProgressBar
-from ..validation import is_int
 from .search import Decoder
 
 # FastFlamingo(score_bytes=...)'s default: the memory one scoring pass may hold (hypothesis_bytes each). 512 MiB is

@@ -44,7 +44,7 @@ from typing import Protocol
 
 import torch
 
-from ..validation import check_int, is_int
+from ..checks import check_int, is_int
 from .sampling import SamplingOptions, select_next_token
 
 EARLY_STOPPING = (False, True, "never")

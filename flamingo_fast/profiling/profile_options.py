@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from ..checks import check_int, is_int
 from ..config import PRESETS, FlamingoConfig, from_name
-from ..validation import check_int, is_int
 from .prompts import prompt_length
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..config import FlamingoConfig
 from ..generation.scoring import DEFAULT_SCORE_BYTES
-from ..validation import check_int
 from .decode import resolve_decode_paths
 from .layers import BACKENDS, check_backend
 

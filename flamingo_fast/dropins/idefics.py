@@ -162,7 +162,7 @@ def reference_state_dict(model: nn.Module, config: FlamingoConfig) -> dict[str, 
 
 class IdeficsRuntime(DropInModule):
     """A FastFlamingo (or the reference, engine="reference") behind IdeficsForVisionText2Text's call, as a
-    `torch.nn.Module` over the live model's own tensors (dropin.py: `.to`, `.eval`, `state_dict`, DDP). Every call
+    `torch.nn.Module` over the live model's own tensors (module.py: `.to`, `.eval`, `state_dict`, DDP). Every call
     computes in the runtime's construction dtype, whatever autocast region it is in, and is safe in and out of
     `torch.inference_mode()` (modes.py).
 

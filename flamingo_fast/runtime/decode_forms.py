@@ -42,7 +42,7 @@ class StepTensors:
     parts: dict
 
 
-def _step(state, inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool, **parts) -> StepTensors:
+def _step(inputs: DecodeInputs, kv_len: int, per_row: int, tails: bool, **parts) -> StepTensors:
     hypotheses = inputs.token.shape[0]
     return StepTensors(hypotheses, hypotheses // per_row, per_row, tails, kv_len, inputs, parts)
 
@@ -77,12 +77,12 @@ class KernelAttention:
         kv_end = inputs.kv_column + 1  # (columns past it may be stale within a graph's length bucket)
         if not tails:  # each row's valid columns are [kv_start, kv_column]: left padding only
             kv_start = kv_end - (state.kv.key_valid[:rows, :kv_len] & (columns < kv_end)).sum(dim=1)
-            return _step(state, inputs, kv_len, per_row, tails, kv_start=kv_start, kv_end=kv_end)
+            return _step(inputs, kv_len, per_row, tails, kv_start=kv_start, kv_end=kv_end)
         # the prompt's valid columns [kv_start, prompt_columns); the tail's [0, kv_column]
         prompt_valid = state.kv.key_valid[:rows, :kv_len] & (columns < inputs.prompt_columns)
         kv_start = inputs.prompt_columns - prompt_valid.sum(dim=1)
         prompt_query = inputs.prompt_columns + inputs.kv_column  # ALiBi: the query's column in its sequence
-        return _step(state, inputs, kv_len, per_row, tails, kv_start=kv_start, kv_end=kv_end,
+        return _step(inputs, kv_len, per_row, tails, kv_start=kv_start, kv_end=kv_end,
                      prompt_query=prompt_query)
 
     def attend(self, state, step: StepTensors, idx: int, q: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class MaskedAttention:
             if lm.alibi:  # slope * (key column - query column), the token's own column being kv_column
                 bias = alibi[:, None] * (columns - inputs.kv_column).to(torch.float32)
                 mask = bias.to(dtype)[None, :, None, :].masked_fill(~mask, float("-inf"))  # [1, H, 1, kv_len]
-            return _step(state, inputs, kv_len, per_row, tails, mask=mask)
+            return _step(inputs, kv_len, per_row, tails, mask=mask)
         tail = state.tail
         groups = lm.num_heads // lm.num_kv_heads
         tail_columns = torch.arange(tail.max_tail_len, device=device)
@@ -137,7 +137,7 @@ class MaskedAttention:
             prompt_bias = prompt_bias + (slopes * (columns - query)).expand(
                 -1, per_row, -1, -1).reshape(lm.num_kv_heads, per_row * groups, kv_len)
             tail_bias = tail_bias + slopes[:, 0] * (tail_columns - inputs.kv_column)  # [Hkv, G, T]
-        return _step(state, inputs, kv_len, per_row, tails, prompt_bias=prompt_bias, tail_bias=tail_bias)
+        return _step(inputs, kv_len, per_row, tails, prompt_bias=prompt_bias, tail_bias=tail_bias)
 
     def attend(self, state, step: StepTensors, idx: int, q: torch.Tensor) -> torch.Tensor:
         """q [H, Hq, hd] -> [H, Hq, 1, hd]."""

@@ -18,6 +18,33 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rotary_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[head_dim / 2] float32 inverse frequencies of the default rotary: theta^(-2i / head_dim)."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_positions: int) -> torch.Tensor:
+    """Llama 3.1's `rope_type: llama3` rescaling of rotary inverse frequencies (float32, as transformers computes
+    it): wavelengths 2 pi / f longer than original_max_positions / low_freq_factor are slowed by `factor`, those
+    shorter than original_max_positions / high_freq_factor kept, and those between interpolated linearly in
+    original_max_positions / wavelength between the two."""
+    wavelength = 2 * math.pi / inv_freq
+    long = wavelength > original_max_positions / low_freq_factor
+    short = wavelength < original_max_positions / high_freq_factor
+    slowed = torch.where(long, inv_freq / factor, inv_freq)
+    ramp = (original_max_positions / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    between = (1 - ramp) * slowed / factor + ramp * slowed
+    return torch.where(~short & ~long, between, slowed)
+
+
+def rotary_cos_sin_from_inv_freq(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """positions [B, T] -> cos, sin [B, 1, T, 2 * len(inv_freq)] (rotary_cos_sin for any inverse frequencies)."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of each head (all of them for LLaMA); the rest pass through."""
     rotary = cos.shape[-1]

@@ -6,6 +6,8 @@ what tests/ and bench/ both need, kept here so that neither imports the other.
   one), seeded, in eval mode; with more decoupled vocabulary rows than the config declares where asked (as the
   instruct checkpoints have). Try the IDEFICS drop-in offline: `flamingo_fast.from_idefics(build_idefics_from_config(
   transformers.IdeficsConfig(...)))`.
+- `build_mllama_from_config`: transformers' real MllamaForConditionalGeneration (Llama 3.2 Vision) from a config, every
+  parameter random by the same roles (its tanh gates of both signs, far from 0), seeded, in eval mode.
 - `expected_image_index`: the image each token sees under IDEFICS' rule, from the token ids alone (written out
   independently of IdeficsProcessor, against which the tests check it).
 
@@ -15,18 +17,19 @@ Needs transformers only when a model is built (imported inside the function).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
 
 def _randomize(model: nn.Module, generator: torch.Generator, head_scale: float) -> None:
-    """Every parameter random, by role: norm weights around 1 (+-30%), biases small, alphas of both signs and
-    |alpha| in [0.3, 1.3] (tanh of which is far from 0: the gates really open), matrices ~ 1/sqrt(fan_in),
+    """Every parameter random, by role: norm weights around 1 (+-30%), biases small, alphas and tanh gates of both
+    signs and |alpha| in [0.3, 1.3] (tanh of which is far from 0: the gates really open), matrices ~ 1/sqrt(fan_in),
     embeddings, latents and position tables ~ N(0, 1), the output head ~ head_scale/sqrt(D)."""
     for name, p in model.named_parameters():
         with torch.no_grad():
-            if "alpha" in name:
+            if "alpha" in name or re.search(r"(^|[._])gate(_attn|_ffn)?$", name):  # IDEFICS alphas, Mllama gates
                 sign = torch.where(torch.rand(p.shape, generator=generator) < 0.5, -1.0, 1.0)
                 p.copy_(sign * (0.3 + torch.rand(p.shape, generator=generator)))
             elif name.endswith(".bias"):
@@ -64,6 +67,18 @@ def build_idefics_from_config(config, seed: int = 0, head_scale: float = 3.0, ad
         D = config.hidden_size
         model.model.embed_tokens.additional_embedding = torch.nn.Embedding(rows, D)
         model.lm_head.additional_fc = torch.nn.Linear(D, rows, bias=False)
+    _randomize(model, torch.Generator().manual_seed(seed), head_scale)
+    model.requires_grad_(False)
+    return model.to(dtype).eval()
+
+
+def build_mllama_from_config(config, seed: int = 0, head_scale: float = 3.0,
+                             dtype: torch.dtype = torch.float32) -> nn.Module:
+    """transformers' MllamaForConditionalGeneration(config), every parameter random (seeded), eval mode, `dtype`."""
+    from transformers import MllamaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config)
     _randomize(model, torch.Generator().manual_seed(seed), head_scale)
     model.requires_grad_(False)
     return model.to(dtype).eval()

@@ -42,7 +42,7 @@ from ..masking import positions_from_mask
 from ..positions import llama3_inv_freq, rotary_cos_sin_from_inv_freq, rotary_inv_freq, self_attention_mask
 from .lm import LlamaDecoderLayer, LlamaMLP, RMSNorm
 from .mllama_config import MllamaConfig, MllamaTextConfig, mllama_config_from_hf
-from .mllama_vision import MllamaVisionModel
+from .mllama_vision import MllamaVisionModel, empty_embedding
 
 # Hugging Face's two checkpoint layouts -> ours, by prefix (first match wins).
 KEY_MAPS = {
@@ -196,7 +196,7 @@ class MllamaTextModel(nn.Module):
         super().__init__()
         self.config = config
         lm = _lm_config(config)
-        self.embed_tokens = nn.Embedding(config.embedding_rows, config.hidden_size)
+        self.embed_tokens = empty_embedding(config.embedding_rows, config.hidden_size)
         self.layers = nn.ModuleList(
             MllamaCrossAttentionLayer(config, lm) if i in config.cross_attention_layers else LlamaDecoderLayer(lm, i)
             for i in range(config.num_layers))
@@ -213,9 +213,9 @@ class MllamaTextModel(nn.Module):
 
 
 class MllamaReference(nn.Module):
-    """Llama 3.2 Vision, eager, in the dtype of its parameters. Build it from a config (random-free: zeros and
-    ones, to be loaded), from a live transformers model (`from_hf`: the same tensors) or from Hugging Face state
-    dicts of either layout (`from_state`)."""
+    """Llama 3.2 Vision, eager, in the dtype of its parameters. Build it from a live transformers model
+    (`from_hf`: the same tensors) or from Hugging Face state dicts of either layout (`from_state`); built from a
+    config alone its parameters are to be loaded (the embedding tables are left uninitialised)."""
 
     def __init__(self, config: MllamaConfig):
         super().__init__()

@@ -3,7 +3,7 @@ from a transformers `MllamaConfig.to_dict()` as 4.57 and 5.x write it, or built 
 
 Presets (`MLLAMA_PRESETS`, `mllama_from_name`):
     mllama-tiny    tests: 28 px tiles of 14 px patches (4 patches + the class token, padded to 8), a 64-wide LM.
-    mllama-small   CPU profiling: 84 px tiles (36 patches + class = 37, padded to 40 tokens a tile), a ViT 256 wide
+    mllama-small   CPU profiling: 84 px tiles (36 patches + class = 37, padded to 40 tokens a tile), a ViT 128 wide
                    (6 local + 2 global layers), an LM 512 wide with 10 layers, cross-attention at 3 and 8.
     mllama-11b     the shapes of Llama 3.2 11B Vision (Llama 3.1 8B + 8 cross-attention layers, 560 px tiles).
     mllama-90b     Llama 3.2 90B Vision (Llama 3.1 70B + 20 cross-attention layers, the same vision tower).
@@ -239,10 +239,10 @@ def _tiny() -> MllamaConfig:
 
 
 def _small() -> MllamaConfig:
-    vision = MllamaVisionConfig(image_size=84, patch_size=14, max_num_tiles=4, hidden_size=256, num_layers=6,
-                                num_global_layers=2, num_heads=4, intermediate_size=1024, intermediate_layers=(1, 3, 5))
+    vision = MllamaVisionConfig(image_size=84, patch_size=14, max_num_tiles=4, hidden_size=128, num_layers=6,
+                                num_global_layers=2, num_heads=4, intermediate_size=512, intermediate_layers=(1, 3, 5))
     text = MllamaTextConfig(vocab_size=32000, hidden_size=512, num_layers=10, num_heads=8, num_kv_heads=2,
-                            intermediate_size=1536, cross_attention_layers=(3, 8), max_position_embeddings=4096)
+                            intermediate_size=1024, cross_attention_layers=(3, 8), max_position_embeddings=4096)
     return MllamaConfig(vision=vision, text=text, image_token_id=32000, bos_token_id=1, eos_token_id=2,
                         pad_token_id=0)
 

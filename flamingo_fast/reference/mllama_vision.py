@@ -26,6 +26,12 @@ from torch import nn
 from .mllama_config import MllamaVisionConfig
 
 
+def empty_embedding(rows: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding left uninitialised (its values are loaded): skips the normal_ fill, which on the meta device
+    goes through torch's slow reference path the first time (seconds)."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class MllamaVisionAttention(nn.Module):
     def __init__(self, config: MllamaVisionConfig):
         super().__init__()
@@ -101,7 +107,7 @@ class TilingEmbedding(nn.Module):
     def __init__(self, config: MllamaVisionConfig):
         super().__init__()
         self.tiles, self.dim = config.max_num_tiles, config.hidden_size
-        self.embedding = nn.Embedding(config.max_aspect_ratio_id + 1, config.max_num_tiles * config.hidden_size)
+        self.embedding = empty_embedding(config.max_aspect_ratio_id + 1, config.max_num_tiles * config.hidden_size)
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
@@ -117,7 +123,7 @@ class GatedPositionalEmbedding(nn.Module):
         self.tiles, self.tokens, self.dim = config.max_num_tiles, config.num_patches, config.hidden_size
         self.gate = nn.Parameter(torch.zeros(1))
         self.embedding = nn.Parameter(torch.zeros(self.tokens, self.dim))
-        self.tile_embedding = nn.Embedding(config.max_aspect_ratio_id + 1, self.tiles * self.tokens * self.dim)
+        self.tile_embedding = empty_embedding(config.max_aspect_ratio_id + 1, self.tiles * self.tokens * self.dim)
 
     def forward(self, x: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
         g = self.gate.tanh()

@@ -77,6 +77,35 @@ def test_logits_equal_transformers(name, prompts):
     assert_logits_match(ours, hf_logits(hf_model(name), inputs), inputs["attention_mask"])
 
 
+def test_position_ids_as_transformers_takes_them():
+    name = "gqa-llama3-4tiles"
+    inputs = batch(prompt_batches(4)["mixed"], 4)
+    t = inputs["input_ids"].shape[1]
+    inputs["position_ids"] = torch.arange(3, 3 + t)[None].expand(4, t)
+    with torch.no_grad():
+        ours = reference(name)(**inputs)
+    assert_logits_match(ours, hf_logits(hf_model(name), inputs), inputs["attention_mask"])
+
+
+def test_images_without_cross_attention_mask_are_refused():
+    """transformers' result then depends on its attention implementation: SDPA (the default) applies a causal mask
+    between text positions and vision-token indices (its is_causal rule for a missing mask), eager attends to every
+    vision token. The reference names the argument instead of picking one."""
+    name = "gqa-llama3-4tiles"
+    model = hf_model(name)
+    inputs = batch(prompt_batches(4)["single"], 4)
+    inputs.pop("cross_attention_mask")
+    sdpa = hf_logits(model, inputs)
+    model.config._attn_implementation = "eager"
+    try:
+        eager = hf_logits(model, inputs)
+    finally:
+        model.config._attn_implementation = "sdpa"
+    assert not torch.allclose(sdpa, eager, atol=1e-3)
+    with pytest.raises(ValueError, match="cross_attention_mask"):
+        reference(name)(**inputs)
+
+
 def test_parameters_are_the_live_models_tensors():
     model, ref = hf_model("gqa-llama3-4tiles"), reference("gqa-llama3-4tiles")
     theirs = {t.data_ptr() for t in model.state_dict().values()}

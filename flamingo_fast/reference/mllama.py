@@ -21,8 +21,9 @@ transformers 4.57 and 5.x do, the mask row is lifted (it attends to EVERY vision
 padded image slots included, with the attention gate applied) and only the MLP branch is zeroed. Meta's own
 llama-models code (models/llama3/multimodal/model.py, CrossAttention.forward) also multiplies the attention output
 by that row mask, so there such a row gets nothing from the cross-attention layer but its residual. A batch without
-`pixel_values` skips the cross-attention layers entirely (both releases); `cross_attention_mask=None` with images
-attends to every vision token and zeroes nothing.
+`pixel_values` skips the cross-attention layers entirely (both releases). Images without `cross_attention_mask` are
+refused: transformers' result then depends on its attention implementation (SDPA's causal rule for a missing mask
+masks vision tokens by index; eager attends to all).
 
 Positions: from the attention mask (0 at each row's first real token), as transformers' generate computes them;
 transformers' forward uses 0..T-1 for every row, which gives the same logits at real tokens (rotary attention
@@ -164,22 +165,18 @@ class MllamaCrossAttentionLayer(nn.Module):
     def ff_body(self, normed: torch.Tensor) -> torch.Tensor:
         return self.mlp(normed)
 
-    def forward(self, x: torch.Tensor, states: torch.Tensor, allowed: torch.Tensor | None,
-                row_sees: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, D]; states [B, S, D]; allowed [B, 1, T, S] bool (None: every key); row_sees [B, T] bool (None:
-        every row) -> [B, T, D]. Rows with no allowed key attend to every key (transformers)."""
+    def forward(self, x: torch.Tensor, states: torch.Tensor, allowed: torch.Tensor,
+                row_sees: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D]; states [B, S, D]; allowed [B, 1, T, S] bool; row_sees [B, T] bool -> [B, T, D]. Rows with
+        no allowed key attend to every key, only their MLP branch is zeroed (transformers)."""
         b, t, _ = x.shape
         q = self.queries(self.input_layernorm(x)).transpose(1, 2)
         k, v = self.media_kv(states)
         groups = self.heads // self.kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if allowed is not None:
-            allowed = allowed | ~row_sees[:, None, :, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~row_sees[:, None, :, None])
         x = x + self.cross_attn_attn_gate.tanh() * self.attn_out(out.transpose(1, 2).reshape(b, t, -1))
-        ff = self.mlp(self.post_attention_layernorm(x))
-        if row_sees is not None:
-            ff = ff * row_sees[..., None].to(ff.dtype)
+        ff = self.mlp(self.post_attention_layernorm(x)) * row_sees[..., None].to(x.dtype)
         return x + self.cross_attn_mlp_gate.tanh() * ff
 
 
@@ -270,17 +267,20 @@ class MllamaReference(nn.Module):
         positions = positions_from_mask(attention_mask) if position_ids is None else position_ids.expand(b, t)
         rope = rotary_cos_sin_from_inv_freq(positions, lm.inv_freq(x.device), x.dtype)
         causal = self_attention_mask(attention_mask, t)
-        states = allowed = row_sees = None
+        states = allowed = row_sees = None  # without images transformers skips the cross-attention layers
         if pixel_values is not None:
             if aspect_ratio_ids is None or aspect_ratio_mask is None:
                 raise ValueError("pixel_values given without aspect_ratio_ids or aspect_ratio_mask; expected all three "
                                  "(the processor's outputs)")
+            if cross_attention_mask is None:
+                raise ValueError("pixel_values given without cross_attention_mask; expected the processor's mask "
+                                 "(without it transformers' result depends on its attention implementation: SDPA "
+                                 "masks vision tokens causally by index, eager attends to all)")
             states = self.vision_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask).to(x.dtype)
-            if cross_attention_mask is not None:
-                allowed, row_sees = self.key_mask(cross_attention_mask[:, :t])
+            allowed, row_sees = self.key_mask(cross_attention_mask[:, :t])
         for layer in lm.layers:
             if isinstance(layer, MllamaCrossAttentionLayer):
-                if states is not None:  # without images transformers skips these layers
+                if states is not None:
                     x = layer(x, states, allowed, row_sees)
             else:
                 x = layer(x, rope, causal, None)

@@ -14,7 +14,7 @@ import functools
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, assert_within_torch_error
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (make test-openflamingo)")
 pytestmark = pytest.mark.comparison
@@ -104,6 +104,22 @@ def test_images_without_cross_attention_mask_are_refused():
     assert not torch.allclose(sdpa, eager, atol=1e-3)
     with pytest.raises(ValueError, match="cross_attention_mask"):
         reference(name)(**inputs)
+
+
+def test_bf16_within_twice_transformers_own_error():
+    """The reference over a bf16 model: its error against the float64 model is at most twice transformers' own at
+    bf16 (the tolerance table's rule)."""
+    name = "gqa-llama3-4tiles"
+    inputs = batch(prompt_batches(4)["mixed"], 4)
+    real = inputs["attention_mask"].bool()
+    model = build_mllama(name, seed=len(name))
+    with torch.no_grad():
+        exact = model.to(torch.float64)(**inputs).logits[real]
+        model.to(torch.bfloat16)
+        theirs = model(**inputs).logits[real]
+        ours = MllamaReference.from_hf(model)(**inputs)[real]
+    assert ours.dtype == torch.bfloat16
+    assert_within_torch_error(ours, exact, theirs, torch.bfloat16)
 
 
 def test_parameters_are_the_live_models_tensors():

@@ -45,13 +45,31 @@ from flamingo_fast.kernels._common import (
 
 ALL_TILES = -1  # a tile_start that means "every tile of the row, invalid ones included"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_TILE_ROWS = 2**22  # key rows per row of k (`tile_of` is exact below it): 650 images of 4 tiles of 1608 rows
 _INT_DTYPES = (torch.int32,)
+
+
+@triton.jit
+def tile_of(cols, tile_stride, inv_stride):
+    """cols // tile_stride for int32 `cols` in [0, MAX_TILE_ROWS), `inv_stride` = fp32(1 / tile_stride), without
+    an integer division (a div.s32 by a runtime value is ~20 instructions per element, and the kernels take one
+    per key of every block). The truncated fp32 product is never above the quotient there (for c = k*s - 1 it
+    is at most k - 0.5/s: both roundings together move it by less than k * 2**-23 < 0.5/s), and at most one
+    below it (c = k*s gives k - 1 for 355 of the strides 1-3000, e.g. 41): one compare corrects it."""
+    t = (cols.to(tl.float32) * inv_stride).to(tl.int32)
+    return tl.where(cols >= (t + 1) * tile_stride, t + 1, t)
+
+
+def inverse_stride(tile_stride: int) -> float:
+    """The fp32 value of 1 / tile_stride, as a Python float: what the kernels multiply by on a GPU, and what the
+    interpreter (which computes with float64 scalars) must be given to round the same way."""
+    return float(torch.tensor(1.0 / tile_stride, dtype=torch.float32))
 
 
 @triton.jit
 def _segment_cross_attention_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, end_ptr, valid_ptr, out_ptr,
-    T, n_tiles, tile_len, tile_stride, qk_scale_log2,
+    T, n_tiles, tile_len, tile_stride, inv_stride, qk_scale_log2,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -136,7 +154,7 @@ def _segment_cross_attention_kernel(
         stop = tl.where(needed, tile0 + tile_len, begin)  # a tile that is not needed: no iteration
         for n0 in range(begin, stop, BLOCK_N):
             cols = n0 + offs_n
-            key_tile = cols // tile_stride
+            key_tile = tile_of(cols, tile_stride, inv_stride)
             key_in = (cols - key_tile * tile_stride < tile_len) & (key_tile < hi)
             key_valid_i = tl.load(valid_base + key_tile * stride_wj, mask=key_in, other=0).to(tl.int32)
             key_valid = key_valid_i > 0
@@ -178,6 +196,9 @@ def check_tiles(tile_valid, tile_len, tile_stride, keys: int, rows: int, device)
     if isinstance(tile_stride, bool) or not isinstance(tile_stride, int) or tile_stride < tile_len:
         raise ValueError(f"tile_stride: got {tile_stride!r}, expected None or an int >= tile_len={tile_len}")
     n_tiles = tile_valid.shape[1]
+    if n_tiles * tile_stride > MAX_TILE_ROWS:
+        raise ValueError(f"tile_valid: {n_tiles} tiles every {tile_stride} rows, expected at most {MAX_TILE_ROWS} key "
+                         "rows per row of k (the kernels find a key's tile with fp32 arithmetic, exact below that)")
     needed = (n_tiles - 1) * tile_stride + tile_len if n_tiles else 0
     if keys < needed:
         raise ValueError(f"k: {keys} keys per row, expected at least {needed} ({n_tiles} tiles of {tile_len} keys "
@@ -255,7 +276,7 @@ def segment_cross_attention(
     grid = (triton.cdiv(T, block_m // groups), H // groups, B)
     _segment_cross_attention_kernel[grid](
         q, k, v, tile_start, tile_end, valid, out,
-        T, n_tiles, tile_len, tile_stride, scale * math.log2(math.e),
+        T, n_tiles, tile_len, tile_stride, inverse_stride(tile_stride), scale * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), *tile_start.stride(), *tile_end.stride(), *valid.stride(),
         *out.stride(),
         HEAD_DIM=d, GROUP=groups, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -266,9 +287,17 @@ def segment_cross_attention(
 
 
 def launch_params(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M query rows = tokens x GROUP heads, BLOCK_N keys, num_warps, num_stages): the attention kernels'
-    tiles (`attention_launch_params`), checked at d 128 by bench/compile_report.py."""
-    return attention_launch_params(dtype, head_dim)
+    """(BLOCK_M query rows = tokens x GROUP heads, BLOCK_N keys, num_warps, num_stages).
+
+    The attention kernels' tiles (`attention_launch_params`: 64 x 64 for fp16/bf16) with more warps where this
+    kernel's per-row range state pushed them over (bench/compile_report.py, triton 3.9, Mllama-11B's d 128,
+    G 4): bf16 64 x 64 with 4 warps spills 8 B on sm_90 (255 registers), 8 warps fit (249-251, no spills,
+    HGMMA kept); fp32 16 x 64 spills 304 B on sm_80, 16 x 32 with 4 warps 8 B on sm_90, 16 x 32 with 8 warps
+    fits both (70-80 registers)."""
+    if dtype == torch.float32:
+        return 16, 32, 8, 2
+    block_m, block_n, num_warps, num_stages = attention_launch_params(dtype, head_dim)
+    return block_m, block_n, (8 if head_dim > 64 else num_warps), num_stages
 
 
 def segment_cross_attention_ref(

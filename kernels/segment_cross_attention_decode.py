@@ -41,20 +41,22 @@ from flamingo_fast.kernels._common import (
     tl_dtype,
     to_output,
 )
-from flamingo_fast.kernels.segment_cross_attention import check_tiles, clamp_tile_ranges
+from flamingo_fast.kernels.segment_cross_attention import check_tiles, clamp_tile_ranges, inverse_stride, tile_of
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Keys per split: 4 blocks of 64. A 4-tile 560-px image (6,404 keys) gives 26 splits, so 8 KV heads fill 208
 # programs at batch 1 (H100/H200: 132 SMs); the fp32 partials a split writes (G x d x 4 B = 2 KiB at G 4, d
 # 128) are 1.6% of the 128 KiB of K/V it reads.
 SPLIT_KEYS = 256
+# Software-pipeline depth: triton's default 3 spills 16 B on sm_80 (bf16, d 128, one split); 2 fits (128 registers).
+NUM_STAGES = 2
 COMBINE_WARPS = 1  # the combine holds one [d] float32 vector per program
 
 
 @triton.jit
 def _segment_cross_attention_decode_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, end_ptr, valid_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    n_tiles, tile_len, tile_stride, split_keys, num_splits, queries_per_row, qk_scale_log2,
+    n_tiles, tile_len, tile_stride, inv_stride, split_keys, num_splits, queries_per_row, qk_scale_log2,
     stride_qn, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -121,7 +123,7 @@ def _segment_cross_attention_decode_kernel(
         stop = tl.where(needed, tl.minimum(tile0 + tile_len, key_hi), begin)
         for n0 in range(begin, stop, BLOCK_N):
             cols = n0 + offs_n
-            key_tile = cols // tile_stride
+            key_tile = tile_of(cols, tile_stride, inv_stride)
             key_in = (cols - key_tile * tile_stride < tile_len) & (cols < key_hi)
             key_valid = tl.load(valid_base + key_tile * stride_wj, mask=key_in, other=0).to(tl.int32)
             key_load = key_in & (tl.maximum(key_valid, every_i) > 0)  # a vector compare: the interpreter
@@ -266,11 +268,12 @@ def segment_cross_attention_decode(
     valid = tile_valid.view(torch.uint8)
     _segment_cross_attention_decode_kernel[(rows, Hkv * m_blocks, splits)](
         q, k, v, tile_start, tile_end, valid, out, part_out, part_lse,
-        n_tiles, tile_len, tile_stride, chunk, splits, queries_per_row, scale * math.log2(math.e),
+        n_tiles, tile_len, tile_stride, inverse_stride(tile_stride), chunk, splits, queries_per_row,
+        scale * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), tile_start.stride(0), tile_end.stride(0), *valid.stride(),
         *out.stride(),
         HEAD_DIM=d, GROUP=groups, BLOCK_M=block_m, BLOCK_N=block_n, M_BLOCKS=m_blocks, SPLIT=splits > 1,
-        DOT_DTYPE=dot_dtype(q.dtype), OUT_DTYPE=tl_dtype(q.dtype), num_warps=num_warps,
+        DOT_DTYPE=dot_dtype(q.dtype), OUT_DTYPE=tl_dtype(q.dtype), num_warps=num_warps, num_stages=NUM_STAGES,
     )
     if splits > 1:
         _segment_decode_combine_kernel[(N, H)](

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import Padded, assert_close, assert_within_torch_error, interpreter, nan_out
 from segment_cases import (
     batch_masks,
@@ -20,8 +22,11 @@ from segment_cases import (
 
 from flamingo_fast.kernels.segment_cross_attention import (
     ALL_TILES,
+    MAX_TILE_ROWS,
+    inverse_stride,
     segment_cross_attention,
     segment_cross_attention_ref,
+    tile_of,
     tile_ranges_from_mask,
 )
 
@@ -125,6 +130,28 @@ def test_no_tiles_at_all():
               torch.zeros(1, 0, dtype=torch.bool))
     for fn in (segment_cross_attention, segment_cross_attention_ref):
         assert torch.equal(fn(q, k, v, *ranges, tile_len=5), torch.zeros_like(q))
+
+
+@triton.jit
+def _tile_of_kernel(cols_ptr, out_ptr, n, tile_stride, inv_stride, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.load(cols_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + offs, tile_of(cols, tile_stride, inv_stride), mask=offs < n)
+
+
+@interpreter
+def test_tile_of_is_integer_division_below_the_limit():
+    """The kernels' division-free key -> tile map equals //, at tile edges and at random keys, for strides from 1
+    to past a million, up to MAX_TILE_ROWS (fp32 1/stride, as a GPU multiplies)."""
+    g = torch.Generator().manual_seed(7)
+    for stride in (1, 3, 12, 16, 41, 61, 70, 1601, 1608, 6404, 2**20 + 3):  # 41, 61: the estimate is 1 low
+        edges = torch.arange(0, MAX_TILE_ROWS, stride)[-2000:]
+        cols = torch.cat([edges, edges - 1, edges + 1, torch.randint(0, MAX_TILE_ROWS, (2000,), generator=g)])
+        cols = cols.clamp(0, MAX_TILE_ROWS - 1).to(torch.int32)
+        out = torch.empty_like(cols)
+        _tile_of_kernel[(triton.cdiv(cols.numel(), 8192),)](cols, out, cols.numel(), stride, inverse_stride(stride),
+                                                            BLOCK=8192)
+        assert torch.equal(out, cols // stride), f"stride {stride}"
 
 
 def test_twin_larger_rows():

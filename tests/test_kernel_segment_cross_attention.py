@@ -5,6 +5,8 @@ have hold NaN wherever no token attends them: reading one turns the output into 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import triton
@@ -20,6 +22,7 @@ from segment_cases import (
     transformers_key_mask,
 )
 
+from flamingo_fast.kernels import segment_cross_attention_decode as decode
 from flamingo_fast.kernels.segment_cross_attention import (
     ALL_TILES,
     MAX_TILE_ROWS,
@@ -29,6 +32,7 @@ from flamingo_fast.kernels.segment_cross_attention import (
     tile_of,
     tile_ranges_from_mask,
 )
+from flamingo_fast.runtime.layers import kernel_ops
 
 DTYPES = [torch.float32, torch.bfloat16]
 MAX_TILES = 4
@@ -201,3 +205,12 @@ def test_bad_inputs_raise_naming_the_argument(fn, case):
     change(args)
     with pytest.raises(ValueError, match=rf"^{name}:"):
         fn(**args)
+
+
+def test_backends_dispatch_the_kernel_or_its_twin_under_one_signature():
+    pairs = {"segment_cross_attention": (segment_cross_attention, segment_cross_attention_ref),
+             "segment_cross_attention_decode": (decode.segment_cross_attention_decode,
+                                                decode.segment_cross_attention_decode_ref)}
+    for name, (launcher, twin) in pairs.items():
+        assert inspect.signature(launcher) == inspect.signature(twin), name
+        assert getattr(kernel_ops("triton"), name) is launcher and getattr(kernel_ops("torch"), name) is twin

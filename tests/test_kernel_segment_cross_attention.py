@@ -48,7 +48,7 @@ ROWS = [
 ]
 
 
-def make_case(layouts, *, H=4, Hkv=2, d=16, tile_len=12, tile_stride=16, dtype=torch.float32, seed=0):
+def make_case(layouts, *, H=4, Hkv=2, d=16, tile_len=12, dtype=torch.float32, seed=0, device="cpu"):
     """-> (q, compact k, v [B, Hkv, n_tiles * tile_len, d] with NaN where no token looks, cross_attention_mask)."""
     g = torch.Generator().manual_seed(seed)
     mask = batch_masks(layouts, MAX_TILES)
@@ -58,7 +58,7 @@ def make_case(layouts, *, H=4, Hkv=2, d=16, tile_len=12, tile_stride=16, dtype=t
     k = torch.randn(B, Hkv, keys, d, generator=g).to(dtype)
     v = torch.randn(B, Hkv, keys, d, generator=g).to(dtype)
     poison_unread_tiles(k, v, transformers_key_mask(mask, tile_len))
-    return q, k, v, mask
+    return q.to(device), k.to(device), v.to(device), mask.to(device)
 
 
 def check(q, k, v, key_mask, ranges, *, tile_len, tile_stride, scale=None):
@@ -162,7 +162,7 @@ def test_twin_larger_rows():
     """The twin is the CPU runtime's path: longer rows, 8 images, GQA 8/2."""
     layouts = [[5, "I4", 30, "I1", "I2", 40, "I4", 20, "I3", "I3", "I1", 30, "I2", 62],
                [195], ["I4", 194]]
-    q, k, v, mask = make_case(layouts, H=8, Hkv=2, d=32, tile_len=20, tile_stride=20, seed=3)
+    q, k, v, mask = make_case(layouts, H=8, Hkv=2, d=32, tile_len=20, seed=3)
     start, end, valid = tile_ranges_from_mask(mask)
     key_mask = transformers_key_mask(mask, 20)
     out = segment_cross_attention_ref(q, k.nan_to_num(0.0), v.nan_to_num(0.0), start, end, valid, tile_len=20)
@@ -214,3 +214,14 @@ def test_backends_dispatch_the_kernel_or_its_twin_under_one_signature():
     for name, (launcher, twin) in pairs.items():
         assert inspect.signature(launcher) == inspect.signature(twin), name
         assert getattr(kernel_ops("triton"), name) is launcher and getattr(kernel_ops("torch"), name) is twin
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.cuda
+def test_gpu_llama_3_2_vision_11b_sizes_bf16():
+    """32 query heads on 8 KV heads of 128, tiles of 1601 keys stored every 1608 rows, 1-4 images of 1-4 tiles,
+    text before the first image, a text-only row."""
+    layouts = [[20, "I4", 100, "I2", "I1", 60, "I3", 72], [256], ["I4", 255]]
+    q, k, v, mask = make_case(layouts, H=32, Hkv=8, d=128, tile_len=1601, dtype=torch.bfloat16, device="cuda")
+    ranges = tile_ranges_from_mask(mask, check=True)
+    check(q, k, v, transformers_key_mask(mask, 1601), ranges, tile_len=1601, tile_stride=1608)

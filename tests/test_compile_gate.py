@@ -52,8 +52,10 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90_without_spills(tm
     assert set(report["kernels"]) == {
         "masked_cross_attention", "masked_cross_attention_decode", "gated_residual", "perceiver_attention",
         "decode_attention", "decode_attention_combine", "rotary_kv_write", "int8_weight_matmul",
-        "int8_weight_matmul_combine"}
-    hopper_mma = [c for c in configs if c["kernel"] in ("masked_cross_attention", "perceiver_attention")
+        "int8_weight_matmul_combine", "segment_cross_attention", "segment_cross_attention_decode",
+        "segment_decode_combine"}
+    hopper_mma = [c for c in configs if c["kernel"] in ("masked_cross_attention", "perceiver_attention",
+                                                         "segment_cross_attention")
                   and not c["config"].startswith("fp32")]
     assert hopper_mma and all(c["results"]["90"]["hgmma"] for c in hopper_mma)
     assert {c["kernel"] for c in configs} <= set(report["kernels"])

@@ -2,6 +2,7 @@
 
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, from_name
 from .dropins.idefics import from_idefics
+from .dropins.mllama import from_mllama
 from .dropins.openflamingo import from_openflamingo, load_openflamingo
 from .reference.model import Flamingo, build_reference
 from .runtime.runtime import FastFlamingo
@@ -17,6 +18,7 @@ __all__ = [
     "VisionConfig",
     "build_reference",
     "from_idefics",
+    "from_mllama",
     "from_name",
     "from_openflamingo",
     "load_openflamingo",

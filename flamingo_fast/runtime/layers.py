@@ -38,6 +38,8 @@ from .fused_weights import fuse_linear_weights
 from .quantize import Int8Linear, fused_int8_linear
 
 BACKENDS = ("triton", "torch")
+# Llama 3.2 Vision: the processor's cross_attention_mask -> the segment ops' tile ranges (kernels' helper)
+segment_tile_ranges = _segment_xattn.tile_ranges_from_mask
 
 
 @dataclass(frozen=True)

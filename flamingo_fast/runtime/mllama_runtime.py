@@ -1,0 +1,284 @@
+"""The fast path of Llama 3.2 Vision (transformers' MllamaForConditionalGeneration) over the reference's tensors.
+
+    runtime = MllamaRuntime(MllamaReference.from_hf(model), backend="torch")
+    logits = runtime.logits(input_ids, attention_mask, images)                 # every position, as forward
+    ids = runtime.generate_from_options(images, input_ids, attention_mask, options)   # generation/search.py
+
+One call, in order:
+    1. vision: the tiled ViT once per image slot (the reference's, SDPA), then the projector (every slot of every row:
+       a token that sees no image attends to all of its row's vision tokens, padded slots included, as transformers
+       does, so every slot can be read).
+    2. media K/V: each cross-attention layer's keys (k_norm applied) and values of all vision tokens, once, laid out
+       as the segment kernels read them: [B, KV heads, slots * tiles * tile_len, head_dim], tile j of a row at rows
+       [j * tile_len, (j + 1) * tile_len) (MllamaMedia). The cross_attention_mask becomes per-token tile ranges
+       (layers.segment_tile_ranges): a token that sees no image gets the every-tile range, and its MLP branch is
+       zeroed (transformers' rule; Meta's code also zeroes its attention).
+    3. prefill: the prompt through the LM, the self-attention layers' K/V written into a StaticKVCache (SDPA over
+       the causal + padding mask), the cross-attention layers through KernelOps.segment_cross_attention; logits of
+       the last position (all positions for `logits`).
+    4. decode (MllamaDecoder, generation/search.py's fork / step / reorder): one token per hypothesis and step. The
+       hypotheses of a row (beams, or the one greedy / sampled sequence) share its prompt's K/V in the static cache
+       and its media K/V in place; each keeps its generated tokens' K/V in its own TailKVCache row, merged with the
+       prompt by log-sum-exp (attention.shared_prefix_attention); reorder gathers tails only. The cross-attention
+       layers read the mask's last row (generated tokens see what the prompt's last token saw: transformers 4.57
+       and 5.x both repeat it) through KernelOps.segment_cross_attention_decode, R hypotheses of a row reading the
+       row's K/V once.
+
+Both backends run the same code; KernelOps picks the segment ops (Triton kernels or their torch twins). The caches
+are allocated per call on the parameters' device and dtype, so `.to` needs no rebuild. The self-attention is torch
+on both backends (the split-KV decode kernel, fused rotary writes and CUDA graphs of FastFlamingo are not wired
+here yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LMConfig
+from ..generation.search import GenerationOptions, generate_ids
+from ..masking import positions_from_mask
+from ..modes import runtime_mode
+from ..positions import apply_rotary, rotary_cos_sin_from_inv_freq, self_attention_mask
+from ..reference.mllama import MllamaCrossAttentionLayer, MllamaReference
+from .attention import shared_prefix_attention
+from .caches import StaticKVCache, TailKVCache
+from .layers import BACKENDS, KernelOps, kernel_ops, segment_tile_ranges
+from .mllama_inputs import MllamaImages, check_mllama_call
+
+
+@dataclass(frozen=True)
+class MllamaSearchConfig:
+    """What generation/search.py and dropins/hf.py read of a runner's `config`: the head's vocabulary (`lm`), the
+    stop and pad tokens; Llama 3.2 Vision has no `<|endofchunk|>` and no generated-image rule."""
+
+    lm: LMConfig
+    eos_token_id: int | None
+    pad_token_id: int
+    media_token_id: int
+    eoc_token_id: None = None
+    openflamingo_generated_image_bug: bool = False
+
+
+@dataclass
+class MllamaMedia:
+    """The media K/V of one call and who sees what (module docstring, step 2)."""
+
+    keys: torch.Tensor  # [cross layers, B, KV heads, slots * tiles * tile_len, head_dim]
+    values: torch.Tensor
+    tile_start: torch.Tensor  # [B, T] int32 (ALL_TILES: every tile of the row)
+    tile_end: torch.Tensor  # [B, T] int32
+    tile_valid: torch.Tensor  # [B, slots * tiles] bool
+    row_sees: torch.Tensor  # [B, T] bool: the token sees an image (else its MLP branch is zeroed)
+    tile_len: int
+
+
+def _lm_view(reference: MllamaReference) -> LMConfig:
+    text = reference.config.text
+    return LMConfig(family="llama", vocab_size=reference.lm_head.out_features, hidden_size=text.hidden_size,
+                    num_layers=text.num_layers, num_heads=text.num_heads, num_kv_heads=text.num_kv_heads,
+                    intermediate_size=text.intermediate_size, rms_norm_eps=text.rms_norm_eps,
+                    rope_theta=text.rope_theta, max_position_embeddings=text.max_position_embeddings)
+
+
+def _self_attention_kv(layer, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A self-attention layer's q, k, v [B, heads, T, head_dim] of the normalised input, rotary applied."""
+    attn = layer.self_attn
+    b, t, _ = h.shape
+    q = attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+
+
+def _gated_cross_finish(layer: MllamaCrossAttentionLayer, x: torch.Tensor, attended: torch.Tensor,
+                        sees: torch.Tensor) -> torch.Tensor:
+    """x + tanh(attn gate) * o_proj(attended), then + tanh(mlp gate) * MLP(norm(x)) * sees ([B, T] bool)."""
+    x = x + layer.attn_gate.tanh() * layer.attn_out(attended)
+    ff = layer.ff_body(layer.ff_norm(x)) * sees[..., None].to(x.dtype)
+    return x + layer.ff_gate.tanh() * ff
+
+
+class MllamaDecoder:
+    """generation/search.py's decoder over one call's caches: every row's hypotheses share its prompt (static cache,
+    media K/V) and keep private tails (module docstring, step 4). `fork(n)` always shares (the `shared` flag is
+    accepted for the interface); the tail cache grows when a reorder asks for more hypotheses (scoring's trie)."""
+
+    def __init__(self, runtime: MllamaRuntime, kv: StaticKVCache, media: MllamaMedia | None,
+                 last_position: torch.Tensor, max_tail_len: int):
+        self.runtime, self.kv, self.media = runtime, kv, media
+        self.rows, self.prompt_len = last_position.shape[0], int(kv.max_seq_len)
+        self.last_position, self.max_tail_len = last_position, max(1, max_tail_len)
+        self.tail: TailKVCache | None = None
+        self.per_row, self.tail_len, self.positions = 1, 0, last_position
+        # what generated tokens see: the mask's last row
+        self.prefix_bias = torch.zeros(kv.key_valid.shape, dtype=kv.keys.dtype, device=kv.keys.device) \
+            .masked_fill(~kv.key_valid, float("-inf"))[:, None, None, :]
+        if media is not None:
+            self.last_start, self.last_end = media.tile_start[:, -1].contiguous(), media.tile_end[:, -1].contiguous()
+            self.last_sees = media.row_sees[:, -1]
+
+    def _ensure_tail(self, hypotheses: int) -> None:
+        if self.tail is not None and self.tail.max_hypotheses >= hypotheses:
+            return
+        old = self.tail
+        self.tail = TailKVCache.allocate(self.runtime.kv_view, max(hypotheses, 2 * old.max_hypotheses if old else 0),
+                                         self.max_tail_len, self.kv.keys.dtype, self.kv.keys.device)
+        if old is not None:
+            self.tail.keys[:, :old.max_hypotheses] = old.keys
+            self.tail.values[:, :old.max_hypotheses] = old.values
+
+    def fork(self, per_row: int, shared: bool | None = None) -> None:
+        self.per_row, self.tail_len = per_row, 0
+        self._ensure_tail(self.rows * per_row)
+        self.positions = self.last_position.repeat_interleave(per_row)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tail_len >= self.max_tail_len:
+            raise ValueError(f"step: more than {self.max_tail_len} generated tokens (the tail this call allocated)")
+        self.tail_len += 1
+        self.positions = self.positions + 1
+        return self.runtime.decode_step(self, tokens).float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Hypothesis h continues old hypothesis index[h] (of the same row); len(index) any multiple of the rows."""
+        self._ensure_tail(index.shape[0])
+        self.tail.reorder(index, self.tail_len)
+        self.positions = self.positions[index]
+        self.per_row = index.shape[0] // self.rows
+
+
+class MllamaRuntime(nn.Module):
+    """Llama 3.2 Vision run the fast way over a MllamaReference's own tensors (registered as `reference`: nothing
+    is copied). backend: "torch" (the segment ops' twins), "triton" (the kernels: CUDA, or the CPU with
+    TRITON_INTERPRET=1) or "auto" (Triton on CUDA, else torch)."""
+
+    def __init__(self, reference: MllamaReference, backend: str = "auto", stop_check_interval: int | None = None):
+        super().__init__()
+        self.reference = reference
+        device = next(reference.parameters()).device
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected 'auto' or one of {BACKENDS}")
+        self.backend = backend
+        self.ops: KernelOps = kernel_ops(backend)
+        self.stop_check_interval = stop_check_interval or (8 if device.type == "cuda" else 1)
+        mllama = reference.config
+        lm = _lm_view(reference)
+        self.config = MllamaSearchConfig(lm, mllama.eos_token_id, mllama.pad_token_id, mllama.image_token_id)
+        layers = reference.language_model.layers
+        self.cross_slot = {i: n for n, i in enumerate(i for i, layer in enumerate(layers)
+                                                      if isinstance(layer, MllamaCrossAttentionLayer))}
+        self.self_slot = {i: n for n, i in enumerate(i for i in range(len(layers)) if i not in self.cross_slot)}
+        # the caches' shapes: self-attention layers only
+        self.kv_view = SimpleNamespace(lm=dataclasses.replace(lm, num_layers=len(self.self_slot)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.reference.lm_head.weight.dtype
+
+    def media(self, images: MllamaImages, tokens: int) -> MllamaMedia:
+        """Step 1 and 2 of the module docstring: the vision tower once per image slot, every cross-attention
+        layer's K/V, the per-token tile ranges."""
+        ref = self.reference
+        states = ref.vision_states(images.pixel_values.to(self.dtype), images.aspect_ratio_ids,
+                                   images.aspect_ratio_mask).to(self.dtype)
+        layers = ref.language_model.layers
+        kv = [layers[i].media_kv(states) for i in self.cross_slot]
+        start, end, valid = segment_tile_ranges(images.cross_attention_mask[:, :tokens], check=True)
+        return MllamaMedia(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), start, end, valid,
+                           start >= 0, ref.config.vision.num_patches)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: MllamaImages | None,
+                max_tail_len: int, all_positions: bool = False) -> tuple[MllamaDecoder, torch.Tensor]:
+        """Steps 1-3: -> (the decoder over this call's caches, logits [B, vocab] of the last position, or
+        [B, T, vocab] with all_positions)."""
+        ref = self.reference
+        lm = ref.language_model
+        b, t = input_ids.shape
+        kv = StaticKVCache.allocate(self.kv_view, b, t, self.dtype, input_ids.device)
+        kv.key_valid.copy_(attention_mask.bool())
+        media = self.media(images, t) if images is not None else None
+        x = lm.embed_tokens(input_ids)
+        positions = positions_from_mask(attention_mask)
+        rope = rotary_cos_sin_from_inv_freq(positions, lm.inv_freq(x.device), x.dtype)
+        allowed = self_attention_mask(attention_mask, t)
+        for i, layer in enumerate(lm.layers):
+            if i in self.cross_slot:
+                if media is not None:
+                    x = self._cross_prefill(layer, self.cross_slot[i], x, media)
+                continue
+            q, k, v = _self_attention_kv(layer, layer.input_layernorm(x), rope)
+            slot = self.self_slot[i]
+            kv.keys[slot].copy_(k)
+            kv.values[slot].copy_(v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+            x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = lm.norm(x if all_positions else x[:, -1])
+        decoder = MllamaDecoder(self, kv, media, positions[:, -1], max_tail_len)
+        return decoder, ref.lm_head(h)
+
+    def _cross_prefill(self, layer: MllamaCrossAttentionLayer, slot: int, x: torch.Tensor,
+                       media: MllamaMedia) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = layer.queries(layer.attn_norm(x)).transpose(1, 2)  # [B, H, T, dh]
+        out = self.ops.segment_cross_attention(q, media.keys[slot], media.values[slot], media.tile_start,
+                                               media.tile_end, media.tile_valid, tile_len=media.tile_len)
+        return _gated_cross_finish(layer, x, out.transpose(1, 2).reshape(b, t, -1), media.row_sees)
+
+    def decode_step(self, decoder: MllamaDecoder, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per hypothesis (h = row * per_row + r) -> logits [H, vocab] (module docstring, step 4)."""
+        ref = self.reference
+        lm = ref.language_model
+        kv, tail, media, per_row = decoder.kv, decoder.tail, decoder.media, decoder.per_row
+        n, column = tokens.shape[0], decoder.tail_len - 1
+        x = lm.embed_tokens(tokens)[:, None]  # [N, 1, D]
+        rope = rotary_cos_sin_from_inv_freq(decoder.positions[:, None], lm.inv_freq(x.device), x.dtype)
+        tail_bias = torch.zeros((), dtype=x.dtype, device=x.device)
+        for i, layer in enumerate(lm.layers):
+            if i in self.cross_slot:
+                if media is not None:
+                    slot = self.cross_slot[i]
+                    q = layer.queries(layer.attn_norm(x))[:, 0]  # [N, H, dh]
+                    out = self.ops.segment_cross_attention_decode(
+                        q, media.keys[slot], media.values[slot], decoder.last_start, decoder.last_end,
+                        media.tile_valid, tile_len=media.tile_len, queries_per_row=per_row)
+                    sees = decoder.last_sees.repeat_interleave(per_row)[:, None]
+                    x = _gated_cross_finish(layer, x, out.reshape(n, 1, -1), sees)
+                continue
+            slot = self.self_slot[i]
+            q, k, v = _self_attention_kv(layer, layer.input_layernorm(x), rope)
+            tail.keys[slot, :n, :, column] = k[:, :, 0]
+            tail.values[slot, :n, :, column] = v[:, :, 0]
+            out = shared_prefix_attention(q, kv.keys[slot], kv.values[slot], decoder.prefix_bias,
+                                          tail.keys[slot, :n, :, :column + 1], tail.values[slot, :n, :, :column + 1],
+                                          tail_bias, per_row, layer.self_attn.head_dim ** -0.5)
+            x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return ref.lm_head(lm.norm(x[:, 0]))
+
+    @runtime_mode
+    def logits(self, input_ids, attention_mask=None, images: MllamaImages | None = None) -> torch.Tensor:
+        """transformers' forward: logits [B, T, vocab] of every position, in the runtime's dtype."""
+        input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
+        return self.prefill(input_ids, attention_mask, images, 1, all_positions=True)[1]
+
+    @runtime_mode
+    def generate_from_options(self, images: MllamaImages | None, input_ids, attention_mask,
+                              options: GenerationOptions, *, generator: torch.Generator | None = None, timer=None,
+                              return_logits: bool = False, image_attention_mask=None):
+        """generation/search.py's generate over this model (the Hugging Face options already translated by
+        dropins/hf.py's hf_generate) -> ids [B * num_sequences, T + new]."""
+        if image_attention_mask is not None:
+            raise ValueError("image_attention_mask: not an input of Llama 3.2 Vision; expected cross_attention_mask")
+        input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
+        return generate_ids(lambda: self.prefill(input_ids, attention_mask, images, options.max_new_tokens),
+                            input_ids, options, self.config.lm.vocab_size, generator=generator, timer=timer,
+                            return_logits=return_logits, stop_check_interval=self.stop_check_interval)

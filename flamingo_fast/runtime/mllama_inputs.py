@@ -10,10 +10,10 @@ Shapes (B rows, T tokens, I image slots, N = config.vision.max_num_tiles tiles a
     of each, its real tiles).
 
 Rows without images. transformers 4.57's MllamaImageProcessor pads every output to the batch (a row without images
-gets zero pixels, aspect ratio id 0 and its first tile marked); 5.x's pads pixel_values but leaves such rows out of
-aspect_ratio_ids / aspect_ratio_mask, and transformers' own forward then fails on the batch. Here the rows that see
-an image (a nonzero cross_attention_mask row) take the given aspect-ratio rows in order and the others get what
-4.57 gives them: both releases' batches then give the same result, 4.57's.
+gets zero pixels, aspect ratio id 0 and its first tile marked); 5.24's pads pixel_values and the rows without images
+between others the same way, but leaves TRAILING rows without images out of aspect_ratio_ids / aspect_ratio_mask
+(and fails on a batch whose first row has none), and transformers' own forward then fails on the batch. Here the
+rows left out get what 4.57 gives them: both releases' batches then give the same result, 4.57's.
 """
 
 from __future__ import annotations
@@ -124,16 +124,15 @@ def check_images(config: MllamaConfig, images: MllamaImages | None, input_ids: t
     if bool(((ids < 0) | (ids > vision.max_aspect_ratio_id)).any()):
         raise ValueError(f"aspect_ratio_ids: ids outside [0, {vision.max_aspect_ratio_id}]; expected the processor's "
                          f"ids of the config's {vision.max_aspect_ratio_id} supported aspect ratios (0: padding)")
-    if ids.shape[0] != b:
-        sees = mask.flatten(1).any(dim=1)
-        if ids.shape[0] != int(sees.sum()):
-            raise ValueError(f"aspect_ratio_ids: {ids.shape[0]} rows for a batch of {b} of which {int(sees.sum())} "
-                             f"see an image (cross_attention_mask); expected {b} rows, or one per row with images "
-                             f"(transformers 5's image processor)")
+    given = ids.shape[0]
+    if given > b or (given < b and bool(mask[given:].any())):
+        raise ValueError(f"aspect_ratio_ids: {given} rows for a batch of {b}; expected {b} rows, or (transformers 5's "
+                         f"image processor) fewer, with the rows left out being trailing rows without images")
+    if given < b:
         full_ids = torch.zeros(b, slots, dtype=ids.dtype, device=device)
         full_mask = torch.zeros(b, slots, n, dtype=ratio_mask.dtype, device=device)
         full_mask[:, :, 0] = 1
-        full_ids[sees], full_mask[sees] = ids, ratio_mask
+        full_ids[:given], full_mask[:given] = ids, ratio_mask
         images = MllamaImages(pixels, full_ids, full_mask, mask)
     return images
 

@@ -1,0 +1,271 @@
+"""The Llama 3.2 Vision drop-in (`flamingo_fast.from_mllama`) against transformers' own
+`MllamaForConditionalGeneration`: tiny models with EVERY parameter random, images through transformers'
+MllamaImageProcessor, cross_attention_mask from processing_mllama's helpers (tests/mllama_fixtures.py). Runs under
+transformers 4.57 (.venv-openflamingo) and 5.24 (.venv-transformers5); skipped elsewhere.
+
+Conventions:
+- logits are compared at real tokens only, within the fp32 row of the tolerance table (tests/helpers.py);
+- transformers 5.24's cached generate reads its cache length from layer 0's cache; when layer 0 is a
+  cross-attention layer (the "mha-default-2tiles" config; no released model has one there: theirs start at 3)
+  that is the vision tokens' count, and generation fails or goes wrong (test_transformers5_cached_generate_*).
+  There, the expected tokens are transformers' uncached generate (`use_cache=False`), the same model's own rule;
+- sampling: transformers draws with `torch.multinomial` on the global RNG, flamingo_fast from a `generator`, so
+  seeded draws are compared where they cannot differ (one token holds all the mass), and otherwise each sampled
+  token must lie in transformers' own warped distribution (teacher-forced), the same seed giving the same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import assert_close, interpreter
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (make test-openflamingo)")
+pytestmark = pytest.mark.comparison
+
+from mllama_fixtures import (  # noqa: E402
+    BOS,
+    CONFIGS,
+    EOS,
+    ONE,
+    RELEASE,
+    WIDE2,
+    batch,
+    build_mllama,
+    image_processor,
+    prompt_batches,
+    random_image,
+)
+
+import flamingo_fast  # noqa: E402
+
+FP32 = torch.float32
+NEW_TOKENS = 6
+PROMPTS = ("mixed", "text_only", "single", "image_last")
+
+
+@functools.cache
+def hf_model(name: str):
+    return build_mllama(name, seed=len(name))
+
+
+@functools.cache
+def drop_in(name: str, backend: str = "torch"):
+    return flamingo_fast.from_mllama(hf_model(name), backend=backend)
+
+
+def max_tiles(name: str) -> int:
+    return CONFIGS[name][0]["max_num_tiles"]
+
+
+@functools.cache
+def inputs_of(name: str, prompts: str) -> dict:
+    """The fixtures' batches, and "image_last": prompts that end with `<|image|>`, so the last prompt token (whose
+    mask row generated tokens see) sees other images than the token before it (another image, or none)."""
+    rows = [[BOS, 5, ONE, 6, WIDE2], [BOS, 7, 8, 9, ONE]] if prompts == "image_last" \
+        else prompt_batches(max_tiles(name))[prompts]
+    return batch(rows, max_tiles(name))
+
+
+def cross_layer_first(name: str) -> bool:
+    return 0 in CONFIGS[name][1]["cross_attention_layers"]
+
+
+def hf_generate(name: str, inputs: dict, **gen) -> torch.Tensor:
+    """transformers' generate; uncached where 5.24's cached generate is wrong (the module docstring)."""
+    if RELEASE >= 5 and cross_layer_first(name):
+        gen = dict(gen, use_cache=False)
+    with torch.no_grad():
+        return hf_model(name).generate(**inputs, **gen)
+
+
+def hf_logits(name: str, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(name)(**inputs).logits
+
+
+def assert_logits_match(ours: torch.Tensor, theirs: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    real = attention_mask.bool()
+    assert ours.dtype == FP32 and ours.shape == theirs.shape, f"{ours.dtype} {tuple(ours.shape)}"
+    assert_close(ours[real], theirs[real], dtype=FP32)
+
+
+def assert_same_tokens(got: torch.Tensor, expected: torch.Tensor, prompt_len: int) -> None:
+    assert got.dtype == torch.long
+    assert torch.equal(got, expected), f"\nours:\n{got[:, prompt_len:]}\ntransformers:\n{expected[:, prompt_len:]}"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("prompts", PROMPTS)
+def test_logits_and_greedy_tokens_equal_transformers(name, prompts):
+    """0-4 images of 1-4 tiles, adjacent images, text before the first image, an image first, a text-only row
+    beside image rows, left padding; a batch without images."""
+    inputs = inputs_of(name, prompts)
+    assert_logits_match(drop_in(name)(**inputs).logits, hf_logits(name, inputs), inputs["attention_mask"])
+    got = drop_in(name).generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert_same_tokens(got, hf_generate(name, inputs, max_new_tokens=NEW_TOKENS, do_sample=False),
+                       inputs["input_ids"].shape[1])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_beams_equal_transformers(name):
+    """Beams sharing their row's prompt and media K/V: num_beams 3, two sequences back, a length penalty."""
+    inputs = inputs_of(name, "mixed")
+    gen = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, length_penalty=-1.5, do_sample=False)
+    assert_same_tokens(drop_in(name).generate(**inputs, **gen), hf_generate(name, inputs, **gen),
+                       inputs["input_ids"].shape[1])
+
+
+def test_sampling_where_the_draws_cannot_differ():
+    name = "gqa-llama3-4tiles"
+    inputs = inputs_of(name, "mixed")
+    for options in (dict(top_k=1, temperature=0.7), dict(top_p=1e-6, top_k=0)):
+        gen = dict(max_new_tokens=4, do_sample=True, **options)
+        torch.manual_seed(123)
+        expected = hf_generate(name, inputs, **gen)
+        got = drop_in(name).generate(**inputs, generator=torch.Generator().manual_seed(7), **gen)
+        assert_same_tokens(got, expected, inputs["input_ids"].shape[1])
+
+
+def _hf_warped_probs(name, inputs, sequences, temperature, top_k, top_p) -> torch.Tensor:
+    """transformers' sampling distribution at each generated position of `sequences`, teacher-forced: [B, new, V];
+    generated tokens see the mask's last row."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    t = inputs["input_ids"].shape[1]
+    new = sequences.shape[1] - t
+    cam = inputs["cross_attention_mask"]
+    full = dict(inputs, input_ids=sequences,
+                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(sequences[:, t:])], dim=1),
+                cross_attention_mask=torch.cat([cam, cam[:, -1:].expand(-1, new, -1, -1)], dim=1))
+    logits = hf_logits(name, full)[:, t - 1:-1]
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
+                                   TopPLogitsWarper(top_p)])
+    return torch.stack([warpers(sequences[:, :t + s], logits[:, s].clone()).softmax(-1) for s in range(new)], dim=1)
+
+
+def test_seeded_sampling_stays_in_transformers_support():
+    name = "gqa-llama3-4tiles"
+    inputs = inputs_of(name, "mixed")
+    sampling = dict(temperature=1.5, top_k=8, top_p=0.95)
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=True, **sampling)
+    runtime = drop_in(name)
+    a = runtime.generate(**inputs, generator=torch.Generator().manual_seed(11), **gen)
+    b = runtime.generate(**inputs, generator=torch.Generator().manual_seed(11), **gen)
+    assert torch.equal(a, b), "the same seed must give the same tokens"
+    t = inputs["input_ids"].shape[1]
+    probs = _hf_warped_probs(name, inputs, a, **sampling)
+    greedy = 0
+    for row in range(a.shape[0]):
+        for step, token in enumerate(a[row, t:].tolist()):
+            assert probs[row, step, token] > 0, f"row {row} step {step}: token {token} outside transformers' support"
+            greedy += int(token == int(probs[row, step].argmax()))
+            if token == EOS:
+                break
+    assert greedy < a[:, t:].numel(), "every draw was the greedy token: sampling did nothing"
+    c = runtime.generate(**inputs, generator=torch.Generator().manual_seed(12), **gen)
+    assert not torch.equal(a, c), "a different seed should give different draws"
+
+
+def test_batch_of_the_installed_image_processor_with_a_trailing_text_only_row():
+    """The image processor's own output for a batch whose last row has no image: 5.24 leaves that row out of
+    aspect_ratio_ids / aspect_ratio_mask (transformers' forward then fails), 4.57 pads it. The drop-in fills it in
+    as 4.57 does: the same logits and tokens as on the padded batch, which transformers runs."""
+    name = "gqa-llama3-4tiles"
+    rows = [[BOS, 5, 6, WIDE2, 7, ONE, 8], [BOS, 9, 10, 11]]
+    padded = batch(rows, 4)
+    g = __import__("numpy").random.default_rng(0)  # the images `batch` made, in the same order
+    images = [[random_image(g, *WIDE2), random_image(g, *ONE)], []]
+    processed = image_processor(4)(images, return_tensors="pt")
+    direct = dict(padded, pixel_values=processed["pixel_values"], aspect_ratio_ids=processed["aspect_ratio_ids"],
+                  aspect_ratio_mask=processed["aspect_ratio_mask"])
+    assert torch.equal(direct["pixel_values"], padded["pixel_values"])
+    assert direct["aspect_ratio_ids"].shape[0] == (1 if RELEASE >= 5 else 2)
+    if RELEASE >= 5:
+        with pytest.raises(Exception):  # noqa: B017  (transformers' own error: a shape mismatch)
+            hf_logits(name, direct)
+    runtime = drop_in(name)
+    ours = runtime(**direct).logits
+    assert torch.equal(ours, runtime(**padded).logits)
+    assert_logits_match(ours, hf_logits(name, padded), padded["attention_mask"])
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert_same_tokens(runtime.generate(**direct, **gen), hf_generate(name, padded, **gen), 7)
+
+
+@pytest.mark.skipif(RELEASE < 5, reason="transformers 5's cached generate only (4.57 reads each layer's own cache)")
+def test_transformers5_cached_generate_with_a_cross_attention_layer_first():
+    """5.24 takes the cache length from layer 0: with a cross-attention layer there, a batch with images fails
+    (the vision tokens' count taken for the text's) and one without images decodes at the wrong positions. Its
+    uncached generate, which the other tests compare with for this config, gives the drop-in's tokens."""
+    name = "mha-default-2tiles"
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="size of tensor"):
+        hf_model(name).generate(**inputs_of(name, "mixed"), **gen)
+    inputs = inputs_of(name, "text_only")
+    with torch.no_grad():
+        cached = hf_model(name).generate(**inputs, **gen)
+    ours = drop_in(name).generate(**inputs, **gen)
+    assert not torch.equal(cached, ours)
+    assert_same_tokens(ours, hf_generate(name, inputs, **gen), inputs["input_ids"].shape[1])
+
+
+@interpreter
+def test_triton_backend_matches_transformers():
+    """The segment cross-attention kernels (prefill and decode), interpreted on the CPU: logits and greedy tokens
+    on the single-image prompt."""
+    name = "gqa-llama3-4tiles"
+    inputs = inputs_of(name, "single")
+    runtime = drop_in(name, "triton")
+    assert runtime.engine.backend == "triton"
+    assert_logits_match(runtime(**inputs).logits, hf_logits(name, inputs), inputs["attention_mask"])
+    gen = dict(max_new_tokens=3, do_sample=False)
+    assert_same_tokens(runtime.generate(**inputs, **gen), hf_generate(name, inputs, **gen),
+                       inputs["input_ids"].shape[1])
+
+
+def test_tensors_are_the_live_models():
+    model, runtime = hf_model("gqa-llama3-4tiles"), drop_in("gqa-llama3-4tiles")
+    theirs = {t.data_ptr() for t in model.state_dict().values()}
+    ours = list(runtime.engine.reference.state_dict().values())
+    assert len(ours) == len(theirs) and all(t.data_ptr() in theirs for t in ours)
+    assert dict(runtime.named_parameters()).keys() == dict(model.named_parameters()).keys()
+
+
+def _bad(inputs: dict, **changes) -> dict:
+    return dict(inputs, **changes)
+
+
+@pytest.mark.parametrize("argument, change", [
+    ("input_ids", lambda x: dict(input_ids=x["input_ids"].float())),
+    ("attention_mask", lambda x: dict(attention_mask=x["attention_mask"].flip(1))),
+    ("attention_mask", lambda x: dict(attention_mask=x["attention_mask"][:, 1:])),
+    ("pixel_values", lambda x: dict(pixel_values=x["pixel_values"][:, :, :2])),
+    ("cross_attention_mask", lambda x: dict(cross_attention_mask=None)),
+    ("cross_attention_mask", lambda x: dict(cross_attention_mask=x["cross_attention_mask"][:, :-1])),
+    ("cross_attention_mask", lambda x: dict(cross_attention_mask=x["cross_attention_mask"] * 2)),
+    ("aspect_ratio_ids", lambda x: dict(aspect_ratio_ids=x["aspect_ratio_ids"] + 100)),
+    ("aspect_ratio_mask", lambda x: dict(aspect_ratio_mask=x["aspect_ratio_mask"][:, :, :1])),
+])
+def test_bad_inputs_name_the_argument(argument, change):
+    inputs = inputs_of("gqa-llama3-4tiles", "mixed")
+    bad = dict(inputs, **change(inputs))
+    runtime = drop_in("gqa-llama3-4tiles")
+    for call in (runtime, functools.partial(runtime.generate, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=argument):
+            call(**bad)
+
+
+def test_unsupported_options_are_named():
+    inputs = inputs_of("gqa-llama3-4tiles", "single")
+    runtime = drop_in("gqa-llama3-4tiles")
+    with pytest.raises(ValueError, match="labels"):
+        runtime(**inputs, labels=inputs["input_ids"])
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        runtime.generate(**inputs, repetition_penalty=1.3)

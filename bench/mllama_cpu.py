@@ -1,0 +1,100 @@
+"""Llama 3.2 Vision on the CPU: `from_mllama` against transformers' own `generate`, one run each.
+
+    OMP_NUM_THREADS=1 .venv-transformers5/bin/python bench/mllama_cpu.py [--new-tokens 32] [--batch 4]
+
+The mllama-small shapes (84 px tiles of 14 px patches, 37 vision tokens a tile; ViT 128 wide, 6 local + 2 global
+layers; LM 512 wide, 10 layers, cross-attention at 3 and 8) as a transformers MllamaForConditionalGeneration with
+random weights, fp32, one torch thread. Each row: 8 text tokens, then 4 images of 4 tiles (168 px squares, through
+MllamaImageProcessor), each followed by 8 text tokens. First token: generate with max_new_tokens=1; decode: (time
+at N new tokens - time at 1) / (N - 1), every row made to run N tokens (min_new_tokens=N). One warm-up call each,
+then one timed run of each length. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flamingo_fast.compat import import_torchvision_if_installed
+from flamingo_fast.testing import build_mllama_from_config
+
+import_torchvision_if_installed()
+from transformers import MllamaConfig  # noqa: E402
+from transformers.models.mllama.image_processing_mllama import MllamaImageProcessor  # noqa: E402
+from transformers.models.mllama.processing_mllama import (  # noqa: E402
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
+
+import flamingo_fast  # noqa: E402
+
+IMAGE, TILE = 32000, 84
+
+
+def small_model():
+    vision = dict(image_size=TILE, patch_size=14, max_num_tiles=4, hidden_size=128, num_hidden_layers=6,
+                  num_global_layers=2, attention_heads=4, intermediate_size=512, intermediate_layers_indices=[1, 3, 5],
+                  vision_output_dim=128 * 4)
+    text = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=10, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=1024, cross_attention_layers=[3, 8], max_position_embeddings=4096, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, rope_theta=500000.0,
+                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))
+    return build_mllama_from_config(MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE))
+
+
+def inputs(batch: int, images: int) -> dict:
+    g = np.random.default_rng(0)
+    row = [1] + list(range(3, 11))
+    for i in range(images):
+        row += [IMAGE] + list(range(11 + 8 * i, 19 + 8 * i))
+    ids = torch.tensor([row] * batch)
+    pictures = [[Image.fromarray(g.integers(0, 256, (2 * TILE, 2 * TILE, 3), dtype=np.uint8)) for _ in range(images)]
+                for _ in range(batch)]
+    processed = MllamaImageProcessor(size={"height": TILE, "width": TILE}, max_image_tiles=4)(pictures,
+                                                                                              return_tensors="pt")
+    sparse = [get_cross_attention_token_mask(r, IMAGE) for r in ids.tolist()]
+    cross = convert_sparse_cross_attention_mask_to_dense(sparse, processed["num_tiles"], 4, ids.shape[1])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=processed["pixel_values"],
+                aspect_ratio_ids=processed["aspect_ratio_ids"], aspect_ratio_mask=processed["aspect_ratio_mask"],
+                cross_attention_mask=torch.from_numpy(cross))
+
+
+def seconds(generate, prompt: dict, new: int) -> float:
+    start = time.perf_counter()
+    out = generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == prompt["input_ids"].shape[1] + new
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = small_model()
+    prompt = inputs(args.batch, 4)
+    fast = flamingo_fast.from_mllama(model, backend="torch")
+    result = {"batch": args.batch, "prompt_tokens": prompt["input_ids"].shape[1], "new_tokens": args.new_tokens,
+              "images_per_row": 4, "tiles_per_image": int(prompt["aspect_ratio_mask"].sum(-1).max())}
+    with torch.no_grad():
+        for name, generate in (("hf", model.generate), ("fast", fast.generate)):
+            seconds(generate, prompt, 2)  # warm-up
+            first = seconds(generate, prompt, 1)
+            total = seconds(generate, prompt, args.new_tokens)
+            result[f"{name}_first_token_ms"] = round(first * 1e3, 1)
+            result[f"{name}_decode_ms_per_token"] = round((total - first) / (args.new_tokens - 1) * 1e3, 2)
+    result["decode_speedup"] = round(result["hf_decode_ms_per_token"] / result["fast_decode_ms_per_token"], 2)
+    result["first_token_speedup"] = round(result["hf_first_token_ms"] / result["fast_first_token_ms"], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -269,3 +269,33 @@ def test_unsupported_options_are_named():
         runtime(**inputs, labels=inputs["input_ids"])
     with pytest.raises(ValueError, match="repetition_penalty"):
         runtime.generate(**inputs, repetition_penalty=1.3)
+
+
+def _hf_candidate_log_likelihood(name: str, inputs: dict, candidate: list[int]) -> torch.Tensor:
+    """[B]: sum of log p(candidate[j] | prompt + candidate[:j]) by transformers' forward over prompt + candidate,
+    the candidate's tokens seeing the mask's last row (as generated tokens do)."""
+    b, t = inputs["input_ids"].shape
+    extra = torch.tensor(candidate).expand(b, -1)
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], 1),
+                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1))
+    if "cross_attention_mask" in inputs:
+        cam = inputs["cross_attention_mask"]
+        full["cross_attention_mask"] = torch.cat([cam, cam[:, -1:].expand(-1, len(candidate), -1, -1)], 1)
+    logits = hf_logits(name, full)[:, t - 1:-1].log_softmax(-1)
+    return logits.gather(-1, extra[..., None])[..., 0].sum(-1)
+
+
+@pytest.mark.parametrize("prompts", ["mixed", "image_last"])
+def test_score_equals_the_per_candidate_loop(prompts):
+    """Candidates sharing leading tokens, of 1-4 tokens, one duplicated: each equals transformers' forward over
+    the prompt and that candidate alone."""
+    name = "gqa-llama3-4tiles"
+    inputs = inputs_of(name, prompts)
+    candidates = [[5], [5, 6], [5, 6, 7, 8], [9, 10, 11], [5, 6], [12, 13]]
+    got = drop_in(name).score(**inputs, candidates=candidates)
+    expected = torch.stack([_hf_candidate_log_likelihood(name, inputs, c) for c in candidates], dim=1)
+    assert got.shape == (inputs["input_ids"].shape[0], len(candidates)) and got.dtype == FP32
+    assert_close(got, expected, dtype=FP32)
+    lengths = torch.tensor([len(c) for c in candidates], dtype=FP32)
+    normalized = drop_in(name).score(**inputs, candidates=candidates, normalize_length=True)
+    assert_close(normalized, expected / lengths, dtype=FP32)

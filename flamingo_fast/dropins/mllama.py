@@ -13,8 +13,9 @@ makes, which transformers' own forward refuses (runtime/mllama_inputs.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from ..modes import runtime_mode
@@ -69,6 +70,15 @@ class MllamaDropIn(DropInModule):
         """MllamaForConditionalGeneration.generate's call with Hugging Face's options (hf.hf_generate)."""
         images = MllamaImages.of(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
         return hf_generate(self.engine, self.defaults, images, input_ids, attention_mask, None, **options)
+
+    @runtime_mode
+    def score(self, input_ids, attention_mask=None, pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
+              cross_attention_mask=None, candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False
+              ) -> torch.Tensor:
+        """[B, C] float32 log-likelihoods of the candidates (token-id lists) after every row; candidate tokens see
+        what the last prompt token sees (MllamaRuntime.score)."""
+        images = MllamaImages.of(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+        return self.engine.score(input_ids, attention_mask, images, candidates, normalize_length)
 
 
 @runtime_mode

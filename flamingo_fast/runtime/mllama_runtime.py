@@ -41,6 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
+from ..generation.scoring import (
+    DEFAULT_SCORE_BYTES,
+    check_candidates,
+    hypotheses_per_row,
+    hypothesis_bytes,
+    score_candidates,
+)
 from ..generation.search import GenerationOptions, generate_ids
 from ..masking import positions_from_mask
 from ..modes import runtime_mode
@@ -269,6 +276,21 @@ class MllamaRuntime(nn.Module):
         """transformers' forward: logits [B, T, vocab] of every position, in the runtime's dtype."""
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
         return self.prefill(input_ids, attention_mask, images, 1, all_positions=True)[1]
+
+    @runtime_mode
+    def score(self, input_ids, attention_mask=None, images: MllamaImages | None = None, candidates=(),
+              normalize_length: bool = False, score_bytes: int = DEFAULT_SCORE_BYTES) -> torch.Tensor:
+        """[B, C] float32 log-likelihoods of the candidates (token-id lists) after every row (generation/scoring.py:
+        the prompt prefilled once, the candidates as a trie, their hypotheses sharing the row's prompt and media
+        K/V); candidate tokens see what the prompt's last token sees. A pass holds as many hypotheses per row as
+        `score_bytes` holds (scoring.hypotheses_per_row)."""
+        input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
+        tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
+        longest = max(len(t) for t in tokens)
+        per_row = hypotheses_per_row(tokens, input_ids.shape[0], score_bytes,
+                                     hypothesis_bytes(self.config, self.dtype, longest - 1))
+        decoder, first = self.prefill(input_ids, attention_mask, images, longest - 1)
+        return score_candidates(decoder, first.float(), tokens, max(per_row, 1), normalize_length, progress=False)
 
     @runtime_mode
     def generate_from_options(self, images: MllamaImages | None, input_ids, attention_mask,

@@ -299,3 +299,48 @@ def test_score_equals_the_per_candidate_loop(prompts):
     lengths = torch.tensor([len(c) for c in candidates], dtype=FP32)
     normalized = drop_in(name).score(**inputs, candidates=candidates, normalize_length=True)
     assert_close(normalized, expected / lengths, dtype=FP32)
+
+
+def few_shot(query) -> dict:
+    """One row: two demonstrations (a 4-tile and a 3-tile image, each with its caption), then the query image and
+    its question; the demonstrations' pixels are the same whatever the query (drawn first from the same seed)."""
+    from mllama_fixtures import FOUR, TALL3
+
+    return batch([[BOS, 5, FOUR, 6, 7, TALL3, 8, 9, query, 10, 11]], 4)
+
+
+def test_image_cache_warm_equals_cold():
+    """A second few-shot call with the same demonstrations and another query image encodes only the query: the
+    same logits (within the fp32 row) and tokens as a runtime without the cache, and as transformers."""
+    name = "gqa-llama3-4tiles"
+    warm = flamingo_fast.from_mllama(hf_model(name), backend="torch")
+    cold = flamingo_fast.from_mllama(hf_model(name), backend="torch", context_cache_bytes=0)
+    first, second = few_shot(ONE), few_shot(WIDE2)
+    assert torch.equal(first["pixel_values"][:, :2], second["pixel_values"][:, :2])
+    warm(**first)
+    hits = warm.engine.cache_stats.image_hits
+    logits = warm(**second).logits
+    assert warm.engine.cache_stats.image_hits == hits + 2, "the two demonstrations should come from the cache"
+    assert cold.engine.cache_stats.images == 0
+    assert_close(logits, cold(**second).logits, dtype=FP32)
+    assert_logits_match(logits, hf_logits(name, second), second["attention_mask"])
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    expected = hf_generate(name, second, **gen)
+    assert_same_tokens(warm.generate(**second, **gen), expected, second["input_ids"].shape[1])
+    assert_same_tokens(cold.generate(**second, **gen), expected, second["input_ids"].shape[1])
+
+
+def test_image_cache_emptied_when_weights_change_in_place():
+    name = "gqa-llama3-4tiles"
+    model = build_mllama(name, seed=5)
+    runtime = flamingo_fast.from_mllama(model, backend="torch")
+    inputs = few_shot(ONE)
+    before = runtime(**inputs).logits
+    with torch.no_grad():
+        model.model.vision_model.patch_embedding.weight.mul_(1.5)
+        model.model.language_model.layers[1].cross_attn.k_proj.weight.mul_(0.5)
+    after = runtime(**inputs).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert_logits_match(after, expected, inputs["attention_mask"])

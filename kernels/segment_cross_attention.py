@@ -206,6 +206,16 @@ def check_tiles(tile_valid, tile_len, tile_stride, keys: int, rows: int, device)
     return tile_stride
 
 
+def check_row_spans(**tensors: torch.Tensor) -> None:
+    """The kernels index within a batch row with int32 offsets (the row's base is int64): each tensor's elements
+    past its first dim must lie within 2**31 of the row's first (about 2 million keys at Hkv x d = 1024)."""
+    for name, t in tensors.items():
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if span >= 2**31:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} with strides {t.stride()} spans {span} elements in one "
+                             "batch row; the Triton kernel's offsets within a row are int32: expected below 2**31")
+
+
 def _check_inputs(q, k, v, tile_start, tile_end, tile_valid, tile_len, tile_stride, scale, out):
     """Shared argument checks of the launcher and the twin -> (groups, tile_stride, scale)."""
     check_tensor("q", q, ndim=4)
@@ -267,6 +277,7 @@ def segment_cross_attention(
                          f"{block_m} query heads per KV head for {q.dtype}")
     if out is None:
         out = _new_out(q)
+    check_row_spans(q=q, k=k, v=v, out=out)
     if out.numel() == 0:
         return out
     n_tiles = tile_valid.shape[1]

@@ -41,7 +41,13 @@ from flamingo_fast.kernels._common import (
     tl_dtype,
     to_output,
 )
-from flamingo_fast.kernels.segment_cross_attention import check_tiles, clamp_tile_ranges, inverse_stride, tile_of
+from flamingo_fast.kernels.segment_cross_attention import (
+    check_row_spans,
+    check_tiles,
+    clamp_tile_ranges,
+    inverse_stride,
+    tile_of,
+)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Keys per split: 4 blocks of 64. A 4-tile 560-px image (6,404 keys) gives 26 splits, so 8 KV heads fill 208
@@ -252,6 +258,7 @@ def segment_cross_attention_decode(
                          "use segment_cross_attention_decode_ref on this device")
     if out is None:
         out = torch.empty(N, H, d, dtype=q.dtype, device=q.device)
+    check_row_spans(k=k, v=v)  # q and out: one [H, d] per query, far below
     if N == 0:
         return out
     n_tiles = tile_valid.shape[1]

@@ -225,3 +225,19 @@ def test_gpu_llama_3_2_vision_11b_sizes_bf16():
     q, k, v, mask = make_case(layouts, H=32, Hkv=8, d=128, tile_len=1601, dtype=torch.bfloat16, device="cuda")
     ranges = tile_ranges_from_mask(mask, check=True)
     check(q, k, v, transformers_key_mask(mask, 1601), ranges, tile_len=1601, tile_stride=1608)
+
+
+@interpreter
+def test_rows_beyond_int32_offsets_raise_instead_of_wrapping():
+    """4M keys stored [B, S, Hkv, d] (1024 elements per key): a row spans 2**32 elements, past the kernels'
+    int32 offsets. Meta tensors: nothing is allocated."""
+    tiles, tile_len = 4096, 1024
+    k = torch.empty(1, tiles * tile_len, 8, 128, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    valid = torch.empty(1, tiles, dtype=torch.bool, device="meta")
+    q = torch.empty(1, 32, 4, 128, device="meta", dtype=torch.bfloat16)
+    ranges = [torch.empty(1, 4, dtype=torch.int32, device="meta") for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^k: shape \(1, 8, 4194304, 128\) .* expected below 2\*\*31"):
+        segment_cross_attention(q, k, k, *ranges, valid, tile_len=tile_len)
+    ranges = [torch.empty(1, dtype=torch.int32, device="meta") for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^k: shape"):
+        decode.segment_cross_attention_decode(q[:, :, 0], k, k, *ranges, valid, tile_len=tile_len)

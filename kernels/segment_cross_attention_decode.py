@@ -17,7 +17,8 @@ ranges or on the cache's capacity S (a split count chosen from the batch, to fil
 boundaries and change the rounding with the batch). The combine merges a row's splits one after the other
 in split order: the empty splits that a larger S adds have weight exactly 0 and change no bit; with one
 non-empty split the result equals the single-split launch bit for bit. The price: at batch 1 a 1-tile image
-(1601 keys) gives 7 splits x Hkv programs (56 for 8 KV heads), a 4-tile image 26 x 8 = 208.
+(1601 keys) keeps 7 splits x Hkv programs busy (56 for 8 KV heads; the launch's other splits exit at once), a
+4-tile image 26 x 8 = 208, whatever the GPU.
 """
 
 from __future__ import annotations

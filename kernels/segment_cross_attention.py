@@ -4,8 +4,10 @@ tiles of their own row (Llama 3.2 Vision's cross-attention), with grouped KV hea
 Layout. A row's vision keys are laid out image after image, tile after tile: tile j (of n_tiles = images x
 max_tiles, j = image * max_tiles + tile) owns the key rows [j * tile_stride, j * tile_stride + tile_len) of
 k / v [B, Hkv, S, d]; rows between tile_len and tile_stride (padding, e.g. 1601 keys stored in 1608 rows) are
-never read. `tile_valid[b, j]` says whether tile j of row b is a real tile (an image's padded tiles and a
-row's padded images are not).
+never read. (transformers drops the vision tower's padding to a multiple of 8 before the projector, so its
+cross-attention sees 1601 keys per 560-px tile: tile_len 1601, whatever tile_stride a cache chooses.)
+`tile_valid[b, j]` says whether tile j of row b is a real tile (an image's padded tiles and a row's padded
+images are not).
 
 Semantics, for token t of row b with `tile_start[b, t] = s`, `tile_end[b, t] = e` (both int32):
 - s >= 0: the token attends to the keys of the tiles j in [s, e) with tile_valid[b, j] (Mllama: the tiles of
@@ -52,10 +54,11 @@ _INT_DTYPES = (torch.int32,)
 @triton.jit
 def tile_of(cols, tile_stride, inv_stride):
     """cols // tile_stride for int32 `cols` in [0, MAX_TILE_ROWS), `inv_stride` = fp32(1 / tile_stride), without
-    an integer division (a div.s32 by a runtime value is ~20 instructions per element, and the kernels take one
-    per key of every block). The truncated fp32 product is never above the quotient there (for c = k*s - 1 it
-    is at most k - 0.5/s: both roundings together move it by less than k * 2**-23 < 0.5/s), and at most one
-    below it (c = k*s gives k - 1 for 355 of the strides 1-3000, e.g. 41): one compare corrects it."""
+    an integer division (a div.s32 by a runtime value is a multi-instruction sequence in SASS, per element, and
+    the kernels take one per key of every block). The truncated fp32 product is never above the quotient there
+    (for c = k*s - 1 it is at most k - 0.5/s: both roundings together move it by less than k * 2**-23 < 0.5/s),
+    and at most one below it (c = k*s gives k - 1 for 355 of the strides 1-3000, e.g. 41): one compare
+    corrects it."""
     t = (cols.to(tl.float32) * inv_stride).to(tl.int32)
     return tl.where(cols >= (t + 1) * tile_stride, t + 1, t)
 
@@ -96,7 +99,8 @@ def _segment_cross_attention_kernel(
             for key blocks n0 from max(pos, j*tile_stride) to j*tile_stride + tile_len, BLOCK_N at a time
                 (a block may run on into tile j+1, j+2: when those are needed their keys are taken here
                  and `pos` skips them later, so a run of adjacent tiles costs no partial block per tile;
-                 keys of tiles that are not needed are masked out of the loads)
+                 padding rows, and keys of invalid tiles unless some token sees every tile, are masked out
+                 of the loads)
                 S = Q @ K^T * scale * log2(e); S[m, n] = -inf unless key n's tile is in token m's range
                 and (valid or token m sees every tile); online softmax (base 2, fp32), acc += P @ V
         out = acc / l, exactly 0 for a token that accepted no key (l == 0)
@@ -206,6 +210,16 @@ def check_tiles(tile_valid, tile_len, tile_stride, keys: int, rows: int, device)
     return tile_stride
 
 
+def check_row_spans(**tensors: torch.Tensor) -> None:
+    """The kernels index within a batch row with int32 offsets (the row's base is int64): each tensor's elements
+    past its first dim must lie within 2**31 of the row's first (about 2 million keys at Hkv x d = 1024)."""
+    for name, t in tensors.items():
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if span >= 2**31:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} with strides {t.stride()} spans {span} elements in one "
+                             "batch row; the Triton kernel's offsets within a row are int32: expected below 2**31")
+
+
 def _check_inputs(q, k, v, tile_start, tile_end, tile_valid, tile_len, tile_stride, scale, out):
     """Shared argument checks of the launcher and the twin -> (groups, tile_stride, scale)."""
     check_tensor("q", q, ndim=4)
@@ -267,6 +281,7 @@ def segment_cross_attention(
                          f"{block_m} query heads per KV head for {q.dtype}")
     if out is None:
         out = _new_out(q)
+    check_row_spans(q=q, k=k, v=v, out=out)
     if out.numel() == 0:
         return out
     n_tiles = tile_valid.shape[1]

@@ -17,7 +17,8 @@ ranges or on the cache's capacity S (a split count chosen from the batch, to fil
 boundaries and change the rounding with the batch). The combine merges a row's splits one after the other
 in split order: the empty splits that a larger S adds have weight exactly 0 and change no bit; with one
 non-empty split the result equals the single-split launch bit for bit. The price: at batch 1 a 1-tile image
-(1601 keys) gives 7 splits x Hkv programs (56 for 8 KV heads), a 4-tile image 26 x 8 = 208.
+(1601 keys) keeps 7 splits x Hkv programs busy (56 for 8 KV heads; the launch's other splits exit at once), a
+4-tile image 26 x 8 = 208, whatever the GPU.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from flamingo_fast.kernels._common import (
     tl_dtype,
     to_output,
 )
-from flamingo_fast.kernels.segment_cross_attention import check_tiles, clamp_tile_ranges, inverse_stride, tile_of
+from flamingo_fast.kernels.segment_cross_attention import (
+    check_row_spans,
+    check_tiles,
+    clamp_tile_ranges,
+    inverse_stride,
+    tile_of,
+)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Keys per split: 4 blocks of 64. A 4-tile 560-px image (6,404 keys) gives 26 splits, so 8 KV heads fill 208
@@ -50,7 +57,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SPLIT_KEYS = 256
 # Software-pipeline depth: triton's default 3 spills 16 B on sm_80 (bf16, d 128, one split); 2 fits (128 registers).
 NUM_STAGES = 2
-COMBINE_WARPS = 1  # the combine holds one [d] float32 vector per program
+COMBINE_WARPS = 1
+# The twin on CPU tensors gathers each row's own keys (one host sync, free there) instead of masking the whole
+# cache; tests set it False to run the GPU path (sync-free, dense) on the CPU too.
+GATHER_ON_CPU = True  # the combine holds one [d] float32 vector per program
 
 
 @triton.jit
@@ -249,6 +259,7 @@ def segment_cross_attention_decode(
                          "use segment_cross_attention_decode_ref on this device")
     if out is None:
         out = torch.empty(N, H, d, dtype=q.dtype, device=q.device)
+    check_row_spans(k=k, v=v)  # q and out: one [H, d] per query, far below
     if N == 0:
         return out
     n_tiles = tile_valid.shape[1]
@@ -307,10 +318,12 @@ def segment_cross_attention_decode_ref(
     """Torch twin of `segment_cross_attention_decode` (same signature; `split_keys` is checked and ignored); free
     of host syncs (CUDA-graph safe).
 
-    The row's range becomes a [B, S] key mask (a tile in range, valid or every tile seen, not padding); K/V are
-    zeroed outside it (slots there may hold garbage, even NaN) and the R x G queries of a (row, KV head)
-    attend together in fp32, as one [R * G, d] x [S, d] product. Dense over the cache (no sync allowed to find
-    the range's length): O(S) per query, where the kernel reads only the range."""
+    The R x G queries of a (row, KV head) attend together in fp32, as one [R * G, d] x [keys, d] product, over:
+    - on a GPU (no host sync, for CUDA graphs): the whole cache with a [B, S] key mask (a tile in range, valid or
+      every tile seen, not padding), K/V zeroed outside it (slots there may hold garbage, even NaN): O(S) per
+      query, where the kernel reads only the range;
+    - on the CPU (GATHER_ON_CPU; a host sync costs nothing there): each row's own keys, gathered: O(range),
+      like the kernel. Measured: bench/segment_decode_cpu.py."""
     rows, groups, tile_stride, scale = _check_inputs(q, k, v, tile_start, tile_end, tile_valid, tile_len,
                                                      tile_stride, scale, out, queries_per_row, split_keys)
     N, H, d = q.shape
@@ -323,6 +336,10 @@ def segment_cross_attention_decode_ref(
     n_tiles = tile_valid.shape[1]
     if n_tiles == 0:
         return out.zero_()
+    qq = q.reshape(B, R, Hkv, groups, d).permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * groups, d).float()
+    if GATHER_ON_CPU and q.device.type == "cpu":
+        o = _gathered_rows(qq, k, v, tile_start, tile_end, tile_valid, tile_len, tile_stride, scale)
+        return out.copy_(o.view(B, Hkv, R, groups, d).permute(0, 2, 1, 3, 4).reshape(N, H, d))
     start, end = clamp_tile_ranges(tile_start.long(), tile_end.long(), n_tiles)
     every = tile_start < 0
     cols = torch.arange(S, device=q.device)
@@ -333,8 +350,24 @@ def segment_cross_attention_decode_ref(
     keep = allowed[:, None, :, None]
     kk = torch.where(keep, k, 0).float()
     vv = torch.where(keep, v, 0).float()
-    qq = q.view(B, R, Hkv, groups, d).permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * groups, d).float()
     o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed[:, None, None, :], scale=scale)
     o = torch.where(allowed.any(dim=1)[:, None, None, None], o, 0.0)  # a row that attends nothing: exactly 0
     o = o.view(B, Hkv, R, groups, d).permute(0, 2, 1, 3, 4).reshape(N, H, d)
     return out.copy_(o)
+
+
+def _gathered_rows(qq, k, v, tile_start, tile_end, tile_valid, tile_len: int, tile_stride: int, scale: float):
+    """qq [B, Hkv, M, d] fp32 against each row's own keys (the tiles of its range that it attends, gathered) ->
+    [B, Hkv, M, d] fp32, 0 for a row that attends nothing. One host sync (the ranges)."""
+    n_tiles = tile_valid.shape[1]
+    starts, ends, valid = tile_start.tolist(), tile_end.tolist(), tile_valid.tolist()
+    offsets = torch.arange(tile_len)
+    o = torch.zeros_like(qq)
+    for b, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        tiles = range(n_tiles) if s < 0 else [j for j in range(max(s, 0), min(e, n_tiles)) if valid[b][j]]
+        if not tiles:
+            continue
+        rows = (torch.tensor(list(tiles))[:, None] * tile_stride + offsets).flatten()
+        o[b] = F.scaled_dot_product_attention(qq[b], k[b].index_select(1, rows).float(),
+                                              v[b].index_select(1, rows).float(), scale=scale)
+    return o

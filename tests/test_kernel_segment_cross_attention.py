@@ -97,10 +97,10 @@ def test_processor_masks_match_transformers_rule(dtype):
 
 
 @interpreter
-@pytest.mark.parametrize("heads", [(4, 1), (2, 2)], ids=["gqa4", "mha"])
+@pytest.mark.parametrize("heads", [(4, 1), (6, 2), (2, 2)], ids=["gqa4", "gqa3", "mha"])
 def test_tiles_longer_than_a_key_block(heads):
     """Tiles of 70 keys (stored every 72 rows): key blocks end inside tiles and runs of valid tiles cross tile
-    edges; 4 query heads on 1 KV head, and plain multi-head attention."""
+    edges; 4 query heads on 1 KV head, 3 per KV head (the query tile's last rows unused), plain multi-head."""
     H, Hkv = heads
     q, k, v, mask = make_case([[1, "I3", "I2", 6], ["I1", 8]], H=H, Hkv=Hkv, d=32, tile_len=70, seed=1)
     ranges = tile_ranges_from_mask(mask)
@@ -225,3 +225,19 @@ def test_gpu_llama_3_2_vision_11b_sizes_bf16():
     q, k, v, mask = make_case(layouts, H=32, Hkv=8, d=128, tile_len=1601, dtype=torch.bfloat16, device="cuda")
     ranges = tile_ranges_from_mask(mask, check=True)
     check(q, k, v, transformers_key_mask(mask, 1601), ranges, tile_len=1601, tile_stride=1608)
+
+
+@interpreter
+def test_rows_beyond_int32_offsets_raise_instead_of_wrapping():
+    """4M keys stored [B, S, Hkv, d] (1024 elements per key): a row spans 2**32 elements, past the kernels'
+    int32 offsets. Meta tensors: nothing is allocated."""
+    tiles, tile_len = 4096, 1024
+    k = torch.empty(1, tiles * tile_len, 8, 128, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    valid = torch.empty(1, tiles, dtype=torch.bool, device="meta")
+    q = torch.empty(1, 32, 4, 128, device="meta", dtype=torch.bfloat16)
+    ranges = [torch.empty(1, 4, dtype=torch.int32, device="meta") for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^k: shape \(1, 8, 4194304, 128\) .* expected below 2\*\*31"):
+        segment_cross_attention(q, k, k, *ranges, valid, tile_len=tile_len)
+    ranges = [torch.empty(1, dtype=torch.int32, device="meta") for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^k: shape"):
+        decode.segment_cross_attention_decode(q[:, :, 0], k, k, *ranges, valid, tile_len=tile_len)

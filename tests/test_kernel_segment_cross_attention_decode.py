@@ -18,6 +18,7 @@ from segment_cases import (
     transformers_key_mask,
 )
 
+from flamingo_fast.kernels import segment_cross_attention_decode as decode_module
 from flamingo_fast.kernels.segment_cross_attention import ALL_TILES, tile_ranges_from_mask
 from flamingo_fast.kernels.segment_cross_attention_decode import (
     num_splits,
@@ -66,16 +67,20 @@ def check(q, k, v, key_mask, ranges, valid, *, R, tile_len, tile_stride, split_k
     assert result.data_ptr() == out.view.data_ptr()
     for p in [*inputs, out]:
         p.assert_padding_intact()
-    twin = segment_cross_attention_decode_ref(*(p.view for p in inputs), **kwargs)
+    twin = segment_cross_attention_decode_ref(*(p.view for p in inputs), **kwargs)  # CPU: rows gathered
+    with pytest.MonkeyPatch.context() as patch:  # the GPU's sync-free path: the whole cache, masked
+        patch.setattr(decode_module, "GATHER_ON_CPU", False)
+        twin_dense = segment_cross_attention_decode_ref(*(p.view for p in inputs), **kwargs)
     # the formula as prefill with T = 1: query n of row n // R, the row's K/V and key mask repeated per query
     q4, k4, v4, m4 = q[:, :, None], per_query(k, R), per_query(v, R), per_query(key_mask, R)[:, None]
     ref64 = formula64(q4, k4, v4, m4, scale)[:, :, 0]
     plain = plain_torch(q4, k4, v4, m4, scale)[:, :, 0]
     assert_within_torch_error(result, ref64, plain, dtype)
     assert_within_torch_error(twin, ref64, plain, dtype)
+    assert_within_torch_error(twin_dense, ref64, plain, dtype)
     assert_close(result, twin, dtype)
     nothing = ~per_query(key_mask, R).any(dim=-1)
-    assert bool((result[nothing] == 0).all()) and bool((twin[nothing] == 0).all())
+    assert all(bool((x[nothing] == 0).all()) for x in (result, twin, twin_dense))
     return result
 
 
@@ -92,10 +97,10 @@ def test_last_mask_row_matches_transformers_rule(R, dtype):
 
 @interpreter
 def test_explicit_ranges_and_tiles_longer_than_a_block():
-    """Hand-written ranges (empty: 0; past the last tile: clamped; every tile), tiles of 70 keys, 4 query heads
-    on 1 KV head, chunks of 96 keys that end inside tiles."""
+    """Hand-written ranges (empty: 0; past the last tile: clamped; every tile), tiles of 70 keys, 3 query heads
+    per KV head, chunks of 96 keys that end inside tiles."""
     g = torch.Generator().manual_seed(4)
-    B, H, Hkv, d, tile_len, n_tiles, R = 4, 4, 1, 32, 70, 4, 2
+    B, H, Hkv, d, tile_len, n_tiles, R = 4, 6, 2, 32, 70, 4, 2  # 3 query heads per KV head
     valid = torch.tensor([[True, False, True, True], [False, True, False, False], [True] * 4, [True] * 4])
     start = torch.tensor([0, 3, 2, ALL_TILES], dtype=torch.int32)
     end = torch.tensor([9, 1, 2, 0], dtype=torch.int32)
@@ -120,7 +125,9 @@ def test_a_rows_result_does_not_depend_on_the_batch():
     assert torch.equal(batched[:1], alone)
 
 
-def test_twin_without_splits_matches_formula_at_a_larger_cache():
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered", "dense"])
+def test_twin_matches_formula_at_a_larger_cache(gather, monkeypatch):
+    monkeypatch.setattr(decode_module, "GATHER_ON_CPU", gather)
     layouts = [[3, "I4", "I4", 20, "I2", 5, "I1", "I3", 36], ["I1", 68], [69]]
     q, k, v, key_mask, ranges, valid = make_case(layouts, R=2, H=8, Hkv=2, d=32, tile_len=40, seed=6)
     out = segment_cross_attention_decode_ref(q, k, v, *ranges, valid, tile_len=40, queries_per_row=2)

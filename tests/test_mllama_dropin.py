@@ -386,3 +386,58 @@ def test_to_bfloat16_converts_the_shared_tensors():
         theirs = model(**dict(inputs, pixel_values=inputs["pixel_values"].bfloat16())).logits
     real = inputs["attention_mask"].bool()
     assert_within_torch_error(ours[real], exact[real], theirs[real].float(), torch.bfloat16)
+
+
+def _lm_linears(model) -> list[torch.nn.Linear]:
+    """The Linears weights="int8" quantizes in a transformers Mllama model: every Linear of the language model's
+    layers, and the output head."""
+    layers = model.model.language_model.layers
+    return [m for m in layers.modules() if type(m) is torch.nn.Linear] + [model.lm_head]
+
+
+def _with_weights(model, rounding):
+    """A copy of `model` whose quantized Linears hold rounding(weight) -> (copy, ||w - rounding(w)|| / ||w||)."""
+    import copy
+
+    from helpers import weight_rounding_error
+
+    copied = copy.deepcopy(model)
+    linears = _lm_linears(copied)
+    eps = weight_rounding_error([m.weight for m in linears], rounding)
+    with torch.no_grad():
+        for m in linears:
+            m.weight.copy_(rounding(m.weight))
+    return copied, eps
+
+
+def test_int8_weights_against_transformers():
+    """from_mllama(model, weights="int8"), fp32 activations: the live model unchanged; the logits equal transformers'
+    on the dequantized weights (fp32 row) and are within the int8 row of the original's (helpers.py: the bound from
+    the same logits with the weights rounded to bf16); greedy tokens equal the dequantized model's; the int8 copy
+    holds none of the quantized float weights."""
+    from helpers import bf16_rounded, dequantized, int8_relative_bound, relative_error
+
+    name = "gqa-llama3-4tiles"
+    model = hf_model(name)
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    runtime = flamingo_fast.from_mllama(model, backend="torch", weights="int8")
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    quantized = {m.weight.untyped_storage().data_ptr() for m in _lm_linears(model)}
+    held = [*runtime.engine.reference.parameters(), *runtime.engine.reference.buffers()]
+    assert not [t for t in held if t.untyped_storage().data_ptr() in quantized]
+    dequant, eps_int8 = _with_weights(model, dequantized)
+    bf16, eps_bf16 = _with_weights(model, bf16_rounded)
+    names = ("mixed", "single", "image_last")
+    real = {p: inputs_of(name, p)["attention_mask"].bool() for p in names}
+    with torch.no_grad():
+        def logits_of(m):
+            return torch.cat([m(**inputs_of(name, p)).logits[real[p]] for p in names])
+        ours, expected, original, rounded = logits_of(runtime), logits_of(dequant), logits_of(model), logits_of(bf16)
+    assert_close(ours, expected, dtype=FP32)
+    bound = int8_relative_bound(relative_error(rounded, original), eps_int8, eps_bf16)
+    assert relative_error(ours, original) <= bound
+    inputs = inputs_of(name, "mixed")
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad():
+        expected_ids = dequant.generate(**inputs, **gen)
+    assert_same_tokens(runtime.generate(**inputs, **gen), expected_ids, inputs["input_ids"].shape[1])

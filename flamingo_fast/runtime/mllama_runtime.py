@@ -60,7 +60,9 @@ from .caches import StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
 from .layers import BACKENDS, KernelOps, kernel_ops
 from .mllama_inputs import MllamaImages, check_mllama_call
+from .mllama_int8 import int8_reference
 from .mllama_media import MllamaMedia, encode_media
+from .quantize import bind_int8_linears
 from .weight_watch import WeightWatch
 
 
@@ -79,7 +81,7 @@ class MllamaSearchConfig:
 
 def _lm_view(reference: MllamaReference) -> LMConfig:
     text = reference.config.text
-    return LMConfig(family="llama", vocab_size=reference.lm_head.out_features, hidden_size=text.hidden_size,
+    return LMConfig(family="llama", vocab_size=reference.lm_head.weight.shape[0], hidden_size=text.hidden_size,
                     num_layers=text.num_layers, num_heads=text.num_heads, num_kv_heads=text.num_kv_heads,
                     intermediate_size=text.intermediate_size, rms_norm_eps=text.rms_norm_eps,
                     rope_theta=text.rope_theta, max_position_embeddings=text.max_position_embeddings)
@@ -156,13 +158,18 @@ class MllamaRuntime(nn.Module):
     """Llama 3.2 Vision run the fast way over a MllamaReference's own tensors (registered as `reference`: nothing
     is copied). backend: "torch" (the segment ops' twins), "triton" (the kernels: CUDA, or the CPU with
     TRITON_INTERPRET=1) or "auto" (Triton on CUDA, else torch). context_cache_bytes: the image cache's budget
-    (mllama_media.py; 0 disables it)."""
+    (mllama_media.py; 0 disables it). weights="int8": the language model's Linears and head quantized into a copy
+    that shares every other tensor (mllama_int8.py)."""
 
     def __init__(self, reference: MllamaReference, backend: str = "auto", stop_check_interval: int | None = None,
-                 context_cache_bytes: int = 1 << 30):
+                 context_cache_bytes: int = 1 << 30, weights: str | None = None):
         super().__init__()
         check_int("context_cache_bytes", context_cache_bytes, 0, " (0 disables it)")
-        self.reference = reference
+        if weights not in (None, "int8"):
+            raise ValueError(f"weights={weights!r}: expected None (the model's own) or 'int8'")
+        if weights == "int8":
+            reference = int8_reference(reference)
+        self.reference, self.weights = reference, weights
         device = next(reference.parameters()).device
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
@@ -170,6 +177,7 @@ class MllamaRuntime(nn.Module):
             raise ValueError(f"backend={backend!r}: expected 'auto' or one of {BACKENDS}")
         self.backend = backend
         self.ops: KernelOps = kernel_ops(backend)
+        bind_int8_linears(reference, self.ops.int8_linear)
         self.stop_check_interval = stop_check_interval or (8 if device.type == "cuda" else 1)
         mllama = reference.config
         lm = _lm_view(reference)
@@ -192,7 +200,7 @@ class MllamaRuntime(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.reference.lm_head.weight.dtype
+        return self.reference.language_model.embed_tokens.weight.dtype
 
     def media(self, images: MllamaImages, tokens: int) -> MllamaMedia:
         """Steps 1 and 2 of the module docstring (mllama_media.py), through the image cache; weights written or

@@ -441,3 +441,19 @@ def test_int8_weights_against_transformers():
     with torch.no_grad():
         expected_ids = dequant.generate(**inputs, **gen)
     assert_same_tokens(runtime.generate(**inputs, **gen), expected_ids, inputs["input_ids"].shape[1])
+
+
+def test_generation_config_and_a_missing_attention_mask_as_transformers():
+    """Options the call leaves out come from the model's generation_config (read when the drop-in is built), and a
+    missing attention_mask is inferred from the pad token, as transformers' generate does."""
+    name = "gqa-llama3-4tiles"
+    model = build_mllama(name, seed=len(name))  # its own: the generation_config is changed
+    model.generation_config.max_new_tokens, model.generation_config.num_beams = 4, 2
+    runtime = flamingo_fast.from_mllama(model, backend="torch")
+    inputs = dict(inputs_of(name, "mixed"))
+    inputs.pop("attention_mask")
+    with torch.no_grad():
+        expected = model.generate(**inputs)
+    got = runtime.generate(**inputs)
+    assert got.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert_same_tokens(got, expected, inputs["input_ids"].shape[1])

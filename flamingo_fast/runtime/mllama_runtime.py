@@ -34,6 +34,7 @@ FastFlamingo are not wired here yet).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -190,6 +191,7 @@ class MllamaRuntime(nn.Module):
         self.kv_view = SimpleNamespace(lm=dataclasses.replace(lm, num_layers=len(self.self_slot)))
         self.image_cache = ContextCache(context_cache_bytes)  # images only (mllama_media.py says why)
         self.weight_watch = WeightWatch(reference)
+        self.lock = threading.Lock()  # one call at a time: the image cache is shared state
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -283,7 +285,8 @@ class MllamaRuntime(nn.Module):
     def logits(self, input_ids, attention_mask=None, images: MllamaImages | None = None) -> torch.Tensor:
         """transformers' forward: logits [B, T, vocab] of every position, in the runtime's dtype."""
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
-        return self.prefill(input_ids, attention_mask, images, 1, all_positions=True)[1]
+        with self.lock:
+            return self.prefill(input_ids, attention_mask, images, 1, all_positions=True)[1]
 
     @runtime_mode
     def score(self, input_ids, attention_mask=None, images: MllamaImages | None = None, candidates=(),
@@ -297,8 +300,9 @@ class MllamaRuntime(nn.Module):
         longest = max(len(t) for t in tokens)
         per_row = hypotheses_per_row(tokens, input_ids.shape[0], score_bytes,
                                      hypothesis_bytes(self.config, self.dtype, longest - 1))
-        decoder, first = self.prefill(input_ids, attention_mask, images, longest - 1)
-        return score_candidates(decoder, first.float(), tokens, max(per_row, 1), normalize_length, progress=False)
+        with self.lock:
+            decoder, first = self.prefill(input_ids, attention_mask, images, longest - 1)
+            return score_candidates(decoder, first.float(), tokens, max(per_row, 1), normalize_length, progress=False)
 
     @runtime_mode
     def generate_from_options(self, images: MllamaImages | None, input_ids, attention_mask,
@@ -309,6 +313,7 @@ class MllamaRuntime(nn.Module):
         if image_attention_mask is not None:
             raise ValueError("image_attention_mask: not an input of Llama 3.2 Vision; expected cross_attention_mask")
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
-        return generate_ids(lambda: self.prefill(input_ids, attention_mask, images, options.max_new_tokens),
-                            input_ids, options, self.config.lm.vocab_size, generator=generator, timer=timer,
-                            return_logits=return_logits, stop_check_interval=self.stop_check_interval)
+        with self.lock:
+            return generate_ids(lambda: self.prefill(input_ids, attention_mask, images, options.max_new_tokens),
+                                input_ids, options, self.config.lm.vocab_size, generator=generator, timer=timer,
+                                return_logits=return_logits, stop_check_interval=self.stop_check_interval)

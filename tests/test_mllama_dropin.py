@@ -457,3 +457,15 @@ def test_generation_config_and_a_missing_attention_mask_as_transformers():
     got = runtime.generate(**inputs)
     assert got.shape[1] == inputs["input_ids"].shape[1] + 4
     assert_same_tokens(got, expected, inputs["input_ids"].shape[1])
+
+
+def test_bad_options_name_the_option(monkeypatch):
+    model = hf_model("gqa-llama3-4tiles")
+    for options, named in ((dict(backend="cuda"), "backend"), (dict(stop_check_interval=0), "stop_check_interval"),
+                           (dict(context_cache_bytes=-1), "context_cache_bytes"), (dict(weights="int4"), "weights")):
+        with pytest.raises(ValueError, match=named):
+            flamingo_fast.from_mllama(model, **options)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='triton'"):
+            flamingo_fast.from_mllama(model, backend="triton")

@@ -40,6 +40,7 @@ from .quantize import Int8Linear, fused_int8_linear
 BACKENDS = ("triton", "torch")
 # Llama 3.2 Vision: the processor's cross_attention_mask -> the segment ops' tile ranges (kernels' helper)
 segment_tile_ranges = _segment_xattn.tile_ranges_from_mask
+SEGMENT_HEAD_DIMS = _segment_xattn.SUPPORTED_HEAD_DIMS
 
 
 @dataclass(frozen=True)

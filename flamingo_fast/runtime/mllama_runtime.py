@@ -34,6 +34,7 @@ FastFlamingo are not wired here yet).
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -59,7 +60,7 @@ from ..reference.mllama import MllamaCrossAttentionLayer, MllamaReference
 from .attention import shared_prefix_attention
 from .caches import StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
-from .layers import BACKENDS, KernelOps, kernel_ops
+from .layers import BACKENDS, SEGMENT_HEAD_DIMS, kernel_ops
 from .mllama_inputs import MllamaImages, check_mllama_call
 from .mllama_int8 import int8_reference
 from .mllama_media import MllamaMedia, encode_media
@@ -114,7 +115,7 @@ class MllamaDecoder:
     def __init__(self, runtime: MllamaRuntime, kv: StaticKVCache, media: MllamaMedia | None,
                  last_position: torch.Tensor, max_tail_len: int):
         self.runtime, self.kv, self.media = runtime, kv, media
-        self.rows, self.prompt_len = last_position.shape[0], int(kv.max_seq_len)
+        self.rows = last_position.shape[0]
         self.last_position, self.max_tail_len = last_position, max(1, max_tail_len)
         self.tail: TailKVCache | None = None
         self.per_row, self.tail_len, self.positions = 1, 0, last_position
@@ -171,15 +172,13 @@ class MllamaRuntime(nn.Module):
         if weights == "int8":
             reference = int8_reference(reference)
         self.reference, self.weights = reference, weights
-        device = next(reference.parameters()).device
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
-        if backend not in BACKENDS:
+        if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected 'auto' or one of {BACKENDS}")
-        self.backend = backend
-        self.ops: KernelOps = kernel_ops(backend)
-        bind_int8_linears(reference, self.ops.int8_linear)
-        self.stop_check_interval = stop_check_interval or (8 if device.type == "cuda" else 1)
+        if stop_check_interval is not None:
+            check_int("stop_check_interval", stop_check_interval, 1)
+        self.backend_option, self.stop_check_option = backend, stop_check_interval
+        self.backend, self.ops, self.stop_check_interval = "", None, 1
+        self._resolve_backend()
         mllama = reference.config
         lm = _lm_view(reference)
         self.config = MllamaSearchConfig(lm, mllama.eos_token_id, mllama.pad_token_id, mllama.image_token_id)
@@ -193,6 +192,37 @@ class MllamaRuntime(nn.Module):
         self.weight_watch = WeightWatch(reference)
         self.lock = threading.Lock()  # one call at a time: the image cache is shared state
 
+    def _resolve_backend(self) -> None:
+        """The backend for the weights' device ("auto": Triton on CUDA, else torch), checked; again at each call, so
+        that a drop-in moved by `.to` picks the new device's (the int8 layers rebound to its matmul)."""
+        device = self.reference.language_model.embed_tokens.weight.device
+        backend = self.backend_option
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        if backend == self.backend:
+            return
+        if backend == "triton":
+            head_dim = self.reference.config.text.head_dim
+            if head_dim not in SEGMENT_HEAD_DIMS:
+                raise ValueError(f"backend='triton': the segment kernels take head dims {SEGMENT_HEAD_DIMS}; the "
+                                 f"model's is {head_dim}; expected backend='torch'")
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"backend='triton' with the model on {device}: expected a CUDA device (or "
+                                 f"TRITON_INTERPRET=1 to run the kernels in Triton's interpreter); use backend='torch' "
+                                 f"on the CPU")
+        self.backend, self.ops = backend, kernel_ops(backend)
+        bind_int8_linears(self.reference, None)
+        bind_int8_linears(self.reference, self.ops.int8_linear)
+        self.stop_check_interval = self.stop_check_option or (8 if device.type == "cuda" else 1)
+
+    def _settle(self) -> None:
+        """At each call, under the lock: weights written in place or replaced (`.to`) since the last call empty the
+        image cache (weight_watch.py), and a move may change the backend."""
+        if self.weight_watch.check() is not None:
+            self.weight_watch.renew()
+            self.image_cache.clear()
+            self._resolve_backend()
+
     @property
     def cache_stats(self) -> CacheStats:
         return self.image_cache.stats
@@ -205,11 +235,7 @@ class MllamaRuntime(nn.Module):
         return self.reference.language_model.embed_tokens.weight.dtype
 
     def media(self, images: MllamaImages, tokens: int) -> MllamaMedia:
-        """Steps 1 and 2 of the module docstring (mllama_media.py), through the image cache; weights written or
-        replaced since the last call empty it first (weight_watch.py)."""
-        if self.weight_watch.check() is not None:
-            self.weight_watch.renew()
-            self.image_cache.clear()
+        """Steps 1 and 2 of the module docstring (mllama_media.py), through the image cache."""
         return encode_media(self.reference, list(self.cross_slot), images, tokens, self.image_cache, self.dtype)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: MllamaImages | None,
@@ -286,6 +312,7 @@ class MllamaRuntime(nn.Module):
         """transformers' forward: logits [B, T, vocab] of every position, in the runtime's dtype."""
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
         with self.lock:
+            self._settle()
             return self.prefill(input_ids, attention_mask, images, 1, all_positions=True)[1]
 
     @runtime_mode
@@ -301,6 +328,7 @@ class MllamaRuntime(nn.Module):
         per_row = hypotheses_per_row(tokens, input_ids.shape[0], score_bytes,
                                      hypothesis_bytes(self.config, self.dtype, longest - 1))
         with self.lock:
+            self._settle()
             decoder, first = self.prefill(input_ids, attention_mask, images, longest - 1)
             return score_candidates(decoder, first.float(), tokens, max(per_row, 1), normalize_length, progress=False)
 
@@ -314,6 +342,7 @@ class MllamaRuntime(nn.Module):
             raise ValueError("image_attention_mask: not an input of Llama 3.2 Vision; expected cross_attention_mask")
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
         with self.lock:
+            self._settle()
             return generate_ids(lambda: self.prefill(input_ids, attention_mask, images, options.max_new_tokens),
                                 input_ids, options, self.config.lm.vocab_size, generator=generator, timer=timer,
                                 return_logits=return_logits, stop_check_interval=self.stop_check_interval)

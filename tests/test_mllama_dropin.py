@@ -218,14 +218,15 @@ def test_transformers5_cached_generate_with_a_cross_attention_layer_first():
 
 @interpreter
 def test_triton_backend_matches_transformers():
-    """The segment cross-attention kernels (prefill and decode), interpreted on the CPU: logits and greedy tokens
-    on the single-image prompt."""
+    """The segment cross-attention kernels (prefill and decode), interpreted on the CPU, on prompts that end with an
+    image (every-tile tokens before the first image, a row with images of 1 and 2 tiles): logits, and beams
+    (the decode kernel reading a row's K/V for its 2 hypotheses)."""
     name = "gqa-llama3-4tiles"
-    inputs = inputs_of(name, "single")
+    inputs = inputs_of(name, "image_last")
     runtime = drop_in(name, "triton")
     assert runtime.engine.backend == "triton"
     assert_logits_match(runtime(**inputs).logits, hf_logits(name, inputs), inputs["attention_mask"])
-    gen = dict(max_new_tokens=3, do_sample=False)
+    gen = dict(max_new_tokens=3, num_beams=2, do_sample=False)
     assert_same_tokens(runtime.generate(**inputs, **gen), hf_generate(name, inputs, **gen),
                        inputs["input_ids"].shape[1])
 

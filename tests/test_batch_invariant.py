@@ -6,7 +6,7 @@ These assert torch.equal across calls of different shapes because the mode build
 runs the same calls on tensors of the same shapes. The default mode (batch_invariant=False) promises only the
 tolerance table's row there (docs/semantics.md); run with it on the 2-core development CPU (torch 2.13, MKL, 1
 thread), these failed: a row alone against the row in a batch (greedy logits: every case, the IDEFICS drop-in
-under transformers 4.57 included; forward), a beam
+under transformers 4.57 included: test_batch_invariant_idefics.py; forward), a beam
 search's first-step logits in a batch against the plain call's alone (every case), score alone against the batch
 (bf16, int8, IDEFICS) and in one-hypothesis passes against wider ones (every case), the batch warm against cold
 (IDEFICS int8), the row alone warm against cold (Triton). The row alone with the cache off against on held there,
@@ -180,30 +180,3 @@ def test_the_option_is_checked_refuses_what_couples_rows_and_survives_a_drop_in_
     rebuilt = drop_in.fast
     assert rebuilt is not fast and rebuilt.options.batch_invariant and rebuilt.prefill_state.batch_invariant
 
-
-@pytest.mark.comparison
-def test_idefics_drop_in_rows_alone_as_the_processor_makes_them():
-    """from_idefics(model, batch_invariant=True) over transformers' IdeficsForVisionText2Text: each row of the
-    processor's batch (3, 2, 1 and 0 images, left padding, zero pixel rows) equals that prompt processed alone,
-    with its own image count, in greedy tokens and logits and in score."""
-    pytest.importorskip("transformers", reason="needs transformers (make test-openflamingo)")
-    from idefics_fixtures import build_idefics, build_processor, process, prompt_batches
-
-    import flamingo_fast
-
-    processor = build_processor(additional_rows=3)
-    prompts = prompt_batches(seed=0)["mixed"]
-    drop_in = flamingo_fast.from_idefics(build_idefics(), backend="torch", max_batch_size=4, max_seq_len=64,
-                                         batch_invariant=True)
-    assert drop_in.fast.options.batch_invariant
-    batch = process(processor, prompts)
-    gen = dict(max_new_tokens=3, eos_token_id=[], return_logits=True)
-    ids, logits = drop_in.generate(**batch, **gen)
-    scores = drop_in.score(**batch, candidates=CANDIDATES)
-    width = batch["input_ids"].shape[1]
-    for b, prompt in enumerate(prompts):
-        row = process(processor, [prompt])
-        row_ids, row_logits = drop_in.generate(**row, **gen)
-        assert torch.equal(row_ids[0, row["input_ids"].shape[1]:], ids[b, width:]), f"row {b}"
-        assert torch.equal(row_logits[0], logits[b]), f"row {b}"
-        assert torch.equal(drop_in.score(**row, candidates=CANDIDATES)[0], scores[b]), f"row {b}"

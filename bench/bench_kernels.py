@@ -10,8 +10,9 @@ prints the same comparison as a markdown table.
 
 CUDA (skipped without a GPU): Triton kernel vs twin vs dense masked scaled_dot_product_attention, with
 `triton.testing.do_bench` medians at OpenFlamingo-9B shapes; the gated residual, perceiver attention and
-decode kernels vs their twins. The same cases, with correctness checks, run as a script in
-`bench/gpu_kernels.py` (what the GPU check runs).
+decode kernels vs their twins; Llama 3.2 Vision 11B's segment cross-attention (prefill and decode, with the
+bytes a decode step moves worked out in gpu_kernels.py's docstring). The same cases, with correctness checks,
+run as a script in `bench/gpu_kernels.py` (what the GPU check runs).
 """
 
 from __future__ import annotations
@@ -109,6 +110,18 @@ def test_xattn_cuda_triton_vs_twin_vs_dense_sdpa(benchmark, shots):
     row = gpu_kernels.xattn_prefill_case(batch=4, shots=shots)
     benchmark.extra_info.update(row)
     benchmark.pedantic(lambda: None, rounds=1)  # the timings are do_bench medians, in extra_info
+
+
+@needs_cuda
+def test_mllama_segment_cross_attention_cuda_vs_twins(benchmark):
+    """Llama 3.2 Vision 11B's cross-attention: decode (B 1 / 8, one 4-tile image; GB/s against the bytes computed
+    in gpu_kernels.py's docstring) and prefill (B 2, 2 images, T 1024) against the twins and dense SDPA."""
+    import gpu_kernels
+
+    rows = [gpu_kernels.segment_decode_case(1, 1, 4), gpu_kernels.segment_decode_case(8, 1, 4),
+            gpu_kernels.segment_prefill_case(2, 2, 4, T=1024)]
+    benchmark.extra_info.update({f"{r['case']} {r['shape']}": r for r in rows})
+    benchmark.pedantic(lambda: None, rounds=1)
 
 
 @needs_cuda

@@ -44,6 +44,8 @@ from flamingo_fast.kernels import masked_cross_attention as mca  # noqa: E402
 from flamingo_fast.kernels import masked_cross_attention_decode as mcad  # noqa: E402
 from flamingo_fast.kernels import perceiver_attention as pa  # noqa: E402
 from flamingo_fast.kernels import rotary_kv_write as rkv  # noqa: E402
+from flamingo_fast.kernels import segment_cross_attention as sca  # noqa: E402
+from flamingo_fast.kernels import segment_cross_attention_decode as scad  # noqa: E402
 from flamingo_fast.kernels._common import attention_launch_params, dot_dtype, tl_dtype  # noqa: E402
 
 ARCHS = (80, 90)
@@ -226,6 +228,46 @@ def _int8_matmul_configs(dname: str, dt) -> list[Config]:
     return out
 
 
+def _segment_configs(dname: str, dt, full: bool, head_dim: int = 128, heads: int = 32,
+                     kv_heads: int = 8) -> list[Config]:
+    """Llama 3.2 Vision's cross-attention (11B: d 128, 32 query heads on 8 KV heads) as the launchers pass it:
+    prefill (GROUP 4 heads x 16 tokens per 64-row tile), decode with one query per row (a 16-row tile; beams up
+    to 4 use the same), split or not, with 16 scored candidates per row (64 rows, the largest tile), and the
+    split combine. The tile length (1601
+    keys, or 1608 rows with the vision tower's padding) is a runtime argument: it changes no constexpr. `full`:
+    every variant, else the prefill and the split decode only (the launch parameters fp32 needs)."""
+    groups = heads // kv_heads
+    block_m, block_n, num_warps, num_stages = sca.launch_params(dt, head_dim)
+    ranges = dict(start_ptr=_ptr("*i32"), end_ptr=_ptr("*i32"), valid_ptr=_ptr("*u8"), n_tiles=_I32, tile_len=_I32,
+                  tile_stride=_I32, inv_stride=_FP32, qk_scale_log2=_FP32)
+    args = dict(q_ptr=_ptr(dt), k_ptr=_ptr(dt), v_ptr=_ptr(dt), out_ptr=_ptr(dt), T=_I32, **ranges,
+                **_strides("q", "bhtd"), **_strides("k", "bhnd"), **_strides("v", "bhnd"),
+                stride_sb=_I32, stride_st=_ONE, stride_eb=_I32, stride_et=_ONE, stride_wb=_I32, stride_wj=_ONE,
+                **_strides("o", "bhtd"), HEAD_DIM=head_dim, GROUP=groups, BLOCK_M=block_m, BLOCK_N=block_n,
+                DOT_DTYPE=dot_dtype(dt, interpreted=False), OUT_DTYPE=tl_dtype(dt))
+    out = [Config("segment_cross_attention", f"{dname} d={head_dim} G{groups} M{block_m}xN{block_n}",
+                  sca._segment_cross_attention_kernel, args, num_warps, num_stages, dt != torch.float32)]
+    block_n, num_warps, max_block_m = da.launch_params(dt)
+    variants = (("rows split", 1, True), ("rows 1 split", 1, False), ("16 candidates split", 16, True))
+    for label, beams, split in variants if full else variants[:1]:
+        block_m = max(16, min(max_block_m, triton.next_power_of_2(beams * groups)))
+        args = dict(q_ptr=_ptr(dt), k_ptr=_ptr(dt), v_ptr=_ptr(dt), out_ptr=_ptr(dt), part_out_ptr=_ptr(torch.float32),
+                    part_lse_ptr=_ptr(torch.float32), **ranges, split_keys=_I32_16, num_splits=_I32,
+                    queries_per_row=_I32, **_strides("q", "nhd"), **_strides("k", "bhnd"), **_strides("v", "bhnd"),
+                    stride_sb=_ONE, stride_eb=_ONE, stride_wb=_I32, stride_wj=_ONE, **_strides("o", "nhd"),
+                    HEAD_DIM=head_dim, GROUP=groups, BLOCK_M=block_m, BLOCK_N=block_n, M_BLOCKS=1, SPLIT=split,
+                    DOT_DTYPE=dot_dtype(dt, interpreted=False), OUT_DTYPE=tl_dtype(dt))
+        out.append(Config("segment_cross_attention_decode", f"{dname} d={head_dim} G{groups} {label} "
+                          f"M{block_m}xN{block_n}", scad._segment_cross_attention_decode_kernel, args, num_warps,
+                          scad.NUM_STAGES))
+    args = dict(part_out_ptr=_ptr(torch.float32), part_lse_ptr=_ptr(torch.float32), out_ptr=_ptr(dt), num_splits=_I32,
+                **_strides("o", "nhd"), HEAD_DIM=head_dim, OUT_DTYPE=tl_dtype(dt))
+    if full:
+        out.append(Config("segment_decode_combine", f"{dname} d={head_dim}", scad._segment_decode_combine_kernel,
+                          args, scad.COMBINE_WARPS))
+    return out
+
+
 def configs(quick: bool = False) -> list[Config]:
     """What the runtime launches: d 64, 64 latents, the launchers' block sizes, every dtype and mode (and
     bf16 at d 128, which the launchers accept too)."""
@@ -269,7 +311,11 @@ def configs(quick: bool = False) -> list[Config]:
         out += _attention_configs("bf16", torch.bfloat16, 128, {"immediate": MODES["immediate"]})
         out += _decode_attention_configs("bf16", torch.bfloat16, 64, full=True)
         out += _decode_attention_configs("bf16", torch.bfloat16, 80, full=False)
-    return out
+    # Llama 3.2 Vision 11B, last and interleaved by cost: the gate runs configuration i in shard i % 2, and these
+    # 14 compiles take ~16 s cold (prefill 4.5 s for both archs, decode 2.4-2.9 s, combine 0.7 s; 2026-12-07)
+    prefill, split, one_split, candidates, combine = _segment_configs("bf16", torch.bfloat16, full=True)
+    fp32 = _segment_configs("fp32", torch.float32, full=False) if not quick else []
+    return out + [split, prefill, one_split, *fp32[:1], combine, candidates, *fp32[1:]]
 
 
 def _cuobjdump() -> Path:

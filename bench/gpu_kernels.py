@@ -9,6 +9,20 @@ with up to 32 images; the perceiver over 256 patch tokens; the gated residual at
 is independent: a failure is recorded (with its traceback) and the script goes on. The correctness rule is
 the tests' one: max |kernel - float64| <= 2 * max |plain torch at dtype - float64| + atol[dtype]. The whole
 run stays under --budget-s (default 100 s); cases past it are recorded as skipped.
+
+Llama 3.2 Vision 11B (the `mllama` cases, bf16): 32 query heads on 8 KV heads of 128, tiles of 1601 vision tokens.
+Bytes one decode step moves in the segment cross-attention, per row whose token sees one 4-tile image:
+- K and V of the image, per layer: 8 KV heads x 128 x (4 x 1601 = 6,404 keys) x 2 (K, V) x 2 B = 26,230,784 B
+  (25.0 MiB); over the 8 cross-attention layers 209,846,272 B (200 MiB). Padding rows (tiles stored every
+  1608 rows) and invalid tiles are never loaded, so the count is the same for those layouts.
+- split partials: 26 splits of 256 keys; each writes [32 heads x (128 + 1)] float32 per query, the combine
+  reads them back: 2 x 32 x 26 x 129 x 4 B = 858,624 B per layer, 6.9 MB over 8 layers (3.3% of the K/V).
+- q and out: 2 x 32 x 128 x 2 B = 16 KiB per layer: negligible.
+Total about 216.8 MB per row per step: at least 65 us at an H100 SXM's 3.35 TB/s, 45 us at an H200's 4.8 TB/s.
+Beam hypotheses of a row share its K/V (only their partials multiply); B rows move B times as much. Next to the
+~21 GB of weights a token reads (6.3 ms on an H100), the cross-attention K/V is 1% at batch 1 and as large as
+the weights at batch ~97. `segment_decode_case` reports triton_GBps (these bytes over the CUDA-graph time) to
+compare with the card's bandwidth.
 """
 
 from __future__ import annotations
@@ -41,6 +55,16 @@ from flamingo_fast.kernels.masked_cross_attention_decode import (  # noqa: E402
     masked_cross_attention_decode_ref,
 )
 from flamingo_fast.kernels.perceiver_attention import perceiver_attention, perceiver_attention_ref  # noqa: E402
+from flamingo_fast.kernels.segment_cross_attention import (  # noqa: E402
+    segment_cross_attention,
+    segment_cross_attention_ref,
+    tile_ranges_from_mask,
+)
+from flamingo_fast.kernels.segment_cross_attention_decode import (  # noqa: E402
+    num_splits,
+    segment_cross_attention_decode,
+    segment_cross_attention_decode_ref,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # tests/helpers.py TOLERANCE
@@ -172,6 +196,116 @@ def decode_case(batch=8, mode="immediate", dtype=torch.bfloat16, heads=8, capaci
             "dtype": str(dtype).replace("torch.", ""), "ms": ms, "baseline": "twin", **row}
 
 
+# Llama 3.2 Vision 11B's cross-attention: 32 query heads on 8 KV heads of 128, tiles of 1601 vision tokens (560 px)
+MLLAMA = dict(heads=32, kv_heads=8, head_dim=128, tile_len=1601, max_tiles=4)
+
+
+def mllama_mask(batch: int, T: int, images: int, tiles: int) -> torch.Tensor:
+    """A processor-style cross_attention_mask [B, T, images, 4]: row b opens with 8 + 4 b text tokens, then its
+    images at even spacing, each seen by the tokens up to the next image (row 0's first two images are adjacent:
+    a group, so the tokens after them see both); image i of row b has tiles - (i + b) % 2 real tiles (>= 1)."""
+    mask = torch.zeros(batch, T, images, MLLAMA["max_tiles"], dtype=torch.long)
+    for b in range(batch):
+        first = min(8 + 4 * b, T - images)
+        at = [first + i * max(1, (T - first) // images) for i in range(images)]
+        if b == 0 and images > 1:
+            at[1] = at[0] + 1
+        for t in range(first, T):  # the processor's rule: the most recent group of adjacent image tokens
+            group = [max(i for i in range(images) if at[i] <= t)]
+            while group[0] > 0 and at[group[0] - 1] == at[group[0]] - 1:
+                group.insert(0, group[0] - 1)
+            for i in group:
+                mask[b, t, i, : max(1, tiles - (i + b) % 2)] = 1
+    return mask.to(DEVICE)
+
+
+def _transformers_keys(mask: torch.Tensor, tile_len: int) -> torch.Tensor:
+    """[B, T, n_tiles * tile_len]: transformers' key mask (an all-masked token row made all-visible)."""
+    keys = (mask != 0).flatten(2).repeat_interleave(tile_len, dim=-1)
+    return keys | ~keys.any(dim=-1, keepdim=True)
+
+
+def _gqa_formula(q, k, v, allowed, plain_dtype):
+    """(float64 formula, plain torch at the dtype) for q [B, H, T, d], k, v [B, Hkv, S, d], allowed [B, T, S]."""
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return attention_formula64(q, kk, vv, allowed), attention_plain(q, kk, vv, allowed)
+
+
+def segment_prefill_case(batch=2, images=2, tiles=4, T=1024, dtype=torch.bfloat16, tile_stride=None) -> dict:
+    """Prefill at 11B's sizes. Checked on row 0 and its first two KV heads (a float64 [8, T, S] reference per
+    row; all of it would be 6 GiB at B 1, 4 images); timed on the whole batch against the twin and against a
+    dense masked SDPA with the KV heads shared (transformers' way: every token scores every vision token)."""
+    H, Hkv, d, tile_len = MLLAMA["heads"], MLLAMA["kv_heads"], MLLAMA["head_dim"], MLLAMA["tile_len"]
+    if DRY:
+        H, Hkv, d, tile_len = 4, 2, 16, 12
+    stride = tile_stride or tile_len
+    mask = mllama_mask(batch, T, images, tiles)
+    start, end, valid = tile_ranges_from_mask(mask)
+    n_tiles = valid.shape[1]
+    q = torch.randn(batch, T, H, d, device=DEVICE, dtype=dtype).transpose(1, 2)
+    k, v = media_kv(batch, Hkv, n_tiles * stride, d, dtype)
+    kwargs = dict(tile_len=tile_len, tile_stride=stride)
+    rows = (torch.arange(n_tiles, device=DEVICE)[:, None] * stride + torch.arange(tile_len, device=DEVICE)).flatten()
+    allowed = _transformers_keys(mask, tile_len)
+    g = H // Hkv
+    ref64, plain = _gqa_formula(q[:1, : 2 * g], k[:1, :2, rows], v[:1, :2, rows], allowed[:1], dtype)
+    row = check(segment_cross_attention(q, k, v, start, end, valid, **kwargs)[:1, : 2 * g], ref64, plain, dtype)
+    row["twin_ok"] = check(segment_cross_attention_ref(q, k, v, start, end, valid, **kwargs)[:1, : 2 * g], ref64,
+                           plain, dtype)["ok"]
+    del ref64, plain
+    k_dense, v_dense = k[:, :, rows], v[:, :, rows]
+    dense_mask = allowed[:, None]
+    ms = {
+        "triton": bench_ms(lambda: segment_cross_attention(q, k, v, start, end, valid, **kwargs)),
+        "twin": bench_ms(lambda: segment_cross_attention_ref(q, k, v, start, end, valid, **kwargs)),
+        "dense sdpa": bench_ms(lambda: F.scaled_dot_product_attention(q, k_dense, v_dense, attn_mask=dense_mask,
+                                                                      enable_gqa=True)),
+    }
+    return {"case": f"mllama xattn prefill{' stride ' + str(stride) if tile_stride else ''}",
+            "shape": f"B{batch} H{H}/{Hkv} T{T} {images} images x {tiles} tiles of {tile_len} d{d}",
+            "dtype": str(dtype).replace("torch.", ""), "ms": ms, "baseline": "dense sdpa", **row}
+
+
+def segment_decode_case(batch=1, images=1, tiles=4, beams=1, dtype=torch.bfloat16) -> dict:
+    """One decode step at 11B's sizes: each row's new token(s) against the tiles of its last mask row. The row's
+    range is its last image (the few-shot case: the cache holds `images` images, the token reads one). Checked on
+    rows 0 and 1 (with 2 images, row 0's two are a group: its token sees both), timed on all.
+    triton_GBps = the K/V bytes the rows' ranges hold (+ the split partials) / kernel time (CUDA graph)."""
+    H, Hkv, d, tile_len = MLLAMA["heads"], MLLAMA["kv_heads"], MLLAMA["head_dim"], MLLAMA["tile_len"]
+    if DRY:
+        H, Hkv, d, tile_len = 4, 2, 16, 12
+    T = 16 * images + 16
+    mask = mllama_mask(batch, T, images, tiles)
+    start, end, valid = tile_ranges_from_mask(mask)
+    start, end = start[:, -1].contiguous(), end[:, -1].contiguous()
+    n_tiles = valid.shape[1]
+    q = torch.randn(batch * beams, H, d, device=DEVICE, dtype=dtype)
+    k, v = media_kv(batch, Hkv, n_tiles * tile_len, d, dtype)
+    kwargs = dict(tile_len=tile_len, queries_per_row=beams)
+    allowed = _transformers_keys(mask[:, -1:], tile_len).repeat_interleave(beams, dim=0)  # [N, 1, S]
+    n = 2 * beams  # checked on the first two rows' queries: the float64 reference repeats K/V per query and head
+    kq, vq = k[:2].repeat_interleave(beams, dim=0), v[:2].repeat_interleave(beams, dim=0)
+    ref64, plain = _gqa_formula(q[:n, :, None], kq, vq, allowed[:n], dtype)
+    out, out_twin = torch.empty_like(q), torch.empty_like(q)
+    row = check(segment_cross_attention_decode(q, k, v, start, end, valid, out=out, **kwargs)[:n], ref64[:, :, 0],
+                plain[:, :, 0], dtype)
+    row["twin_ok"] = check(segment_cross_attention_decode_ref(q, k, v, start, end, valid, **kwargs)[:n],
+                           ref64[:, :, 0], plain[:, :, 0], dtype)["ok"]
+    del ref64, plain, kq, vq
+    call = lambda: segment_cross_attention_decode(q, k, v, start, end, valid, out=out, **kwargs)  # noqa: E731
+    twin = lambda: segment_cross_attention_decode_ref(q, k, v, start, end, valid, out=out_twin, **kwargs)  # noqa: E731
+    ms = {"triton": bench_ms(call), "twin": bench_ms(twin), "triton graph": bench_ms(call, True),
+          "twin graph": bench_ms(twin, True)}
+    keys_read = int(allowed[::beams, 0].sum())
+    splits = num_splits(k.shape[2])
+    moved = keys_read * Hkv * d * 2 * k.element_size() + batch * beams * H * splits * (d + 1) * 4 * 2
+    row["triton_GBps"] = moved / (ms["triton graph"] * 1e-3) / 1e9
+    return {"case": f"mllama xattn decode {beams} hypotheses", "shape": f"B{batch} H{H}/{Hkv} cache {images} "
+            f"images x {tiles} tiles of {tile_len} (reads the last) d{d}", "dtype": str(dtype).replace("torch.", ""),
+            "ms": ms, "baseline": "twin", **row}
+
+
 def gated_residual_case(norm="layernorm", per_channel=False, rows=8192, width=4096, dtype=torch.bfloat16) -> dict:
     x = torch.randn(rows, width, device=DEVICE, dtype=dtype)
     y = torch.randn(rows, width, device=DEVICE, dtype=dtype)
@@ -258,11 +392,16 @@ def plan(dry: bool) -> list[tuple[str, object]]:
         p += [("gated ln", lambda: gated_residual_case("layernorm", rows=16, width=256)),
               ("gated rms gate[D]", lambda: gated_residual_case("rmsnorm", True, rows=16, width=256)),
               ("perceiver", lambda: perceiver_case(images=2, heads=2, media=70))]
+        p += [("mllama prefill", lambda: segment_prefill_case(2, 2, 2, T=24, dtype=torch.float32, tile_stride=16)),
+              ("mllama decode", lambda: segment_decode_case(2, 2, 3, beams=2, dtype=torch.float32))]
         return p
     for shots in (32, 16, 8, 4, 1):
         p.append((f"xattn immediate B4 {shots} shots", lambda s=shots: xattn_prefill_case(4, s, "immediate")))
     p.append(("xattn immediate B1 32 shots", lambda: xattn_prefill_case(1, 32, "immediate")))
     p += [(f"decode {m}", lambda m=m: decode_case(8, m)) for m in ("immediate", "all-previous", "all-previous+bug")]
+    # Llama 3.2 Vision 11B: never run on a GPU before, so a decode and a prefill case early (more at the end)
+    p += [("mllama decode B8", lambda: segment_decode_case(8, 1, 4)),
+          ("mllama prefill B2 2 images", lambda: segment_prefill_case(2, 2, 4, T=1024))]
     p += [(f"gated {n}", lambda n=n: gated_residual_case(n)) for n in ("layernorm", "rmsnorm", None)]
     p.append(("gated rmsnorm gate[D]", lambda: gated_residual_case("rmsnorm", True)))
     p.append(("perceiver bf16", lambda: perceiver_case()))
@@ -271,6 +410,12 @@ def plan(dry: bool) -> list[tuple[str, object]]:
     p += [(f"xattn immediate fp16/fp32 {d}", lambda d=d: xattn_prefill_case(2, 16, "immediate", d))
           for d in (torch.float16, torch.float32)]
     p += [(f"perceiver {d}", lambda d=d: perceiver_case(dtype=d)) for d in (torch.float16, torch.float32)]
+    # Llama 3.2 Vision 11B: decode (one 4-tile image; 8 in the cache, the last one read; beams), then prefill
+    p += [("mllama decode B1", lambda: segment_decode_case(1, 1, 4)),
+          ("mllama decode B8 8 images", lambda: segment_decode_case(8, 8, 4)),
+          ("mllama decode B8 3 beams", lambda: segment_decode_case(8, 1, 4, beams=3)),
+          ("mllama prefill B1 8 images", lambda: segment_prefill_case(1, 8, 4, T=2048)),
+          ("mllama prefill stride 1608", lambda: segment_prefill_case(2, 2, 4, T=1024, tile_stride=1608))]
     return p
 
 

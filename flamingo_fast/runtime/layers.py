@@ -31,6 +31,8 @@ from ..kernels import masked_cross_attention as _xattn
 from ..kernels import masked_cross_attention_decode as _xattn_decode
 from ..kernels import perceiver_attention as _perceiver_attention
 from ..kernels import rotary_kv_write as _rotary_kv_write
+from ..kernels import segment_cross_attention as _segment_xattn
+from ..kernels import segment_cross_attention_decode as _segment_xattn_decode
 from ..positions import alibi_slopes, apply_rotary
 from .fused_weights import fuse_linear_weights
 from .quantize import Int8Linear, fused_int8_linear
@@ -65,6 +67,9 @@ class KernelOps:
     decode_attention: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     rotary_kv_write: Callable[..., torch.Tensor]
     int8_linear: Callable[..., torch.Tensor]  # x [..., K] @ (int8 weight [N, K] * scales[:, None]).T
+    # Llama 3.2 Vision: text tokens against the vision tokens of a tile range (kernels/segment_cross_attention*.py)
+    segment_cross_attention: Callable[..., torch.Tensor]
+    segment_cross_attention_decode: Callable[..., torch.Tensor]
 
 
 def kernel_ops(backend: str) -> KernelOps:
@@ -73,14 +78,16 @@ def kernel_ops(backend: str) -> KernelOps:
             "triton", _xattn.masked_cross_attention, _xattn_decode.masked_cross_attention_decode,
             _gated_residual.gated_residual, _perceiver_attention.perceiver_attention,
             _decode_attention.decode_attention, _rotary_kv_write.rotary_kv_write,
-            _int8_matmul.int8_weight_matmul,
+            _int8_matmul.int8_weight_matmul, _segment_xattn.segment_cross_attention,
+            _segment_xattn_decode.segment_cross_attention_decode,
         )
     if backend == "torch":
         return KernelOps(
             "torch", _xattn.masked_cross_attention_ref, _xattn_decode.masked_cross_attention_decode_ref,
             _gated_residual.gated_residual_ref, _perceiver_attention.perceiver_attention_ref,
             _decode_attention.decode_attention_ref, _rotary_kv_write.rotary_kv_write_ref,
-            _int8_matmul.int8_weight_matmul_ref,
+            _int8_matmul.int8_weight_matmul_ref, _segment_xattn.segment_cross_attention_ref,
+            _segment_xattn_decode.segment_cross_attention_decode_ref,
         )
     raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
 

@@ -209,11 +209,12 @@ def _int8_matmul_configs(dname: str, dt) -> list[Config]:
                            ("decode M64 K4096", 64, 4096, 4096),
                            ("prefill M512 K4096", 512, 4096, 4096)):
         block_m, block_n, block_k, num_warps, num_stages = i8.launch_params(dt, M)
-        split = i8.num_k_splits(M, N, K, block_m, block_n, block_k) > 1
+        split = i8.num_k_splits(M, N, K, block_m, block_n, i8.k_chunk(dt, N, K)) > 1
         args = dict(x_ptr=_ptr(dt), w_ptr=_ptr("*i8"), s_ptr=_ptr(dt), out_ptr=_ptr(dt),
                     part_ptr=_ptr(torch.float32) if split else _ptr(dt), M=_I32, N=_I32_16, K=_I32_16,
-                    k_chunk=_I32_16, stride_xm=_I32_16, stride_xk=_ONE, stride_wn=_I32_16, stride_wk=_ONE,
-                    stride_sn=_ONE, stride_om=_I32_16, stride_on=_ONE, stride_ps=_I32_16, stride_pm=_I32_16,
+                    k_chunk=_I32_16, k_span=_I32_16, stride_xm=_I32_16, stride_xk=_ONE, stride_wn=_I32_16,
+                    stride_wk=_ONE, stride_sn=_ONE, stride_om=_I32_16, stride_on=_ONE, stride_ps=_I32_16,
+                    stride_pm=_I32_16,
                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
                     DOT_DTYPE=dot_dtype(dt, interpreted=False), OUT_DTYPE=tl_dtype(dt))
         out.append(Config("int8_weight_matmul", f"{dname} {label}{' split-K' if split else ''} "

@@ -30,6 +30,8 @@
 #   int8_80b   IDEFICS-80B's weight bytes in bf16 and int8 and what an H200 keeps after weights + caches,
 #              counted on the meta device (`profile --device meta`): a random-weight 80B cannot be built on the
 #              machine (bf16: 160 GB, more than the H200's 141 GB and the host's 128 GiB), so nothing is allocated
+#   batch_invariant  the default against batch_invariant=True (bench/batch_invariant.py: TTFT cold and warm, decode,
+#              score; and whether row 0 alone equals row 0 in the batch bit for bit, in each mode); never run on a GPU yet
 #   floor      decode ms per token vs the memory-bandwidth floor (bench/bandwidth.py floor)
 # then OUTDIR/summary.md, whose short form (steps + floor table) is printed last.
 #
@@ -251,6 +253,9 @@ done
 # The context cache: warm TTFT of 4 queries on a cached context at the largest shot count (32 on the GPU) against
 # the same queries alone.
 run_step context_cache 60 "$PY" bench/context_cache_ttft.py --preset "$PRESET" --shots "${SHOTS##*,}" --batch 4 \
+    --device "$DEVICE"
+# The batch-invariant mode's cost and its bitwise promise, 4 shots, batch 4.
+run_step batch_invariant 90 "$PY" bench/batch_invariant.py --preset "$PRESET" --shots 4 --batch 4 --repeats 3 \
     --device "$DEVICE"
 # OpenFlamingo's evaluation call: beam 3, short answers, batch 8, at the largest shot count.
 run_step profile_beam3 90 "$PY" -m flamingo_fast profile --preset "$PRESET" --shots "${SHOTS##*,}" --batch 8 \

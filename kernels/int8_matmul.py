@@ -7,9 +7,14 @@ fp32); out [..., N] in x's dtype. The int8 tiles are dequantized in registers (c
 every int8 value is exact in bf16 / fp16), the K reduction is accumulated in fp32 and the scale is applied
 once, after it (acc * scales[n]): no dequantized copy of the weight is ever written.
 
+A row's K reduction has one order whatever the number of rows (M): `k_chunk` cuts K into chunks from N and K
+only, each chunk is accumulated from zero in BLOCK_K steps (BLOCK_K from the dtype only), and the chunks' sums
+are added in order, from zero. M picks only the M tile and whether the chunks run in one program (prefill) or
+one program each (decode split-K), which does not change the order: the combine adds the chunks' sums as the
+one program does.
 Two shapes of launch, chosen on the host from static shapes only (the same in eager and captured steps):
-- prefill (M > DECODE_MAX_M rows): one program per (M tile, N tile) with a loop over all of K, storing the
-  output (`launch_params`: 128 x 128 x 64 tiles for fp16 / bf16).
+- prefill (M > DECODE_MAX_M rows): one program per (M tile, N tile) with a loop over all of K's chunks,
+  storing the output (`launch_params`: 128 x 128 x 64 tiles for fp16 / bf16).
 - decode (M <= DECODE_MAX_M: the beams and scored hypotheses of a step): few M tiles, so few programs (64 N
   tiles at M 1, N 4096), and the weight's bytes set the time. Split-K gives each program one K chunk, so a
   launch reaches about TARGET_PROGRAMS programs (two per SM of an H100 / H200); the splits write fp32
@@ -44,41 +49,61 @@ MAX_SPLITS = 32
 COMBINE_BLOCK_N, COMBINE_WARPS = 256, 4
 
 
+DECODE_BLOCK_N = 64  # the decode launches' N tile, by which k_chunk counts a launch's tiles
+
+
+def block_k_of(dtype: torch.dtype) -> int:
+    """BLOCK_K, the K step of every launch for x of `dtype`, whatever M: 32 for fp32, 64 for fp16 / bf16."""
+    return 32 if dtype == torch.float32 else 64
+
+
 def launch_params(dtype: torch.dtype, M: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for x of `dtype` with M rows: the one place the
-    tiling is chosen. Decode: the fewest 16-row M blocks that hold the rows (16 is the smallest dot tile),
-    64 output channels x 128 of K per iteration (an 8 KB int8 weight tile), 8 warps, 4 stages: with 4 warps
-    ptxas put 8 B on the stack on sm_90 at 80 registers (bench/compile_report.py; 8 warps: 50-64 registers,
-    none). Prefill: 128 x 128 x 64, 8 warps. fp32 (exact "ieee" FMA dots, the slow path) uses smaller tiles
-    to fit the registers without spilling."""
-    decode = M <= DECODE_MAX_M
+    tiling is chosen; BLOCK_K (block_k_of) does not depend on M. Decode: the fewest 16-row M blocks that hold
+    the rows (16 is the smallest dot tile), 64 output channels x 64 of K per iteration (a 4 KB int8 weight
+    tile), 8 warps, 4 stages: with 4 warps ptxas put 8 B on the stack on sm_90 at 80 registers
+    (bench/compile_report.py; 8 warps: 50-64 registers, none). Prefill: 128 x 128 x 64, 8 warps. fp32 (exact
+    "ieee" FMA dots, the slow path) uses smaller tiles to fit the registers without spilling."""
+    decode, block_k = M <= DECODE_MAX_M, block_k_of(dtype)
     if dtype == torch.float32:
-        return (16 if M <= 16 else 32, 64, 32, 4, 3) if decode else (32, 64, 32, 4, 3)
+        return (16 if M <= 16 else 32, DECODE_BLOCK_N, block_k, 4, 3) if decode else (32, 64, block_k, 4, 3)
     if decode:
-        return min(DECODE_MAX_M, max(16, triton.next_power_of_2(M))), 64, 128, 8, 4
-    return 128, 128, 64, 8, 3
+        return min(DECODE_MAX_M, max(16, triton.next_power_of_2(M))), DECODE_BLOCK_N, block_k, 8, 4
+    return 128, 128, block_k, 8, 3
 
 
-def num_k_splits(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int) -> int:
-    """K splits of a launch: 1 for prefill or when the (M, N) tiles already fill TARGET_PROGRAMS; else enough
-    to reach it, at most MAX_SPLITS and one BLOCK_K per split. 9B decode, M 1: K 4096 x N 4096 -> 64 tiles x 5
-    splits; K 11008 x N 4096 (down projection) -> 5 splits; N 22016 (fused gate/up) -> 344 tiles, 1 split."""
+def k_chunk(dtype: torch.dtype, N: int, K: int) -> int:
+    """The chunk of K (a whole number of BLOCK_K) that a row's reduction sums from zero before adding it to the
+    previous chunks': from N and K only, so a row's reduction order never depends on M. As many chunks as a
+    one-row decode launch needs to reach TARGET_PROGRAMS programs over its N tiles, at most MAX_SPLITS and one
+    BLOCK_K each. 9B decode: K 4096 x N 4096 -> 64 tiles x 5 chunks; K 11008 x N 4096 (down projection) -> 5
+    chunks; N 22016 (fused gate/up) -> 344 tiles, one chunk."""
+    block_k, tiles = block_k_of(dtype), triton.cdiv(N, DECODE_BLOCK_N)
+    chunks = 1 if tiles >= TARGET_PROGRAMS else max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, tiles),
+                                                           triton.cdiv(K, block_k)))
+    return triton.cdiv(triton.cdiv(K, chunks), block_k) * block_k
+
+
+def num_k_splits(M: int, N: int, K: int, block_m: int, block_n: int, chunk: int) -> int:
+    """Programs that share a row's K chunks (`chunk`: the launch's k_chunk): 1 for prefill or when the (M, N)
+    tiles already fill TARGET_PROGRAMS; else one chunk per program. The bits are the same either way."""
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if M > DECODE_MAX_M or tiles >= TARGET_PROGRAMS:
         return 1
-    return max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(K, block_k)))
+    return triton.cdiv(K, chunk)
 
 
 @triton.jit
 def _int8_weight_matmul_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, part_ptr,
-    M, N, K, k_chunk,
+    M, N, K, k_chunk, k_span,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_om, stride_on, stride_ps, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
 ):
-    """One program: a [BLOCK_M, BLOCK_N] output tile over the K range [s * k_chunk, (s+1) * k_chunk) of
-    split s = program_id(2) (all of K without SPLIT_K).
+    """One program: a [BLOCK_M, BLOCK_N] output tile over the K range [s * k_span, (s+1) * k_span) of
+    split s = program_id(2) (all of K without SPLIT_K), in chunks of k_chunk (k_span a multiple of it): each
+    chunk summed from zero, then added to the chunks before it, so that the order does not depend on k_span.
 
     grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), splits)
     x       [M, K]  activations, row stride stride_xm, unit K stride         any float dtype
@@ -99,20 +124,24 @@ def _int8_weight_matmul_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    k_start = split * k_chunk
-    k_end = tl.minimum(k_start + k_chunk, K)
+    k_start = split * k_span
+    k_stop = tl.minimum(k_start + k_span, K)
     ks = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_xm
     w_cols = w_ptr + cols[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < k_end
-        x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0)
-        # dequantized in registers: int8 -> DOT_DTYPE is exact (fp32 interpreted, where bf16 dots are wrong)
-        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision="ieee")
+    for c0 in range(k_start, k_stop, k_chunk):
+        k_end = tl.minimum(c0 + k_chunk, K)
+        chunk = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(c0, k_end, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < k_end
+            x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0)
+            # dequantized in registers: int8 -> DOT_DTYPE is exact (fp32 interpreted, where bf16 dots are wrong)
+            chunk += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision="ieee")
+        acc += chunk
 
     if SPLIT_K:
         part = part_ptr + split.to(tl.int64) * stride_ps + rows[:, None] * stride_pm + cols[None, :]
@@ -189,8 +218,10 @@ def int8_weight_matmul(
     x [..., K] fp32 / fp16 / bf16 (its leading dims must flatten to rows with a contiguous K dim);
     weight [N, K] int8 with a contiguous K dim; scales [N] in x's dtype or fp32; out [..., N] in x's dtype
     (written when given; its leading dims must flatten to rows with a contiguous last dim).
-    split_k: K splits (None: `num_k_splits` from the shapes; 1: no split). Each split covers a whole number
-    of BLOCK_K, so the launch may use fewer splits than asked."""
+    split_k: programs that share a row's K (None: `num_k_splits` from the shapes; 1: no split). Each covers a
+    whole number of K chunks (`k_chunk`: from N and K only), so the launch may use fewer splits than asked. One
+    program, or one chunk per program (the launcher's two choices), give the same bits, whatever M; another
+    grouping adds the chunks in another order."""
     M, N, K = _check_inputs(x, weight, scales, out, split_k)
     x_rows = _rows("x", x, K)
     if out is None:
@@ -199,14 +230,15 @@ def int8_weight_matmul(
     if M == 0:
         return out
     block_m, block_n, block_k, num_warps, num_stages = launch_params(x.dtype, M)
-    splits = split_k if split_k is not None else num_k_splits(M, N, K, block_m, block_n, block_k)
-    k_chunk = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = triton.cdiv(K, k_chunk)
+    chunk = k_chunk(x.dtype, N, K)
+    splits = split_k if split_k is not None else num_k_splits(M, N, K, block_m, block_n, chunk)
+    span = triton.cdiv(triton.cdiv(K, chunk), splits) * chunk  # whole chunks per program
+    splits = triton.cdiv(K, span)
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out_rows
     out_dtype = tl_dtype(x.dtype)
     _int8_weight_matmul_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)](
         x_rows, weight, scales, out_rows, part,
-        M, N, K, k_chunk,
+        M, N, K, chunk, span,
         x_rows.stride(0), x_rows.stride(1), weight.stride(0), weight.stride(1), scales.stride(0),
         out_rows.stride(0), out_rows.stride(1), part.stride(0), part.stride(1) if splits > 1 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=splits > 1,

@@ -13,8 +13,10 @@ from helpers import Padded, assert_close, assert_within_torch_error, interpreter
 from flamingo_fast.kernels.int8_matmul import (
     DECODE_MAX_M,
     TARGET_PROGRAMS,
+    block_k_of,
     int8_weight_matmul,
     int8_weight_matmul_ref,
+    k_chunk,
     launch_params,
     num_k_splits,
 )
@@ -51,9 +53,10 @@ def check_against_formula(got, x, weight, scales):
     assert_within_torch_error(got, formula64(x, weight, scales), plain_torch(x, weight, scales), x.dtype)
 
 
-# (K, split_k): one K block without splits; K 336 = 2 full 128-blocks + 80 unsplit, by the launcher's
-# choice (3 splits at N 53: one N tile is far below TARGET_PROGRAMS), and forced to 2 (a 256 + 80 split).
-K_SPLITS = [(64 + 16, None), (336, 1), (336, None), (336, 2)]
+# (K, split_k): one fp16 / bf16 K block (two fp32 ones); K 336 in the launcher's chunks (at N 53 one N tile is
+# far below TARGET_PROGRAMS, so one BLOCK_K per chunk: 6 of 64, 11 of 32 for fp32) all in one program, each its
+# own program (the launcher's choice), and two programs of 3 (fp32: 6 and 5) chunks.
+K_SPLITS = [(48, None), (336, 1), (336, None), (336, 2)]
 
 
 @interpreter
@@ -78,8 +81,9 @@ def test_split_k_cases_above_do_split():
     """The split cases of the test above really launch several splits (else they would test nothing new)."""
     for M in (1, 3, 17):
         block_m, block_n, block_k, _, _ = launch_params(torch.bfloat16, M)
-        assert num_k_splits(M, N, 336, block_m, block_n, block_k) == 3  # cdiv(336, 128): one split per block
-        assert num_k_splits(M, N, 80, block_m, block_n, block_k) == 1
+        chunk = k_chunk(torch.bfloat16, N, 336)
+        assert chunk == block_k == 64 and num_k_splits(M, N, 336, block_m, block_n, chunk) == 6  # cdiv(336, 64)
+        assert num_k_splits(M, N, 48, block_m, block_n, k_chunk(torch.bfloat16, N, 48)) == 1
 
 
 @interpreter
@@ -106,10 +110,32 @@ def test_fp32_scales_with_half_activations(split_k, dtype):
 
 
 @interpreter
-def test_split_and_unsplit_agree_to_rounding():
-    """The split sum is the same K reduction in another order: equal to fp32 rounding before the cast."""
-    x, weight, scales = make_inputs((5,), N, 336, torch.float32)
-    assert_close(int8_weight_matmul(x, weight, scales, split_k=3), int8_weight_matmul(x, weight, scales, split_k=1))
+def test_the_launchers_splits_never_change_the_bits():
+    """The launcher gives each chunk its own program (decode) or all chunks to one (prefill): each chunk summed
+    from zero, the sums added in order, by the combine or by the one program alike, so the same bits. A forced
+    grouping of several chunks per program (split_k=2) adds in another order: equal to fp32 rounding."""
+    x, weight, scales = make_inputs((5,), N, 1100, torch.float32)  # 18 chunks of 2 BLOCK_K (64)
+    unsplit = int8_weight_matmul(x, weight, scales, split_k=1)
+    chunk = k_chunk(torch.float32, N, 1100)
+    chunks = -(-1100 // chunk)
+    assert (chunk, chunks) == (64, 18) and num_k_splits(5, N, 1100, *launch_params(torch.float32, 5)[:2], chunk) == 18
+    for split_k in (None, chunks):
+        assert torch.equal(int8_weight_matmul(x, weight, scales, split_k=split_k), unsplit), split_k
+    assert_close(int8_weight_matmul(x, weight, scales, split_k=2), unsplit)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_the_k_reduction_does_not_depend_on_the_row_count(dtype):
+    """BLOCK_K and the K chunks come from the dtype, N and K only: every M (decode, prefill) reduces a row's K in
+    the same order; M picks only the M tile and how many programs share the chunks."""
+    for N_out, K in ((53, 336), (4096, 4096), (4096, 11008), (22016, 4096), (12288, 4096)):
+        chunk = k_chunk(dtype, N_out, K)
+        assert chunk % block_k_of(dtype) == 0 and 0 < chunk
+        for M in (1, 3, 16, 17, 64, 65, 512, 4096):
+            block_m, block_n, block_k, _, _ = launch_params(dtype, M)
+            assert block_k == block_k_of(dtype) and k_chunk(dtype, N_out, K) == chunk
+            splits = num_k_splits(M, N_out, K, block_m, block_n, chunk)
+            assert splits == 1 or splits == -(-K // chunk)
 
 
 @interpreter
@@ -137,10 +163,10 @@ def test_decode_splits_fill_the_gpu_at_9b_shapes():
         for M in (1, 8, 64):
             bm, bn, bk, _, _ = launch_params(torch.bfloat16, M)
             tiles = -(-M // bm) * -(-N_out // bn)
-            splits = num_k_splits(M, N_out, K, bm, bn, bk)
+            splits = num_k_splits(M, N_out, K, bm, bn, k_chunk(torch.bfloat16, N_out, K))
             assert tiles * splits >= TARGET_PROGRAMS and (splits == 1 or tiles < TARGET_PROGRAMS)
         bm, bn, bk, _, _ = launch_params(torch.bfloat16, 512)
-        assert num_k_splits(512, N_out, K, bm, bn, bk) == 1
+        assert num_k_splits(512, N_out, K, bm, bn, k_chunk(torch.bfloat16, N_out, K)) == 1
 
 
 BAD_INPUTS = [

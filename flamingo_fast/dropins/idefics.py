@@ -255,7 +255,8 @@ def from_idefics(model: nn.Module, engine: str = "fast", **runtime_options) -> I
     `weights="int8"` the runtime works from its own converted, quantized copy, which the drop-in registers instead
     of `model`: the float weights of the layers it quantized stay only in `model` (tensors already in the activation
     dtype that it keeps unquantized are shared, not copied); free them with `del model` (and
-    `torch.cuda.empty_cache()` on a GPU). `.to(device)` rebuilds it, still int8; a dtype conversion is refused."""
+    `torch.cuda.empty_cache()` on a GPU). `.to(device)` rebuilds it, still int8; a dtype conversion is refused.
+    `batch_invariant=True` (a runtime option too): every row computed alone (runtime/invariant.py)."""
     from ..runtime.runtime import FastFlamingo
 
     if engine not in ENGINES:

@@ -204,7 +204,8 @@ def from_openflamingo(model: nn.Module, pad_token_id: int | None = None,
     float weights of the layers it quantized stay only in `model` (tensors already in the activation dtype that it
     keeps unquantized are shared, not copied); free them with `del model` (and `torch.cuda.empty_cache()` on a
     GPU). Such a drop-in moves between devices (`.to(device)` rebuilds it, still int8) but refuses a dtype
-    conversion (dropins/module.py)."""
+    conversion (dropins/module.py).
+    `batch_invariant=True` (a runtime option too): every row computed alone (runtime/invariant.py)."""
     from ..runtime.runtime import FastFlamingo
 
     config, layout = config_from_openflamingo(model, pad_token_id)

@@ -149,12 +149,13 @@ class ContextPlan:
 
 
 def plan_contexts(cache: ContextCache, lang_x: torch.Tensor, attention_mask: torch.Tensor, prompt: PromptImages,
-                  image_keys: list[list], reuse: bool, immediate: bool) -> ContextPlan:
+                  image_keys: list[list], reuse: bool, immediate: bool, alone: bool = False) -> ContextPlan:
     """With `reuse`, a row's context (every token before the first one that sees its last image: its last
     `<image>`) is taken from the cache when its tokens, what each of them sees, and its images were seen
     before; a missing context that several rows share is computed once, alone; one that a single row has runs
-    with its prompt and is copied out afterwards; both are stored. In the `immediate` mode a row whose context
-    was cached needs only the images its remaining tokens see. Looks the contexts up (counted as hits/misses)."""
+    with its prompt and is copied out afterwards (`alone`: it is computed alone too, as the batch-invariant
+    mode needs); both are stored. In the `immediate` mode a row whose context was cached needs only the images
+    its remaining tokens see. Looks the contexts up (counted as hits/misses)."""
     batch, prompt_len = lang_x.shape
     context_end = [0] * batch  # per row: where its context ends; == real start: no context
     spans: dict[int, tuple] = {}  # row -> (real start, context key)
@@ -180,7 +181,8 @@ def plan_contexts(cache: ContextCache, lang_x: torch.Tensor, attention_mask: tor
         entry = cache.get("context", key)
         if entry is not None:
             cached[key] = entry
-    copy_out = {rows[0]: key for key, rows in rows_of.items() if key not in cached and len(rows) == 1}
+    copy_out = {} if alone else {rows[0]: key for key, rows in rows_of.items()
+                                 if key not in cached and len(rows) == 1}
     for b in copy_out:
         context_end[b] = spans.pop(b)[0]
     start = min(context_end)

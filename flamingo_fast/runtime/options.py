@@ -30,7 +30,9 @@ class RuntimeOptions:
     stop flags. max_hypotheses (None: 4 x max_batch_size) and max_tail_len: beam search's tail cache.
     context_cache_bytes: the context cache's budget (0 disables it). decode_paths: which of decode.DECODE_PATHS
     to use (None: the backend's default). score_bytes: the memory one pass of `score` may hold. backend: "auto"
-    (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
+    (Triton on CUDA, torch elsewhere), "triton" or "torch". batch_invariant: every entry point computes each row
+    alone, so that a row's tokens and logits are bitwise independent of its batch, its left padding, the context
+    cache and score's passes (invariant.py; docs/semantics.md "What is exact" says what it costs)."""
 
     backend: str = "auto"
     max_batch_size: int = 8
@@ -43,8 +45,11 @@ class RuntimeOptions:
     context_cache_bytes: int = 1 << 30
     decode_paths: object = None
     score_bytes: int = DEFAULT_SCORE_BYTES
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant={self.batch_invariant!r}: expected True or False")
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
         for name in ("max_batch_size", "max_seq_len", "max_images", "stop_check_interval", "max_hypotheses",
@@ -64,6 +69,9 @@ class RuntimeOptions:
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
         check_backend(config, backend)
+        if self.batch_invariant and config.openflamingo_generated_image_bug:
+            raise ValueError("batch_invariant=True with openflamingo_generated_image_bug=True: that behaviour couples "
+                             "the rows of a batch by definition; expected one of them False")
         if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"backend='triton' with the model on {device}: expected a CUDA device (or TRITON_INTERPRET=1 "

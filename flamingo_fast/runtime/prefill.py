@@ -48,6 +48,9 @@ class PrefillState:
     # OpenFlamingo's all-previous mode with the pre-image bug (config.openflamingo_pre_image_bug): every image
     # given is encoded, and contexts are never reused
     pre_image_bug: bool
+    # the batch-invariant mode (invariant.py): images are encoded one per call, and a row's context always runs
+    # alone before the rest of its prompt (cache hit, miss or off: the same calls)
+    batch_invariant: bool = False
 
 
 def _image_keys(state: PrefillState, vision_x, counts: list[int]) -> list[list]:
@@ -58,11 +61,27 @@ def _image_keys(state: PrefillState, vision_x, counts: list[int]) -> list[list]:
     return [image_digests(vision_x[b, :n]) if n else [] for b, n in enumerate(counts)]
 
 
+def _encode(state: PrefillState, images: torch.Tensor, timer: PhaseTimer | None):
+    """images [n, F, C, H, W] through the vision encoder, the perceiver and every gated layer's to_kv, as one
+    batch -> (keys, values) [n, X, H, NL, dh]."""
+    patch_tokens = state.vision_encoder(images.flatten(0, 1).to(state.dtype))
+    latents = state.perceiver(patch_tokens.view(1, len(images), images.shape[1], *patch_tokens.shape[1:]))[0]
+    if timer is not None:  # the reference's vision phase ends here too: it projects to_kv in prefill
+        timer.lap("vision")
+    kv = [block.media_kv(latents[None]) for block in state.stack.xattn.values()]  # per layer [1, H, n*NL, dh]
+
+    def per_image(t):  # [X, H, n * NL, dh] -> [n, X, H, NL, dh]
+        return t.unflatten(2, (len(images), state.media.num_latents)).permute(2, 0, 1, 3, 4)
+
+    return per_image(torch.stack([k[0] for k, _ in kv])), per_image(torch.stack([v[0] for _, v in kv]))
+
+
 def _fill_media(state: PrefillState, vision_x, needed: list[list[int]], keys: list[list], store: set,
                 timer: PhaseTimer | None) -> None:
     """Media K/V cache: image slot i of row b for every i in needed[b]. Each distinct image is taken from the
     context cache or, when missing, encoded (one batch through the vision encoder, the perceiver and every
-    gated layer's to_kv); the new ones whose key is in `store` (context images, never queries) are kept."""
+    gated layer's to_kv; one image per call in the batch-invariant mode); the new ones whose key is in `store`
+    (context images, never queries) are kept."""
     pairs = [(b, i) for b, slots in enumerate(needed) for i in slots]
     cache = state.context_cache
     entries: dict = {}  # key (or the pair itself with the cache off) -> (keys, values) [X, H, NL, dh]
@@ -79,17 +98,11 @@ def _fill_media(state: PrefillState, vision_x, needed: list[list[int]], keys: li
     if missing:
         where = list(missing.values())
         images = vision_x[[b for b, _ in where], [i for _, i in where]]  # [n, F, C, H, W]
-        patch_tokens = state.vision_encoder(images.flatten(0, 1).to(state.dtype))
-        latents = state.perceiver(patch_tokens.view(1, len(where), images.shape[1], *patch_tokens.shape[1:]))[0]
-        if timer is not None:  # the reference's vision phase ends here too: it projects to_kv in prefill
-            timer.lap("vision")
-        kv = [block.media_kv(latents[None]) for block in state.stack.xattn.values()]  # per layer [1, H, n*NL, dh]
-
-        def per_image(t):  # [X, H, n * NL, dh] -> [n, X, H, NL, dh]
-            return t.unflatten(2, (len(where), state.media.num_latents)).permute(2, 0, 1, 3, 4)
-
-        new_keys = per_image(torch.stack([k[0] for k, _ in kv]))
-        new_values = per_image(torch.stack([v[0] for _, v in kv]))
+        # batch-invariant: one image per call, each a fresh tensor, so that no image's bits depend on the others
+        groups = [images[m:m + 1].clone() for m in range(len(where))] if state.batch_invariant else [images]
+        encoded = [_encode(state, group, timer) for group in groups]
+        new_keys = torch.cat([k for k, _ in encoded]) if len(encoded) > 1 else encoded[0][0]
+        new_values = torch.cat([v for _, v in encoded]) if len(encoded) > 1 else encoded[0][1]
         for m, key in enumerate(missing):
             entries[key] = (new_keys[m], new_values[m])
             if key in store:
@@ -119,13 +132,15 @@ def prefill_prompt(state: PrefillState, vision_x, lang_x, attention_mask, prompt
     copied into their rows' cache columns and only the rest of the prompt runs: the columns from the earliest
     row's query on. In the immediate mode a row whose context was cached needs only the images its remaining
     tokens see."""
-    reuse = reuse and state.context_cache.budget > 0 and not state.pre_image_bug and not all_logits
+    alone = state.batch_invariant  # contexts split off even with the cache off, and never copied out
+    reuse = (alone or reuse and state.context_cache.budget > 0) and not state.pre_image_bug and not all_logits
     slots = prompt.slots
     keys = _image_keys(state, vision_x, slots)
     # a row whose context is cached reads only its query's images, unless a generated <image> may turn it to
     # its first image (openflamingo_generated_image_bug): then every image it shows
     query_images_only = state.config.only_attend_immediate_media and not state.config.openflamingo_generated_image_bug
-    plan = plan_contexts(state.context_cache, lang_x, attention_mask, prompt, keys, reuse, query_images_only)
+    plan = plan_contexts(state.context_cache, lang_x, attention_mask, prompt, keys, reuse, query_images_only,
+                         alone)
     _fill_media(state, vision_x, plan.needed, keys, plan.store, timer)
     num_images = max(slots)
     kv, context_end = state.kv, plan.context_end

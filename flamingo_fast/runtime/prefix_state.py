@@ -176,6 +176,9 @@ def _new_tokens_mask(past: PrefixState, lang_x: torch.Tensor, attention_mask) ->
 def forward_with_state(runtime, vision_x, lang_x, attention_mask, past: PrefixState | None,
                        session: MediaSession | None) -> tuple[torch.Tensor, PrefixState]:
     """FastFlamingo.forward_with_state under its lock (module docstring)."""
+    if runtime.options.batch_invariant:
+        raise ValueError("forward_with_state (past_key_values, use_cache=True) with batch_invariant=True: not "
+                         "supported; expected batch_invariant=False, or forward, generate and score")
     if past is None:
         return _run_prompt(runtime, vision_x, lang_x, attention_mask, session)
     return _run_extension(runtime, check_handle(runtime, past), lang_x, attention_mask)

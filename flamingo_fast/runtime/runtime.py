@@ -50,7 +50,7 @@ from ..generation.search import GenerationOptions, KeywordGenerate, generate_ids
 from ..modes import runtime_mode
 from ..timing import PhaseTimer
 from ..validation import check_generate_options, check_model, check_prompt
-from . import prefix_state
+from . import invariant, prefix_state
 from .caches import MediaKVCache, StaticKVCache, TailKVCache
 from .capacity import CallLimits, check_capacity, prompt_images
 from .context_cache import CacheStats, ContextCache
@@ -80,8 +80,7 @@ class FastFlamingo(KeywordGenerate):
     modes.runtime_mode: it computes in the construction dtype inside any autocast region (build with
     dtype=torch.bfloat16 for bf16), and caches allocated inside `torch.inference_mode()` serve calls outside it
     and the other way round. The reference model's tensors must stay where they were at construction; the
-    drop-ins (dropins/module.py) rebuild their FastFlamingo after `.to`.
-    """
+    drop-ins (dropins/module.py) rebuild their FastFlamingo after `.to`. batch_invariant: invariant.py."""
 
     @runtime_mode
     def __init__(self, model: Flamingo, *, options: RuntimeOptions | None = None, **keywords):
@@ -119,7 +118,7 @@ class FastFlamingo(KeywordGenerate):
         self.context_cache = ContextCache(resolved.context_cache_bytes)
         self.prefill_state = PrefillState(config, model.vision_encoder, self.perceiver, self.stack, self.kv_cache,
                                           self.media_cache, self.context_cache, self.dtype, self.device,
-                                          self.pre_image_bug)
+                                          self.pre_image_bug, resolved.batch_invariant)
         self.score_bytes = resolved.score_bytes
         self.limits = CallLimits(self.kv_cache.max_batch_size, self.kv_cache.max_seq_len, max_hypotheses,
                                  self.max_tail_len, self.media_cache.max_images, self.pre_image_bug, config.layout)
@@ -138,11 +137,8 @@ class FastFlamingo(KeywordGenerate):
         `device`, a converted copy is made, block by block (model_copy.py), and the reference keeps its own.
         `model` must be in eval mode (it is checked, never changed). With the "fused_projections" decode path
         (LLaMA), the model's q/k/v_proj and gate/up_proj weights become views of one fused tensor per layer: same
-        Parameter objects, same values, no extra memory (fused_weights.py). Options: max_batch_size, max_seq_len,
-        max_images, cuda_graphs, stop_check_interval, max_hypotheses (beams x rows, default 4 x
-        max_batch_size), max_tail_len (the most new tokens a beam search may ask for, default 64),
-        decode_paths (which of decode.DECODE_PATHS to use; default decode.DEFAULT_DECODE_PATHS of the backend),
-        score_bytes (the memory one pass of `score` may hold, default 512 MiB: FastFlamingo.score).
+        Parameter objects, same values, no extra memory (fused_weights.py). Options: RuntimeOptions' fields
+        (options.py: the caches' sizes, cuda_graphs, decode_paths, score_bytes, batch_invariant, ...).
 
         weights: None or "bf16" (the weights stay in the activation dtype, as above) or "int8": symmetric int8
         with one scale per output row (quantize.py) for the LM's linear layers (LLaMA: q/k/v and gate/up
@@ -178,6 +174,8 @@ class FastFlamingo(KeywordGenerate):
             attention_mask, prompt = check_prompt(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
             prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
             self.check_capacity(lang_x, prompt, None)
+            if self.options.batch_invariant:  # every row alone (invariant.py), and so in every entry point
+                return invariant.forward(self, vision_x, lang_x, attention_mask, image_attention_mask)
             return prefill_prompt(self.prefill_state, vision_x, lang_x.long(), attention_mask, prompt, all_logits=True)
 
     __call__ = forward
@@ -211,6 +209,9 @@ class FastFlamingo(KeywordGenerate):
             check_generate_options(config, lang_x, attention_mask, options.max_new_tokens, options.min_new_tokens)
             prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
             self.check_capacity(lang_x, prompt, options.max_new_tokens, options)
+            if self.options.batch_invariant:
+                return invariant.generate(self, vision_x, lang_x, attention_mask, image_attention_mask, options,
+                                          generator, timer, return_logits)
             lang_x = lang_x.long()
             return generate_ids(lambda: self.prefill(vision_x, lang_x, attention_mask, prompt, timer), lang_x,
                                 options, config.lm.vocab_size, generator=generator, timer=timer,
@@ -221,25 +222,26 @@ class FastFlamingo(KeywordGenerate):
               candidates: Sequence[Sequence[int]] = (), normalize_length: bool = False,
               progress: bool | None = None, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Log-likelihood of every candidate continuation after every row -> [B, C] float32 (generation/scoring.py).
-
         Each row's prompt is prefilled once; the candidates run as a trie, all rows at once, their hypotheses
-        sharing the row's prompt KV and media K/V. Passes are sized per call from the candidates and
-        `score_bytes` (the constructor's option, default scoring.DEFAULT_SCORE_BYTES = 512 MiB): a pass holds as
-        many hypotheses per row as that budget holds (scoring.hypothesis_bytes each: its tail of up to the longest
-        candidate's length - 1 tokens, its logits), at most the trie's widest level, so lists that fit run in one
-        pass. The tail cache is allocated for the call and freed after it; max_hypotheses and max_tail_len (beam
-        search's) do not apply. A budget too small for one hypothesis per row is an error naming score_bytes."""
+        sharing the row's prompt KV and media K/V. A pass holds as many hypotheses per row as `score_bytes` (default
+        scoring.DEFAULT_SCORE_BYTES = 512 MiB) holds (scoring.hypothesis_bytes each: its tail, its logits), at most
+        the trie's widest level (batch_invariant: one). The tail cache is allocated for the call and freed after
+        it; max_hypotheses and max_tail_len do not apply. A budget too small for one hypothesis per row is an
+        error naming score_bytes."""
         with self.lock:
             self._check_weights()
             attention_mask, prompt = check_prompt(self.config, vision_x, lang_x, attention_mask, image_attention_mask)
             tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
             longest = max(len(t) for t in tokens)
             check_generate_options(self.config, lang_x, attention_mask, longest)  # left padding, max positions
+            prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
+            self.check_capacity(lang_x, prompt, None)
+            if self.options.batch_invariant:
+                return invariant.score(self, vision_x, lang_x, attention_mask, image_attention_mask, tokens,
+                                       normalize_length, progress)
             rows = lang_x.shape[0]
             per_row = hypotheses_per_row(tokens, rows, self.score_bytes,
                                          hypothesis_bytes(self.config, self.dtype, longest - 1))
-            prompt = self.prompt_images(vision_x, lang_x, image_attention_mask, prompt)
-            self.check_capacity(lang_x, prompt, None)
             lang_x = lang_x.long()
             first_logits = prefill_prompt(self.prefill_state, vision_x, lang_x, attention_mask, prompt).float()
             # this call's tails, never the beams' cache (which CUDA graphs read); no graphs: the hypothesis count

@@ -1,0 +1,83 @@
+"""The CPU memory probe of the Llama 3.2 Vision loader (tests/test_mllama_weights.py), in a process of its own:
+
+    python tests/mllama_memory_probe.py FOLDER DTYPE      # or measure_in_fork(folder, dtype) from a test
+
+-> {"loader": peak, "whole": peak, "model_bytes": ..., "largest_block": ...} (one JSON line). The test forks its
+own process (measure_in_fork) instead of starting an interpreter: the fork has torch and transformers imported
+already (a fresh interpreter spends ~9 s importing them here, torchvision alone 4 s), and allocates nothing else
+while it measures. glibc's mmap threshold is set to 64 KiB first (mallopt, as MALLOC_MMAP_THRESHOLD_=65536 does
+for tests/memory_probe.py): every larger tensor is its own mapping, returned on free. Each peak is the
+process's anonymous memory above its level just before the call (memory_probe.PeakProbe: the files' mapped pages
+are the page cache's, not counted):
+    loader  flamingo_fast.dropins.mllama_weights.load_mllama_hf(FOLDER, dtype=DTYPE)
+    whole   the other way, for contrast: every tensor of the files read into memory (as a reader that does not map
+            them holds them), converted to DTYPE as a whole, then given to the model built on the meta device (the
+            files' copy and the model's, both whole at once)
+model_bytes: the loaded model's parameters and buffers; largest_block: its largest block (one decoder layer, one
+vision layer, or another single tensor), in DTYPE. Needs transformers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import multiprocessing
+import sys
+from pathlib import Path
+
+import torch
+from memory_probe import PeakProbe
+
+from flamingo_fast.dropins.mllama_weights import blocks, build_meta_model, live_name, load_mllama_hf
+from flamingo_fast.dropins.weights_files import load_tensors
+from flamingo_fast.reference.mllama import key_layout
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def measure(folder: Path, dtype: torch.dtype) -> dict[str, int]:
+    ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 65536)
+    torch.set_num_threads(1)
+    build_meta_model(folder, "folder")  # unmeasured: torch's meta machinery and transformers' modules, imported once
+    with PeakProbe() as loader:
+        model = load_mllama_hf(folder, dtype=dtype)
+    params = dict(model.named_parameters())
+    model_bytes = sum(t.nbytes for t in params.values()) + sum(b.nbytes for b in model.buffers())
+    largest = max(sum(params[n].nbytes for n in block) for block in blocks(list(params)))
+    del model, params
+    gc.collect()
+    with PeakProbe() as whole:
+        tensors = {k: v.clone() for k, v in load_tensors(folder).items()}  # read into memory, not mapped
+        layout = key_layout(tensors)
+        converted = {live_name(k, layout): v.to(dtype) for k, v in tensors.items()}
+        naive = build_meta_model(folder, "folder")
+        naive.load_state_dict(converted, assign=True, strict=False)
+    del naive, tensors, converted
+    return {"loader": loader.peak, "whole": whole.peak, "model_bytes": model_bytes, "largest_block": largest}
+
+
+def _child(folder: Path, dtype: torch.dtype, out) -> None:
+    out.send(measure(folder, dtype))
+    out.close()
+
+
+def measure_in_fork(folder: Path, dtype: torch.dtype, timeout: float = 120) -> dict[str, int]:
+    """measure() in a forked child process (see the module docstring)."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(folder, dtype, send))
+    child.start()
+    send.close()
+    if not receive.poll(timeout):
+        child.kill()
+        raise TimeoutError(f"the memory probe gave no result in {timeout} s")
+    found = receive.recv()
+    child.join(timeout)
+    if child.exitcode != 0:
+        raise RuntimeError(f"the memory probe's process exited with {child.exitcode}")
+    return found
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(Path(sys.argv[1]), getattr(torch, sys.argv[2]))))

@@ -10,6 +10,15 @@ at N new tokens - time at 1) / (N - 1), every row made to run N tokens (min_new_
 then one timed run of each length; the drop-in without its image cache here. Warm few-shot first token: `--shots`
 demonstrations of 4 tiles and a new query image per call; the drop-in's image cache holds the demonstrations from
 the calls before (transformers has no such cache). Prints one JSON line.
+
+The decode floor: a decode step reads, at least once each, the language model's weights that act on the new token
+(every decoder layer but the cross-attention layers' k/v projections, whose outputs are cached per image; the final
+norm; the output head; the embedding only one row per token, not counted) -> `decode_weight_mb`; with this
+machine's copy bandwidth (bench/bandwidth.py's measure, one thread, 256 MiB: `copy_GBps`, bytes read + written)
+`decode_floor_ms` = those bytes / (copy_GBps / 2), the time to read them once. A decode at the floor cannot be
+made faster in float32 by any runtime: `*_decode_pct_of_floor` says how close each one is. `--int8` adds the
+drop-in with weights="int8" (1 byte a weight + a float32 scale per row: a different precision, within the int8 row
+of docs/int8.md; reported beside, not as the comparison).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+
+from bandwidth import measure_copy_bandwidth
 
 from flamingo_fast.compat import import_torchvision_if_installed
 from flamingo_fast.testing import build_mllama_from_config
@@ -72,6 +83,16 @@ def inputs(batch: int, images: int, query_seed: int = 0) -> dict:
                 cross_attention_mask=torch.from_numpy(cross))
 
 
+def decode_weight_bytes(model) -> int:
+    """The language model's bytes a decode step reads (module docstring): its decoder layers but the
+    cross-attention k/v projections, the final norm and the output head."""
+    text = model.model.language_model if hasattr(model, "model") else model.language_model.model
+    head = model.lm_head if hasattr(model, "lm_head") else model.language_model.lm_head
+    layers = sum(p.nbytes for n, p in text.layers.named_parameters()
+                 if not any(part in n for part in ("cross_attn.k_proj", "cross_attn.v_proj")))
+    return layers + text.norm.weight.nbytes + head.weight.nbytes
+
+
 def seconds(generate, prompt: dict, new: int) -> float:
     start = time.perf_counter()
     out = generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -85,6 +106,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--shots", type=int, default=8, help="demonstrations of the warm few-shot first token")
+    parser.add_argument("--int8", action="store_true", help="also time the drop-in with weights='int8'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = small_model()
@@ -93,8 +115,12 @@ def main() -> None:
     cold = flamingo_fast.from_mllama(model, backend="torch", context_cache_bytes=0)  # every call encodes its images
     result = {"batch": args.batch, "prompt_tokens": prompt["input_ids"].shape[1], "new_tokens": args.new_tokens,
               "images_per_row": 4, "tiles_per_image": int(prompt["aspect_ratio_mask"].sum(-1).max())}
+    impls = [("hf", model.generate), ("fast", cold.generate)]
+    if args.int8:
+        impls.append(("fast_int8", flamingo_fast.from_mllama(model, backend="torch", context_cache_bytes=0,
+                                                             weights="int8").generate))
     with torch.no_grad():
-        for name, generate in (("hf", model.generate), ("fast", cold.generate)):
+        for name, generate in impls:
             seconds(generate, prompt, 2)  # warm-up
             first = seconds(generate, prompt, 1)
             total = seconds(generate, prompt, args.new_tokens)
@@ -111,6 +137,12 @@ def main() -> None:
                                                    / result["fast_warm_few_shot_first_token_ms"], 2)
     result["decode_speedup"] = round(result["hf_decode_ms_per_token"] / result["fast_decode_ms_per_token"], 2)
     result["first_token_speedup"] = round(result["hf_first_token_ms"] / result["fast_first_token_ms"], 2)
+    bandwidth = measure_copy_bandwidth("cpu", 256 << 20)
+    floor_ms = decode_weight_bytes(model) / (bandwidth["copy_GBps"] / 2 * 1e9) * 1e3
+    result.update(decode_weight_mb=round(decode_weight_bytes(model) / 1e6, 1),
+                  copy_GBps=round(bandwidth["copy_GBps"], 2), decode_floor_ms=round(floor_ms, 2))
+    for name, _ in impls:
+        result[f"{name}_decode_pct_of_floor"] = round(result[f"{name}_decode_ms_per_token"] / floor_ms * 100)
     print(json.dumps(result))
 
 

@@ -138,6 +138,24 @@ def assert_within_torch_error(
     )
 
 
+def hf_sampling_probs(logits: torch.Tensor, sequences: torch.Tensor, temperature: float, top_k: int,
+                      top_p: float) -> torch.Tensor:
+    """transformers' own sampling distribution (its warpers, in its order) at each generated position: `logits`
+    [B, new, V] teacher-forced over `sequences` [B, T + new] (the prompt's T tokens first) -> [B, new, V]."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    new = logits.shape[1]
+    t = sequences.shape[1] - new
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
+                                   TopPLogitsWarper(top_p)])
+    return torch.stack([warpers(sequences[:, :t + s], logits[:, s].clone()).softmax(-1) for s in range(new)], dim=1)
+
+
 def random_prompt(config, image_positions, seq_len: int, pad_left: int = 0):
     """One row: random text ids below the special tokens, `<image>` at `image_positions`, `pad_left` pads."""
     ids = torch.randint(0, config.eoc_token_id, (seq_len,))

@@ -22,7 +22,7 @@ import functools
 
 import pytest
 import torch
-from helpers import assert_close, interpreter, relative_error
+from helpers import assert_close, hf_sampling_probs, interpreter, relative_error
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (make test-openflamingo)")
 pytestmark = pytest.mark.comparison
@@ -190,15 +190,8 @@ def test_sampling_where_the_draws_cannot_differ(engine, batches):
 
 
 def _hf_warped_probs(model, inputs, sequences, temperature, top_k, top_p) -> torch.Tensor:
-    """transformers' own sampling distribution (its warpers, in its order) at each generated position of
-    `sequences`, teacher-forced: [B, new, V]. Generated tokens see the last prompt row of the image mask."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
+    """transformers' own sampling distribution at each generated position of `sequences`, teacher-forced:
+    [B, new, V]. Generated tokens see the last prompt row of the image mask."""
     T = inputs["input_ids"].shape[1]
     new = sequences.shape[1] - T
     iam = inputs["image_attention_mask"]
@@ -206,14 +199,7 @@ def _hf_warped_probs(model, inputs, sequences, temperature, top_k, top_p) -> tor
                 attention_mask=torch.cat([inputs["attention_mask"],
                                           torch.ones_like(sequences[:, T:])], dim=1),
                 image_attention_mask=torch.cat([iam, iam[:, -1:].expand(-1, new, -1)], dim=1))
-    logits = hf_logits(model, full)[:, T - 1:-1]
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
-                                   TopPLogitsWarper(top_p)])
-    probs = []
-    for step in range(new):
-        scores = warpers(sequences[:, :T + step], logits[:, step].clone())
-        probs.append(scores.softmax(-1))
-    return torch.stack(probs, dim=1)
+    return hf_sampling_probs(hf_logits(model, full)[:, T - 1:-1], sequences, temperature, top_k, top_p)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

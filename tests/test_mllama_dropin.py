@@ -20,7 +20,7 @@ import functools
 
 import pytest
 import torch
-from helpers import assert_close, interpreter
+from helpers import assert_close, hf_sampling_probs, interpreter
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (make test-openflamingo)")
 pytestmark = pytest.mark.comparison
@@ -132,23 +132,13 @@ def test_sampling_where_the_draws_cannot_differ():
 def _hf_warped_probs(name, inputs, sequences, temperature, top_k, top_p) -> torch.Tensor:
     """transformers' sampling distribution at each generated position of `sequences`, teacher-forced: [B, new, V];
     generated tokens see the mask's last row."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
     t = inputs["input_ids"].shape[1]
     new = sequences.shape[1] - t
     cam = inputs["cross_attention_mask"]
     full = dict(inputs, input_ids=sequences,
                 attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(sequences[:, t:])], dim=1),
                 cross_attention_mask=torch.cat([cam, cam[:, -1:].expand(-1, new, -1, -1)], dim=1))
-    logits = hf_logits(name, full)[:, t - 1:-1]
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
-                                   TopPLogitsWarper(top_p)])
-    return torch.stack([warpers(sequences[:, :t + s], logits[:, s].clone()).softmax(-1) for s in range(new)], dim=1)
+    return hf_sampling_probs(hf_logits(name, full)[:, t - 1:-1], sequences, temperature, top_k, top_p)
 
 
 def test_seeded_sampling_stays_in_transformers_support():

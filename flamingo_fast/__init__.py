@@ -3,6 +3,7 @@
 from .config import FlamingoConfig, LMConfig, PerceiverConfig, VisionConfig, from_name
 from .dropins.idefics import from_idefics
 from .dropins.mllama import from_mllama
+from .dropins.mllama_weights import load_mllama_hf
 from .dropins.openflamingo import from_openflamingo, load_openflamingo
 from .reference.model import Flamingo, build_reference
 from .runtime.runtime import FastFlamingo
@@ -21,6 +22,7 @@ __all__ = [
     "from_mllama",
     "from_name",
     "from_openflamingo",
+    "load_mllama_hf",
     "load_openflamingo",
 ]
 __version__ = "0.1.0"

@@ -24,7 +24,9 @@ One call, in order:
        and 5.x both repeat it) through KernelOps.segment_cross_attention_decode, R hypotheses of a row reading the
        row's K/V once.
 
-Both backends run the same code; KernelOps picks the segment ops (Triton kernels or their torch twins). The KV
+Both backends run the same code; KernelOps picks the segment ops and the fused residual ops (each layer's
+residual add with its post-attention RMSNorm in one pass, tanh gates included: kernels/gated_residual.py), Triton
+kernels or their torch twins. The KV
 caches are allocated per call on the parameters' device and dtype, so `.to` needs no rebuild; the image cache
 (mllama_media.py) keeps each image's media K/V across calls and is emptied when the weights change. The
 self-attention is torch on both backends (the split-KV decode kernel, fused rotary writes and CUDA graphs of
@@ -60,7 +62,7 @@ from ..reference.mllama import MllamaCrossAttentionLayer, MllamaReference
 from .attention import shared_prefix_attention
 from .caches import StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
-from .layers import BACKENDS, SEGMENT_HEAD_DIMS, kernel_ops
+from .layers import BACKENDS, SEGMENT_HEAD_DIMS, KernelOps, kernel_ops
 from .mllama_inputs import MllamaImages, check_mllama_call
 from .mllama_int8 import int8_reference
 from .mllama_media import MllamaMedia, encode_media
@@ -99,12 +101,22 @@ def _self_attention_kv(layer, h: torch.Tensor, rope) -> tuple[torch.Tensor, torc
     return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
 
-def _gated_cross_finish(layer: MllamaCrossAttentionLayer, x: torch.Tensor, attended: torch.Tensor,
-                        sees: torch.Tensor) -> torch.Tensor:
-    """x + tanh(attn gate) * o_proj(attended), then + tanh(mlp gate) * MLP(norm(x)) * sees ([B, T] bool)."""
-    x = x + layer.attn_gate.tanh() * layer.attn_out(attended)
-    ff = layer.ff_body(layer.ff_norm(x)) * sees[..., None].to(x.dtype)
-    return x + layer.ff_gate.tanh() * ff
+def _gated_cross_finish(ops: KernelOps, layer: MllamaCrossAttentionLayer, x: torch.Tensor,
+                        attended: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+    """x + tanh(attn gate) * o_proj(attended) and the post-attention norm of it in one pass (ops.gated_residual),
+    then + tanh(mlp gate) * MLP(normed) * sees ([B, T] bool)."""
+    norm = layer.ff_norm
+    x, h = ops.gated_residual(x, layer.attn_out(attended), layer.attn_gate, norm="rmsnorm", norm_weight=norm.weight,
+                              eps=norm.eps)
+    return ops.gated_residual(x, layer.ff_body(h) * sees[..., None].to(x.dtype), layer.ff_gate)
+
+
+def _self_attention_finish(ops: KernelOps, layer: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """A self-attention layer's x + o_proj(attended) and its post-attention norm in one pass, then + MLP(normed)."""
+    norm = layer.post_attention_layernorm
+    x, h = ops.gated_residual(x, layer.self_attn.o_proj(attended), None, norm="rmsnorm", norm_weight=norm.weight,
+                              eps=norm.eps)
+    return ops.gated_residual(x, layer.mlp(h), None)
 
 
 class MllamaDecoder:
@@ -262,8 +274,7 @@ class MllamaRuntime(nn.Module):
             kv.keys[slot].copy_(k)
             kv.values[slot].copy_(v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
-            x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = _self_attention_finish(self.ops, layer, x, out.transpose(1, 2).reshape(b, t, -1))
         h = lm.norm(x if all_positions else x[:, -1])
         decoder = MllamaDecoder(self, kv, media, positions[:, -1], max_tail_len)
         return decoder, ref.lm_head(h)
@@ -274,7 +285,7 @@ class MllamaRuntime(nn.Module):
         q = layer.queries(layer.attn_norm(x)).transpose(1, 2)  # [B, H, T, dh]
         out = self.ops.segment_cross_attention(q, media.keys[slot], media.values[slot], media.tile_start,
                                                media.tile_end, media.tile_valid, tile_len=media.tile_len)
-        return _gated_cross_finish(layer, x, out.transpose(1, 2).reshape(b, t, -1), media.row_sees)
+        return _gated_cross_finish(self.ops, layer, x, out.transpose(1, 2).reshape(b, t, -1), media.row_sees)
 
     def decode_step(self, decoder: MllamaDecoder, tokens: torch.Tensor) -> torch.Tensor:
         """One token per hypothesis (h = row * per_row + r) -> logits [H, vocab] (module docstring, step 4)."""
@@ -294,7 +305,7 @@ class MllamaRuntime(nn.Module):
                         q, media.keys[slot], media.values[slot], decoder.last_start, decoder.last_end,
                         media.tile_valid, tile_len=media.tile_len, queries_per_row=per_row)
                     sees = decoder.last_sees.repeat_interleave(per_row)[:, None]
-                    x = _gated_cross_finish(layer, x, out.reshape(n, 1, -1), sees)
+                    x = _gated_cross_finish(self.ops, layer, x, out.reshape(n, 1, -1), sees)
                 continue
             slot = self.self_slot[i]
             q, k, v = _self_attention_kv(layer, layer.input_layernorm(x), rope)
@@ -303,8 +314,7 @@ class MllamaRuntime(nn.Module):
             out = shared_prefix_attention(q, kv.keys[slot], kv.values[slot], decoder.prefix_bias,
                                           tail.keys[slot, :n, :, :column + 1], tail.values[slot, :n, :, :column + 1],
                                           tail_bias, per_row, layer.self_attn.head_dim ** -0.5)
-            x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = _self_attention_finish(self.ops, layer, x, out.transpose(1, 2).reshape(n, 1, -1))
         return ref.lm_head(lm.norm(x[:, 0]))
 
     @runtime_mode

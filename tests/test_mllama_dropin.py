@@ -450,6 +450,30 @@ def test_generation_config_and_a_missing_attention_mask_as_transformers():
     assert_same_tokens(got, expected, inputs["input_ids"].shape[1])
 
 
+@pytest.mark.parametrize("written_by", ["4.57.0", "4.45.0"])
+def test_a_generation_config_passed_to_generate_as_transformers_merges_it(written_by):
+    """generate(generation_config=...) replaces the model's config; its unset entries come from the model's, in 5.x
+    always, in 4.x only when the model's config was written by 4.50 or later (4.x's legacy path: then the length is
+    transformers' default, 20 new tokens, not the model's 4)."""
+    name = "gqa-llama3-4tiles"
+    model = build_mllama(name, seed=len(name))
+    model.generation_config.max_new_tokens = 4
+    model.generation_config.transformers_version = written_by
+    runtime = flamingo_fast.from_mllama(model, backend="torch")
+    inputs = inputs_of(name, "mixed")
+    call = transformers.GenerationConfig(num_beams=3)
+    with torch.no_grad():
+        expected = model.generate(**inputs, generation_config=call)
+    got = runtime.generate(**inputs, generation_config=call)
+    merged = RELEASE >= 5 or written_by >= "4.50"
+    assert got.shape[1] == inputs["input_ids"].shape[1] + (4 if merged else 20)
+    assert_same_tokens(got, expected, inputs["input_ids"].shape[1])
+    with pytest.raises(ValueError, match=r"^generation_config: repetition_penalty=1.3 not supported"):
+        runtime.generate(**inputs, generation_config=transformers.GenerationConfig(repetition_penalty=1.3))
+    with pytest.raises(ValueError, match=r"generation_config=\{'num_beams': 2\}: expected a transformers "):
+        runtime.generate(**inputs, generation_config={"num_beams": 2})
+
+
 def test_bad_options_name_the_option(monkeypatch):
     model = hf_model("gqa-llama3-4tiles")
     for options, named in ((dict(backend="cuda"), "backend"), (dict(stop_check_interval=0), "stop_check_interval"),

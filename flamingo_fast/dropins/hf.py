@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -59,6 +60,30 @@ class HFGenerateDefaults:
     forced: Mapping = field(default_factory=dict)
     max_positions: int | None = None
     use_cache: bool = True  # the generation_config's: what a call that passes no use_cache runs with
+    written_by: str | None = None  # the transformers version that wrote the model's generation_config
+
+
+def with_call_config(defaults: HFGenerateDefaults, config) -> HFGenerateDefaults:
+    """`generate(generation_config=config)` as the installed transformers reads it: the call's config replaces the
+    model's, its unset entries (those at Hugging Face's defaults) filled from the model's generation_config, in 5.x
+    always, in 4.x when the model's config was written by 4.50 or later (before: only its eos and pad tokens, as
+    4.x's legacy path does); 4.x then turns sampling off at temperature 0. Keywords of the call still win."""
+    if not hasattr(config, "to_diff_dict"):
+        raise ValueError(f"generation_config={config!r}: expected a transformers GenerationConfig")
+    import transformers  # a GenerationConfig was passed, so transformers is installed
+
+    diff = config.to_diff_dict()
+    release = int(transformers.__version__.split(".")[0])
+    written = tuple(int(p) for p in (defaults.written_by or "0.0").split(".")[:2] if p.isdigit())
+    merges = release >= 5 or written >= (4, 50)
+    options = {**defaults.generation_config, **hf_generation_defaults(diff)} if merges else hf_generation_defaults(diff)
+    if release < 5 and merges and options.get("temperature") == 0.0:
+        options["do_sample"] = False
+    eos, pad = diff.get("eos_token_id"), diff.get("pad_token_id")
+    use_cache = diff["use_cache"] if diff.get("use_cache") is not None else (defaults.use_cache if merges else True)
+    return dataclasses.replace(defaults, generation_config=options, where="generation_config",
+                               use_cache=bool(use_cache), eos_token_id=defaults.eos_token_id if eos is None else eos,
+                               pad_token_id=defaults.pad_token_id if pad is None else pad)
 
 
 def hf_new_tokens(prompt_len: int, max_new_tokens: int | None, max_length: int | None,
@@ -107,7 +132,8 @@ def hf_inferred_mask(lang_x, pad_token_id: int | None, stops: Sequence[int]) -> 
 def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attention_mask=None,
                 image_attention_mask=None, /, *, max_new_tokens: int | None = None, max_length: int | None = None,
                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                generator=None, timer=None, return_logits: bool = False, use_cache: bool | None = None, **hf_options):
+                generator=None, timer=None, return_logits: bool = False, use_cache: bool | None = None,
+                generation_config=None, **hf_options):
     """A drop-in's generate call, Hugging Face's options -> GenerationOptions (search.generation_options, the
     one translation) -> `runner.generate_from_options(...)` (a FastFlamingo, or the reference Flamingo).
 
@@ -124,7 +150,10 @@ def hf_generate(runner, defaults: HFGenerateDefaults, vision_x, lang_x, attentio
     generation_config's) changes how Hugging Face computes, and what only once OpenFlamingo's model generates
     `<image>`: flamingo_fast always caches, and with `openflamingo_generated_image_bug` it reproduces OpenFlamingo's
     cached generate, so an uncached call is an error there. The inputs are positional-only, so a
-    keyword of the same name (e.g. image_attention_mask to a drop-in that takes none) is an unsupported option."""
+    keyword of the same name (e.g. image_attention_mask to a drop-in that takes none) is an unsupported option.
+    A `generation_config` given to the call replaces the model's as transformers merges them (with_call_config)."""
+    if generation_config is not None:
+        defaults = with_call_config(defaults, generation_config)
     given = {k: hf_options.pop(k, None) for k in HF_SUPPORTED if k not in ("max_new_tokens", "max_length")}
     known = {**HF_DEFAULTS, **defaults.accepted}
     unsupported = {k: v for k, v in hf_options.items() if known.get(k, object()) != v}
@@ -174,7 +203,10 @@ def generation_config_of(model) -> tuple[object | None, dict]:
     """A transformers model's (or LM's) `generation_config` and its `to_diff_dict()` (None and {} when it has
     none): the entries that differ from Hugging Face's defaults, as Hugging Face merges them into generate."""
     generation = getattr(model, "generation_config", None)
-    return generation, generation.to_diff_dict() if hasattr(generation, "to_diff_dict") else {}
+    if not hasattr(generation, "to_diff_dict"):
+        return generation, {}
+    # to_diff_dict writes the installed release as transformers_version; transformers reads the object's own
+    return generation, {**generation.to_diff_dict(), "transformers_version": generation.transformers_version}
 
 
 class Rope(NamedTuple):

@@ -189,7 +189,8 @@ class IdeficsRuntime(DropInModule):
         (5.x has one, 4.x none), where transformers stops its default length."""
         super().__init__(engine, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), eos_token_id, pad_token_id,
-                                           "model.generation_config", self.ACCEPTED, max_positions=max_positions)
+                                           "model.generation_config", self.ACCEPTED, max_positions=max_positions,
+                                           written_by=(generation_config or {}).get("transformers_version"))
 
     def _vision(self, pixel_values):
         """The processor's pixel_values [B, N, C, H, W] -> vision_x [B, N, 1, C, H, W] (one frame per image)."""

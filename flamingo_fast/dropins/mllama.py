@@ -50,7 +50,8 @@ class MllamaDropIn(DropInModule):
                  eos_token_id, pad_token_id, model: nn.Module, max_positions: int | None):
         super().__init__(engine, reference, model)
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), eos_token_id, pad_token_id,
-                                           "model.generation_config", ACCEPTED, max_positions=max_positions)
+                                           "model.generation_config", ACCEPTED, max_positions=max_positions,
+                                           written_by=(generation_config or {}).get("transformers_version"))
 
     @runtime_mode
     def forward(self, input_ids, attention_mask=None, pixel_values=None, aspect_ratio_ids=None,

@@ -83,7 +83,8 @@ class OpenFlamingoRuntime(DropInModule):
         self.defaults = HFGenerateDefaults(hf_generation_defaults(generation_config), self.config.eoc_token_id,
                                            hf_pad_token_id, "lang_encoder.generation_config",
                                            forced={"num_beams": 1}, max_positions=max_positions,
-                                           use_cache=bool((generation_config or {}).get("use_cache", True)))
+                                           use_cache=bool((generation_config or {}).get("use_cache", True)),
+                                           written_by=(generation_config or {}).get("transformers_version"))
 
     _media_session: MediaSession | None = None  # what cache_media() holds until uncache_media()
 

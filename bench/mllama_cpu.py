@@ -29,9 +29,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
-
 from bandwidth import measure_copy_bandwidth
+from PIL import Image
 
 from flamingo_fast.compat import import_torchvision_if_installed
 from flamingo_fast.testing import build_mllama_from_config

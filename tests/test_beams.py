@@ -99,9 +99,10 @@ def test_beam_capacity_and_option_errors():
     fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64, max_hypotheses=4,
                                        max_tail_len=6)
     vision, lang_x, mask = random_batch(model.config, [([0], 8), ([1], 8)], num_images=1)
-    with pytest.raises(ValueError, match=r"num_beams=3: 2 rows x 3 beams exceeds max_hypotheses=4"):
+    with pytest.raises(ValueError, match=r"num_beams=3: 2 rows x 3 hypotheses exceeds max_hypotheses=4"):
         fast.generate(vision, lang_x, mask, max_new_tokens=4, num_beams=3)
-    with pytest.raises(ValueError, match=r"max_new_tokens=7: beam search keeps at most max_tail_len=6"):
+    with pytest.raises(ValueError, match=r"max_new_tokens=7 with num_beams=2: the hypotheses keep at most "
+                                         r"max_tail_len=6"):
         fast.generate(vision, lang_x, mask, max_new_tokens=7, num_beams=2)
     with pytest.raises(ValueError, match=r"return_logits=True with num_beams=2: not supported"):
         fast.generate(vision, lang_x, mask, max_new_tokens=4, num_beams=2, return_logits=True)

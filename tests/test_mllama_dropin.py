@@ -141,17 +141,24 @@ def _hf_warped_probs(name, inputs, sequences, temperature, top_k, top_p) -> torc
     return hf_sampling_probs(hf_logits(name, full)[:, t - 1:-1], sequences, temperature, top_k, top_p)
 
 
-def test_seeded_sampling_stays_in_transformers_support():
+@pytest.mark.parametrize("per_row", [1, 2])
+def test_seeded_sampling_stays_in_transformers_support(per_row):
+    """Each draw lies in transformers' warped distribution; with num_return_sequences=2 each row gives 2 samples,
+    rows b * 2 + j, each in the distribution of its row's prompt (transformers' expanded batch)."""
     name = "gqa-llama3-4tiles"
     inputs = inputs_of(name, "mixed")
     sampling = dict(temperature=1.5, top_k=8, top_p=0.95)
-    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=True, **sampling)
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=True, num_return_sequences=per_row, **sampling)
     runtime = drop_in(name)
     a = runtime.generate(**inputs, generator=torch.Generator().manual_seed(11), **gen)
     b = runtime.generate(**inputs, generator=torch.Generator().manual_seed(11), **gen)
     assert torch.equal(a, b), "the same seed must give the same tokens"
     t = inputs["input_ids"].shape[1]
-    probs = _hf_warped_probs(name, inputs, a, **sampling)
+    expanded = {k: v.repeat_interleave(per_row, dim=0) for k, v in inputs.items()}
+    assert a.shape[0] == expanded["input_ids"].shape[0] and torch.equal(a[:, :t], expanded["input_ids"])
+    if per_row > 1:
+        assert any(not torch.equal(a[r], a[r + 1]) for r in range(0, a.shape[0], per_row)), "the samples agree"
+    probs = _hf_warped_probs(name, expanded, a, **sampling)
     greedy = 0
     for row in range(a.shape[0]):
         for step, token in enumerate(a[row, t:].tolist()):

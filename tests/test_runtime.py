@@ -99,6 +99,29 @@ def test_sampling_with_the_same_seed_matches_reference():
     assert torch.equal(a, b) and torch.equal(a, ref)
 
 
+def test_sampling_several_sequences_per_row_matches_reference():
+    """num_return_sequences=3 with sampling: each row forks into 3 hypotheses sharing its prompt (rows b * 3 + j,
+    as transformers expands the batch), drawn from one generator; the reference runs the same search over its own
+    decoder; the 3 samples of a row differ."""
+    model = build(seed=7)
+    fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64)
+    vision, lang_x, mask = random_batch(model.config, [([0, 6], 10), ([3], 10)], num_images=2)
+    options = dict(max_new_tokens=8, do_sample=True, temperature=1.3, eos_token_id=[], num_return_sequences=3)
+    ref = model.generate(vision, lang_x, mask, generator=torch.Generator().manual_seed(5), **options)
+    got = fast.generate(vision, lang_x, mask, generator=torch.Generator().manual_seed(5), **options)
+    assert got.shape == (6, lang_x.shape[1] + 8) and torch.equal(got, ref)
+    assert torch.equal(got[:, :lang_x.shape[1]], lang_x.repeat_interleave(3, dim=0))
+    for row in range(2):
+        samples = {tuple(got[row * 3 + j, lang_x.shape[1]:].tolist()) for j in range(3)}
+        assert len(samples) == 3
+    with pytest.raises(ValueError, match=r"num_return_sequences=3: 2 rows x 3 hypotheses exceeds max_hypotheses=4"):
+        FastFlamingo.from_reference(model, backend="torch", max_batch_size=2, max_seq_len=64,
+                                    max_hypotheses=4).generate(vision, lang_x, mask, **options)
+    with pytest.raises(ValueError, match=r"num_return_sequences=2: expected an integer in \[1, num_beams=1\] "
+                                         r"\(more only when sampling"):
+        fast.generate(vision, lang_x, mask, max_new_tokens=2, num_return_sequences=2)
+
+
 def test_requests_are_independent():
     model = build(seed=8)
     fast = FastFlamingo.from_reference(model, backend="torch", max_batch_size=3, max_seq_len=64)

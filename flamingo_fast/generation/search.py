@@ -13,7 +13,9 @@ Hypotheses are grouped by row and every row has the same count. That is what bea
 (the same candidates for every row) both need, and it lets the fast decoder attend from all of a row's
 hypotheses to the row's prompt as one matrix-matrix product.
 
-- `sample_search`: greedy and sampled decoding (one hypothesis per row).
+- `sample_search`: greedy and sampled decoding (one hypothesis per row; sampling with num_return_sequences R
+  forks each row into R hypotheses that share its prompt and draw apart, rows b * R + j, as transformers expands
+  the batch).
 - `beam_search`: Hugging Face's beam search, vectorised over rows and beams on the device.
 - `beam_search_ref`: the same semantics written plainly, one hypothesis at a time: its twin in tests.
 - `generation_options`, `generate_ids`: the generate call shared by the reference and the runtime (Hugging
@@ -110,9 +112,10 @@ class GenerationOptions:
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample={self.do_sample!r}: expected True or False")
         check_int("num_beams", self.num_beams, 1)
-        if not is_int(self.num_return_sequences) or not 1 <= self.num_return_sequences <= self.num_beams:
+        check_int("num_return_sequences", self.num_return_sequences, 1)
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
             raise ValueError(f"num_return_sequences={self.num_return_sequences!r}: expected an integer in "
-                             f"[1, num_beams={self.num_beams}]")
+                             f"[1, num_beams={self.num_beams}] (more only when sampling: do_sample=True)")
         if self.do_sample:
             if self.num_beams > 1:
                 raise ValueError(f"do_sample=True with num_beams={self.num_beams}: beam sampling is not supported; "
@@ -130,9 +133,14 @@ class GenerationOptions:
         return SamplingOptions(self.do_sample, self.temperature, self.top_k, self.top_p)
 
     @property
+    def hypotheses_per_row(self) -> int:
+        """What each row forks into: its beams, or its samples."""
+        return self.num_beams if self.num_beams > 1 else self.num_sequences
+
+    @property
     def num_sequences(self) -> int:
-        """Output rows per prompt row."""
-        return self.num_return_sequences if self.num_beams > 1 else 1
+        """Output rows per prompt row (the hypotheses a row forks into when sampling)."""
+        return self.num_return_sequences if self.num_beams > 1 or self.do_sample else 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,13 +151,17 @@ class GenerationOptions:
 def sample_search(decoder: Decoder, first_logits: torch.Tensor, options: GenerationOptions,
                   generator: torch.Generator | None = None, stop_check_interval: int = 1, timer=None,
                   return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Greedy or sampled tokens, one hypothesis per row -> (tokens [B, L], logits [B, L, vocab] float32 or None).
+    """Greedy or sampled tokens, one hypothesis per row (R = options.num_sequences per row when sampling: rows
+    b * R + j, sharing the row's prompt) -> (tokens [B * R, L], logits [B * R, L, vocab] float32 or None).
 
     A row stops at its first stop token and is then filled with `pad_token_id`; L is the step at which every
     row has stopped (or max_new_tokens). The host looks at `finished` only every `stop_check_interval` steps;
     the steps run past the last stop are trimmed off, and the generator is put back to its state right after
     the last kept draw, so a reused seeded generator gives the same samples as with a check at every step.
     """
+    per_row = options.num_sequences
+    if per_row > 1:
+        first_logits = first_logits.repeat_interleave(per_row, dim=0)
     batch = first_logits.shape[0]
     device = first_logits.device
     stops = torch.tensor(options.stop_ids, dtype=torch.long, device=device)
@@ -159,7 +171,7 @@ def sample_search(decoder: Decoder, first_logits: torch.Tensor, options: Generat
     keep_states = options.do_sample and generator is not None and stop_check_interval > 1
     states: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []
-    decoder.fork(1)
+    decoder.fork(per_row)
     logits, steps_done = first_logits, 0
     for step in range(options.max_new_tokens):
         if return_logits:

@@ -56,14 +56,16 @@ def check_capacity(limits: CallLimits, lang_x, prompt: masking.PromptImages, max
     if max_new_tokens is None and prompt_len > limits.max_seq_len:
         raise ValueError(f"lang_x: {prompt_len} tokens per row exceed max_seq_len={limits.max_seq_len} "
                          f"of this FastFlamingo; expected at most that many")
-    beams = options.num_beams if options is not None else 1
-    if beams > 1:  # the prompt stays in the static cache; each beam's new tokens go to its tail
+    beams = options.hypotheses_per_row if options is not None else 1  # beams, or samples
+    if beams > 1:  # the prompt stays in the static cache; each hypothesis's new tokens go to its tail
+        what = (f"num_beams={options.num_beams}" if options.num_beams > 1
+                else f"num_return_sequences={options.num_return_sequences}")
         if batch * beams > limits.max_hypotheses:
-            raise ValueError(f"num_beams={beams}: {batch} rows x {beams} beams exceeds max_hypotheses="
+            raise ValueError(f"{what}: {batch} rows x {beams} hypotheses exceeds max_hypotheses="
                              f"{limits.max_hypotheses} of this FastFlamingo")
         if max_new_tokens > limits.max_tail_len:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: beam search keeps at most max_tail_len="
-                             f"{limits.max_tail_len} new tokens per beam in this FastFlamingo")
+            raise ValueError(f"max_new_tokens={max_new_tokens} with {what}: the hypotheses keep at most "
+                             f"max_tail_len={limits.max_tail_len} new tokens each in this FastFlamingo")
         max_new_tokens = 0
     total = prompt_len + (max_new_tokens or 0)
     if total > limits.max_seq_len:

@@ -28,7 +28,8 @@ Both backends run the same code; KernelOps picks the segment ops (Triton kernels
 caches are allocated per call on the parameters' device and dtype, so `.to` needs no rebuild; the image cache
 (mllama_media.py) keeps each image's media K/V across calls and is emptied when the weights change. The
 self-attention is torch on both backends (the split-KV decode kernel, fused rotary writes and CUDA graphs of
-FastFlamingo are not wired here yet).
+FastFlamingo are not wired here yet). With batch_invariant=True the entry points run each row alone through the same
+prefill and decode (mllama_invariant.py).
 """
 
 from __future__ import annotations
@@ -333,7 +334,8 @@ class MllamaRuntime(nn.Module):
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
         tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
         longest = max(len(t) for t in tokens)
-        per_row = hypotheses_per_row(tokens, input_ids.shape[0], score_bytes,
+        rows = 1 if self.batch_invariant else input_ids.shape[0]  # the mode's passes hold one row
+        per_row = hypotheses_per_row(tokens, rows, score_bytes,
                                      hypothesis_bytes(self.config, self.dtype, longest - 1))
         with self.lock:
             self._settle()

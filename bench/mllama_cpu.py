@@ -1,6 +1,7 @@
 """Llama 3.2 Vision on the CPU: `from_mllama` against transformers' own `generate`, one run each.
 
     OMP_NUM_THREADS=1 .venv-transformers5/bin/python bench/mllama_cpu.py [--new-tokens 32] [--batch 4]
+    OMP_NUM_THREADS=1 .venv-transformers5/bin/python bench/mllama_cpu.py --invariant   # the mode's cost
 
 The mllama-small shapes (84 px tiles of 14 px patches, 37 vision tokens a tile; ViT 128 wide, 6 local + 2 global
 layers; LM 512 wide, 10 layers, cross-attention at 3 and 8) as a transformers MllamaForConditionalGeneration with
@@ -19,6 +20,9 @@ machine's copy bandwidth (bench/bandwidth.py's measure, one thread, 256 MiB: `co
 made faster in float32 by any runtime: `*_decode_pct_of_floor` says how close each one is. `--int8` adds the
 drop-in with weights="int8" (1 byte a weight + a float32 scale per row: a different precision, within the int8 row
 of docs/int8.md; reported beside, not as the comparison).
+--invariant: instead, the drop-in's default against `batch_invariant=True` (runtime/mllama_invariant.py), both
+without the image cache, on the same prompt and lengths: first token and decode ms/token of each (one warm-up call
+each, then one timed run of each length), and invariant / default.
 """
 
 from __future__ import annotations
@@ -100,16 +104,42 @@ def seconds(generate, prompt: dict, new: int) -> float:
     return elapsed
 
 
+def first_and_decode_ms(generate, prompt: dict, new: int) -> tuple[float, float]:
+    """One warm-up call, then one timed run of 1 and of `new` tokens -> (first token ms, decode ms per token)."""
+    seconds(generate, prompt, 2)
+    first = seconds(generate, prompt, 1)
+    total = seconds(generate, prompt, new)
+    return round(first * 1e3, 1), round((total - first) / (new - 1) * 1e3, 2)
+
+
+def invariant_cost(model, prompt: dict, new: int) -> dict:
+    result = {"batch": prompt["input_ids"].shape[0], "prompt_tokens": prompt["input_ids"].shape[1], "new_tokens": new,
+              "images_per_row": 4, "tiles_per_image": int(prompt["aspect_ratio_mask"].sum(-1).max())}
+    with torch.no_grad():
+        for name, invariant in (("default", False), ("invariant", True)):
+            runtime = flamingo_fast.from_mllama(model, backend="torch", context_cache_bytes=0,
+                                                batch_invariant=invariant)
+            first, decode = first_and_decode_ms(runtime.generate, prompt, new)
+            result[f"{name}_first_token_ms"], result[f"{name}_decode_ms_per_token"] = first, decode
+    for what in ("first_token_ms", "decode_ms_per_token"):
+        result[f"{what}_ratio"] = round(result[f"invariant_{what}"] / result[f"default_{what}"], 2)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--shots", type=int, default=8, help="demonstrations of the warm few-shot first token")
     parser.add_argument("--int8", action="store_true", help="also time the drop-in with weights='int8'")
+    parser.add_argument("--invariant", action="store_true", help="the default against batch_invariant=True instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = small_model()
     prompt = inputs(args.batch, 4)
+    if args.invariant:
+        print(json.dumps(invariant_cost(model, prompt, args.new_tokens)))
+        return
     fast = flamingo_fast.from_mllama(model, backend="torch")
     cold = flamingo_fast.from_mllama(model, backend="torch", context_cache_bytes=0)  # every call encodes its images
     result = {"batch": args.batch, "prompt_tokens": prompt["input_ids"].shape[1], "new_tokens": args.new_tokens,
@@ -120,11 +150,8 @@ def main() -> None:
                                                              weights="int8").generate))
     with torch.no_grad():
         for name, generate in impls:
-            seconds(generate, prompt, 2)  # warm-up
-            first = seconds(generate, prompt, 1)
-            total = seconds(generate, prompt, args.new_tokens)
-            result[f"{name}_first_token_ms"] = round(first * 1e3, 1)
-            result[f"{name}_decode_ms_per_token"] = round((total - first) / (args.new_tokens - 1) * 1e3, 2)
+            first, decode = first_and_decode_ms(generate, prompt, args.new_tokens)
+            result[f"{name}_first_token_ms"], result[f"{name}_decode_ms_per_token"] = first, decode
         few_shot = [inputs(args.batch, args.shots + 1, query_seed=s) for s in range(3)]
         seconds(model.generate, few_shot[0], 1)  # warm-up
         result["hf_few_shot_first_token_ms"] = round(seconds(model.generate, few_shot[1], 1) * 1e3, 1)

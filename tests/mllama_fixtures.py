@@ -72,11 +72,13 @@ def random_image(generator: np.random.Generator, height: int, width: int) -> Ima
     return Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
 
 
-def batch(rows: list[list], max_tiles: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def batch(rows: list[list], max_tiles: int, seed: int = 0, pictures: list[list] | None = None
+          ) -> dict[str, torch.Tensor]:
     """rows: per row a list of word ids and (height, width) image sizes, in prompt order (each image is one
     `<|image|>` token) -> the model's inputs, left-padded: input_ids, attention_mask, and with any image
     pixel_values, aspect_ratio_ids, aspect_ratio_mask (MllamaImageProcessor) and cross_attention_mask
-    (processing_mllama's helpers on the ids).
+    (processing_mllama's helpers on the ids). pictures: per row, the PIL images to use for its (height, width)
+    items, in order (default: random images of those sizes drawn from `seed`).
 
     A row without images gets what 4.57's processor gives it (zero pixels, aspect ratio id 0, only its first tile
     marked): 5.x's image processor pads pixel_values for such a row but leaves it out of aspect_ratio_ids and
@@ -87,7 +89,8 @@ def batch(rows: list[list], max_tiles: int, seed: int = 0) -> dict[str, torch.Te
     input_ids = torch.tensor([[PAD] * (longest - len(r)) + r for r in ids])
     attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in ids])
     out = dict(input_ids=input_ids, attention_mask=attention_mask)
-    images = [[random_image(g, *item) for item in row if isinstance(item, tuple)] for row in rows]
+    images = [[random_image(g, *item) for item in row if isinstance(item, tuple)] for row in rows] \
+        if pictures is None else [list(p) for p in pictures]
     if not any(images):
         return out
     with_images = [i for i, row in enumerate(images) if row]

@@ -491,3 +491,40 @@ def test_bad_options_name_the_option(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend='triton'"):
             flamingo_fast.from_mllama(model, backend="triton")
+
+
+def test_ddp_cpu_form_wraps_without_changing_a_result(tmp_path):
+    """DistributedDataParallel over the drop-in (gloo, one process, a file store): `.module` is the drop-in, its
+    generate (beams) and forward give the unwrapped drop-in's results, and DDP's own forward too; the parameters,
+    buffers and state_dict are the live model's (the same names and objects, requires_grad flags included), and
+    stay so under DDP (its state_dict: the same tensors under `module.`)."""
+    import torch.distributed as dist
+
+    name = "gqa-llama3-4tiles"
+    model = build_mllama(name, seed=9)  # its own: DDP registers hooks on the parameters
+    model.requires_grad_(False)
+    model.model.language_model.requires_grad_(True)  # something trainable (DDP refuses a model with nothing)
+    runtime = flamingo_fast.from_mllama(model, backend="torch")
+    ours, theirs = dict(runtime.named_parameters()), dict(model.named_parameters())
+    assert ours.keys() == theirs.keys() and all(ours[n] is theirs[n] for n in ours)
+    assert [n for n, p in ours.items() if p.requires_grad] == [n for n, p in theirs.items() if p.requires_grad]
+    buffers, their_buffers = dict(runtime.named_buffers()), dict(model.named_buffers())
+    assert buffers and buffers.keys() == their_buffers.keys() and all(buffers[n] is their_buffers[n] for n in buffers)
+    state = runtime.state_dict()
+    assert state.keys() == model.state_dict().keys()
+    inputs = inputs_of(name, "mixed")
+    gen = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    expected, logits = runtime.generate(**inputs, **gen), runtime(**inputs).logits
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(runtime)
+        assert ddp.module is runtime
+        assert torch.equal(ddp.module.generate(**inputs, **gen), expected)
+        assert torch.equal(ddp.module(**inputs).logits, logits)
+        with torch.no_grad():
+            assert torch.equal(ddp(**inputs).logits, logits)  # DDP's own forward
+        wrapped = ddp.state_dict()
+        assert wrapped.keys() == {f"module.{k}" for k in state}
+        assert all(wrapped[f"module.{k}"].data_ptr() == v.data_ptr() for k, v in state.items())
+    finally:
+        dist.destroy_process_group()

@@ -84,7 +84,8 @@ class MllamaDropIn(DropInModule):
 
 @runtime_mode
 def from_mllama(model: nn.Module, backend: str = "auto", stop_check_interval: int | None = None,
-                context_cache_bytes: int = 1 << 30, weights: str | None = None) -> MllamaDropIn:
+                context_cache_bytes: int = 1 << 30, weights: str | None = None, batch_invariant: bool = False
+                ) -> MllamaDropIn:
     """A transformers MllamaForConditionalGeneration (4.57 or 5.x; eval mode) -> the same model behind its own
     call, run by the Mllama runtime over its tensors (nothing copied). backend: "auto" (Triton on CUDA, else the
     torch twins), "torch" or "triton" (on the CPU with TRITON_INTERPRET=1). stop_check_interval: how many steps
@@ -92,11 +93,13 @@ def from_mllama(model: nn.Module, backend: str = "auto", stop_check_interval: in
     context_cache_bytes: the image cache's budget (each image's cross-attention K/V kept across calls, emptied when
     the weights change: runtime/mllama_media.py; 0 disables it). weights="int8": the language model's Linears and
     output head run as weight-only int8 from the runtime's own quantized copy (runtime/mllama_int8.py), which shares
-    every other tensor with `model`; the drop-in still registers `model` (its float weights stay there)."""
+    every other tensor with `model`; the drop-in still registers `model` (its float weights stay there).
+    batch_invariant=True: each row's tokens, logits and scores are bitwise those of the row processed and run alone,
+    whatever shares its batch, its padding, the image cache, beams or score's passes (runtime/mllama_invariant.py)."""
     check_eval_mode(model)  # transformers' dropout would make its outputs differ from ours
     reference = MllamaReference.from_hf(model)
     runtime = MllamaRuntime(reference, backend=backend, stop_check_interval=stop_check_interval,
-                            context_cache_bytes=context_cache_bytes, weights=weights)
+                            context_cache_bytes=context_cache_bytes, weights=weights, batch_invariant=batch_invariant)
     generation, defaults = generation_config_of(model)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config.text_config
     source = generation if generation is not None else text

@@ -35,6 +35,7 @@ and is refused with this mode (options.py); forward_with_state is refused (prefi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -110,23 +111,38 @@ class RecordingDecoder:
 def generate(fast: FastFlamingo, vision_x, lang_x, attention_mask, image_attention_mask, options: GenerationOptions,
              generator: torch.Generator | None, timer: PhaseTimer | None, return_logits: bool):
     """FastFlamingo.generate_from_options, row by row (inputs checked) -> what the default returns."""
-    vocab = fast.config.lm.vocab_size
+    rows = rows_alone(fast, vision_x, lang_x, attention_mask, image_attention_mask)
+
+    def prefill_of(row: Row):
+        return lambda: fast.prefill(row.vision_x, row.lang_x, row.attention_mask, row.prompt, timer)
+
+    return generate_rows([(prefill_of(row), row.lang_x) for row in rows], lang_x, options, fast.config.lm.vocab_size,
+                         generator, timer, return_logits, fast.stop_check_interval)
+
+
+def generate_rows(rows: list[tuple[Callable[[], tuple[Decoder, torch.Tensor]], torch.Tensor]], lang_x: torch.Tensor,
+                  options: GenerationOptions, vocab: int, generator: torch.Generator | None, timer: PhaseTimer | None,
+                  return_logits: bool, stop_check_interval: int):
+    """The search of generate_ids for each row alone, in order, then the outputs in the default's layout (module
+    docstring). rows: per row of lang_x [B, T], (its prefill: () -> (decoder, first logits [1, vocab]), its prompt
+    [1, T - its padding]); one `generator` consumed row after row -> ids [B * num_sequences, T + new] (and the
+    float32 logits [B, new, vocab] with return_logits)."""
     if options.max_new_tokens == 0 or (return_logits and options.num_beams > 1):  # no model call, or its error
         return generate_ids(None, lang_x.long(), options, vocab, return_logits=return_logits)
     # with return_logits every row runs all steps (no early stop check), so its logits cover the batch's length
-    interval = options.max_new_tokens if return_logits else fast.stop_check_interval
+    interval = options.max_new_tokens if return_logits else stop_check_interval
     new_tokens, recorded = [], []
-    for row in rows_alone(fast, vision_x, lang_x, attention_mask, image_attention_mask):
-        def prefill(row=row):
-            decoder, first_logits = fast.prefill(row.vision_x, row.lang_x, row.attention_mask, row.prompt, timer)
+    for row_prefill, row_ids in rows:
+        def prefill(row_prefill=row_prefill):
+            decoder, first_logits = row_prefill()
             if not return_logits:
                 return decoder, first_logits
             recorded.append(RecordingDecoder(decoder, first_logits))
             return recorded[-1], first_logits
 
-        ids = generate_ids(prefill, row.lang_x, options, vocab, generator=generator, timer=timer,
+        ids = generate_ids(prefill, row_ids, options, vocab, generator=generator, timer=timer,
                            stop_check_interval=interval)
-        new_tokens.append(ids[:, row.lang_x.shape[1]:])
+        new_tokens.append(ids[:, row_ids.shape[1]:])
     length = max(t.shape[1] for t in new_tokens)
     prompt = lang_x.long().repeat_interleave(options.num_sequences, dim=0)
     out = torch.full((prompt.shape[0], prompt.shape[1] + length), options.pad_token_id, dtype=torch.long,

@@ -52,8 +52,10 @@ def _slot_kv(reference: MllamaReference, cross_layers: list[int], pixels: torch.
 
 
 def encode_media(reference: MllamaReference, cross_layers: list[int], images: MllamaImages, tokens: int,
-                 cache: ContextCache, dtype: torch.dtype) -> MllamaMedia:
-    """The module docstring's steps for one call's images (checked: runtime/mllama_inputs.py)."""
+                 cache: ContextCache, dtype: torch.dtype, alone: bool = False) -> MllamaMedia:
+    """The module docstring's steps for one call's images (checked: runtime/mllama_inputs.py). alone: the slots to
+    encode go through the vision tower and the K/V projections one per call (the batch-invariant mode: an image's
+    bits then do not depend on how many are encoded with it, and a cached image is bitwise the uncached one)."""
     pixels = images.pixel_values
     b, slots = pixels.shape[:2]
     flat_pixels = pixels.flatten(0, 1)
@@ -69,8 +71,14 @@ def encode_media(reference: MllamaReference, cross_layers: list[int], images: Ml
         if key not in found:
             first_of.setdefault(key, n)
     if first_of:
-        new = torch.tensor(list(first_of.values()), device=pixels.device)
-        keys, values = _slot_kv(reference, cross_layers, flat_pixels[new], flat_ids[new], flat_masks[new], dtype)
+        new = list(first_of.values())
+        parts = []
+        for group in ([[n] for n in new] if alone else [new]):
+            index = torch.tensor(group, device=pixels.device)
+            parts.append(_slot_kv(reference, cross_layers, flat_pixels[index], flat_ids[index], flat_masks[index],
+                                  dtype))
+        keys, values = parts[0] if len(parts) == 1 else (torch.cat([k for k, _ in parts], dim=1),
+                                                         torch.cat([v for _, v in parts], dim=1))
         for j, key in enumerate(first_of):
             found[key] = cache.put("image", key, keys[:, j].clone(), values[:, j].clone()) if cache.budget else \
                 SimpleEntry(keys[:, j], values[:, j])

@@ -30,7 +30,8 @@ kernels or their torch twins. The KV
 caches are allocated per call on the parameters' device and dtype, so `.to` needs no rebuild; the image cache
 (mllama_media.py) keeps each image's media K/V across calls and is emptied when the weights change. The
 self-attention is torch on both backends (the split-KV decode kernel, fused rotary writes and CUDA graphs of
-FastFlamingo are not wired here yet).
+FastFlamingo are not wired here yet). With batch_invariant=True the entry points run each row alone through the same
+prefill and decode (mllama_invariant.py).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from ..masking import positions_from_mask
 from ..modes import runtime_mode
 from ..positions import apply_rotary, rotary_cos_sin_from_inv_freq, self_attention_mask
 from ..reference.mllama import MllamaCrossAttentionLayer, MllamaReference
+from . import mllama_invariant
 from .attention import shared_prefix_attention
 from .caches import StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
@@ -173,12 +175,16 @@ class MllamaRuntime(nn.Module):
     is copied). backend: "torch" (the segment ops' twins), "triton" (the kernels: CUDA, or the CPU with
     TRITON_INTERPRET=1) or "auto" (Triton on CUDA, else torch). context_cache_bytes: the image cache's budget
     (mllama_media.py; 0 disables it). weights="int8": the language model's Linears and head quantized into a copy
-    that shares every other tensor (mllama_int8.py)."""
+    that shares every other tensor (mllama_int8.py). batch_invariant: every row computed alone, its images one per
+    call (mllama_invariant.py)."""
 
     def __init__(self, reference: MllamaReference, backend: str = "auto", stop_check_interval: int | None = None,
-                 context_cache_bytes: int = 1 << 30, weights: str | None = None):
+                 context_cache_bytes: int = 1 << 30, weights: str | None = None, batch_invariant: bool = False):
         super().__init__()
         check_int("context_cache_bytes", context_cache_bytes, 0, " (0 disables it)")
+        if not isinstance(batch_invariant, bool):
+            raise ValueError(f"batch_invariant={batch_invariant!r}: expected True or False")
+        self.batch_invariant = batch_invariant
         if weights not in (None, "int8"):
             raise ValueError(f"weights={weights!r}: expected None (the model's own) or 'int8'")
         if weights == "int8":
@@ -248,7 +254,8 @@ class MllamaRuntime(nn.Module):
 
     def media(self, images: MllamaImages, tokens: int) -> MllamaMedia:
         """Steps 1 and 2 of the module docstring (mllama_media.py), through the image cache."""
-        return encode_media(self.reference, list(self.cross_slot), images, tokens, self.image_cache, self.dtype)
+        return encode_media(self.reference, list(self.cross_slot), images, tokens, self.image_cache, self.dtype,
+                            alone=self.batch_invariant)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: MllamaImages | None,
                 max_tail_len: int, all_positions: bool = False) -> tuple[MllamaDecoder, torch.Tensor]:
@@ -323,6 +330,8 @@ class MllamaRuntime(nn.Module):
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
         with self.lock:
             self._settle()
+            if self.batch_invariant:
+                return mllama_invariant.logits(self, input_ids, attention_mask, images)
             return self.prefill(input_ids, attention_mask, images, 1, all_positions=True)[1]
 
     @runtime_mode
@@ -331,14 +340,17 @@ class MllamaRuntime(nn.Module):
         """[B, C] float32 log-likelihoods of the candidates (token-id lists) after every row (generation/scoring.py:
         the prompt prefilled once, the candidates as a trie, their hypotheses sharing the row's prompt and media
         K/V); candidate tokens see what the prompt's last token sees. A pass holds as many hypotheses per row as
-        `score_bytes` holds (scoring.hypotheses_per_row)."""
+        `score_bytes` holds (scoring.hypotheses_per_row); batch_invariant: one, each row alone."""
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
         tokens = check_candidates(candidates, self.config.lm.vocab_size, self.config.media_token_id)
         longest = max(len(t) for t in tokens)
-        per_row = hypotheses_per_row(tokens, input_ids.shape[0], score_bytes,
+        rows = 1 if self.batch_invariant else input_ids.shape[0]  # the mode's passes hold one row
+        per_row = hypotheses_per_row(tokens, rows, score_bytes,
                                      hypothesis_bytes(self.config, self.dtype, longest - 1))
         with self.lock:
             self._settle()
+            if self.batch_invariant:
+                return mllama_invariant.score(self, input_ids, attention_mask, images, tokens, normalize_length)
             decoder, first = self.prefill(input_ids, attention_mask, images, longest - 1)
             return score_candidates(decoder, first.float(), tokens, max(per_row, 1), normalize_length, progress=False)
 
@@ -353,6 +365,9 @@ class MllamaRuntime(nn.Module):
         input_ids, attention_mask, images = check_mllama_call(self.reference.config, input_ids, attention_mask, images)
         with self.lock:
             self._settle()
+            if self.batch_invariant:
+                return mllama_invariant.generate(self, input_ids, attention_mask, images, options, generator, timer,
+                                                 return_logits)
             return generate_ids(lambda: self.prefill(input_ids, attention_mask, images, options.max_new_tokens),
                                 input_ids, options, self.config.lm.vocab_size, generator=generator, timer=timer,
                                 return_logits=return_logits, stop_check_interval=self.stop_check_interval)

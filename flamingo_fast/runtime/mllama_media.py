@@ -42,18 +42,22 @@ class MllamaMedia:
 
 
 def _slot_kv(reference: MllamaReference, cross_layers: list[int], pixels: torch.Tensor, ids: torch.Tensor,
-             masks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+             masks: torch.Tensor, dtype: torch.dtype, timer=None) -> tuple[torch.Tensor, torch.Tensor]:
     """M image slots ([M, tiles, C, H, W], [M], [M, tiles]) -> keys, values [cross layers, M, KV heads,
-    tiles * tile_len, head_dim]."""
+    tiles * tile_len, head_dim]; `timer` (a PhaseTimer) laps "vision" after the tower and projector."""
     states = reference.vision_states(pixels[:, None].to(dtype), ids[:, None], masks[:, None]).to(dtype)
+    if timer is not None:
+        timer.lap("vision")
     layers = reference.language_model.layers
     kv = [layers[i].media_kv(states) for i in cross_layers]
     return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
 
 def encode_media(reference: MllamaReference, cross_layers: list[int], images: MllamaImages, tokens: int,
-                 cache: ContextCache, dtype: torch.dtype) -> MllamaMedia:
-    """The module docstring's steps for one call's images (checked: runtime/mllama_inputs.py)."""
+                 cache: ContextCache, dtype: torch.dtype, timer=None) -> MllamaMedia:
+    """The module docstring's steps for one call's images (checked: runtime/mllama_inputs.py). `timer` (a
+    PhaseTimer, the profiler's) laps "vision" (the cache look-up and the new images' tower and projector) and
+    "media_kv" (their cross-attention K/V, the cache write and the layout)."""
     pixels = images.pixel_values
     b, slots = pixels.shape[:2]
     flat_pixels = pixels.flatten(0, 1)
@@ -70,10 +74,13 @@ def encode_media(reference: MllamaReference, cross_layers: list[int], images: Ml
             first_of.setdefault(key, n)
     if first_of:
         new = torch.tensor(list(first_of.values()), device=pixels.device)
-        keys, values = _slot_kv(reference, cross_layers, flat_pixels[new], flat_ids[new], flat_masks[new], dtype)
+        keys, values = _slot_kv(reference, cross_layers, flat_pixels[new], flat_ids[new], flat_masks[new], dtype,
+                                timer)
         for j, key in enumerate(first_of):
             found[key] = cache.put("image", key, keys[:, j].clone(), values[:, j].clone()) if cache.budget else \
                 SimpleEntry(keys[:, j], values[:, j])
+    elif timer is not None:  # every image cached: no tower ran
+        timer.lap("vision")
     order = [found[key] for key in keys_of]
     x, kv_heads, per_slot, head_dim = order[0].keys.shape
 
@@ -83,6 +90,8 @@ def encode_media(reference: MllamaReference, cross_layers: list[int], images: Ml
             .reshape(x, b, kv_heads, slots * per_slot, head_dim)
 
     start, end, valid = segment_tile_ranges(images.cross_attention_mask[:, :tokens], check=True)
+    if timer is not None:
+        timer.lap("media_kv")
     return MllamaMedia(laid_out("keys"), laid_out("values"), start, end, valid, start >= 0,
                        reference.config.vision.num_patches)
 

@@ -100,6 +100,25 @@ def test_meta_table_of_the_90b_through_the_cli_in_a_subprocess(tmp_path):
     assert rows[0]["cache_bytes"] == want["caches"]
 
 
+def test_decode_read_bytes_of_the_11b():
+    """The floor of bench/mllama_gpu.py (the GPU check's mllama_11b step): per decode step every language-model
+    layer's weights but the cross-attention k/v projections and k_norm, the final norm, the head and one embedding
+    row, in bf16; plus the self-attention K/V of the context and the image's cross-attention K/V."""
+    from flamingo_fast.reference.mllama_sizes import mllama_decode_read_bytes
+
+    t = mllama_from_name("mllama-11b").text
+    h, head_dim = t.hidden_size, t.hidden_size // t.num_heads
+    kv, cross = t.num_kv_heads * head_dim, len(t.cross_attention_layers)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * t.intermediate_size + 2 * h  # q, o, k, v, the MLP, two norms
+    weights = t.num_layers * layer + cross * (2 * head_dim + 2) - cross * (2 * h * kv + head_dim) \
+        + h + t.vocab_size * h + h  # final norm, head, one embedding row
+    assert mllama_decode_read_bytes(mllama_from_name("mllama-11b"), 1, 0, 0) == 2 * weights
+    context_kv = (t.num_layers - cross) * kv * 2 * 2  # K and V a position, bf16
+    assert mllama_decode_read_bytes(mllama_from_name("mllama-11b"), 2, 10, 1) == \
+        2 * weights + 2 * (10 * context_kv + 8 * 128 * 6404 * 2 * 2 * 8)
+    assert 18.3e9 < 2 * weights < 18.4e9  # of the 21.3 GB: no vision tower, no embedding table, no k/v projections
+
+
 def test_options_that_make_no_sense_with_an_mllama_preset(capsys, monkeypatch):
     """Each refused with the argument, its value and what is expected."""
     monkeypatch.setattr(profile_options.importlib.util, "find_spec",
@@ -155,6 +174,23 @@ def test_presets_as_transformers_configs(transformers, name):
     from flamingo_fast.profiling.mllama_profile import hf_mllama_config
 
     assert mllama_config_from_hf(hf_mllama_config(mllama_from_name(name)).to_dict()) == mllama_from_name(name)
+
+
+@pytest.mark.comparison
+def test_random_model_built_on_a_device_in_its_dtype(transformers):
+    """build_mllama_from_config(device=...) (the GPU check's 11B: built and drawn on the GPU, bf16 from the start)
+    draws the same values as the CPU build, on the generator's device."""
+    import torch
+
+    from flamingo_fast.profiling.mllama_profile import hf_mllama_config
+    from flamingo_fast.testing import build_mllama_from_config
+
+    config = hf_mllama_config(mllama_from_name("mllama-tiny"))
+    plain, placed = build_mllama_from_config(config), build_mllama_from_config(config, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), placed.state_dict().values(),
+                                                  strict=True))
+    half = build_mllama_from_config(config, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and torch.get_default_dtype() == torch.float32
 
 
 @pytest.mark.comparison

@@ -268,7 +268,9 @@ def profile_mllama(options: ProfileOptions, progress: bool = True,
     meta.update(prompt=PROMPT, transformers=transformers.__version__)
     setup_s = meta["setup_s"]
     started = time.perf_counter()
-    model = build_mllama_from_config(hf_mllama_config(config), seed=options.seed, dtype=dtype).to(device)
+    on_gpu = torch.device(device).type == "cuda"  # built and drawn there: no float32 copy of an 11B on the host
+    model = build_mllama_from_config(hf_mllama_config(config), seed=options.seed, dtype=dtype,
+                                     device=device if on_gpu else None).to(device)
     setup_s["model"] = round(time.perf_counter() - started, 3)
     variants = _variants(options)
     bar = ProgressBar(len(options.batch) * len(options.shots) * len(variants) * (options.warmup + options.repeats),

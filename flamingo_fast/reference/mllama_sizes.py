@@ -88,3 +88,27 @@ def mllama_fits(config: MllamaConfig) -> dict[str, dict[str, int]]:
     """{card: {format: bytes left after the weights (negative: they do not fit)}}."""
     weights = mllama_weight_bytes(config)
     return {card: {fmt: memory - size for fmt, size in weights.items()} for card, memory in CARDS.items()}
+
+
+@functools.cache
+def _decode_parameters(config: MllamaConfig) -> int:
+    """Parameters a decode step reads: every language-model layer but the cross-attention layers' k_proj, v_proj
+    and k_norm (the images' K/V are computed once per image), the final norm, the head, and one embedding row."""
+    with torch.device("meta"):
+        model = MllamaReference(config)
+    lm = model.language_model
+    once = {id(p) for name, p in lm.layers.named_parameters()
+            if any(part in name for part in ("cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.k_norm"))}
+    layers = sum(p.numel() for p in lm.layers.parameters() if id(p) not in once)
+    return layers + sum(p.numel() for p in lm.norm.parameters()) + model.lm_head.weight.numel() \
+        + config.text.hidden_size
+
+
+def mllama_decode_read_bytes(config: MllamaConfig, batch: int, context: float, images: int,
+                             dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one decode step must read at least, weights in `dtype`: the decode weights (_decode_parameters), the
+    self-attention K/V of `context` positions and the cross-attention K/V of `images` images per row (every tile
+    slot: mllama_image_kv_bytes); bench/mllama_gpu.py divides it by the measured copy bandwidth (the floor)."""
+    weights = _decode_parameters(config) * dtype.itemsize
+    per_row = mllama_self_kv_bytes(config, 1, dtype) * context + images * mllama_image_kv_bytes(config, dtype)
+    return int(weights + batch * per_row)

@@ -30,6 +30,10 @@
 #   int8_80b   IDEFICS-80B's weight bytes in bf16 and int8 and what an H200 keeps after weights + caches,
 #              counted on the meta device (`profile --device meta`): a random-weight 80B cannot be built on the
 #              machine (bf16: 160 GB, more than the H200's 141 GB and the host's 128 GiB), so nothing is allocated
+#   mllama_11b Llama 3.2 Vision at the 11B shapes, random bf16 weights on the GPU (~21 GB: fits an H100), batch 1,
+#              one 4-tile image: from_mllama's decode ms/token against the floor of the bytes a step reads (~18.4 GB
+#              of bf16 weights + the image's K/V) / the measured copy bandwidth, and transformers' own generate as
+#              the baseline when transformers is importable (bench/mllama_gpu.py; the CPU dry run: mllama-tiny)
 #   batch_invariant  the default against batch_invariant=True (bench/batch_invariant.py: TTFT cold and warm, decode,
 #              score; and whether row 0 alone equals row 0 in the batch bit for bit, in each mode); never run on a GPU yet
 #   floor      decode ms per token vs the memory-bandwidth floor (bench/bandwidth.py floor)
@@ -45,6 +49,7 @@
 # GPU_CHECK_TRACE=1 (chrome traces of the batch-1 profile under OUTDIR/traces),
 # GPU_CHECK_DECODE_PATHS_ARGS (extra arguments of bench/decode_paths.py, e.g. "--new-tokens 8"),
 # GPU_CHECK_INT8_PRESET (profile_int8 and int8_matmul's shapes; default openflamingo-9b-v2), GPU_CHECK_INT8_GOAL_MS (4.0),
+# GPU_CHECK_MLLAMA_PRESET (the mllama_11b step's shapes on CUDA; default mllama-11b),
 # GPU_CHECK_STEPS (a comma-separated subset of the steps to run, e.g. "tests,decode_paths,profile_b1"; env,
 # install and import always run, floor when the bandwidth and the profiles were measured): the steps' caps add up
 # to more than one 600 s device call, so a session splits the check into two calls.
@@ -218,6 +223,15 @@ run_step profile_int8 120 int8_profile
 run_step int8_80b 60 "$PY" -m flamingo_fast profile --preset idefics-80b --impl fast --weights bf16,int8 \
     --dtype bfloat16 --device meta --shots 0,32 --batch 1,8 --new-tokens 16 --json "$OUT/int8_80b.json"
 
+# Llama 3.2 Vision at the 11B shapes (never run on a GPU yet). Estimate on an H100: imports ~10 s, the random bf16
+# model built and drawn on the GPU ~10 s, transformers' generate (4 calls of 32 tokens, eager) ~10 s, the fast
+# path's Triton compiles in the warm-up ~30 s and its calls ~5 s: ~70 s; cap 180.
+if [ "$DEVICE" = cuda ]; then MLLAMA_PRESET=${GPU_CHECK_MLLAMA_PRESET:-mllama-11b}; MLLAMA_NEW=32
+else MLLAMA_PRESET=mllama-tiny; MLLAMA_NEW=4; fi
+MLLAMA_ARGS=(--preset "$MLLAMA_PRESET" --device "$DEVICE" --new-tokens "$MLLAMA_NEW" --out "$OUT/mllama_11b")
+if [ -f "$OUT/bandwidth.json" ]; then MLLAMA_ARGS+=(--bandwidth "$OUT/bandwidth.json"); else MLLAMA_ARGS+=(--gib "$BW_GIB"); fi
+run_step mllama_11b 180 "$PY" bench/mllama_gpu.py "${MLLAMA_ARGS[@]}"
+
 # Issue 12: decode before and after each change, in one process (the model is built once).
 ALL_OLD=fused_projections,rotary_kv_write,decode_attention
 if [ "$DEVICE" = cuda ]; then
@@ -371,6 +385,12 @@ print(format_table(load_json(sys.argv[1])))' "$OUT/profile_int8.json" 2>&1
             if [ -f "$OUT/floor_int8.md" ]; then echo; cat "$OUT/floor_int8.md"; fi
             if [ -f "$OUT/int8_goal.txt" ]; then echo; cat "$OUT/int8_goal.txt"; fi
         fi
+        if [ -f "$OUT/mllama_11b.md" ]; then
+            echo
+            echo "## Llama 3.2 Vision ($MLLAMA_PRESET), batch 1, one 4-tile image: decode vs the floor"
+            echo
+            cat "$OUT/mllama_11b.md"
+        fi
         if [ -f "$OUT/logs/int8_80b.log" ]; then
             echo
             echo "## IDEFICS-80B weights by format, counted on the meta device (nothing allocated)"
@@ -389,4 +409,5 @@ if [ -f "$OUT/floor.md" ]; then cat "$OUT/floor.md"; else echo "no floor table (
 if [ -f "$OUT/decode_paths.md" ]; then echo; cat "$OUT/decode_paths.md"; fi
 if [ -f "$OUT/int8_matmul.md" ]; then echo; grep -E '^goal' "$OUT/int8_matmul.md"; fi
 if [ -f "$OUT/int8_goal.txt" ]; then cat "$OUT/int8_goal.txt"; fi
+if [ -f "$OUT/mllama_11b.md" ]; then echo; cat "$OUT/mllama_11b.md"; fi
 echo "total $(($(date +%s) - START)) s"

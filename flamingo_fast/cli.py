@@ -8,6 +8,11 @@ prints a markdown table (one row per batch x shot count x implementation) and wr
     flamingo-fast profile --preset idefics-80b --impl fast --weights bf16,int8 --device meta
 
 runs nothing: builds on the meta device (no memory) and prints each row's weight bytes, caches and what a card keeps.
+
+    flamingo-fast profile --preset mllama-11b --device meta
+
+the same for Llama 3.2 Vision (bf16 and int8 rows by default, and how many 4-tile images' cross-attention K/V fit
+beside the weights); no transformers needed (profiling/mllama_profile.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from .config import PRESETS
 from .profiling import profile_options, profiler, report
+from .reference.mllama_config import MLLAMA_PRESETS
 
 
 def _int_list_type(name: str, minimum: int):
@@ -76,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=profiler.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shapes (random weights)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS) + sorted(MLLAMA_PRESETS),
+                   help="model shapes (random weights); mllama-*: Llama 3.2 Vision (transformers' "
+                        "MllamaForConditionalGeneration), profiled with --impl hf,fast")
     p.add_argument("--shots", type=_int_list_type("shots", 0), default=list(profile_options.DEFAULT_SHOTS),
                    help="comma-separated shot counts; k shots = k + 1 images (default: 0,1,2,4,8,16,32)")
     p.add_argument("--batch", type=_int_list_type("batch", 1), default=[1],
@@ -90,15 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="cpu or cuda[:N] (default: cuda if available); meta: build on the meta device and print the "
                         "weight bytes per row and what fits where, running nothing (seconds, even for an 80B model)")
-    p.add_argument("--impl", type=_impl_list, default=["reference", "fast"],
-                   help="comma-separated implementations, the first is the baseline (default: reference,fast); "
-                        "openflamingo (OpenFlamingo's own generate) and idefics (transformers' IDEFICS generate) "
-                        "need their packages and a preset of their layout")
+    p.add_argument("--impl", type=_impl_list, default=None,
+                   help="comma-separated implementations, the first is the baseline (default: reference,fast; "
+                        "hf,fast with an mllama-* preset); openflamingo (OpenFlamingo's own generate), idefics "
+                        "(transformers' IDEFICS generate) and hf (transformers' MllamaForConditionalGeneration."
+                        "generate: the mllama-* presets, whose other implementation is fast) need their packages "
+                        "and a preset of their layout")
     p.add_argument("--backend", default="auto", choices=profile_options.FAST_BACKENDS,
                    help="the fast runtime's backend: auto, triton or torch")
-    p.add_argument("--weights", type=_weights_list, default=["none"],
+    p.add_argument("--weights", type=_weights_list, default=None,
                    help="the fast runtime's weight format: none, bf16 (both: the activation dtype) or int8; a "
-                        "comma-separated list (e.g. bf16,int8) gives one fast row per format (default: none)")
+                        "comma-separated list (e.g. bf16,int8) gives one fast row per format (default: none; "
+                        "bf16,int8 with an mllama-* preset on --device meta)")
     p.add_argument("--repeats", type=_non_negative_int("repeats", 1), default=3, help="timed calls (default 3)")
     p.add_argument("--warmup", type=_non_negative_int("warmup", 0), default=1,
                    help="untimed calls first, reported as warm-up seconds (default 1)")
@@ -121,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.workload is not None and args.preset in MLLAMA_PRESETS:
+        parser.error(f"--workload with --preset {args.preset}: the evaluation workload runs the Flamingo layouts "
+                     f"only; expected no --workload (the sweep), or a preset of {sorted(PRESETS)}")
     if args.workload is not None:
         for option in ("csv", "plot", "trace"):
             if getattr(args, option) is not None:
@@ -154,7 +168,12 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     on_row = (lambda result: report.write_json(result, args.json, complete=False)) if args.json else None
     try:
-        result = profiler.profile(options, progress=not args.no_progress, on_row=on_row)
+        if options.is_mllama:
+            from .profiling import mllama_profile
+
+            result = mllama_profile.profile_mllama(options, progress=not args.no_progress, on_row=on_row)
+        else:
+            result = profiler.profile(options, progress=not args.no_progress, on_row=on_row)
     except (ValueError, NotImplementedError) as error:
         print(f"flamingo-fast profile: error: {error}", file=sys.stderr)
         return 2
@@ -182,12 +201,19 @@ def _count_weights(args: argparse.Namespace, parser: argparse.ArgumentParser,
         if getattr(args, option) is not None:
             parser.error(f"--{option} with --device meta: nothing runs on the meta device (it counts the weights "
                          f"only); expected no --{option}, or --device cpu / cuda")
+    meta = report.metadata(options)
     try:
-        rows = profiler.count_weights(options)
+        if options.is_mllama:
+            from .profiling import mllama_profile
+
+            rows = mllama_profile.count_mllama_weights(options)
+            meta.update(prompt=mllama_profile.PROMPT, weights_note=mllama_profile.weights_note(options),
+                        image_kv_note=mllama_profile.image_kv_note(options))
+        else:
+            rows = profiler.count_weights(options)
     except (ValueError, NotImplementedError) as error:
         print(f"flamingo-fast profile: error: {error}", file=sys.stderr)
         return 2
-    meta = report.metadata(options)
     print(report.format_weights(rows, meta))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -26,24 +26,32 @@ from torch import nn
 def _randomize(model: nn.Module, generator: torch.Generator, head_scale: float) -> None:
     """Every parameter random, by role: norm weights around 1 (+-30%), biases small, alphas and tanh gates of both
     signs and |alpha| in [0.3, 1.3] (tanh of which is far from 0: the gates really open), matrices ~ 1/sqrt(fan_in),
-    embeddings, latents and position tables ~ N(0, 1), the output head ~ head_scale/sqrt(D)."""
+    embeddings, latents and position tables ~ N(0, 1), the output head ~ head_scale/sqrt(D). Drawn on the
+    generator's device."""
+
+    def normal(shape):
+        return torch.randn(shape, generator=generator, device=generator.device)
+
+    def uniform(shape):
+        return torch.rand(shape, generator=generator, device=generator.device)
+
     for name, p in model.named_parameters():
         with torch.no_grad():
             if "alpha" in name or re.search(r"(^|[._])gate(_attn|_ffn)?$", name):  # IDEFICS alphas, Mllama gates
-                sign = torch.where(torch.rand(p.shape, generator=generator) < 0.5, -1.0, 1.0)
-                p.copy_(sign * (0.3 + torch.rand(p.shape, generator=generator)))
+                sign = torch.where(uniform(p.shape) < 0.5, -1.0, 1.0)
+                p.copy_(sign * (0.3 + uniform(p.shape)))
             elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+                p.copy_(0.1 * normal(p.shape))
             elif p.dim() == 1 and ("norm" in name or name.endswith(".ln.weight") or "layrnorm" in name):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=generator))
+                p.copy_(1.0 + 0.3 * normal(p.shape))
             elif name.startswith("lm_head"):
-                p.copy_(torch.randn(p.shape, generator=generator) * head_scale / math.sqrt(p.shape[-1]))
+                p.copy_(normal(p.shape) * head_scale / math.sqrt(p.shape[-1]))
             elif "embed_tokens" in name or "position_embedding" in name or "class_embedding" in name \
                     or name.endswith("latents"):
-                p.copy_(torch.randn(p.shape, generator=generator))
+                p.copy_(normal(p.shape))
             elif p.dim() >= 2:  # Linear [out, in] and the patch Conv2d [out, C, k, k]
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+                p.copy_(normal(p.shape) / math.sqrt(fan_in))
             else:
                 raise AssertionError(f"parameter {name} {tuple(p.shape)} has no randomisation rule")
 
@@ -72,14 +80,27 @@ def build_idefics_from_config(config, seed: int = 0, head_scale: float = 3.0, ad
     return model.to(dtype).eval()
 
 
-def build_mllama_from_config(config, seed: int = 0, head_scale: float = 3.0,
-                             dtype: torch.dtype = torch.float32) -> nn.Module:
-    """transformers' MllamaForConditionalGeneration(config), every parameter random (seeded), eval mode, `dtype`."""
+def build_mllama_from_config(config, seed: int = 0, head_scale: float = 3.0, dtype: torch.dtype = torch.float32,
+                             device: str | torch.device | None = None) -> nn.Module:
+    """transformers' MllamaForConditionalGeneration(config), every parameter random (seeded), eval mode, `dtype`.
+    `device` (e.g. "cuda"): built and drawn there, in `dtype` from the start (an 11B in bf16 on a GPU in seconds,
+    no float32 copy on the host); None: the CPU, as before (the same values)."""
     from transformers import MllamaForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = MllamaForConditionalGeneration(config)
-    _randomize(model, torch.Generator().manual_seed(seed), head_scale)
+    if device is None:
+        model = MllamaForConditionalGeneration(config)
+        generator = torch.Generator().manual_seed(seed)
+    else:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = MllamaForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(default)
+        generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    _randomize(model, generator, head_scale)
     model.requires_grad_(False)
     return model.to(dtype).eval()
 

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from mllama_counts import closed_form
 
 from flamingo_fast.reference.mllama import KEY_MAPS, MllamaReference, key_layout, our_key, state_dict_keys
 from flamingo_fast.reference.mllama_config import MllamaConfig, mllama_config_from_hf, mllama_from_name
@@ -17,24 +18,6 @@ from flamingo_fast.reference.mllama_sizes import (
     mllama_parameter_count,
     mllama_weight_bytes,
 )
-
-
-def closed_form(config: MllamaConfig) -> tuple[int, int, int]:
-    """(parameters, quantized LM weights, their output rows) written out from the architecture's description."""
-    v, t = config.vision, config.text
-    d, p, tiles, tilings = v.hidden_size, v.num_patches, v.max_num_tiles, v.max_aspect_ratio_id + 1
-    block = 4 * d * d + 2 * d * v.intermediate_size + v.intermediate_size + d + 4 * d  # attn, MLP + biases, 2 LNs
-    vision = v.num_channels * v.patch_size**2 * d + d + (1 + p * d + tilings * tiles * p * d) \
-        + 2 * (tilings * tiles * d + 1) + 4 * d + v.num_layers * block + v.num_global_layers * (block + 2)
-    projector = v.vision_output_dim * t.hidden_size + t.hidden_size
-    h, kv = t.hidden_size, t.num_kv_heads * t.head_dim
-    projections, mlp = 2 * h * h + 2 * h * kv, 3 * h * t.intermediate_size
-    rows = 2 * h + 2 * kv + 2 * t.intermediate_size + h  # q, o, k, v, gate, up, down
-    cross = len(t.cross_attention_layers)
-    lm = t.num_layers * (projections + mlp + 2 * h) + cross * (2 * t.head_dim + 2) + (t.vocab_size + 8) * h + h
-    head = t.vocab_size * h
-    return vision + projector + lm + head, t.num_layers * (projections + mlp) + head, \
-        t.num_layers * rows + t.vocab_size
 
 
 @pytest.mark.parametrize("name, published", [("mllama-11b", 10.6e9), ("mllama-90b", 88.8e9)])

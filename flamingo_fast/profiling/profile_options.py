@@ -4,6 +4,7 @@ FAST_BACKENDS, WEIGHT_FORMATS, DEFAULT_SHOTS). profiler.py runs them."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from collections.abc import Sequence
@@ -15,11 +16,15 @@ import torch
 
 from ..checks import check_int, is_int
 from ..config import PRESETS, FlamingoConfig, from_name
-from .prompts import prompt_length
+from ..reference.mllama_config import MLLAMA_PRESETS, MllamaConfig, mllama_from_name
+from .prompts import mllama_prompt_length, prompt_length
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IMPLEMENTATIONS = ("reference", "fast", "openflamingo", "idefics")
-BASELINE_LAYOUT = {"openflamingo": "openflamingo", "idefics": "idefics"}  # each package runs one model family
+IMPLEMENTATIONS = ("reference", "fast", "openflamingo", "idefics", "hf")
+# each package runs one model family; "hf": transformers' MllamaForConditionalGeneration.generate (Llama 3.2 Vision)
+BASELINE_LAYOUT = {"openflamingo": "openflamingo", "idefics": "idefics", "hf": "mllama"}
+# The Llama 3.2 Vision presets (reference/mllama_config.py) run "hf" and "fast" (flamingo_fast.from_mllama) only.
+MLLAMA_IMPLEMENTATIONS = ("hf", "fast")
 FAST_BACKENDS = ("auto", "triton", "torch")  # FastFlamingo's (runtime.layers.BACKENDS, imported only when profiled)
 DEFAULT_SHOTS = (0, 1, 2, 4, 8, 16, 32)
 # --weights: the fast runtime's weight format (FastFlamingo.from_reference's `weights`; "none" and "bf16" keep
@@ -93,14 +98,14 @@ def default_device() -> str:
 class ProfileOptions:
     """Everything `profile()` needs; checked on construction (errors name the option and the value)."""
 
-    preset: str = "small"
+    preset: str = "small"  # a config.PRESETS name, or an mllama-* preset (MLLAMA_PRESETS: Llama 3.2 Vision)
     shots: Sequence[int] = DEFAULT_SHOTS
     batch: Sequence[int] = (1,)
     new_tokens: int = 16
     num_beams: int = 1  # > 1: beam search (Hugging Face's semantics), timed per step of all hypotheses
     dtype: str | None = None  # None: bfloat16 on CUDA and meta, float32 on the CPU
     device: str | None = None  # None: cuda if available; "meta": count the weights only (count_weights)
-    impls: Sequence[str] = ("reference", "fast")
+    impls: Sequence[str] | None = None  # None: reference,fast (hf,fast with an mllama-* preset)
     repeats: int = 3
     warmup: int = 1
     seed: int = 0
@@ -108,13 +113,18 @@ class ProfileOptions:
     question_tokens: int = 6
     trace_dir: str | None = None
     fast_backend: str = "auto"  # auto, triton or torch
-    weights: Sequence[str] = ("none",)  # WEIGHT_FORMATS, one fast row per format (a str: comma-separated)
+    # WEIGHT_FORMATS, one fast row per format (a str: comma-separated); None: none (bf16,int8 with an mllama-*
+    # preset on the meta device, whose table is about what each format needs)
+    weights: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r}: unknown; expected one of {sorted(PRESETS)}")
+        if self.preset not in PRESETS and self.preset not in MLLAMA_PRESETS:
+            raise ValueError(f"preset={self.preset!r}: unknown; expected one of {sorted(PRESETS)} or the Llama 3.2 "
+                             f"Vision presets {sorted(MLLAMA_PRESETS)}")
         self.shots = _int_list(self.shots, "shots", 0)
         self.batch = _int_list(self.batch, "batch", 1)
+        if self.impls is None:
+            self.impls = list(MLLAMA_IMPLEMENTATIONS if self.is_mllama else ("reference", "fast"))
         self.impls = [self.impls] if isinstance(self.impls, str) else list(self.impls)
         if not self.impls:
             raise ValueError("impl=[]: expected at least one of " + ", ".join(IMPLEMENTATIONS))
@@ -130,6 +140,9 @@ class ProfileOptions:
         if self.num_beams > 1 and self.new_tokens > 64:
             raise ValueError(f"new_tokens={self.new_tokens} with num_beams={self.num_beams}: expected at most 64 "
                              f"(FastFlamingo's default max_tail_len)")
+        if self.weights is None:
+            meta = self.device is not None and str(self.device).startswith("meta")
+            self.weights = ["bf16", "int8"] if self.is_mllama and meta else ["none"]
         self.weights = parse_weights(self.weights)
         if self.fast_backend not in FAST_BACKENDS:
             raise ValueError(f"backend={self.fast_backend!r}: unknown fast runtime backend; expected one of "
@@ -148,6 +161,9 @@ class ProfileOptions:
         self.dtype = self.dtype or ("float32" if device.type == "cpu" else "bfloat16")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {list(DTYPES)}")
+        if self.is_mllama:
+            self._check_mllama(device)
+            return
         config = from_name(self.preset)
         for impl in self.impls:
             if impl in BASELINE_LAYOUT and BASELINE_LAYOUT[impl] != config.layout:
@@ -161,9 +177,47 @@ class ProfileOptions:
                 f"{config.lm.max_position_embeddings}: expected fewer shots, caption or new tokens"
             )
 
+    def _check_mllama(self, device: torch.device) -> None:
+        """An mllama-* preset: the implementations it has, the options its sweep takes, transformers for a run."""
+        for impl in self.impls:
+            if impl not in MLLAMA_IMPLEMENTATIONS:
+                raise ValueError(f"impl={impl!r} with preset {self.preset!r} (Llama 3.2 Vision): expected "
+                                 f"{' and/or '.join(MLLAMA_IMPLEMENTATIONS)} (hf: transformers' "
+                                 f"MllamaForConditionalGeneration.generate; fast: flamingo_fast.from_mllama)")
+        if self.trace_dir is not None:
+            raise ValueError(f"trace={self.trace_dir!r} with preset {self.preset!r}: the Llama 3.2 Vision sweep "
+                             f"writes no traces; expected no --trace")
+        if device.type != "meta" and importlib.util.find_spec("transformers") is None:
+            raise ValueError(
+                f"device={self.device!r} with preset {self.preset!r}: the timed Llama 3.2 Vision profile builds "
+                f"transformers' MllamaForConditionalGeneration (random weights) and runs its generate as the "
+                f"baseline, and transformers is not installed in this environment; expected device='meta' (weight "
+                f"bytes only), or run it where transformers is installed (make setup-transformers5, then "
+                f".venv-transformers5/bin/python -m flamingo_fast profile ...)")
+        config = self.mllama_config
+        longest = mllama_prompt_length(max(self.shots), self.caption_tokens, self.question_tokens) + self.new_tokens
+        if longest > config.text.max_position_embeddings:
+            raise ValueError(
+                f"shots={max(self.shots)}: the prompt ({longest - self.new_tokens} tokens) + new_tokens="
+                f"{self.new_tokens} is {longest} positions; preset {self.preset!r} allows "
+                f"{config.text.max_position_embeddings}: expected fewer shots, caption or new tokens"
+            )
+
+    @property
+    def is_mllama(self) -> bool:
+        """A Llama 3.2 Vision preset (reference/mllama_config.py's MLLAMA_PRESETS)."""
+        return self.preset in MLLAMA_PRESETS
+
     @property
     def config(self) -> FlamingoConfig:
+        if self.is_mllama:
+            raise ValueError(f"preset={self.preset!r}: a Llama 3.2 Vision preset has no FlamingoConfig; expected "
+                             f"options.mllama_config")
         return from_name(self.preset)
+
+    @property
+    def mllama_config(self) -> MllamaConfig:
+        return mllama_from_name(self.preset)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -31,6 +31,12 @@ def prompt_length(shots: int, caption_tokens: int, question_tokens: int, config:
     return 1 + shots * (image + caption_tokens + end) + image + question_tokens
 
 
+def mllama_prompt_length(shots: int, caption_tokens: int, question_tokens: int) -> int:
+    """Llama 3.2 Vision's prompt (profiling/mllama_profile.py): <|begin_of_text|> + shots * (<|image|> caption) +
+    <|image|> question; no end-of-chunk token (the cross-attention mask, not a token, ends an image's span)."""
+    return 1 + shots * (1 + caption_tokens) + 1 + question_tokens
+
+
 def image_attention_mask(config: FlamingoConfig, lang_x: torch.Tensor, num_images: int) -> torch.Tensor | None:
     """The IDEFICS processor's mask for the profiler's prompts, [B, T, num_images] long (None for OpenFlamingo):
     each token sees the latest `<image>` (these prompts hold no `</s>`, which would reset it)."""

@@ -110,6 +110,9 @@ class WeightRow:
     max_seq_len: int  # the capacity the caches are sized for: the sweep's longest prompt + new tokens
     max_images: int
     note: str | None = None
+    # Llama 3.2 Vision rows: the cross-attention K/V of one image of max_num_tiles tiles over every cross-attention
+    # layer (mllama_sizes.mllama_image_kv_bytes); format_weights then says how many fit beside the weights
+    image_kv_bytes: int | None = None
 
     @property
     def total_weight_bytes(self) -> int | None:
@@ -117,7 +120,7 @@ class WeightRow:
 
 
 # Nominal memory of the cards the fit is reported for, in GB (1e9 bytes).
-CARDS_GB = {"H200 (141 GB)": 141, "80 GB card": 80, "24 GB card": 24}
+CARDS_GB = {"H200 (141 GB)": 141, "H100 (80 GB)": 80, "24 GB card": 24}
 
 
 
@@ -278,9 +281,23 @@ def format_weights(rows: Sequence[WeightRow], meta: dict[str, Any]) -> str:
         lines.append(f"| {r.impl} | {r.batch} | {r.weights or '-'} | {int8} | {total - int8} | {total} | "
                      f"{total / 1e9:.2f} | {total / 2**20:.1f} | {cache_mib} | "
                      + " | ".join(f"{gb - held:.1f}" for gb in CARDS_GB.values()) + " |")
-    lines += ["", "weight bytes: FastFlamingo.weight_bytes() (the reference: its parameters and buffers), each storage "
-              "once. GB left: a card's nominal memory minus weights and caches; activations, the context cache, "
-              "CUDA-graph pools and the CUDA context come on top."] + notes
+    if meta.get("weights_note"):
+        lines += ["", meta["weights_note"]]
+    else:
+        lines += ["", "weight bytes: FastFlamingo.weight_bytes() (the reference: its parameters and buffers), each "
+                  "storage once. GB left: a card's nominal memory minus weights and caches; activations, the context "
+                  "cache, CUDA-graph pools and the CUDA context come on top."]
+    lines += notes
+    images = [r for r in rows if r.image_kv_bytes and r.total_weight_bytes is not None]
+    if images:
+        lines += ["", meta.get("image_kv_note", "images: cross-attention K/V of one image"), "",
+                  "| impl | batch | weights | image K/V MiB | "
+                  + " | ".join(f"images beside the weights on {card}" for card in CARDS_GB) + " |",
+                  "| --- | ---: | --- | ---: " + "| ---: " * len(CARDS_GB) + "|"]
+        for r in images:
+            fit = [max(int((gb * 1e9 - r.total_weight_bytes) // r.image_kv_bytes), 0) for gb in CARDS_GB.values()]
+            lines.append(f"| {r.impl} | {r.batch} | {r.weights or '-'} | {r.image_kv_bytes / 2**20:.1f} | "
+                         + " | ".join(str(n) for n in fit) + " |")
     return "\n".join(lines)
 
 

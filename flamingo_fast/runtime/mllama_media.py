@@ -42,20 +42,24 @@ class MllamaMedia:
 
 
 def _slot_kv(reference: MllamaReference, cross_layers: list[int], pixels: torch.Tensor, ids: torch.Tensor,
-             masks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+             masks: torch.Tensor, dtype: torch.dtype, timer=None) -> tuple[torch.Tensor, torch.Tensor]:
     """M image slots ([M, tiles, C, H, W], [M], [M, tiles]) -> keys, values [cross layers, M, KV heads,
-    tiles * tile_len, head_dim]."""
+    tiles * tile_len, head_dim]; `timer` (a PhaseTimer) laps "vision" after the tower and projector."""
     states = reference.vision_states(pixels[:, None].to(dtype), ids[:, None], masks[:, None]).to(dtype)
+    if timer is not None:
+        timer.lap("vision")
     layers = reference.language_model.layers
     kv = [layers[i].media_kv(states) for i in cross_layers]
     return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
 
 def encode_media(reference: MllamaReference, cross_layers: list[int], images: MllamaImages, tokens: int,
-                 cache: ContextCache, dtype: torch.dtype, alone: bool = False) -> MllamaMedia:
+                 cache: ContextCache, dtype: torch.dtype, alone: bool = False, timer=None) -> MllamaMedia:
     """The module docstring's steps for one call's images (checked: runtime/mllama_inputs.py). alone: the slots to
     encode go through the vision tower and the K/V projections one per call (the batch-invariant mode: an image's
-    bits then do not depend on how many are encoded with it, and a cached image is bitwise the uncached one)."""
+    bits then do not depend on how many are encoded with it, and a cached image is bitwise the uncached one).
+    `timer` (a PhaseTimer, the profiler's) laps "vision" (the cache look-up and the new images' tower and projector)
+    and "media_kv" (their cross-attention K/V, the cache write and the layout)."""
     pixels = images.pixel_values
     b, slots = pixels.shape[:2]
     flat_pixels = pixels.flatten(0, 1)
@@ -76,12 +80,14 @@ def encode_media(reference: MllamaReference, cross_layers: list[int], images: Ml
         for group in ([[n] for n in new] if alone else [new]):
             index = torch.tensor(group, device=pixels.device)
             parts.append(_slot_kv(reference, cross_layers, flat_pixels[index], flat_ids[index], flat_masks[index],
-                                  dtype))
+                                  dtype, timer))
         keys, values = parts[0] if len(parts) == 1 else (torch.cat([k for k, _ in parts], dim=1),
                                                          torch.cat([v for _, v in parts], dim=1))
         for j, key in enumerate(first_of):
             found[key] = cache.put("image", key, keys[:, j].clone(), values[:, j].clone()) if cache.budget else \
                 SimpleEntry(keys[:, j], values[:, j])
+    elif timer is not None:  # every image cached: no tower ran
+        timer.lap("vision")
     order = [found[key] for key in keys_of]
     x, kv_heads, per_slot, head_dim = order[0].keys.shape
 
@@ -91,6 +97,8 @@ def encode_media(reference: MllamaReference, cross_layers: list[int], images: Ml
             .reshape(x, b, kv_heads, slots * per_slot, head_dim)
 
     start, end, valid = segment_tile_ranges(images.cross_attention_mask[:, :tokens], check=True)
+    if timer is not None:
+        timer.lap("media_kv")
     return MllamaMedia(laid_out("keys"), laid_out("values"), start, end, valid, start >= 0,
                        reference.config.vision.num_patches)
 

@@ -252,21 +252,21 @@ class MllamaRuntime(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.reference.language_model.embed_tokens.weight.dtype
 
-    def media(self, images: MllamaImages, tokens: int) -> MllamaMedia:
+    def media(self, images: MllamaImages, tokens: int, timer=None) -> MllamaMedia:
         """Steps 1 and 2 of the module docstring (mllama_media.py), through the image cache."""
         return encode_media(self.reference, list(self.cross_slot), images, tokens, self.image_cache, self.dtype,
-                            alone=self.batch_invariant)
+                            alone=self.batch_invariant, timer=timer)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: MllamaImages | None,
-                max_tail_len: int, all_positions: bool = False) -> tuple[MllamaDecoder, torch.Tensor]:
+                max_tail_len: int, all_positions: bool = False, timer=None) -> tuple[MllamaDecoder, torch.Tensor]:
         """Steps 1-3: -> (the decoder over this call's caches, logits [B, vocab] of the last position, or
-        [B, T, vocab] with all_positions)."""
+        [B, T, vocab] with all_positions). `timer`: the profiler's PhaseTimer ("vision" and "media_kv" laps)."""
         ref = self.reference
         lm = ref.language_model
         b, t = input_ids.shape
         kv = StaticKVCache.allocate(self.kv_view, b, t, self.dtype, input_ids.device)
         kv.key_valid.copy_(attention_mask.bool())
-        media = self.media(images, t) if images is not None else None
+        media = self.media(images, t, timer) if images is not None else None
         x = lm.embed_tokens(input_ids)
         positions = positions_from_mask(attention_mask)
         rope = rotary_cos_sin_from_inv_freq(positions, lm.inv_freq(x.device), x.dtype)
@@ -368,6 +368,7 @@ class MllamaRuntime(nn.Module):
             if self.batch_invariant:
                 return mllama_invariant.generate(self, input_ids, attention_mask, images, options, generator, timer,
                                                  return_logits)
-            return generate_ids(lambda: self.prefill(input_ids, attention_mask, images, options.max_new_tokens),
+            return generate_ids(lambda: self.prefill(input_ids, attention_mask, images, options.max_new_tokens,
+                                                     timer=timer),
                                 input_ids, options, self.config.lm.vocab_size, generator=generator, timer=timer,
                                 return_logits=return_logits, stop_check_interval=self.stop_check_interval)

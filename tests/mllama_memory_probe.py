@@ -5,7 +5,8 @@
 -> {"loader": peak, "whole": peak, "model_bytes": ..., "largest_block": ...} (one JSON line). The test forks its
 own process (measure_in_fork) instead of starting an interpreter: the fork has torch and transformers imported
 already (a fresh interpreter spends ~9 s importing them here, torchvision alone 4 s), and allocates nothing else
-while it measures. glibc's mmap threshold is set to 64 KiB first (mallopt, as MALLOC_MMAP_THRESHOLD_=65536 does
+while it measures; before each probe the free memory it inherited is handed back (released()). glibc's mmap
+threshold is set to 64 KiB first (mallopt, as MALLOC_MMAP_THRESHOLD_=65536 does
 for tests/memory_probe.py): every larger tensor is its own mapping, returned on free. Each peak is the
 process's anonymous memory above its level just before the call (memory_probe.PeakProbe: the files' mapped pages
 are the page cache's, not counted):
@@ -36,17 +37,27 @@ from flamingo_fast.reference.mllama import key_layout
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
+def released() -> None:
+    """Free memory handed back to the kernel (glibc's malloc_trim: the free pages of every arena, not only the top),
+    so that an allocation reusing it faults new pages in and shows in RssAnon. A forked child inherits its parent's
+    heap: without this, tensors placed in chunks the parent had freed (still resident) would not count, and what a
+    probe sees would depend on what the parent process ran before."""
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+
+
 def measure(folder: Path, dtype: torch.dtype) -> dict[str, int]:
     ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 65536)
     torch.set_num_threads(1)
     build_meta_model(folder, "folder")  # unmeasured: torch's meta machinery and transformers' modules, imported once
+    released()
     with PeakProbe() as loader:
         model = load_mllama_hf(folder, dtype=dtype)
     params = dict(model.named_parameters())
     model_bytes = sum(t.nbytes for t in params.values()) + sum(b.nbytes for b in model.buffers())
     largest = max(sum(params[n].nbytes for n in block) for block in blocks(list(params)))
     del model, params
-    gc.collect()
+    released()
     with PeakProbe() as whole:
         tensors = {k: v.clone() for k, v in load_tensors(folder).items()}  # read into memory, not mapped
         layout = key_layout(tensors)

@@ -138,6 +138,22 @@ def assert_within_torch_error(
     )
 
 
+def record_beam_starts(monkeypatch) -> list[torch.Tensor]:
+    """Patches generation.search.beam_search to record the first logits each beam search starts from (a copy per
+    call, appended to the returned list), then run as usual."""
+    from flamingo_fast.generation import search
+
+    starts: list[torch.Tensor] = []
+    plain = search.beam_search
+
+    def recording(decoder, first_logits, *args, **kwargs):
+        starts.append(first_logits.clone())
+        return plain(decoder, first_logits, *args, **kwargs)
+
+    monkeypatch.setattr(search, "beam_search", recording)
+    return starts
+
+
 def hf_sampling_probs(logits: torch.Tensor, sequences: torch.Tensor, temperature: float, top_k: int,
                       top_p: float) -> torch.Tensor:
     """transformers' own sampling distribution (its warpers, in its order) at each generated position: `logits`

@@ -21,10 +21,9 @@ import pytest
 import torch
 from builders import IDEFICS_TINY, idefics_batch
 from few_shot import build, few_shot_batch
-from helpers import interpreter
+from helpers import interpreter, record_beam_starts
 
 from flamingo_fast.dropins.openflamingo import OpenFlamingoRuntime
-from flamingo_fast.generation import search
 from flamingo_fast.generation.scoring import hypothesis_bytes
 from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime.runtime import FastFlamingo
@@ -61,14 +60,7 @@ def assert_rows_invariant(fast: FastFlamingo, inputs: tuple, extra: dict, monkey
     warm_ids, warm_logits = fast.generate(*inputs, **gen)  # the context staged from the cache
     assert torch.equal(warm_ids, ids) and torch.equal(warm_logits, logits), "batch: warm"  # fails by default (idefics)
     width = inputs[1].shape[1]
-    firsts: list[torch.Tensor] = []
-    plain_beam_search = search.beam_search
-
-    def spy(decoder, first_logits, *args, **kwargs):  # the logits the beams start from
-        firsts.append(first_logits.clone())
-        return plain_beam_search(decoder, first_logits, *args, **kwargs)
-
-    monkeypatch.setattr(search, "beam_search", spy)
+    firsts = record_beam_starts(monkeypatch)  # the logits each beam search starts from
     beam_gen = dict(max_new_tokens=new, num_beams=2, eos_token_id=[], **extra)
     beam_ids = fast.generate(*inputs, **beam_gen) if beams else None
     batch_firsts = torch.cat(firsts) if beams else None

@@ -28,7 +28,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from helpers import interpreter
+from helpers import interpreter, record_beam_starts
 
 pytest.importorskip("transformers", reason="needs transformers (make test-openflamingo)")
 pytestmark = pytest.mark.comparison
@@ -36,7 +36,6 @@ pytestmark = pytest.mark.comparison
 from mllama_fixtures import BOS, FOUR, ONE, WIDE2, batch, build_mllama, random_image  # noqa: E402
 
 import flamingo_fast  # noqa: E402
-from flamingo_fast.generation import search  # noqa: E402
 from flamingo_fast.generation.scoring import hypothesis_bytes  # noqa: E402
 from flamingo_fast.runtime.mllama_inputs import MllamaImages  # noqa: E402
 
@@ -80,14 +79,7 @@ def assert_rows_invariant(runtime, rows: tuple[int, ...], monkeypatch, new: int 
     width = x["input_ids"].shape[1]
     gen = dict(max_new_tokens=new, eos_token_id=[], return_logits=True)
     beam_gen = dict(max_new_tokens=new, num_beams=2, eos_token_id=[])
-    firsts: list[torch.Tensor] = []
-    plain_beam_search = search.beam_search
-
-    def spy(decoder, first_logits, *args, **kwargs):  # the logits the beams start from
-        firsts.append(first_logits.clone())
-        return plain_beam_search(decoder, first_logits, *args, **kwargs)
-
-    monkeypatch.setattr(search, "beam_search", spy)
+    firsts = record_beam_starts(monkeypatch)  # the logits each beam search starts from
     failed = []
 
     def check(what: str, same: bool) -> None:

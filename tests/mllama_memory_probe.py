@@ -24,8 +24,8 @@ quantize_per_channel allocates beside the largest matrix it quantizes (at most t
 when DTYPE is another, |w|, w / scale)}. There the loader
 frees a float block after quantizing it: glibc keeps freed chunks resident in the heap the child inherited (a parent
 that built a model leaves large free chunks there, which malloc reuses before mapping new memory, even above the mmap
-threshold), so the free memory is handed back (malloc_trim, as released() does) after each quantized block too; without it the peak
-depended on what the parent had run (14-33 MiB for a loader that holds 15 at most).
+threshold), so the free memory is handed back (malloc_trim, as released() does) after each quantized block too;
+without it the same load peaked at 14 to 33 MiB depending on what the parent had run before the fork (13-14 with it).
 """
 
 from __future__ import annotations

@@ -129,7 +129,12 @@ def int8_hf_reference(model: nn.Module) -> MllamaReference:
                               strict=False, assign=True)
     for name, module in modules.items():
         parent, _, leaf = ours[name].rpartition(".")
-        setattr(reference.get_submodule(parent) if parent else reference, leaf, module)
+        owner = reference.get_submodule(parent) if parent else reference
+        expected = tuple(getattr(owner, leaf).weight.shape)
+        if tuple(module.weight.shape) != expected:  # e.g. 4.57's head tied to the embedding's extra rows
+            raise ValueError(f"model: {name} holds an int8 weight of shape {tuple(module.weight.shape)}; expected "
+                             f"{expected} (the config's sizes)")
+        setattr(owner, leaf, module)
     left = [f"language_model.layers.{n}" for n, m in reference.language_model.layers.named_modules()
             if type(m) is nn.Linear] + (["lm_head"] if type(reference.lm_head) is nn.Linear else [])
     if left:

@@ -16,6 +16,16 @@ are the page cache's, not counted):
             files' copy and the model's, both whole at once)
 model_bytes: the loaded model's parameters and buffers; largest_block: its largest block (one decoder layer, one
 vision layer, or another single tensor), in DTYPE. Needs transformers.
+
+measure_in_fork(folder, dtype, weights="int8") measures the loader with weights="int8" only (no contrast) ->
+{"loader": peak, "model_bytes": the int8 model's parameters and buffers, "float_bytes": the same model's in DTYPE
+(from the meta model: what loading in float holds), "largest_block": its largest block in DTYPE, "temporaries": what
+quantize_per_channel allocates beside the largest matrix it quantizes (at most three float32 copies: the float32 weight
+when DTYPE is another, |w|, w / scale)}. There the loader
+frees a float block after quantizing it: glibc keeps freed chunks resident in the heap the child inherited (a parent
+that built a model leaves large free chunks there, which malloc reuses before mapping new memory, even above the mmap
+threshold), so the free memory is handed back (malloc_trim, as released() does) after each quantized block too;
+without it the same load peaked at 14 to 33 MiB depending on what the parent had run before the fork (13-14 with it).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from pathlib import Path
 import torch
 from memory_probe import PeakProbe
 
+from flamingo_fast.dropins import mllama_weights
 from flamingo_fast.dropins.mllama_weights import blocks, build_meta_model, live_name, load_mllama_hf
 from flamingo_fast.dropins.weights_files import load_tensors
 from flamingo_fast.reference.mllama import key_layout
@@ -68,16 +79,42 @@ def measure(folder: Path, dtype: torch.dtype) -> dict[str, int]:
     return {"loader": loader.peak, "whole": whole.peak, "model_bytes": model_bytes, "largest_block": largest}
 
 
-def _child(folder: Path, dtype: torch.dtype, out) -> None:
-    out.send(measure(folder, dtype))
+def measure_int8(folder: Path, dtype: torch.dtype) -> dict[str, int]:
+    ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 65536)
+    torch.set_num_threads(1)
+    meta = build_meta_model(folder, "folder")  # also imports what the loader needs, unmeasured
+    sizes = {n: p.numel() * dtype.itemsize for n, p in meta.named_parameters()}
+    float_bytes = sum(sizes.values()) + sum(b.nbytes for b in meta.buffers())  # rotary buffers: float32 either way
+    largest = max(sum(sizes[n] for n in block) for block in blocks(list(sizes)))
+    quantized = ("model.language_model.layers.", "lm_head.")
+    matrix = max(p.numel() for n, p in meta.named_parameters() if p.dim() == 2 and n.startswith(quantized))
+    del meta
+    quantize = mllama_weights.quantize_loaded
+
+    def then_released(model, first: str) -> None:
+        quantize(model, first)
+        ctypes.CDLL(None).malloc_trim(0)  # released() without its gc pass: the float block is freed by refcount
+
+    mllama_weights.quantize_loaded = then_released  # this forked child's copy of the module only
+    released()
+    with PeakProbe() as loader:
+        model = load_mllama_hf(folder, dtype=dtype, weights="int8")
+    model_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    return {"loader": loader.peak, "model_bytes": model_bytes, "float_bytes": float_bytes, "largest_block": largest,
+            "temporaries": 3 * 4 * matrix}
+
+
+def _child(folder: Path, dtype: torch.dtype, weights: str | None, out) -> None:
+    out.send(measure(folder, dtype) if weights is None else measure_int8(folder, dtype))
     out.close()
 
 
-def measure_in_fork(folder: Path, dtype: torch.dtype, timeout: float = 120) -> dict[str, int]:
-    """measure() in a forked child process (see the module docstring)."""
+def measure_in_fork(folder: Path, dtype: torch.dtype, weights: str | None = None,
+                    timeout: float = 120) -> dict[str, int]:
+    """measure() (weights=None) or measure_int8() (weights="int8") in a forked child process (module docstring)."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_child, args=(folder, dtype, send))
+    child = context.Process(target=_child, args=(folder, dtype, weights, send))
     child.start()
     send.close()
     if not receive.poll(timeout):

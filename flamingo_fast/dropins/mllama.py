@@ -21,6 +21,7 @@ from torch import nn
 from ..modes import runtime_mode
 from ..reference.mllama import MllamaReference
 from ..runtime.mllama_inputs import MllamaImages
+from ..runtime.mllama_int8 import holds_int8, int8_hf_reference
 from ..runtime.mllama_runtime import MllamaRuntime
 from ..validation import check_eval_mode
 from .hf import FlamingoOutput, HFGenerateDefaults, generation_config_of, hf_generate, hf_generation_defaults
@@ -93,11 +94,19 @@ def from_mllama(model: nn.Module, backend: str = "auto", stop_check_interval: in
     context_cache_bytes: the image cache's budget (each image's cross-attention K/V kept across calls, emptied when
     the weights change: runtime/mllama_media.py; 0 disables it). weights="int8": the language model's Linears and
     output head run as weight-only int8 from the runtime's own quantized copy (runtime/mllama_int8.py), which shares
-    every other tensor with `model`; the drop-in still registers `model` (its float weights stay there).
+    every other tensor with `model`; the drop-in still registers `model` (its float weights stay there). A model
+    loaded with load_mllama_hf(..., weights="int8") is run over its own int8 modules (weights="int8" implied; nothing
+    quantized again, no float copy; their matmul becomes the runtime backend's).
     batch_invariant=True: each row's tokens, logits and scores are bitwise those of the row processed and run alone,
     whatever shares its batch, its padding, the image cache, beams or score's passes (runtime/mllama_invariant.py)."""
     check_eval_mode(model)  # transformers' dropout would make its outputs differ from ours
-    reference = MllamaReference.from_hf(model)
+    if holds_int8(model):
+        if weights not in (None, "int8"):
+            raise ValueError(f"weights={weights!r}: the model holds int8 layers (load_mllama_hf(..., weights='int8')); "
+                             f"expected None or 'int8'")
+        reference, weights = int8_hf_reference(model), "int8"
+    else:
+        reference = MllamaReference.from_hf(model)
     runtime = MllamaRuntime(reference, backend=backend, stop_check_interval=stop_check_interval,
                             context_cache_bytes=context_cache_bytes, weights=weights, batch_invariant=batch_invariant)
     generation, defaults = generation_config_of(model)

@@ -17,6 +17,14 @@ naming the folder, the key, its shard and what was expected. A head tied to the 
 transformers builds it from the config) needs no head key; one in the files is then ignored, as transformers does.
 Non-persistent buffers (the rotary inverse frequencies) are computed on `device` by the module that owns them, as
 transformers' constructor computes them. generation_config.json, when present, becomes `model.generation_config`.
+
+weights="int8": each text decoder layer, once loaded in `dtype`, has its Linears quantized in place
+(runtime/mllama_int8.py, the function from_mllama(model, weights="int8") quantizes with, so the int8 values and scales
+are bitwise the same) before the next block loads, and so has the head; their float weights are freed then. The
+process holds the model as it ends (int8 Linears, everything else in `dtype`) plus one float block. The int8 modules
+(runtime/quantize.py's Int8Linear: int8 weight, float32 scales, kept float32 by `.to(dtype)`) run transformers' own
+forward and generate through the torch twin of the int8 matmul; `from_mllama(model)` runs its int8 runtime over those
+same modules.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ import torch
 from torch import nn
 
 from ..reference.mllama import KEY_MAPS, key_layout, our_key
+from ..runtime.layers import kernel_ops
+from ..runtime.mllama_int8 import INT8_DTYPES, check_quantizable, quantize_hf_head, quantize_hf_layer
+from ..runtime.quantize import bind_int8_linears
 from .weights_files import load_tensors, read_json
 
 INDEX = "model.safetensors.index.json"
@@ -204,11 +215,27 @@ def real_buffers(model: nn.Module, device: torch.device) -> None:
             setattr(module, buffer, getattr(fresh, buffer))
 
 
+TEXT_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
+
+
+def quantize_loaded(model: nn.Module, first: str) -> None:
+    """weights="int8", after the block whose first parameter is `first` loaded: a text decoder layer's Linears or
+    the head quantized in place (mllama_int8.py); other blocks are left as they are."""
+    layer = TEXT_LAYER.match(first)
+    if layer:
+        quantize_hf_layer(model, int(layer.group(1)))
+    elif first == "lm_head.weight":
+        quantize_hf_head(model)
+
+
 def load_mllama_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                   device: str | torch.device = "cpu") -> nn.Module:
+                   device: str | torch.device = "cpu", weights: str | None = None) -> nn.Module:
     """A Hugging Face Llama 3.2 Vision checkpoint folder -> transformers' MllamaForConditionalGeneration in eval
     mode, its weights in `dtype` (None: the files' dtype, float32 where they mix) on `device`, loaded block by
-    block from the memory-mapped shards (module docstring). Needs transformers (4.57 or 5.x)."""
+    block from the memory-mapped shards (module docstring). weights="int8": the language model's Linears and head
+    quantized block by block as they load (module docstring). Needs transformers (4.57 or 5.x)."""
+    if weights not in (None, "int8"):
+        raise ValueError(f"weights={weights!r}: expected None (the files' float weights) or 'int8'")
     folder = Path(path)
     where = f"path={str(path)!r}"
     if not folder.is_dir():
@@ -222,6 +249,11 @@ def load_mllama_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     keys = matched_keys(model, tensors, shard, where)
     tied = tied_names(model)
     target = dtype or files_dtype(tensors)
+    if weights == "int8":
+        if target not in INT8_DTYPES:
+            raise ValueError(f"weights='int8' with dtype={target}: expected float32, float16 or bfloat16 (the "
+                             f"activations' dtype)")
+        check_quantizable(model)
     for block in blocks(list(keys)):
         for name in block:
             source = tensors[keys[name]]
@@ -230,8 +262,14 @@ def load_mllama_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
             value.copy_(source)
             module_name, _, leaf = name.rpartition(".")
             set_parameter(model, name, nn.Parameter(value))  # requires_grad as from_pretrained leaves it
+        if weights == "int8":
+            quantize_loaded(model, block[0])
     for alias, name in tied.items():  # the head shares the loaded embedding where the model ties them
         set_parameter(model, alias, model.get_parameter(name))
+    if weights == "int8":
+        if tied:  # a tied head had no block of its own: quantized from the embedding, which stays float
+            quantize_hf_head(model)
+        bind_int8_linears(model, kernel_ops("torch").int8_linear)
     real_buffers(model, device)
     if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig

@@ -66,7 +66,7 @@ from .caches import StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
 from .layers import BACKENDS, SEGMENT_HEAD_DIMS, KernelOps, kernel_ops
 from .mllama_inputs import MllamaImages, check_mllama_call
-from .mllama_int8 import int8_reference
+from .mllama_int8 import holds_int8, int8_reference
 from .mllama_media import MllamaMedia, encode_media
 from .quantize import bind_int8_linears
 from .weight_watch import WeightWatch
@@ -175,7 +175,8 @@ class MllamaRuntime(nn.Module):
     is copied). backend: "torch" (the segment ops' twins), "triton" (the kernels: CUDA, or the CPU with
     TRITON_INTERPRET=1) or "auto" (Triton on CUDA, else torch). context_cache_bytes: the image cache's budget
     (mllama_media.py; 0 disables it). weights="int8": the language model's Linears and head quantized into a copy
-    that shares every other tensor (mllama_int8.py). batch_invariant: every row computed alone, its images one per
+    that shares every other tensor (mllama_int8.py), unless the reference holds int8 layers already
+    (int8_hf_reference). batch_invariant: every row computed alone, its images one per
     call (mllama_invariant.py)."""
 
     def __init__(self, reference: MllamaReference, backend: str = "auto", stop_check_interval: int | None = None,
@@ -187,7 +188,7 @@ class MllamaRuntime(nn.Module):
         self.batch_invariant = batch_invariant
         if weights not in (None, "int8"):
             raise ValueError(f"weights={weights!r}: expected None (the model's own) or 'int8'")
-        if weights == "int8":
+        if weights == "int8" and not holds_int8(reference):  # else the reference's own (mllama_int8.py)
             reference = int8_reference(reference)
         self.reference, self.weights = reference, weights
         if backend != "auto" and backend not in BACKENDS:

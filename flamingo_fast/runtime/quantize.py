@@ -63,6 +63,15 @@ class Int8Linear(nn.Module):
         self.matmul = matmul
         self.eval()  # inference only: a model holding one passes FastFlamingo's eval-mode check
 
+    def _apply(self, fn, recurse: bool = True):
+        """Module._apply (`.to`, `.cuda`, `.half` ...), the scales kept float32: a dtype conversion converts the bias
+        only; the scales follow the device (moved from the float32 originals, never rounded)."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return self
+
     @classmethod
     def of(cls, linear: nn.Module) -> Int8Linear:
         q, scales = quantize_per_channel(linear.weight)

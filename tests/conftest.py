@@ -33,9 +33,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
-    # Tests marked `long` first, then those marked `interpreter` (Triton interpreted: the slow ones, 2-9 s each), the
-    # rest in their order (a stable sort): pytest-xdist hands tests out in this order, so the real-LM test (about
-    # 20 s) starts on one worker while the other takes the rest, and the slow tests are spread over both workers
-    # early, the short ones filling the end, instead of one worker finishing a long test while the other idles.
-    items.sort(key=lambda item: (item.get_closest_marker("long") is None,
-                                 item.get_closest_marker("interpreter") is None))
+    # Tests marked `long` first, the rest in their order (a stable sort): pytest-xdist hands tests out in this
+    # order, so the real-LM test (about 20 s) starts on one worker while the other takes the rest, instead of
+    # running alone at the end (under `-m comparison` its file would otherwise come last, alphabetically).
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -260,7 +260,6 @@ def load_mllama_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
             value = torch.empty(source.shape, dtype=target if source.is_floating_point() else source.dtype,
                                 device=device)
             value.copy_(source)
-            module_name, _, leaf = name.rpartition(".")
             set_parameter(model, name, nn.Parameter(value))  # requires_grad as from_pretrained leaves it
         if weights == "int8":
             quantize_loaded(model, block[0])

@@ -43,7 +43,7 @@ def int8_reference(reference: MllamaReference) -> MllamaReference:
     """A MllamaReference over `reference`'s tensors whose language-model Linears are Int8Linear (module docstring);
     bind their matmul with quantize.bind_int8_linears before use."""
     dtype = reference.language_model.embed_tokens.weight.dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in INT8_DTYPES:
         raise ValueError(f"weights='int8' with a {dtype} model: expected float32, float16 or bfloat16 weights")
     with torch.device("meta"):
         copy = MllamaReference(reference.config)

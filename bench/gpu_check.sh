@@ -165,7 +165,7 @@ fi
 
 run_step bandwidth 30 "$PY" bench/bandwidth.py measure --out "$OUT/bandwidth.json" --gib "$BW_GIB"
 
-# Issue 19, weight-only int8. Time estimates from the H200 run of 2026-11-28 (bench/results/2026-11-28-h200-38f5836:
+# Weight-only int8. Time estimates from the H200 run of 2026-11-28 (bench/results/2026-11-28-h200-38f5836:
 # a 9B bf16 model random-initialised in 0.25 s, profile_b1's 10 rows in 19 s, import 3 s, do_bench cases in the
 # kernels step well under 1 s each); none of these three steps has run on a GPU yet:
 #   int8_matmul   ~90 s: ~10 s imports and the 9B meta build (shapes), ~10 s Triton compiles (4-6 variants), 7
@@ -232,7 +232,7 @@ MLLAMA_ARGS=(--preset "$MLLAMA_PRESET" --device "$DEVICE" --new-tokens "$MLLAMA_
 if [ -f "$OUT/bandwidth.json" ]; then MLLAMA_ARGS+=(--bandwidth "$OUT/bandwidth.json"); else MLLAMA_ARGS+=(--gib "$BW_GIB"); fi
 run_step mllama_11b 180 "$PY" bench/mllama_gpu.py "${MLLAMA_ARGS[@]}"
 
-# Issue 12: decode before and after each change, in one process (the model is built once).
+# Decode paths: decode before and after each change, in one process (the model is built once).
 ALL_OLD=fused_projections,rotary_kv_write,decode_attention
 if [ "$DEVICE" = cuda ]; then
     DP_ARGS=(--preset "$PRESET" --shots "${SHOTS##*,}" --batches "${BATCHES// /,}" --new-tokens 16 --repeats 3

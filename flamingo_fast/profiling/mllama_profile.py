@@ -46,7 +46,7 @@ from ..runtime.fused_weights import bytes_by_dtype
 from ..timing import PhaseTimer, ProgressBar
 from .baselines import TimedHFGenerate
 from .profile_options import ProfileOptions
-from .profiler import PeakMemory, _compare, _median, _row
+from .profiler import PeakMemory, SweepEntry, measure_shots
 from .prompts import mllama_prompt_length
 from .report import ProfileResult, WeightRow, metadata
 
@@ -251,6 +251,17 @@ class FastMllama:
         return bytes_by_dtype(self.runtime.engine)
 
 
+def sweep_entry(label: str, impl: HFMllama | FastMllama, weights: str | None, options: ProfileOptions) -> SweepEntry:
+    """`impl` as profiler.measure_shots calls it: its warm TTFT (fast only) on the same demonstrations with a new
+    query, the last position's logits from one forward."""
+    def run(inputs: dict, new_tokens: int) -> tuple[torch.Tensor, PhaseTimer]:
+        timer = PhaseTimer(device=options.device)
+        return impl.generate(inputs, new_tokens, timer, options.num_beams), timer
+
+    return SweepEntry(label, weights, run, impl.last_logits, lambda: sum(impl.weight_bytes().values()) / 2**20,
+                      getattr(impl, "clear_context_cache", None))
+
+
 def profile_mllama(options: ProfileOptions, progress: bool = True,
                    on_row: Callable[[ProfileResult], None] | None = None) -> ProfileResult:
     """The timed sweep (module docstring); `on_row(result)` after every finished row."""
@@ -277,55 +288,20 @@ def profile_mllama(options: ProfileOptions, progress: bool = True,
                       enabled=progress)
     memory = PeakMemory(torch.device(device))
     for batch in options.batch:
-        impls, formats = {}, {}
+        entries = []
         for label, weights in variants:
             started = time.perf_counter()
-            impls[label] = HFMllama(model) if label == "hf" else FastMllama(model, options.fast_backend, weights)
-            formats[label] = weights
+            impl = HFMllama(model) if label == "hf" else FastMllama(model, options.fast_backend, weights)
+            entries.append(sweep_entry(label, impl, weights, options))
             setup_s[f"{label}_b{batch}"] = round(time.perf_counter() - started, 3)
         for shots in options.shots:
             build = functools.partial(build_inputs, config, shots, batch, options.caption_tokens,
                                       options.question_tokens, options.seed, dtype=dtype, device=device)
             inputs, warm_inputs = build(query=0), build(query=1)
-            prompt_tokens = inputs["input_ids"].shape[1]
-            baseline_row, baseline_ids, baseline_logits = None, None, None
-            for label, impl in impls.items():
-                name = f"{label} batch={batch} shots={shots}"
-                warmup_s = []
-                for i in range(options.warmup):
-                    t0 = time.perf_counter()
-                    impl.generate(inputs, options.new_tokens, None, options.num_beams)
-                    warmup_s.append(time.perf_counter() - t0)
-                    bar.step(f"{name} warm-up {i + 1}/{options.warmup}")
-                memory.start()
-                timers, warm_ttft, first_ids = [], [], None
-                cached = hasattr(impl, "clear_context_cache")
-                for i in range(options.repeats):
-                    if cached:
-                        impl.clear_context_cache()
-                    timer = PhaseTimer(device=device)
-                    ids = impl.generate(inputs, options.new_tokens, timer, options.num_beams)
-                    first_ids = ids[:, prompt_tokens:] if first_ids is None else first_ids
-                    timers.append(timer)
-                    if cached:  # the same demonstrations, a new query: only the demonstrations' images cached
-                        warm = PhaseTimer(device=device)
-                        impl.generate(warm_inputs, 1, warm, options.num_beams)
-                        warm_ttft.append(sum(warm.total(p) for p in ("vision", "media_kv", "prefill")))
-                    bar.step(f"{name} repeat {i + 1}/{options.repeats}")
-                row = _row(label, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(),
-                           memory.kind)
-                row.ttft_warm_ms = 1e3 * _median(warm_ttft) if warm_ttft else None
-                row.weights, row.weight_mib = formats[label], sum(impl.weight_bytes().values()) / 2**20
-                logits = impl.last_logits(inputs)
-                if baseline_row is None:
-                    baseline_row, baseline_ids, baseline_logits = row, first_ids, logits
-                else:
-                    if first_ids.shape == baseline_ids.shape:
-                        row.tokens_match_baseline = float((first_ids == baseline_ids).float().mean())
-                    row.first_logits_rel_err = float((logits - baseline_logits).norm() / baseline_logits.norm())
-                _compare(row, baseline_row)
+            for _, row in measure_shots(entries, inputs, warm_inputs, batch, shots, inputs["input_ids"].shape[1],
+                                        options, bar, memory):
                 result.rows.append(row)
                 if on_row is not None:
                     on_row(result)
-        del impls
+        del entries
     return result

@@ -37,9 +37,10 @@ import inspect
 import math
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -281,6 +282,70 @@ def _trace(impl: GenerateImpl, inputs, options: ProfileOptions, path: Path) -> N
     prof.export_chrome_trace(str(path))
 
 
+@dataclass(frozen=True)
+class SweepEntry:
+    """One implementation of a sweep's batch, as measure_shots calls it (the Flamingo sweep and the Llama 3.2 Vision
+    one, profiling/mllama_profile.py, each wrap theirs)."""
+
+    name: str
+    weights: str | None  # the weight format the row reports
+    run: Callable[[Any, int], tuple[torch.Tensor, PhaseTimer]]  # (inputs, new tokens) -> (ids, the call's laps)
+    first_logits: Callable[[Any], torch.Tensor | None]  # inputs -> [B, vocab] float32 (None: it cannot say)
+    weight_mib: Callable[[], float | None]
+    clear_context_cache: Callable[[], None] | None = None  # None: no context cache, no warm TTFT
+
+
+def measure_shots(entries: Sequence[SweepEntry], inputs, warm_inputs, batch: int, shots: int, prompt_tokens: int,
+                  options: ProfileOptions, bar: ProgressBar, memory: PeakMemory) -> Iterator[tuple[SweepEntry,
+                                                                                                  ProfileRow]]:
+    """One batch size and shot count, every entry in turn (the first is the baseline): `warmup` calls, then
+    `repeats` timed calls, cold (the context cache cleared first), each followed by a 1-token call on
+    `warm_inputs` for the warm TTFT (the same prompt, or the same demonstrations with a new query); the row, with
+    its ratios, greedy-id agreement and first-logits error against the baseline. Yields (entry, row) as each
+    finishes."""
+    baseline_row, baseline_ids, baseline_logits = None, None, None
+    for entry in entries:
+        label = f"{entry.name} batch={batch} shots={shots}"
+        warmup_s = []
+        for i in range(options.warmup):
+            t0 = time.perf_counter()
+            entry.run(inputs, options.new_tokens)
+            warmup_s.append(time.perf_counter() - t0)
+            bar.step(f"{label} warm-up {i + 1}/{options.warmup}")
+        memory.start()
+        timers, warm_ttft, first_ids = [], [], None
+        for i in range(options.repeats):
+            if entry.clear_context_cache is not None:  # cold: the prompt's context computed as if never seen
+                entry.clear_context_cache()
+            ids, timer = entry.run(inputs, options.new_tokens)
+            first_ids = ids[:, prompt_tokens:] if first_ids is None else first_ids
+            timers.append(timer)
+            if entry.clear_context_cache is not None:  # warm: right after, what it cached still there
+                _, warm = entry.run(warm_inputs, 1)
+                warm_ttft.append(sum(warm.total(p) for p in ("vision", "media_kv", "prefill")))
+            bar.step(f"{label} repeat {i + 1}/{options.repeats}")
+        row = _row(entry.name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(), memory.kind)
+        row.ttft_warm_ms = 1e3 * _median(warm_ttft) if warm_ttft else None
+        row.weights, row.weight_mib = entry.weights, entry.weight_mib()
+        logits = entry.first_logits(inputs)
+        if baseline_row is None:
+            baseline_row, baseline_ids, baseline_logits = row, first_ids, logits
+        else:
+            if first_ids.shape == baseline_ids.shape:
+                row.tokens_match_baseline = float((first_ids == baseline_ids).float().mean())
+            if logits is not None and baseline_logits is not None:
+                row.first_logits_rel_err = float((logits - baseline_logits).norm() / baseline_logits.norm())
+        _compare(row, baseline_row)
+        yield entry, row
+
+
+def _entry(name: str, impl: GenerateImpl, weights: str | None, options: ProfileOptions) -> SweepEntry:
+    return SweepEntry(
+        name, weights, run=lambda inputs, new: _timed_generate(impl, inputs, new, options.device, options.num_beams),
+        first_logits=lambda inputs: _first_logits(impl, inputs, options.num_beams),
+        weight_mib=lambda: weight_mib(impl), clear_context_cache=getattr(impl, "clear_context_cache", None))
+
+
 def profile(options: ProfileOptions, progress: bool = True,
             on_row: Callable[[ProfileResult], None] | None = None) -> ProfileResult:
     """Run the sweep; `on_row(result)` is called after every finished row (e.g. to save partial results)."""
@@ -302,62 +367,29 @@ def profile(options: ProfileOptions, progress: bool = True,
     bar = ProgressBar(calls, enabled=progress)
     memory = PeakMemory(torch.device(device))
     for batch in options.batch:
-        impls, weight_formats = {}, {}
+        impls, entries = {}, []
         for name, builder, weights in variants:
             started = time.perf_counter()
             impls[name] = _build(builder, weights, model, options, max_batch_size=batch, max_seq_len=max_seq_len)
-            weight_formats[name] = weights
+            entries.append(_entry(name, impls[name], weights, options))
             setup_s[f"{name}_b{batch}"] = round(time.perf_counter() - started, 3)
         for shots in options.shots:
             inputs = build_prompt(config, shots, batch, options.caption_tokens, options.question_tokens,
                                   options.seed, dtype, device)
             inputs = (*inputs, image_attention_mask(config, inputs[1], shots + 1))
-            prompt_tokens = inputs[1].shape[1]
-            baseline_row, baseline_ids, baseline_logits = None, None, None
-            for name, impl in impls.items():
-                label = f"{name} batch={batch} shots={shots}"
-                warmup_s = []
-                for i in range(options.warmup):
-                    t0 = time.perf_counter()
-                    _timed_generate(impl, inputs, options.new_tokens, device, options.num_beams)
-                    warmup_s.append(time.perf_counter() - t0)
-                    bar.step(f"{label} warm-up {i + 1}/{options.warmup}")
-                memory.start()
-                timers, warm_ttft, first_ids = [], [], None
-                cached = hasattr(impl, "clear_context_cache")
-                for i in range(options.repeats):
-                    if cached:  # cold: the prompt's context computed as if never seen
-                        impl.clear_context_cache()
-                    ids, timer = _timed_generate(impl, inputs, options.new_tokens, device, options.num_beams)
-                    first_ids = ids[:, prompt_tokens:] if first_ids is None else first_ids
-                    timers.append(timer)
-                    if cached:  # warm: the same prompt again, its context and images cached
-                        _, warm = _timed_generate(impl, inputs, 1, device, options.num_beams)
-                        warm_ttft.append(sum(warm.total(p) for p in ("vision", "media_kv", "prefill")))
-                    bar.step(f"{label} repeat {i + 1}/{options.repeats}")
-                row = _row(name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(),
-                           memory.kind)
-                row.ttft_warm_ms = 1e3 * _median(warm_ttft) if warm_ttft else None
-                row.weights, row.weight_mib = weight_formats[name], weight_mib(impl)
-                logits = _first_logits(impl, inputs, options.num_beams)
-                if baseline_row is None:
-                    baseline_row, baseline_ids, baseline_logits = row, first_ids, logits
-                else:
-                    if first_ids.shape == baseline_ids.shape:
-                        row.tokens_match_baseline = float((first_ids == baseline_ids).float().mean())
-                    if logits is not None and baseline_logits is not None:
-                        row.first_logits_rel_err = float((logits - baseline_logits).norm() / baseline_logits.norm())
-                _compare(row, baseline_row)
+            for entry, row in measure_shots(entries, inputs, inputs, batch, shots, inputs[1].shape[1], options, bar,
+                                            memory):
                 result.rows.append(row)
                 if options.trace_dir and shots == max(options.shots):
-                    _trace(impl, inputs, options, Path(options.trace_dir) / f"trace_{name}_b{batch}_s{shots}.json")
+                    path = Path(options.trace_dir) / f"trace_{entry.name}_b{batch}_s{shots}.json"
+                    _trace(impls[entry.name], inputs, options, path)
                 if on_row is not None:
                     on_row(result)
         for name, impl in impls.items():  # CUDA-graph capture time (inside the warm-up calls), when it is known
             capture = getattr(impl, "capture_seconds", None)
             if capture:
                 setup_s[f"{name}_b{batch}_graph_capture"] = round(float(capture), 3)
-        del impls
+        del impls, entries
     return result
 
 

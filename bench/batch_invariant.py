@@ -17,27 +17,16 @@ and each ratio invariant / default. Then, per mode, whether row 0 alone gives th
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
+from common import build_few_shot_workload, timed, workload_parser
 
-from flamingo_fast.config import from_name
-from flamingo_fast.profiling.profile_options import default_device
-from flamingo_fast.profiling.prompts import build_workload
-from flamingo_fast.reference.model import build_reference
 from flamingo_fast.runtime.runtime import FastFlamingo
 
 
 def seconds(fn, device: str) -> float:
-    if device != "cpu":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device != "cpu":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return timed(fn, 1, device)[0]
 
 
 def measure(runtimes: dict[str, FastFlamingo], work: list, candidates: list[list[int]], new: int,
@@ -85,19 +74,11 @@ def row_alone_equal(fast: FastFlamingo, inputs) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--shots", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
+    parser = workload_parser(__doc__, shots=4)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default=default_device())
     args = parser.parse_args()
 
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    config = from_name(args.preset)
-    model = build_reference(config, seed=0, dtype=dtype, device=args.device)
-    work = build_workload(config, args.shots, args.batch, args.repeats + 1, 12, 6, 0, dtype, args.device)
+    config, model, dtype, work = build_few_shot_workload(args)
     g = torch.Generator().manual_seed(1)
     high = min(1000, config.media_token_id)  # the special tokens sit at the vocabulary's end
     candidates = [torch.randint(10, high, (int(n),), generator=g).tolist()

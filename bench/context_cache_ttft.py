@@ -13,15 +13,11 @@ and the ratios warm / 0-shot (the issue asks for at most 1.3) and cold / warm.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
-import torch
+from common import build_few_shot_workload, workload_parser
 
-from flamingo_fast.config import from_name
-from flamingo_fast.profiling.profile_options import default_device
-from flamingo_fast.profiling.prompts import build_workload, prompt_length
-from flamingo_fast.reference.model import build_reference
+from flamingo_fast.profiling.prompts import prompt_length
 from flamingo_fast.runtime.runtime import FastFlamingo
 from flamingo_fast.timing import PhaseTimer
 
@@ -34,18 +30,8 @@ def ttft(fast: FastFlamingo, inputs, device: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--shots", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default=default_device())
-    args = parser.parse_args()
-
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    config = from_name(args.preset)
-    model = build_reference(config, seed=0, dtype=dtype, device=args.device)
-    work = build_workload(config, args.shots, args.batch, args.repeats + 1, 12, 6, 0, dtype, args.device)
+    args = workload_parser(__doc__, shots=32).parse_args()
+    config, model, dtype, work = build_few_shot_workload(args)
     query = prompt_length(0, 12, 6, config) - 1  # the query image's tokens + 6 question tokens, after <bos>
     alone = [(v[:, -1:], ids[:, -query:], mask[:, -query:], None if image_mask is None else image_mask[:, -query:, -1:])
              for v, ids, mask, image_mask in work]

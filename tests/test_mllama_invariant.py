@@ -16,6 +16,8 @@ thread), under transformers 4.57 and 5.24 alike, these failed:
   logits, forward, beams, score). transformers lets a token that sees no image (the text-only row, a BOS before
   the first image) attend to the padding slots the batch gives its row; the mode computes the row alone
   (runtime/mllama_invariant.py).
+- bf16 (test_bf16_rows_alone, the 2-image row beside the query): the query alone against in the batch: its logits
+  cold and warm, forward, the beams' first step and score (its greedy tokens held).
 Held there: the batch warm against cold, the row alone cold against warm and against the cache off, the beams'
 first step in the batch against the greedy call's (the same shapes: the default's image cache holds what the cold
 call encoded), and row 1's forward (by luck of the BLAS).
@@ -138,6 +140,18 @@ def test_fp32_rows_alone_equal_the_rows_in_a_batch_and_sampling_consumes_the_gen
 def test_int8_rows_alone(monkeypatch):
     """weights="int8": the text-only row beside the 2-image row, and the query after it."""
     assert_rows_invariant(drop_in("int8"), (2, 1, 0), monkeypatch)
+
+
+@functools.cache
+def drop_in_bf16():
+    return flamingo_fast.from_mllama(build_mllama(NAME, seed=3).to(torch.bfloat16), batch_invariant=INVARIANT)
+
+
+def test_bf16_rows_alone(monkeypatch):
+    """bfloat16 weights and activations (the processor's float32 pixels as they come): the 2-image row beside the
+    query, 2 new tokens."""
+    assert drop_in_bf16().engine.dtype == torch.bfloat16
+    assert_rows_invariant(drop_in_bf16(), (1, 0), monkeypatch, new=2)
 
 
 @interpreter

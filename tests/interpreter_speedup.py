@@ -7,7 +7,8 @@ ours in kernels/): inspect.getmembers over tl, tl.core, tl.math and tl.tensor ea
 Those nested patchings are never restored, and they are what patches tl.core (which the standard library's helpers
 use) when the kernel's module names only tl. A decode step calls helpers thousands of times: measured on
 tests/test_scoring.py::test_triton_interpreted_score_matches_reference, 15.6 s without this and 10.8 s with it
-(2026-12-07, this 2-core CPU).
+(2026-12-07, this 2-core CPU). It also remembers the numpy dtype of each Triton type (`numpy_dtype_once`): the
+interpreter rebuilt a table of numpy dtypes at each of its hundreds of thousands of look-ups (6-8 us each).
 
 `install()` makes a launch patch tl and tl.core at once (what the nested calls would have patched), and makes the
 calls inside a running launch skip the repeat; the launch restores everything when it ends, as before. What a kernel
@@ -59,5 +60,30 @@ def install() -> bool:
 
     interpreter._patch_lang = patch_once
     interpreter.GridExecutor.__call__ = launch_patched_once
+    interpreter._get_np_dtype = numpy_dtype_once(interpreter._get_np_dtype)
     INSTALLED = True
     return True
+
+
+def numpy_dtype_once(numpy_dtype):
+    """The interpreter's Triton type -> numpy dtype, remembered per scalar type: the original builds a table of 19
+    numpy dtypes at every call (17 us; hundreds of thousands of calls in a decode test). A block's dtype is its
+    element's (the original reads it off element_ty too); a type that cannot be hashed goes to the original."""
+    import triton.language as tl
+
+    known = {}
+
+    def remembered(tt_dtype):
+        scalar = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        if isinstance(scalar, tl.pointer_type):
+            return numpy_dtype(scalar)  # already quick
+        try:
+            return known[scalar]
+        except KeyError:
+            known[scalar] = numpy_dtype(scalar)
+            return known[scalar]
+        except TypeError:  # unhashable
+            return numpy_dtype(tt_dtype)
+
+    remembered.original = numpy_dtype
+    return remembered

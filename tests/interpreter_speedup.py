@@ -36,7 +36,7 @@ def install() -> bool:
     import triton.language as tl
     import triton.runtime.interpreter as interpreter
 
-    needed = ("_patch_lang", "GridExecutor", "_LangPatchScope", "InterpretedFunction")
+    needed = ("_patch_lang", "GridExecutor", "_LangPatchScope", "InterpretedFunction", "_get_np_dtype")
     if not all(hasattr(interpreter, name) for name in needed):
         return False
     patch_lang = interpreter._patch_lang

@@ -33,7 +33,9 @@
 #   mllama_11b Llama 3.2 Vision at the 11B shapes, random bf16 weights on the GPU (~21 GB: fits an H100), batch 1,
 #              one 4-tile image: from_mllama's decode ms/token against the floor of the bytes a step reads (~18.4 GB
 #              of bf16 weights + the image's K/V) / the measured copy bandwidth, and transformers' own generate as
-#              the baseline when transformers is importable (bench/mllama_gpu.py; the CPU dry run: mllama-tiny)
+#              the baseline when transformers is importable (bench/mllama_gpu.py; the CPU dry run: mllama-tiny).
+#              Its decode self-attention before the kernels: FLAMINGO_FAST_OLD_DECODE=rotary_kv_write,decode_attention
+#              GPU_CHECK_STEPS=mllama_11b (never measured yet)
 #   batch_invariant  the default against batch_invariant=True (bench/batch_invariant.py: TTFT cold and warm, decode,
 #              score; and whether row 0 alone equals row 0 in the batch bit for bit, in each mode); never run on a GPU yet
 #   floor      decode ms per token vs the memory-bandwidth floor (bench/bandwidth.py floor)

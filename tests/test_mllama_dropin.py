@@ -248,6 +248,16 @@ def test_triton_backend_matches_transformers():
     assert launches.count(("decode_attention", 1)) == steps * self_layers  # the tails
 
 
+@interpreter
+def test_the_old_decode_switch_puts_the_triton_decode_on_torch(monkeypatch):
+    """FLAMINGO_FAST_OLD_DECODE (FastFlamingo's before/after switch) naming either decode kernel: the torch form."""
+    for old, kernels in (("", True), ("decode_attention", False), ("rotary_kv_write,fused_projections", False)):
+        monkeypatch.setenv("FLAMINGO_FAST_OLD_DECODE", old)
+        assert flamingo_fast.from_mllama(hf_model("gqa-llama3-4tiles"), backend="triton").engine.decode_kernels \
+            is kernels, old
+    assert not drop_in("gqa-llama3-4tiles").engine.decode_kernels  # the torch backend never uses them
+
+
 def test_tensors_are_the_live_models():
     model, runtime = hf_model("gqa-llama3-4tiles"), drop_in("gqa-llama3-4tiles")
     theirs = {t.data_ptr() for t in model.state_dict().values()}

@@ -29,7 +29,9 @@ layer's residual add with its post-attention RMSNorm in one pass, tanh gates inc
 Triton kernels or their torch twins. The switch is the decode step's self-attention (_self_attention_decode): on
 Triton, FastFlamingo's fused rotary + K/V write and its split-KV decode kernel over each row's prompt range and
 each hypothesis's tail; on torch, rotary and writes in torch and the cascade attention.shared_prefix_attention
-over additive masks (the twins of those kernels are slower on the CPU, as for FastFlamingo's torch default). The
+over additive masks (the twins of those kernels are slower on the CPU, as for FastFlamingo's torch default).
+FLAMINGO_FAST_OLD_DECODE naming rotary_kv_write or decode_attention puts a Triton runtime built after it on the
+torch form (decode.resolve_decode_paths), for before/after timings. The
 prefill's self-attention is SDPA on both; CUDA graphs of the decode step are not wired here yet. The KV caches are
 allocated per call on the parameters' device and dtype, so `.to` needs no rebuild; the image cache (mllama_media.py)
 keeps each image's media K/V across calls and is emptied when the weights change. With batch_invariant=True the
@@ -66,6 +68,7 @@ from . import mllama_invariant
 from .attention import merge_attention_states, shared_prefix_attention
 from .caches import StaticKVCache, TailKVCache
 from .context_cache import CacheStats, ContextCache
+from .decode import resolve_decode_paths
 from .layers import BACKENDS, SEGMENT_HEAD_DIMS, KernelOps, kernel_ops
 from .mllama_inputs import MllamaImages, check_mllama_call
 from .mllama_int8 import holds_int8, int8_reference
@@ -239,7 +242,7 @@ class MllamaRuntime(nn.Module):
         if stop_check_interval is not None:
             check_int("stop_check_interval", stop_check_interval, 1)
         self.backend_option, self.stop_check_option = backend, stop_check_interval
-        self.backend, self.ops, self.stop_check_interval = "", None, 1
+        self.backend, self.ops, self.stop_check_interval, self.decode_kernels = "", None, 1, False
         self._resolve_backend()
         mllama = reference.config
         lm = _lm_view(reference)
@@ -273,6 +276,9 @@ class MllamaRuntime(nn.Module):
                                  f"TRITON_INTERPRET=1 to run the kernels in Triton's interpreter); use backend='torch' "
                                  f"on the CPU")
         self.backend, self.ops = backend, kernel_ops(backend)
+        # the decode self-attention's kernels: FastFlamingo's decode paths of the backend, which
+        # FLAMINGO_FAST_OLD_DECODE can turn off (naming rotary_kv_write or decode_attention) for before/after timings
+        self.decode_kernels = {"rotary_kv_write", "decode_attention"} <= resolve_decode_paths(backend, None)
         bind_int8_linears(self.reference, None)
         bind_int8_linears(self.reference, self.ops.int8_linear)
         self.stop_check_interval = self.stop_check_option or (8 if device.type == "cuda" else 1)
@@ -343,7 +349,7 @@ class MllamaRuntime(nn.Module):
         ref = self.reference
         lm = ref.language_model
         media, per_row = decoder.media, decoder.per_row
-        n, kernels = tokens.shape[0], self.backend == "triton"
+        n, kernels = tokens.shape[0], self.decode_kernels
         x = lm.embed_tokens(tokens)[:, None]  # [N, 1, D]
         rope = rotary_cos_sin_from_inv_freq(decoder.positions[:, None], lm.inv_freq(x.device), x.dtype)
         for i, layer in enumerate(lm.layers):

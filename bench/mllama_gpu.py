@@ -31,7 +31,7 @@ import torch
 
 from flamingo_fast.profiling import report
 from flamingo_fast.profiling.profile_options import DTYPES, ProfileOptions
-from flamingo_fast.profiling.profiler import PeakMemory, _compare, _row
+from flamingo_fast.profiling.profiler import PeakMemory, compare_with_baseline, timed_row
 from flamingo_fast.reference.mllama_config import MLLAMA_PRESETS, mllama_from_name
 from flamingo_fast.reference.mllama_sizes import mllama_decode_read_bytes
 from flamingo_fast.timing import PhaseTimer
@@ -91,9 +91,9 @@ def _fast_without_transformers(options: ProfileOptions) -> list[report.ProfileRo
     for _ in range(options.repeats):
         timers.append(PhaseTimer(device=device))
         call(timers[-1])
-    row = _row("fast", 1, 0, ids.shape[1], options, warmup_s, timers, memory.peak_mib(), memory.kind)
+    row = timed_row("fast", 1, 0, ids.shape[1], options, warmup_s, timers, memory.peak_mib(), memory.kind)
     row.weights = "none"
-    _compare(row, row)
+    compare_with_baseline(row, row)
     return [row]
 
 

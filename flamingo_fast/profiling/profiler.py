@@ -242,8 +242,9 @@ def _first_logits(impl: GenerateImpl, inputs, num_beams: int = 1) -> torch.Tenso
     return logits[:, 0].float()
 
 
-def _row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: ProfileOptions,
-         warmup_s: list[float], timers: list[PhaseTimer], peak_mib: float, peak_kind: str) -> ProfileRow:
+def timed_row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: ProfileOptions,
+              warmup_s: list[float], timers: list[PhaseTimer], peak_mib: float, peak_kind: str) -> ProfileRow:
+    """One implementation's row from its timed calls' laps: medians of the phases, decode percentiles."""
     vision = [t.total("vision") for t in timers]
     media_kv = [t.total("media_kv") for t in timers]
     prefill = [t.total("prefill") for t in timers]
@@ -262,7 +263,8 @@ def _row(impl_name: str, batch: int, shots: int, prompt_tokens: int, options: Pr
     )
 
 
-def _compare(row: ProfileRow, baseline: ProfileRow) -> None:
+def compare_with_baseline(row: ProfileRow, baseline: ProfileRow) -> None:
+    """The row's speed-ups (baseline time / its time) and memory ratio, written into it."""
     for ratio, timing in RATIOS.items():
         this, base = getattr(row, timing), getattr(baseline, timing)
         setattr(row, ratio, base / this if this and this > 0 and math.isfinite(base) else None)
@@ -324,7 +326,8 @@ def measure_shots(entries: Sequence[SweepEntry], inputs, warm_inputs, batch: int
                 _, warm = entry.run(warm_inputs, 1)
                 warm_ttft.append(sum(warm.total(p) for p in ("vision", "media_kv", "prefill")))
             bar.step(f"{label} repeat {i + 1}/{options.repeats}")
-        row = _row(entry.name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(), memory.kind)
+        row = timed_row(entry.name, batch, shots, prompt_tokens, options, warmup_s, timers, memory.peak_mib(),
+                        memory.kind)
         row.ttft_warm_ms = 1e3 * _median(warm_ttft) if warm_ttft else None
         row.weights, row.weight_mib = entry.weights, entry.weight_mib()
         logits = entry.first_logits(inputs)
@@ -335,7 +338,7 @@ def measure_shots(entries: Sequence[SweepEntry], inputs, warm_inputs, batch: int
                 row.tokens_match_baseline = float((first_ids == baseline_ids).float().mean())
             if logits is not None and baseline_logits is not None:
                 row.first_logits_rel_err = float((logits - baseline_logits).norm() / baseline_logits.norm())
-        _compare(row, baseline_row)
+        compare_with_baseline(row, baseline_row)
         yield entry, row
 
 

@@ -96,7 +96,7 @@ test:
 # FLAMINGO_FAST_SMOLLM2_CACHE: both environments share SmolLM2's dequantized weights (in .venv-openflamingo, removed
 # with it), so the GGUF file is dequantized once (17 s) whichever runs first; each release builds its own tokenizer.
 COMPARISON_TESTS := -m comparison tests
-COMPARISON_ENV := $(TEST_ENV) HF_HUB_OFFLINE=1 FLAMINGO_FAST_SMOLLM2_CACHE=$(CURDIR)/$(OF_VENV)/share/flamingo_fast
+COMPARISON_ENV := $(TEST_ENV) HF_HUB_OFFLINE=1 FLAMINGO_FAST_SMOLLM2_CACHE=$(abspath $(OF_VENV))/share/flamingo_fast
 # The real-LM test (SmolLM2 through from_openflamingo, ~50 s of CPU with the GGUF file's dequantization) runs once,
 # under 5.24: what it checks is the runtime's numerics on real weights (fp32 equal to transformers' generate, the
 # bf16 and int8 tolerance rows), the same whichever transformers runs the yardstick; what differs between the

@@ -31,10 +31,10 @@ import torch
 
 from flamingo_fast.profiling import report
 from flamingo_fast.profiling.profile_options import DTYPES, ProfileOptions
-from flamingo_fast.profiling.profiler import PeakMemory, compare_with_baseline, timed_row
+from flamingo_fast.profiling.profiler import PeakMemory, SweepEntry, measure_shots
 from flamingo_fast.reference.mllama_config import MLLAMA_PRESETS, mllama_from_name
 from flamingo_fast.reference.mllama_sizes import mllama_decode_read_bytes
-from flamingo_fast.timing import PhaseTimer
+from flamingo_fast.timing import PhaseTimer, ProgressBar
 
 QUESTION_TOKENS = 16
 
@@ -76,25 +76,15 @@ def _fast_without_transformers(options: ProfileOptions) -> list[report.ProfileRo
     options_n = generation_options(runtime.config, eos_token_id=[], max_new_tokens=options.new_tokens)
     mask = torch.ones_like(ids)
 
-    def call(timer=None):
+    def run(inputs, new_tokens: int) -> tuple[torch.Tensor, PhaseTimer]:  # every call cold: the image encoded
+        timer = PhaseTimer(device=device)
         runtime.clear_context_cache()
-        return runtime.generate_from_options(images, ids, mask, options_n, timer=timer)
+        return runtime.generate_from_options(images, ids, mask, options_n, timer=timer), timer
 
-    warmup_s = []
-    for _ in range(options.warmup):
-        t0 = time.perf_counter()
-        call()
-        warmup_s.append(time.perf_counter() - t0)
-    memory = PeakMemory(torch.device(device))
-    memory.start()
-    timers = []
-    for _ in range(options.repeats):
-        timers.append(PhaseTimer(device=device))
-        call(timers[-1])
-    row = timed_row("fast", 1, 0, ids.shape[1], options, warmup_s, timers, memory.peak_mib(), memory.kind)
-    row.weights = "none"
-    compare_with_baseline(row, row)
-    return [row]
+    entry = SweepEntry("fast", "none", run, first_logits=lambda inputs: None, weight_mib=lambda: None)
+    bar = ProgressBar(options.warmup + options.repeats, enabled=False)
+    return [row for _, row in measure_shots([entry], None, None, 1, 0, ids.shape[1], options, bar,
+                                            PeakMemory(torch.device(device)))]
 
 
 def main(argv=None) -> int:
